@@ -1,0 +1,204 @@
+"""Flax decoder-only transformer with stacked blocks, and its unpipelined reference forward.
+
+Parameters are a dict {"embed": ..., "blocks": ..., "head": ...}; every leaf of "blocks" carries
+a leading `layers` axis (the canonical layout; see `layout.py` for the pipeline view).
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxpipe.config import ALLOCATION_GUARD_PARAMS, ConfigError, ModelConfig
+
+_INIT_STD = 0.02
+
+
+def _norm(cfg: ModelConfig, name: str) -> nn.Module:
+    if cfg.style == "gpt2":
+        return nn.LayerNorm(epsilon=cfg.norm_eps, dtype=jnp.float32, name=name)
+    return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=jnp.float32, name=name)
+
+
+def rope(x_BTHK: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding (half-split convention, as in Hugging Face Llama)."""
+    T, K = x_BTHK.shape[1], x_BTHK.shape[-1]
+    inv_freq = 1.0 / theta ** (jnp.arange(0, K, 2, dtype=jnp.float32) / K)
+    angle_TK = jnp.arange(T, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+    angle_TK = jnp.concatenate([angle_TK, angle_TK], axis=-1)
+    cos, sin = jnp.cos(angle_TK)[:, None, :], jnp.sin(angle_TK)[:, None, :]
+    x1, x2 = jnp.split(x_BTHK.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x_BTHK * cos + rotated * sin).astype(x_BTHK.dtype)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        cfg = self.cfg
+        dt = jnp.dtype(cfg.dtype)
+        H, G, K = cfg.num_heads, cfg.kv_heads, cfg.head_dim
+        bias = cfg.style == "gpt2"
+        dense = lambda n, name: nn.Dense(
+            n, use_bias=bias, dtype=dt, kernel_init=nn.initializers.normal(_INIT_STD), name=name
+        )
+        B, T, _ = x_BTD.shape
+        q_BTHK = dense(H * K, "q")(x_BTD).reshape(B, T, H, K)
+        k_BTGK = dense(G * K, "k")(x_BTD).reshape(B, T, G, K)
+        v_BTGK = dense(G * K, "v")(x_BTD).reshape(B, T, G, K)
+        if cfg.style == "llama":
+            q_BTHK, k_BTGK = rope(q_BTHK, cfg.rope_theta), rope(k_BTGK, cfg.rope_theta)
+        q_BTGRK = q_BTHK.reshape(B, T, G, H // G, K)
+        logits = jnp.einsum("btgrk,bsgk->bgrts", q_BTGRK, k_BTGK).astype(jnp.float32)
+        logits = logits / math.sqrt(K)
+        causal_TS = jnp.tril(jnp.ones((T, T), dtype=bool))
+        logits = jnp.where(causal_TS, logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+        out_BTGRK = jnp.einsum("bgrts,bsgk->btgrk", probs, v_BTGK)
+        out_init = nn.initializers.normal(_INIT_STD / math.sqrt(2 * cfg.num_layers))
+        return nn.Dense(cfg.d_model, use_bias=bias, dtype=dt, kernel_init=out_init, name="o")(
+            out_BTGRK.reshape(B, T, H * K)
+        )
+
+
+class Mlp(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        cfg = self.cfg
+        dt = jnp.dtype(cfg.dtype)
+        init = nn.initializers.normal(_INIT_STD)
+        out_init = nn.initializers.normal(_INIT_STD / math.sqrt(2 * cfg.num_layers))
+        if cfg.style == "gpt2":
+            h_BTF = nn.Dense(cfg.ff_dim, dtype=dt, kernel_init=init, name="up")(x_BTD)
+            h_BTF = jax.nn.gelu(h_BTF, approximate=True)
+            return nn.Dense(cfg.d_model, dtype=dt, kernel_init=out_init, name="down")(h_BTF)
+        gate = nn.Dense(cfg.ff_dim, use_bias=False, dtype=dt, kernel_init=init, name="gate")
+        up = nn.Dense(cfg.ff_dim, use_bias=False, dtype=dt, kernel_init=init, name="up")
+        h_BTF = jax.nn.silu(gate(x_BTD)) * up(x_BTD)
+        down = nn.Dense(cfg.d_model, use_bias=False, dtype=dt, kernel_init=out_init, name="down")
+        return down(h_BTF)
+
+
+class Block(nn.Module):
+    """One pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(.))."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        dt = jnp.dtype(self.cfg.dtype)
+        h = _norm(self.cfg, "attn_norm")(x_BTD).astype(dt)
+        x_BTD = x_BTD + Attention(self.cfg, name="attn")(h)
+        h = _norm(self.cfg, "mlp_norm")(x_BTD).astype(dt)
+        return x_BTD + Mlp(self.cfg, name="mlp")(h)
+
+
+class Embed(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens_BT):
+        cfg = self.cfg
+        table = self.param("tok", nn.initializers.normal(_INIT_STD), (cfg.vocab_size, cfg.d_model))
+        x_BTD = jnp.take(table, tokens_BT, axis=0)
+        if cfg.style == "gpt2":
+            pos = self.param("pos", nn.initializers.normal(0.01), (cfg.max_seq_len, cfg.d_model))
+            x_BTD = x_BTD + pos[None, : tokens_BT.shape[1]]
+        return x_BTD.astype(jnp.dtype(cfg.dtype))
+
+
+class Head(nn.Module):
+    """Final norm and the projection to vocabulary logits (tied to the embedding or not)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, tok_table_VD=None):
+        cfg = self.cfg
+        h_BTD = _norm(cfg, "norm")(x_BTD).astype(jnp.dtype(cfg.dtype))
+        if cfg.tied:
+            return jnp.einsum("btd,vd->btv", h_BTD, tok_table_VD.astype(h_BTD.dtype))
+        out = nn.Dense(
+            cfg.vocab_size,
+            use_bias=False,
+            dtype=jnp.dtype(cfg.dtype),
+            kernel_init=nn.initializers.normal(_INIT_STD),
+            name="out",
+        )
+        return out(h_BTD)
+
+
+# ---------------------------------------------------------------------------------------------
+# Functional API used by the pipeline, the partitioner and the tests.
+
+
+def block_apply(cfg: ModelConfig, block_params, x_BTD):
+    """One block on its own (unstacked) parameters."""
+    return Block(cfg).apply({"params": block_params}, x_BTD)
+
+
+def embed_apply(cfg: ModelConfig, params, tokens_BT):
+    if tokens_BT.shape[1] > cfg.max_seq_len:
+        raise ConfigError(
+            f"sequence length {tokens_BT.shape[1]} exceeds the model's max_seq_len "
+            f"{cfg.max_seq_len}; shorten --seq_len or raise max_seq_len"
+        )
+    return Embed(cfg).apply({"params": params["embed"]}, tokens_BT)
+
+
+def head_apply(cfg: ModelConfig, params, x_BTD):
+    table = params["embed"]["tok"] if cfg.tied else None
+    return Head(cfg).apply({"params": params["head"]}, x_BTD, table)
+
+
+def cross_entropy(logits_BTV, targets_BT):
+    """Mean next-token cross-entropy in float32."""
+    logp = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, targets_BT[..., None], axis=-1))
+
+
+def stack_forward(cfg: ModelConfig, blocks, x_BTD, remat: bool = False):
+    """The reference: a scan over the stacked blocks."""
+    fn = lambda p, x: block_apply(cfg, p, x)
+    if remat:
+        fn = jax.checkpoint(fn)
+    out, _ = jax.lax.scan(lambda x, p: (fn(p, x), None), x_BTD, blocks)
+    return out
+
+
+def reference_loss(cfg: ModelConfig, params, tokens_BT1):
+    """Unpipelined loss on tokens of shape [B, T+1] (inputs are [:, :-1], targets [:, 1:])."""
+    x_BTD = embed_apply(cfg, params, tokens_BT1[:, :-1])
+    x_BTD = stack_forward(cfg, params["blocks"], x_BTD)
+    return cross_entropy(head_apply(cfg, params, x_BTD), tokens_BT1[:, 1:])
+
+
+def init_params(cfg: ModelConfig, seed: int | jax.Array = 0, allow_large: bool = False):
+    """Canonical parameters: the same seed gives the same values whatever the pipeline shape."""
+    if cfg.num_params() > ALLOCATION_GUARD_PARAMS and not allow_large:
+        raise ConfigError(
+            f"model {cfg.name!r} has {cfg.num_params() / 1e9:.1f}B parameters; refusing to "
+            f"allocate it (use it with the planner, or pass allow_large=True)"
+        )
+    key = jax.random.key(seed) if isinstance(seed, int) else seed
+    k_embed, k_blocks, k_head = jax.random.split(key, 3)
+    tokens = jnp.zeros((1, 2), jnp.int32)
+    x = jnp.zeros((1, 2, cfg.d_model), jnp.float32)
+    embed = Embed(cfg).init(k_embed, tokens)["params"]
+    layer_keys = jax.random.split(k_blocks, cfg.num_layers)
+    blocks = jax.vmap(lambda k: Block(cfg).init(k, x)["params"])(layer_keys)
+    table = embed["tok"] if cfg.tied else None
+    head = Head(cfg).init(k_head, x, table)["params"]
+    return {"embed": embed, "blocks": blocks, "head": head}
+
+
+def abstract_params(cfg: ModelConfig):
+    """Parameter shapes without allocating anything (works for 175B models)."""
+    return jax.eval_shape(lambda: init_params(cfg, 0, allow_large=True))
