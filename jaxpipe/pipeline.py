@@ -115,12 +115,19 @@ class Pipeline:
         )(blocks_SRJ, x_MBTD)
         return self.unmicrobatch(y_SMBTD[0].astype(x_BTD.dtype))
 
-    def loss(self, params, tokens_BT1):
-        """Next-token loss with blocks pipelined; params in the pipeline layout."""
-        cfg = self.model
-        x_BTD = M.embed_apply(cfg, params, tokens_BT1[:, :-1])
+    def logits(self, params, tokens_BT):
+        """Vocabulary logits [B, T, V] with blocks pipelined; params in the pipeline layout."""
+        x_BTD = M.embed_apply(self.model, params, tokens_BT)
         x_BTD = self.blocks_forward(params["blocks"], x_BTD)
-        return M.cross_entropy(M.head_apply(cfg, params, x_BTD), tokens_BT1[:, 1:])
+        return M.head_apply(self.model, params, x_BTD)
+
+    def loss(self, params, tokens_BT1):
+        """Next-token loss on tokens [B, T+1]; params in the pipeline layout."""
+        return M.cross_entropy(self.logits(params, tokens_BT1[:, :-1]), tokens_BT1[:, 1:])
+
+    def value_and_grad(self, params, tokens_BT1):
+        """(loss, grads) with grads in the same pipeline layout as params."""
+        return jax.value_and_grad(self.loss)(params, tokens_BT1)
 
     # -- the per-stage program -----------------------------------------------------------------
 
