@@ -1,0 +1,38 @@
+"""jaxpipe: pipeline parallelism for Flax transformers on JAX."""
+
+from jaxpipe.config import (
+    PRESETS,
+    ConfigError,
+    ModelConfig,
+    PipelineConfig,
+    get_preset,
+)
+from jaxpipe.data import TokenData, load_data
+from jaxpipe.layout import StageLayout
+from jaxpipe.mesh import make_mesh
+from jaxpipe.model import abstract_params, init_params, reference_loss
+from jaxpipe.pipeline import Pipeline
+from jaxpipe.schedule import ScheduleTable, build_table
+from jaxpipe.train import TrainConfig, Trainer, TrainState, train
+
+__all__ = [
+    "PRESETS",
+    "ConfigError",
+    "ModelConfig",
+    "PipelineConfig",
+    "get_preset",
+    "TokenData",
+    "load_data",
+    "StageLayout",
+    "make_mesh",
+    "abstract_params",
+    "init_params",
+    "reference_loss",
+    "Pipeline",
+    "ScheduleTable",
+    "build_table",
+    "TrainConfig",
+    "Trainer",
+    "TrainState",
+    "train",
+]

@@ -1,0 +1,282 @@
+"""Train state, AdamW step and the training loop (progress, metrics, non-finite guard)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxpipe import model as M
+from jaxpipe.config import ConfigError, ModelConfig, PipelineConfig
+from jaxpipe.data import TokenData
+from jaxpipe.layout import StageLayout
+from jaxpipe.mesh import make_mesh
+from jaxpipe.pipeline import Pipeline
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 16
+    seq_len: int = 128
+    learning_rate: float = 3e-3
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+    eval_batches: int = 4
+    max_bad_steps: int = 5  # consecutive non-finite steps before stopping (0: stop at once)
+
+    def __post_init__(self):
+        if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be finite and > 0, got {self.learning_rate}")
+        for field in ("steps", "batch_size", "seq_len", "log_every"):
+            if getattr(self, field) < 1:
+                raise ConfigError(f"{field} must be >= 1, got {getattr(self, field)}")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    bad_steps: jax.Array  # consecutive non-finite steps so far
+
+
+def lr_schedule(tcfg: TrainConfig) -> optax.Schedule:
+    warmup = min(tcfg.warmup_steps, max(tcfg.steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        0.0,
+        tcfg.learning_rate,
+        warmup_steps=max(warmup, 1),
+        decay_steps=max(tcfg.steps, warmup + 1),
+        end_value=tcfg.learning_rate * tcfg.min_lr_ratio,
+    )
+
+
+def _decay_mask(params):
+    """Weight decay on matrices and embeddings, not on norms or biases."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) in ("kernel", "tok", "pos", "out"), params
+    )
+
+
+def make_optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(tcfg.grad_clip),
+        optax.adamw(lr_schedule(tcfg), b1=0.9, b2=0.95, weight_decay=tcfg.weight_decay,
+                    mask=_decay_mask),
+    )
+
+
+@dataclasses.dataclass
+class Trainer:
+    """A pipelined model, its optimizer and a compiled step."""
+
+    pipe: Pipeline
+    tcfg: TrainConfig
+
+    def __post_init__(self):
+        self.tx = make_optimizer(self.tcfg)
+        self.step_fn = jax.jit(self._step, donate_argnums=0)
+
+    @classmethod
+    def create(
+        cls,
+        model: ModelConfig,
+        pcfg: PipelineConfig,
+        tcfg: TrainConfig,
+        layout: StageLayout | None = None,
+        devices=None,
+    ) -> Trainer:
+        pcfg.check_batch(tcfg.batch_size)
+        if tcfg.seq_len > model.max_seq_len:
+            raise ConfigError(
+                f"seq_len {tcfg.seq_len} exceeds the model's max_seq_len {model.max_seq_len}; "
+                f"use --seq_len <= {model.max_seq_len}"
+            )
+        mesh = make_mesh(pcfg, devices)
+        return cls(Pipeline.create(model, pcfg, mesh, layout), tcfg)
+
+    def init_state(self, params=None) -> TrainState:
+        """Canonical params (initialised from the seed when None) placed in pipeline layout."""
+        if params is None:
+            params = M.init_params(self.pipe.model, self.tcfg.seed)
+        params = self.pipe.place(params)
+        opt_state = jax.jit(self.tx.init)(params)
+        return TrainState(jnp.zeros((), jnp.int32), params, opt_state, jnp.zeros((), jnp.int32))
+
+    def _step(self, state: TrainState, tokens_BT1):
+        loss, grads = self.pipe.value_and_grad(state.params, tokens_BT1)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
+        )
+        metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": ~finite,
+                   "bad_steps": new_state.bad_steps}
+        return new_state, metrics
+
+    def put_batch(self, tokens_BT1: np.ndarray) -> jax.Array:
+        return jax.device_put(tokens_BT1, self.pipe.batch_sharding())
+
+    def eval_loss(self, params, data: TokenData) -> float:
+        fn = jax.jit(self.pipe.loss)
+        losses = [
+            fn(params, self.put_batch(data.batch(i, self.tcfg.batch_size, self.tcfg.seq_len,
+                                                 self.tcfg.seed, split="eval")))
+            for i in range(self.tcfg.eval_batches)
+        ]
+        return float(np.mean(jax.device_get(losses)))
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def _log(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def train(
+    trainer: Trainer,
+    data: TokenData,
+    workdir: str | Path | None = None,
+    state: TrainState | None = None,
+    on_step=None,
+) -> dict:
+    """Runs the loop from `state` (fresh when None) to tcfg.steps; returns a summary dict.
+
+    Metrics are fetched one step late so that dispatch stays asynchronous. `on_step(state)` is
+    called after each step (for checkpointing).
+    """
+    tcfg, pipe = trainer.tcfg, trainer.pipe
+    if data.vocab_size > pipe.model.vocab_size:
+        raise ConfigError(
+            f"data has token ids up to {data.vocab_size - 1} but the model's vocab_size is "
+            f"{pipe.model.vocab_size}; pass --vocab_size >= {data.vocab_size}"
+        )
+    workdir = Path(workdir) if workdir else None
+    if workdir:
+        workdir.mkdir(parents=True, exist_ok=True)
+    state = trainer.init_state() if state is None else state
+    start = int(state.step)
+    schedule = lr_schedule(tcfg)
+    tokens_per_step = tcfg.batch_size * tcfg.seq_len
+    history: list[dict] = []
+    metrics_file = open(workdir / "metrics.jsonl", "a") if workdir else None
+    pending = None  # (step, metrics on device) of the previous step
+    t_last, step_last = time.perf_counter(), start
+    t_start = t_last
+    compile_s = None
+
+    def record(step: int, metrics) -> None:
+        nonlocal t_last, step_last, compile_s
+        m = {k: v.item() for k, v in jax.device_get(metrics).items()}
+        if m["skipped"] and m["bad_steps"] > tcfg.max_bad_steps:
+            raise NonFiniteError(
+                f"{m['bad_steps']} consecutive non-finite steps (last at step {step + 1}, "
+                f"loss {m['loss']}); stopping with parameters of the last good step. Lower "
+                f"--learning_rate or check the data."
+            )
+        is_first = step == start
+        if not (is_first or (step + 1) % tcfg.log_every == 0 or step + 1 == tcfg.steps):
+            return
+        now = time.perf_counter()
+        step_time = (now - t_last) / max(step + 1 - step_last, 1)
+        t_last, step_last = now, step + 1
+        if is_first:
+            compile_s = step_time
+        row = {
+            "step": step + 1,
+            "loss": m["loss"],
+            "grad_norm": m["grad_norm"],
+            "skipped": bool(m["skipped"]),
+            "step_time_s": step_time,
+            "tokens_per_s": tokens_per_step / step_time,
+            "learning_rate": float(schedule(step)),
+        }
+        history.append(row)
+        if metrics_file:
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+        eta = (tcfg.steps - step - 1) * step_time
+        _log(
+            f"step {step + 1}/{tcfg.steps} [{100 * (step + 1) / tcfg.steps:3.0f}%] "
+            f"loss {m['loss']:.4f} lr {row['learning_rate']:.2e} "
+            f"{row['tokens_per_s']:,.0f} tok/s {step_time * 1e3:.0f} ms/step "
+            f"ETA {_fmt_time(eta)}" + (" (includes compile)" if is_first else "")
+        )
+
+    try:
+        for step in range(start, tcfg.steps):
+            batch = trainer.put_batch(data.batch(step, tcfg.batch_size, tcfg.seq_len, tcfg.seed))
+            state, metrics = trainer.step_fn(state, batch)
+            if pending is not None:
+                record(*pending)
+            pending = (step, metrics)
+            if on_step is not None:
+                on_step(state)
+        if pending is not None:
+            record(*pending)
+    finally:
+        if metrics_file:
+            metrics_file.close()
+    wall = time.perf_counter() - t_start
+    summary = {
+        "steps": tcfg.steps,
+        "start_step": start,
+        "final_loss": history[-1]["loss"] if history else None,
+        "first_loss": history[0]["loss"] if history else None,
+        "eval_loss": trainer.eval_loss(state.params, data),
+        "unigram_entropy": data.unigram_entropy(),
+        "wall_s": wall,
+        "first_step_s": compile_s,
+        "tokens_per_s": history[-1]["tokens_per_s"] if history else None,
+        "layout": pipe.layout.describe(),
+        "bubble_fraction": pipe.table.bubble_fraction(),
+    }
+    if workdir:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+        plot_loss(workdir / "metrics.jsonl", workdir / "loss.png")
+    return {**summary, "state": state, "history": history}
+
+
+def plot_loss(metrics_path: Path, png_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)

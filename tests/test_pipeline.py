@@ -1,0 +1,173 @@
+"""The pipelined model equals the unpipelined reference in loss and gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpipe import model as M
+from jaxpipe.config import ConfigError, PipelineConfig, get_preset
+from jaxpipe.layout import StageLayout
+from jaxpipe.mesh import make_mesh
+from jaxpipe.pipeline import Pipeline
+
+SEQ = 8
+BATCH = 16  # divisible by every (micro-batches x data) below except where an error is wanted
+
+
+def _tokens(batch=BATCH, vocab=256, seed=1):
+    return jax.random.randint(jax.random.key(seed), (batch, SEQ + 1), 0, vocab)
+
+
+def _pipeline(cfg, S, Mb, R, data=1, layout=None, schedule=None, **kw):
+    schedule = schedule or ("gpipe" if R == 1 else "circular")
+    pcfg = PipelineConfig(
+        num_stages=S, num_microbatches=Mb, num_repeats=R, schedule=schedule, data_parallel=data,
+        **kw,
+    )
+    mesh = make_mesh(pcfg, jax.devices()[: S * data])
+    return Pipeline.create(cfg, pcfg, mesh, layout=layout, poison_bubbles=True)
+
+
+def _check_against_reference(cfg, pipe, batch=BATCH, tol=2e-5):
+    params = M.init_params(cfg, seed=3)
+    tokens = _tokens(batch)
+    ref_loss, ref_grads = jax.value_and_grad(lambda p: M.reference_loss(cfg, p, tokens))(params)
+    loss, grads = jax.jit(pipe.value_and_grad)(pipe.place(params), tokens)
+    grads = pipe.to_canonical(grads)
+    assert np.isfinite(float(loss)), "a poisoned bubble leaked into the loss"
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6, atol=1e-6)
+    for path, g, r in zip(
+        jax.tree_util.tree_leaves_with_path(grads),
+        jax.tree.leaves(grads),
+        jax.tree.leaves(ref_grads),
+        strict=True,
+    ):
+        assert np.all(np.isfinite(g)), f"non-finite gradient at {path[0]}"
+        np.testing.assert_allclose(g, r, atol=tol * max(1.0, float(jnp.max(jnp.abs(r)))),
+                                   err_msg=str(path[0]))
+
+
+# (style, stages, micro-batches, repeats, data, extra layers beyond 2 per virtual stage)
+FAST = [
+    ("gpt2", 1, 1, 1, 1, 0),
+    ("gpt2", 2, 2, 1, 1, 0),
+    ("gpt2", 2, 3, 1, 1, 1),  # M not a multiple of S, uneven stages
+    ("gpt2", 4, 1, 1, 1, 0),  # M < S
+    ("gpt2", 4, 8, 1, 1, 0),  # M = 2S
+    ("gpt2", 8, 8, 1, 1, 0),
+    ("gpt2", 3, 4, 2, 1, 0),  # circular, S >= 3, M > S
+    ("gpt2", 4, 2, 2, 1, 0),  # circular, M < S
+    ("gpt2", 4, 4, 3, 1, 1),  # circular, R = 3, uneven
+    ("gpt2", 4, 4, 1, 2, 0),  # data x pipe = 2 x 4
+    ("llama", 2, 4, 1, 1, 0),
+    ("llama", 4, 6, 2, 1, 0),  # circular, M non-multiple of S
+    ("llama", 4, 8, 2, 2, 1),  # data x pipe = 2 x 4, circular, uneven
+]
+SLOW = [
+    (style, S, Mb, R, D, 0)
+    for style in ("gpt2", "llama")
+    for S in (1, 2, 4, 8)
+    for Mb in sorted({1, 2, S, 2 * S, S + 1})
+    for R in (1, 2, 3)
+    for D in (1, 2)
+    if S * D <= 8 and (style, S, Mb, R, D, 0) not in FAST
+]
+
+
+def _case(style, S, Mb, R, D, extra):
+    preset = "tiny" if style == "gpt2" else "tiny-llama"
+    cfg = get_preset(preset, num_layers=2 * S * R + extra, max_seq_len=SEQ)
+    _check_against_reference(cfg, _pipeline(cfg, S, Mb, R, D), batch=2 * Mb * D)
+
+
+@pytest.mark.parametrize("style,S,Mb,R,D,extra", FAST)
+def test_matches_reference(style, S, Mb, R, D, extra):
+    _case(style, S, Mb, R, D, extra)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("style,S,Mb,R,D,extra", SLOW)
+def test_matches_reference_full_grid(style, S, Mb, R, D, extra):
+    _case(style, S, Mb, R, D, extra)
+
+
+@pytest.mark.parametrize("remat", ["layer", "stage"])
+def test_remat_matches_reference(remat):
+    cfg = get_preset("tiny", num_layers=8, max_seq_len=SEQ)
+    _check_against_reference(cfg, _pipeline(cfg, 2, 4, 2, remat=remat))
+
+
+def test_bf16_boundary_close_to_reference():
+    cfg = get_preset("tiny", num_layers=4, max_seq_len=SEQ)
+    pipe = _pipeline(cfg, 4, 4, 1, boundary_dtype="bfloat16")
+    params = M.init_params(cfg, seed=3)
+    tokens = _tokens()
+    loss = jax.jit(pipe.loss)(pipe.place(params), tokens)
+    ref = M.reference_loss(cfg, params, tokens)
+    assert abs(float(loss) - float(ref)) < 2e-2
+    assert float(loss) != float(ref)  # the bf16 cast is really applied
+
+
+def test_explicit_uneven_layout_runs_layers_in_order():
+    # Layers are not interchangeable (each has its own weights): any out-of-order or skipped
+    # layer changes the loss and the per-layer gradients.
+    cfg = get_preset("tiny", num_layers=9, max_seq_len=SEQ)
+    layout = StageLayout(3, 2, (1, 2, 1, 2, 2, 1))
+    assert layout.describe() == "0-0+4-5 | 1-2+6-7 | 3-3+8-8"
+    _check_against_reference(cfg, _pipeline(cfg, 3, 3, 2, layout=layout), batch=6)
+
+
+def test_layout_round_trip_and_no_dropped_layers():
+    for L, S, R in [(30, 4, 1), (61, 8, 1), (126, 16, 1), (13, 3, 2), (8, 8, 1)]:
+        layout = StageLayout.uniform(L, S, R)
+        assert layout.num_layers == L and min(layout.layer_counts) >= 1
+        assert max(layout.layer_counts) - min(layout.layer_counts) <= 1
+        index = layout.layer_index_SRJ
+        assert sorted(index[index >= 0].tolist()) == list(range(L))
+        blocks = {"w": jnp.arange(L * 2, dtype=jnp.float32).reshape(L, 2)}
+        back = layout.to_canonical(layout.to_pipeline(blocks))
+        np.testing.assert_array_equal(back["w"], blocks["w"])
+
+
+def test_pipeline_layout_puts_layer_on_its_stage():
+    layout = StageLayout.uniform(8, 2, 2)  # circular: layer l on stage (l // 2) mod 2
+    for s in range(2):
+        for r in range(2):
+            for j in range(2):
+                layer = layout.layer_index_SRJ[s, r, j]
+                assert (layer // 2) % 2 == s
+
+
+def test_clear_errors():
+    cfg = get_preset("tiny", max_seq_len=SEQ)
+    with pytest.raises(ConfigError, match="multiple of num_microbatches x data_parallel"):
+        PipelineConfig(num_stages=2, num_microbatches=3).check_batch(16)
+    with pytest.raises(ConfigError, match="devices, but 8 are available"):
+        make_mesh(PipelineConfig(num_stages=3))
+    with pytest.raises(ConfigError, match="unknown schedule"):
+        PipelineConfig(schedule="zigzag")
+    with pytest.raises(ConfigError, match="unknown model preset"):
+        get_preset("gpt5")
+    with pytest.raises(ConfigError, match="positive integer"):
+        PipelineConfig(num_stages=0)
+    with pytest.raises(ConfigError, match="cannot fill"):
+        _pipeline(cfg.replace(num_layers=3), 4, 4, 1)
+    with pytest.raises(ConfigError, match="use schedule 'circular'"):
+        PipelineConfig(num_stages=2, num_repeats=2, schedule="gpipe")
+    with pytest.raises(ConfigError, match="max_seq_len"):
+        M.embed_apply(cfg, M.init_params(cfg), jnp.zeros((1, SEQ + 1), jnp.int32))
+    with pytest.raises(ConfigError, match="refusing to allocate"):
+        M.init_params(get_preset("gpt3-175b"))
+
+
+def test_preset_parameter_counts():
+    # Analytic counts of the real shapes (embedding + blocks + head).
+    assert abs(get_preset("gpt2").num_params() - 124.4e6) < 0.5e6
+    assert abs(get_preset("gpt3-175b").num_params() - 174.6e9) < 1e9
+    assert abs(get_preset("llama-65b").num_params() - 65.3e9) < 0.5e9
+    cfg = get_preset("tiny-llama")
+    counted = sum(x.size for x in jax.tree.leaves(M.init_params(cfg)))
+    assert counted == cfg.num_params()
+    cfg = get_preset("tiny")
+    assert sum(x.size for x in jax.tree.leaves(M.init_params(cfg))) == cfg.num_params()
