@@ -91,6 +91,16 @@ def _reject(hf: dict, field: str, ok) -> None:
 
 def config_from_hf(hf: dict) -> ModelConfig:
     """A `ModelConfig` from a Hugging Face config.json dict; raises ConfigError naming the field."""
+    try:
+        return _config_from_hf(hf)
+    except KeyError as e:
+        raise ConfigError(
+            f"config.json lacks the field {e.args[0]!r} that model_type {hf.get('model_type')!r} "
+            f"needs"
+        ) from None
+
+
+def _config_from_hf(hf: dict) -> ModelConfig:
     kind = hf.get("model_type")
     if kind == "gpt2":
         _reject(hf, "activation_function", lambda v: v in _GPT2_ACTS)
@@ -114,8 +124,9 @@ def config_from_hf(hf: dict) -> ModelConfig:
         _reject(hf, "hidden_act", lambda v: v == "silu")
         _reject(hf, "attention_bias", lambda v: not v)
         _reject(hf, "mlp_bias", lambda v: not v)
-        _reject(hf, "rope_scaling", lambda v: not v or v.get("rope_type", v.get("type")) == "default")
-        _reject(hf, "rope_parameters", lambda v: not v or v.get("rope_type", "default") == "default")
+        plain_rope = lambda v: not v or v.get("rope_type", v.get("type", "default")) == "default"
+        _reject(hf, "rope_scaling", plain_rope)
+        _reject(hf, "rope_parameters", plain_rope)
         _reject(hf, "head_dim", lambda v: v is None or v * heads == d)
         theta = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10000.0))
         return ModelConfig(
@@ -222,11 +233,13 @@ def _set(tree, path, value):
 
 
 def params_from_hf(cfg: ModelConfig, tensors: dict) -> dict:
-    """Canonical float32 numpy params from Hugging Face-named tensors; raises on missing or bad shapes."""
+    """Canonical float32 numpy params from Hugging Face-named tensors; checks names and shapes."""
     shapes = abstract_params(cfg)
     if cfg.style == "gpt2":  # the original GPT-2 files have no "transformer." prefix
-        tensors = {k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}": v
-                   for k, v in tensors.items()}
+        tensors = {
+            k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}": v
+            for k, v in tensors.items()
+        }
         tensors = _split_qkv(tensors, cfg)
     used = set()
 
@@ -256,7 +269,8 @@ def params_from_hf(cfg: ModelConfig, tensors: dict) -> dict:
         stack = [take(prefix.format(i) + suffix, path, tr, i) for i in range(cfg.num_layers)]
         _set(params, ("blocks", *path), np.stack(stack))
     extra = sorted(
-        k for k in tensors
+        k
+        for k in tensors
         if k not in used and not _IGNORED_RE.match(k) and not (cfg.tied and k == "lm_head.weight")
     )
     if extra:
@@ -303,8 +317,7 @@ def _read_tensors(path: str) -> dict:
 def _read_raw(path: str) -> dict:
     import ml_dtypes
 
-    kinds = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32,
-             "F64": np.float64, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
+    kinds = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32, "F64": np.float64}
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(n))
