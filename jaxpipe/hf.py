@@ -13,7 +13,9 @@ transposed. Both use the half-split (rotate_half) RoPE convention, so no permuta
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
 import os
 import re
 
@@ -209,10 +211,8 @@ def _split_qkv(tensors: dict, cfg: ModelConfig) -> dict:
     for name, t in tensors.items():
         if name.endswith(("attn.c_attn.weight", "attn.c_attn.bias")):
             if t.shape[-1] != 3 * cfg.d_model:
-                raise ConfigError(
-                    f"tensor {name} has shape {t.shape}; config.json n_embd={cfg.d_model} "
-                    f"implies a last axis of {3 * cfg.d_model}"
-                )
+                want = 3 * cfg.d_model
+                raise ConfigError(f"{name} has shape {t.shape}; config.json implies [..., {want}]")
             for n, part in zip("qkv", np.split(t, 3, axis=-1), strict=True):
                 out[f"{name}.{n}"] = part
         else:
@@ -221,9 +221,7 @@ def _split_qkv(tensors: dict, cfg: ModelConfig) -> dict:
 
 
 def _get(tree, path):
-    for p in path:
-        tree = tree[p]
-    return tree
+    return functools.reduce(operator.getitem, path, tree)
 
 
 def _set(tree, path, value):
@@ -268,11 +266,8 @@ def params_from_hf(cfg: ModelConfig, tensors: dict) -> dict:
     for suffix, path, tr in layer:
         stack = [take(prefix.format(i) + suffix, path, tr, i) for i in range(cfg.num_layers)]
         _set(params, ("blocks", *path), np.stack(stack))
-    extra = sorted(
-        k
-        for k in tensors
-        if k not in used and not _IGNORED_RE.match(k) and not (cfg.tied and k == "lm_head.weight")
-    )
+    skip = lambda k: k in used or _IGNORED_RE.match(k) or (cfg.tied and k == "lm_head.weight")
+    extra = sorted(k for k in tensors if not skip(k))
     if extra:
         raise ConfigError(
             f"checkpoint has {len(extra)} tensors jaxpipe's {cfg.style} model has no place for "
@@ -297,8 +292,7 @@ def params_to_hf(cfg: ModelConfig, params) -> dict[str, np.ndarray]:
             )
         for i in range(cfg.num_layers):
             out[prefix.format(i) + suffix] = stack[i].T if tr else stack[i]
-    for name in [k for k in out if k.endswith("c_attn.weight.q") or k.endswith("c_attn.bias.q")]:
-        base = name[:-2]
+    for base in [k[:-2] for k in out if k.endswith(("c_attn.weight.q", "c_attn.bias.q"))]:
         out[base] = np.concatenate([out.pop(f"{base}.{n}") for n in "qkv"], axis=-1)
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
@@ -310,27 +304,21 @@ def params_to_hf(cfg: ModelConfig, params) -> dict[str, np.ndarray]:
 def _read_tensors(path: str) -> dict:
     try:
         return load_file(path)
-    except TypeError:  # numpy has no bfloat16; read through ml_dtypes (a jax dependency)
-        return _read_raw(path)
-
-
-def _read_raw(path: str) -> dict:
-    import ml_dtypes
+    except TypeError:  # numpy has no bfloat16: parse the file, converting via ml_dtypes
+        import ml_dtypes
 
     kinds = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32, "F64": np.float64}
     with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
         data = f.read()
     out = {}
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in kinds:
-            raise ConfigError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        a, b = info["data_offsets"]
-        arr = np.frombuffer(data[a:b], dtype=kinds[info["dtype"]]).reshape(info["shape"])
-        out[name] = arr.astype(np.float32)
+        if name != "__metadata__":
+            if info["dtype"] not in kinds:
+                raise ConfigError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+            a, b = info["data_offsets"]
+            arr = np.frombuffer(data[a:b], dtype=kinds[info["dtype"]]).reshape(info["shape"])
+            out[name] = arr.astype(np.float32)
     return out
 
 
@@ -387,8 +375,7 @@ def save_hf(
     shards, size = [[]], 0
     for name, t in tensors.items():
         if shards[-1] and size + t.nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
+            shards, size = [*shards, []], 0
         shards[-1].append(name)
         size += t.nbytes
     os.makedirs(path, exist_ok=True)
@@ -407,10 +394,7 @@ def save_hf(
         save_file({n: tensors[n] for n in names}, os.path.join(path, fname), metadata=meta)
         weight_map.update(dict.fromkeys(names, fname))
         files.append(fname)
-    index = {
-        "metadata": {"total_size": int(sum(t.nbytes for t in tensors.values()))},
-        "weight_map": weight_map,
-    }
+    total = int(sum(t.nbytes for t in tensors.values()))
     with open(os.path.join(path, INDEX_NAME), "w") as f:
-        json.dump(index, f, indent=2, sort_keys=True)
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     return [CONFIG_NAME, INDEX_NAME, *files]

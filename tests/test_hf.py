@@ -119,6 +119,14 @@ def test_shape_mismatch_and_stray_tensors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**cfg_hf, "num_hidden_layers": 5}))
     with pytest.raises(ConfigError, match=r"no tensor 'model\.layers\.4\."):
         hf.load_hf(str(tmp_path))
+    # Params in a pipeline view ([S, R, J, ...] blocks) are refused, not written scrambled.
+    params = random_params(cfg)
+    viewed = {
+        **params,
+        "blocks": jax.tree.map(lambda a: a.reshape(2, 2, *a.shape[1:]), params["blocks"]),
+    }
+    with pytest.raises(ConfigError, match="canonical params"):
+        hf.save_hf(cfg, viewed, str(tmp_path / "out"))
 
 
 # ---------------------------------------------------------------------------------------------
