@@ -89,7 +89,14 @@ class Trainer:
 
     def __post_init__(self):
         self.tx = make_optimizer(self.tcfg)
-        self.step_fn = jax.jit(self._step, donate_argnums=0)
+        abstract = jax.eval_shape(self.pipe.to_pipeline, M.abstract_params(self.pipe.model))
+        self.shardings = self.state_shardings(abstract)
+        self.step_fn = jax.jit(
+            self._step,
+            in_shardings=(self.shardings, self.pipe.batch_sharding()),
+            out_shardings=(self.shardings, self.shardings.step),
+            donate_argnums=0,
+        )
 
     @classmethod
     def create(
@@ -109,17 +116,32 @@ class Trainer:
         mesh = make_mesh(pcfg, devices)
         return cls(Pipeline.create(model, pcfg, mesh, layout), tcfg)
 
+    def state_shardings(self, params):
+        """Shardings of a TrainState: optimizer moments follow their parameters."""
+        param_sh = self.pipe.param_shardings(params)
+        replicated = jax.sharding.NamedSharding(self.pipe.mesh, jax.sharding.PartitionSpec())
+        opt_sh = optax.tree_map_params(
+            self.tx,
+            lambda _, sh: sh,
+            jax.eval_shape(self.tx.init, params),
+            param_sh,
+            transform_non_params=lambda _: replicated,
+        )
+        return TrainState(replicated, param_sh, opt_sh, replicated)
+
     def init_state(self, params=None) -> TrainState:
         """Canonical params (initialised from the seed when None) placed in pipeline layout."""
         if params is None:
             params = M.init_params(self.pipe.model, self.tcfg.seed)
-        params = self.pipe.place(params)
-        opt_state = jax.jit(self.tx.init)(params)
-        return TrainState(jnp.zeros((), jnp.int32), params, opt_state, jnp.zeros((), jnp.int32))
+        sh = self.shardings
+        params = jax.jit(self.pipe.to_pipeline, out_shardings=sh.params)(params)
+        opt_state = jax.jit(self.tx.init, out_shardings=sh.opt_state)(params)
+        zero = lambda: jax.device_put(jnp.zeros((), jnp.int32), sh.step)
+        return TrainState(zero(), params, opt_state, zero())
 
     def _step(self, state: TrainState, tokens_BT1):
         loss, grads = self.pipe.value_and_grad(state.params, tokens_BT1)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
