@@ -137,15 +137,23 @@ class Pipeline:
         if remat == "layer":
             layer = jax.checkpoint(layer)
 
+        # Slots below the smallest virtual stage's count always hold a layer and run
+        # unconditionally; only the slots above it may be padding and sit behind a predicate.
+        J, J0 = self.layout.slots, min(self.layout.layer_counts)
+
         def run_stage(w_RJ, r, count, h):
             w_J = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, r, 0, False), w_RJ)
+            full = lambda h, p: (layer(p, h), None)
+            h = jax.lax.scan(full, h, jax.tree.map(lambda a: a[:J0], w_J))[0]
+            if J == J0:
+                return h
 
-            def slot(h, j_p):
+            def maybe(h, j_p):
                 j, p = j_p
                 return jax.lax.cond(j < count, lambda h: layer(p, h), lambda h: h, h), None
 
-            J = self.layout.slots
-            return jax.lax.scan(slot, h, (jnp.arange(J), w_J))[0]
+            tail = (jnp.arange(J0, J), jax.tree.map(lambda a: a[J0:], w_J))
+            return jax.lax.scan(maybe, h, tail)[0]
 
         if remat == "stage":
             run_stage = jax.checkpoint(run_stage)
