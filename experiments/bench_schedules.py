@@ -30,8 +30,11 @@ def bubble_checks(S: int, M: int) -> dict:
     for name, R in [("gpipe", 1), ("1f1b", 1), ("circular", 2), ("interleaved_1f1b", 2)]:
         table = full_table(name, S, M, R)
         formula = (S - 1) / (R * M + S - 1)
-        out[f"{name}_R{R}"] = {"table": table.bubble_fraction(), "formula": formula,
-                               "match": abs(table.bubble_fraction() - formula) < 1e-12}
+        out[f"{name}_R{R}"] = {
+            "table": table.bubble_fraction(),
+            "formula": formula,
+            "match": abs(table.bubble_fraction() - formula) < 1e-12,
+        }
     return out
 
 
@@ -59,12 +62,14 @@ def main() -> None:
     print(f"process {jax.process_index()} devices {jax.devices()[: args.stages]}", flush=True)
     cfg = get_preset(args.preset, num_layers=args.layers)
     params = M.init_params(cfg, 0)
-    tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq_len + 1), 0,
-                                cfg.vocab_size)
+    tokens = jax.random.randint(
+        jax.random.key(1), (args.batch, args.seq_len + 1), 0, cfg.vocab_size
+    )
     steps, temps = {}, {}
     for schedule in ("gpipe", "1f1b"):
-        pcfg = PipelineConfig(num_stages=args.stages, num_microbatches=args.microbatches,
-                              schedule=schedule)
+        pcfg = PipelineConfig(
+            num_stages=args.stages, num_microbatches=args.microbatches, schedule=schedule
+        )
         pipe = Pipeline.create(cfg, pcfg, make_mesh(pcfg, jax.devices()[: args.stages]))
         placed = pipe.place(params)
         compiled = jax.jit(pipe.value_and_grad).lower(placed, tokens).compile()
@@ -79,15 +84,22 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
     median = {name: float(np.median(t)) for name, t in times.items()}
     bubbles = bubble_checks(args.stages, args.microbatches)
-    print(json.dumps({
-        "config": vars(args),
-        "onef1b_temp_ratio": temps["1f1b"] / temps["gpipe"],
-        "temp_bytes": temps,
-        "onef1b_step_ratio": median["1f1b"] / median["gpipe"],
-        "step_seconds_median": median,
-        "bubble_table_vs_formula": {"all_match": all(b["match"] for b in bubbles.values()),
-                                    **bubbles},
-    }, indent=1))
+    print(
+        json.dumps(
+            {
+                "config": vars(args),
+                "onef1b_temp_ratio": temps["1f1b"] / temps["gpipe"],
+                "temp_bytes": temps,
+                "onef1b_step_ratio": median["1f1b"] / median["gpipe"],
+                "step_seconds_median": median,
+                "bubble_table_vs_formula": {
+                    "all_match": all(b["match"] for b in bubbles.values()),
+                    **bubbles,
+                },
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ import numpy as np
 from jaxpipe.schedule import BWD, FWD, ScheduleTable
 
 
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class BufferPlan:
     """Static buffer slots for `onef1b`; [ticks, stages] int32 arrays, -1 where unused.
@@ -41,7 +40,7 @@ def buffer_plan(table: ScheduleTable) -> BufferPlan:
     """
     S, V = table.num_stages, table.num_stages * table.num_repeats
     where = {}
-    for t, s in zip(*np.nonzero(table.busy)):
+    for t, s in zip(*np.nonzero(table.busy), strict=True):
         v = int(table.repeat[t, s]) * S + int(s)
         where[(int(table.op[t, s]), int(table.micro[t, s]), v)] = int(t)
     shape = table.op.shape
@@ -63,7 +62,7 @@ def buffer_plan(table: ScheduleTable) -> BufferPlan:
     for lists in (acts, grads, ress):
         peak = 0
         for s, intervals in enumerate(lists):
-            for (a, c, (kind, m, v)), k in zip(intervals, _colour(intervals)):
+            for (a, c, (kind, _, _)), k in zip(intervals, _colour(intervals), strict=True):
                 peak = max(peak, k + 1)
                 if kind == "a":
                     act["write"][a, s], act["read"][c, s] = k, k
@@ -74,8 +73,9 @@ def buffer_plan(table: ScheduleTable) -> BufferPlan:
                 else:
                     res_slot[a, s], res_slot[c, s] = k, k
         sizes.append(max(peak, 1))
-    return BufferPlan(act["write"], act["read"], grad["write"], grad["read"], head_write,
-                      res_slot, *sizes)
+    return BufferPlan(
+        act["write"], act["read"], grad["write"], grad["read"], head_write, res_slot, *sizes
+    )
 
 
 def _colour(intervals) -> list[int]:

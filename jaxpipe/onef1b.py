@@ -41,8 +41,9 @@ class _StageVjp:
             if j < self.min_count:
                 h = M.block_apply(self.cfg, p, h)
             else:
-                h = jax.lax.cond(j < count, lambda p, h: M.block_apply(self.cfg, p, h),
-                                 lambda p, h: h, p, h)
+                h = jax.lax.cond(
+                    j < count, lambda p, h: M.block_apply(self.cfg, p, h), lambda p, h: h, p, h
+                )
         return h
 
     def slots(self, w_J):
@@ -57,7 +58,7 @@ class _StageVjp:
         if self.meta is not None and self.meta[1] != where:
             raise AssertionError("stage residual structure changed between traces")
         self.meta = (treedef, where)
-        return y, [leaf for leaf, i in zip(leaves, where) if i < 0]
+        return y, [leaf for leaf, i in zip(leaves, where, strict=True) if i < 0]
 
     def backward(self, w_J, kept, dy):
         treedef, where = self.meta
@@ -78,8 +79,9 @@ def value_and_grad(pipe, params, tokens_BT1):
     pipeline layout of params. Equal to `jax.value_and_grad(pipe.loss)` up to float rounding."""
     cfg = pipe.model
     inputs_BT, targets_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
-    x_BTD, embed_vjp = jax.vjp(lambda e: M.embed_apply(cfg, {"embed": e}, inputs_BT),
-                               params["embed"])
+    x_BTD, embed_vjp = jax.vjp(
+        lambda e: M.embed_apply(cfg, {"embed": e}, inputs_BT), params["embed"]
+    )
     x_MBTD = pipe.microbatch(x_BTD)
     t_MBT = pipe.microbatch(targets_BT)
     head_params = {"embed": params["embed"], "head": params["head"]}
@@ -102,8 +104,12 @@ def _stage_program(pipe, w_1RJ, head_params, x_MBTD, t_MBT):
     plan = buffer_plan(tab)
     c = lambda a: jnp.asarray(np.maximum(a, 0))
     op_TS, micro_TS, repeat_TS = jnp.asarray(tab.op), c(tab.micro), c(tab.repeat)
-    act_w, act_r, grad_w, grad_r = c(plan.act_write), c(plan.act_read), c(plan.grad_write), c(
-        plan.grad_read)
+    act_w, act_r, grad_w, grad_r = (
+        c(plan.act_write),
+        c(plan.act_read),
+        c(plan.grad_write),
+        c(plan.grad_read),
+    )
     act_w_ok, grad_w_ok = jnp.asarray(plan.act_write >= 0), jnp.asarray(plan.grad_write >= 0)
     head_w, res_slot = c(plan.head_write), c(plan.res_slot)
     counts_SR = jnp.asarray(layout.counts_SR)
@@ -116,19 +122,22 @@ def _stage_program(pipe, w_1RJ, head_params, x_MBTD, t_MBT):
     x_MBTD = vary(x_MBTD)
     zero_BTD = jnp.zeros_like(x_MBTD[0])
     w_J0 = _tree(lambda a: a[0], w_RJ)
-    res_shapes = jax.eval_shape(lambda w, n, h: stage.forward(w, n, h)[1], w_J0, counts_SR[0, 0],
-                                zero_BTD)
-    state = vary({
-        "act": jnp.zeros((plan.num_act,) + zero_BTD.shape, zero_BTD.dtype),
-        "grad": jnp.zeros((plan.num_grad,) + zero_BTD.shape, zero_BTD.dtype),
-        "res": [jnp.zeros((plan.num_res,) + r.shape, r.dtype) for r in res_shapes],
-        "g_w": _tree(jnp.zeros_like, w_RJ),
-        "g_head": _tree(jnp.zeros_like, head_params),
-        "loss": jnp.zeros((), jnp.float32),
-        "dx": jnp.zeros_like(x_MBTD),
-        "send_f": zero_BTD,
-        "send_b": zero_BTD,
-    })
+    res_shapes = jax.eval_shape(
+        lambda w, n, h: stage.forward(w, n, h)[1], w_J0, counts_SR[0, 0], zero_BTD
+    )
+    state = vary(
+        {
+            "act": jnp.zeros((plan.num_act,) + zero_BTD.shape, zero_BTD.dtype),
+            "grad": jnp.zeros((plan.num_grad,) + zero_BTD.shape, zero_BTD.dtype),
+            "res": [jnp.zeros((plan.num_res,) + r.shape, r.dtype) for r in res_shapes],
+            "g_w": _tree(jnp.zeros_like, w_RJ),
+            "g_head": _tree(jnp.zeros_like, head_params),
+            "loss": jnp.zeros((), jnp.float32),
+            "dx": jnp.zeros_like(x_MBTD),
+            "send_f": zero_BTD,
+            "send_b": zero_BTD,
+        }
+    )
 
     def head_loss(hp, y_BTD, t_BT):
         return M.cross_entropy(M.head_apply(cfg, hp, y_BTD), t_BT) / Mb
@@ -140,15 +149,24 @@ def _stage_program(pipe, w_1RJ, head_params, x_MBTD, t_MBT):
         w_J = _tree(lambda a: a[r], w_RJ)
         y, kept = stage.forward(w_J, counts_SR[s, r], h)
         k = res_slot[t, s]
-        st = {**st, "send_f": y,
-              "res": [jax.lax.dynamic_update_index_in_dim(b, x, k, 0)
-                      for b, x in zip(st["res"], kept)]}
+        st = {
+            **st,
+            "send_f": y,
+            "res": [
+                jax.lax.dynamic_update_index_in_dim(b, x, k, 0)
+                for b, x in zip(st["res"], kept, strict=True)
+            ],
+        }
 
         def last(st):
             loss, (g_hp, dy) = jax.value_and_grad(head_loss, argnums=(0, 1))(hp, y, t_MBT[m])
             grad = jax.lax.dynamic_update_index_in_dim(st["grad"], dy, head_w[t, s], 0)
-            return {**st, "loss": st["loss"] + loss, "grad": grad,
-                    "g_head": _tree(jnp.add, st["g_head"], g_hp)}
+            return {
+                **st,
+                "loss": st["loss"] + loss,
+                "grad": grad,
+                "g_head": _tree(jnp.add, st["g_head"], g_hp),
+            }
 
         return jax.lax.cond(v == V - 1, last, lambda st: st, st)
 
@@ -158,10 +176,12 @@ def _stage_program(pipe, w_1RJ, head_params, x_MBTD, t_MBT):
         kept = [jax.lax.dynamic_index_in_dim(b, k, 0, False) for b in st["res"]]
         w_J = _tree(lambda a: a[r], w_RJ)
         dw_J, dh = stage.backward(w_J, kept, st["grad"][grad_r[t, s]])
-        g_w = _tree(lambda g, d: jax.lax.dynamic_update_index_in_dim(g, g[r] + d, r, 0),
-                    st["g_w"], dw_J)
+        g_w = _tree(
+            lambda g, d: jax.lax.dynamic_update_index_in_dim(g, g[r] + d, r, 0), st["g_w"], dw_J
+        )
         dx = jax.lax.dynamic_update_index_in_dim(
-            st["dx"], jnp.where(r * S + s == 0, dh, st["dx"][m]), m, 0)
+            st["dx"], jnp.where(r * S + s == 0, dh, st["dx"][m]), m, 0
+        )
         return {**st, "send_b": dh, "g_w": g_w, "dx": dx}
 
     def absorb(buf, recv, slot, ok):
@@ -171,14 +191,19 @@ def _stage_program(pipe, w_1RJ, head_params, x_MBTD, t_MBT):
     bwd_perm = [((i + 1) % S, i) for i in range(S)]
 
     def tick(st, t):
-        st = {**st,
-              "act": absorb(st["act"], st["send_f"], act_w[t, s], act_w_ok[t, s]),
-              "grad": absorb(st["grad"], st["send_b"], grad_w[t, s], grad_w_ok[t, s])}
+        st = {
+            **st,
+            "act": absorb(st["act"], st["send_f"], act_w[t, s], act_w_ok[t, s]),
+            "grad": absorb(st["grad"], st["send_b"], grad_w[t, s], grad_w_ok[t, s]),
+        }
         branches = [lambda st, t: st, fwd, bwd]
         assert (IDLE, FWD, BWD) == (0, 1, 2)
         st = jax.lax.switch(op_TS[t, s], branches, st, t)
-        st = {**st, "send_f": jax.lax.ppermute(st["send_f"], "pipe", fwd_perm),
-              "send_b": jax.lax.ppermute(st["send_b"], "pipe", bwd_perm)}
+        st = {
+            **st,
+            "send_f": jax.lax.ppermute(st["send_f"], "pipe", fwd_perm),
+            "send_b": jax.lax.ppermute(st["send_b"], "pipe", bwd_perm),
+        }
         return st, None
 
     st, _ = jax.lax.scan(tick, state, jnp.arange(tab.num_ticks))

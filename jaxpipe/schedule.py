@@ -112,7 +112,7 @@ def validate_ring(table: ScheduleTable) -> None:
     """
     S, M, R = table.num_stages, table.num_microbatches, table.num_repeats
     done = {}
-    for t, s in zip(*np.nonzero(table.busy)):
+    for t, s in zip(*np.nonzero(table.busy), strict=True):
         if table.op[t, s] != FWD:
             _fail(table, t, s, "ring tables hold forward ops only")
         key = (int(table.micro[t, s]), int(table.repeat[t, s]) * S + int(s))
@@ -165,7 +165,11 @@ def stage_orders(schedule: str, num_stages: int, num_microbatches: int, num_repe
 
         def item(k, backward):
             r = (k % group) // S
-            return (BWD if backward else FWD, (k // group) * S + k % S, R - 1 - r if backward else r)
+            return (
+                BWD if backward else FWD,
+                (k // group) * S + k % S,
+                R - 1 - r if backward else r,
+            )
 
         fwd = [item(k, False) for k in range(R * M)]
         bwd = [item(k, True) for k in range(R * M)]
@@ -175,12 +179,14 @@ def stage_orders(schedule: str, num_stages: int, num_microbatches: int, num_repe
 
 def _one_f_one_b(fwd: list[Op], bwd: list[Op], warmup: int) -> list[Op]:
     order = list(fwd[:warmup])
-    for f, b in zip(fwd[warmup:], bwd):
+    for f, b in zip(fwd[warmup:], bwd, strict=False):
         order += [f, b]
     return order + bwd[len(fwd) - warmup :]
 
 
-def table_from_orders(name: str, num_stages, num_microbatches, num_repeats, orders) -> ScheduleTable:
+def table_from_orders(
+    name: str, num_stages, num_microbatches, num_repeats, orders
+) -> ScheduleTable:
     """Places each stage's ops at the earliest tick their inputs allow (one op per tick).
 
     An op may run once what it consumes was produced at an earlier tick: forward of virtual
@@ -255,7 +261,7 @@ def validate(table: ScheduleTable, max_in_flight: int | None = None) -> None:
     S, M, R = table.num_stages, table.num_microbatches, table.num_repeats
     V = S * R
     done: dict[tuple[int, int, int], int] = {}
-    for t, s in zip(*np.nonzero(table.busy)):
+    for t, s in zip(*np.nonzero(table.busy), strict=True):
         o, m, r = int(table.op[t, s]), int(table.micro[t, s]), int(table.repeat[t, s])
         v = r * S + int(s)
         if not (0 <= m < M and 0 <= r < R):
@@ -267,8 +273,12 @@ def validate(table: ScheduleTable, max_in_flight: int | None = None) -> None:
             deps = [(FWD, m, v)] + ([(BWD, m, v + 1)] if v < V - 1 else [])
         for d in deps:
             if done.get(d, t) >= t:
-                _fail(table, t, s, f"runs before {'FB'[d[0] - 1]} of micro-batch {m} at "
-                      f"virtual stage {d[2]}")
+                _fail(
+                    table,
+                    t,
+                    s,
+                    f"runs before {'FB'[d[0] - 1]} of micro-batch {m} at virtual stage {d[2]}",
+                )
         done[(o, m, v)] = t
     for o in (FWD, BWD):
         missing = [(m, v) for m in range(M) for v in range(V) if (o, m, v) not in done]

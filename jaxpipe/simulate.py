@@ -44,9 +44,7 @@ def _per_virtual_stage(times, S: int, R: int) -> np.ndarray:
     raise ValueError(f"costs must have shape [{S}] or [{S * R}], got {a.shape}")
 
 
-def simulate(
-    table: ScheduleTable, fwd_time, bwd_time=None, link_time: float = 0.0
-) -> Simulation:
+def simulate(table: ScheduleTable, fwd_time, bwd_time=None, link_time: float = 0.0) -> Simulation:
     """Predicts step time and per-stage idle time of a forward + backward table.
 
     Args:

@@ -17,9 +17,18 @@ from jaxpipe.simulate import Simulation
 
 def _spans(table: ScheduleTable, sim: Simulation | None):
     """(stage, start, duration, op, micro, repeat) per op, in ticks or simulated seconds."""
-    for t, s in zip(*np.nonzero(table.op != IDLE)):
-        start, dur = (float(t), 1.0) if sim is None else (sim.start[t, s], sim.end[t, s] - sim.start[t, s])
-        yield int(s), start, dur, int(table.op[t, s]), int(table.micro[t, s]), int(table.repeat[t, s])
+    for t, s in zip(*np.nonzero(table.op != IDLE), strict=True):
+        start, dur = (
+            (float(t), 1.0) if sim is None else (sim.start[t, s], sim.end[t, s] - sim.start[t, s])
+        )
+        yield (
+            int(s),
+            start,
+            dur,
+            int(table.op[t, s]),
+            int(table.micro[t, s]),
+            int(table.repeat[t, s]),
+        )
 
 
 def ascii_chart(table: ScheduleTable) -> str:
@@ -44,8 +53,14 @@ def gantt_png(table: ScheduleTable, path: str, sim: Simulation | None = None) ->
         dark = cmap((2 * m) % 20)
         light = cmap((2 * m + 1) % 20)
         ax.barh(
-            s, dur, left=start, height=0.8, color=dark if op == BWD else light,
-            hatch="//" if op == BWD else None, edgecolor="black", linewidth=0.4,
+            s,
+            dur,
+            left=start,
+            height=0.8,
+            color=dark if op == BWD else light,
+            hatch="//" if op == BWD else None,
+            edgecolor="black",
+            linewidth=0.4,
         )
         label = f"{m}" if table.num_repeats == 1 else f"{m}.{r}"
         ax.text(start + dur / 2, s, label, ha="center", va="center", fontsize=7)
@@ -58,9 +73,13 @@ def gantt_png(table: ScheduleTable, path: str, sim: Simulation | None = None) ->
         f"{table.bubble_fraction() if sim is None else sim.bubble_fraction:.3f}"
     )
     ax.legend(
-        handles=[Patch(facecolor="white", edgecolor="black", label="forward"),
-                 Patch(facecolor="white", edgecolor="black", hatch="//", label="backward")],
-        loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7,
+        handles=[
+            Patch(facecolor="white", edgecolor="black", label="forward"),
+            Patch(facecolor="white", edgecolor="black", hatch="//", label="backward"),
+        ],
+        loc="upper left",
+        bbox_to_anchor=(1.0, 1.0),
+        fontsize=7,
     )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -79,11 +98,19 @@ def chrome_trace(table: ScheduleTable, path: str, sim: Simulation | None = None)
     ]
     for s, start, dur, op, m, r in _spans(table, sim):
         kind = "forward" if op == FWD else "backward"
-        events.append({
-            "ph": "X", "pid": 0, "tid": s, "ts": start * scale, "dur": dur * scale,
-            "name": f"{'F' if op == FWD else 'B'}{m}" + (f".{r}" if table.num_repeats > 1 else ""),
-            "cat": kind, "args": {"micro_batch": m, "repeat": r, "op": kind},
-        })
+        events.append(
+            {
+                "ph": "X",
+                "pid": 0,
+                "tid": s,
+                "ts": start * scale,
+                "dur": dur * scale,
+                "name": f"{'F' if op == FWD else 'B'}{m}"
+                + (f".{r}" if table.num_repeats > 1 else ""),
+                "cat": kind,
+                "args": {"micro_batch": m, "repeat": r, "op": kind},
+            }
+        )
     trace = {"traceEvents": events, "displayTimeUnit": "ms"}
     with open(path, "w") as f:
         json.dump(trace, f)

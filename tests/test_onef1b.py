@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import needs_devices
 
 from jaxpipe import model as M
 from jaxpipe.config import ConfigError, PipelineConfig, get_preset
@@ -11,15 +12,14 @@ from jaxpipe.layout import StageLayout
 from jaxpipe.mesh import make_mesh
 from jaxpipe.pipeline import Pipeline
 
-from conftest import needs_devices
-
 SEQ = 8
 
 
 def _check(schedule, S, Mb, R=1, style="tiny", layers=None, layout=None, data=1):
     cfg = get_preset(style, num_layers=layers or 2 * S * R, max_seq_len=SEQ)
-    pcfg = PipelineConfig(num_stages=S, num_microbatches=Mb, num_repeats=R, schedule=schedule,
-                          data_parallel=data)
+    pcfg = PipelineConfig(
+        num_stages=S, num_microbatches=Mb, num_repeats=R, schedule=schedule, data_parallel=data
+    )
     mesh = make_mesh(pcfg, jax.devices()[: S * data])
     pipe = Pipeline.create(cfg, pcfg, mesh, layout)
     params = jax.jit(M.init_params, static_argnums=(0, 1))(cfg, 3)
@@ -41,8 +41,10 @@ def test_layer_order_is_observable():
     cfg = get_preset("tiny", num_layers=4, max_seq_len=SEQ)
     params = jax.jit(M.init_params, static_argnums=(0, 1))(cfg, 3)
     tokens = jax.random.randint(jax.random.key(7), (4, SEQ + 1), 0, cfg.vocab_size)
-    swapped = {**params, "blocks": jax.tree.map(lambda a: a[jnp.array([0, 2, 1, 3])],
-                                                params["blocks"])}
+    swapped = {
+        **params,
+        "blocks": jax.tree.map(lambda a: a[jnp.array([0, 2, 1, 3])], params["blocks"]),
+    }
     loss = jax.jit(lambda p: M.reference_loss(cfg, p, tokens))
     assert abs(loss(params) - loss(swapped)) > 1e-4
 
@@ -68,8 +70,9 @@ def test_1f1b_uneven_layout_data_and_pipe():
 
 def test_interleaved_rejects_microbatches_not_multiple_of_stages():
     cfg = get_preset("tiny", num_layers=4, max_seq_len=SEQ)
-    pcfg = PipelineConfig(num_stages=2, num_microbatches=3, num_repeats=2,
-                          schedule="interleaved_1f1b")
+    pcfg = PipelineConfig(
+        num_stages=2, num_microbatches=3, num_repeats=2, schedule="interleaved_1f1b"
+    )
     with pytest.raises(ConfigError, match="multiple of num_stages"):
         Pipeline.create(cfg, pcfg, make_mesh(pcfg, jax.devices()[:2]))
 
@@ -101,5 +104,12 @@ def test_grid(schedule, S, Mb, R, style):
 @pytest.mark.slow
 @needs_devices(4)
 def test_interleaved_uneven_layout():
-    _check("interleaved_1f1b", 2, 2, R=2, style="tiny-llama", layers=6,
-           layout=StageLayout(2, 2, (1, 2, 2, 1)))
+    _check(
+        "interleaved_1f1b",
+        2,
+        2,
+        R=2,
+        style="tiny-llama",
+        layers=6,
+        layout=StageLayout(2, 2, (1, 2, 2, 1)),
+    )

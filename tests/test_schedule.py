@@ -5,13 +5,22 @@ import json
 import numpy as np
 import pytest
 
+from jaxpipe import viz
 from jaxpipe.buffers import buffer_plan
 from jaxpipe.config import ConfigError
 from jaxpipe.schedule import (
-    BWD, FWD, IDLE, ScheduleTable, build_table, full_table, in_flight, main, ring_table, validate,
+    BWD,
+    FWD,
+    IDLE,
+    ScheduleTable,
+    build_table,
+    full_table,
+    in_flight,
+    main,
+    ring_table,
+    validate,
 )
 from jaxpipe.simulate import simulate
-from jaxpipe import viz
 
 GRID = [(S, M) for S in (1, 2, 3, 4) for M in (1, 2, 3, 4, 5, 8)]
 
@@ -25,14 +34,18 @@ def test_bubble_matches_formula_single_pass(schedule, S, M):
 
 
 @pytest.mark.parametrize("schedule", ["circular", "interleaved_1f1b"])
-@pytest.mark.parametrize("S,R,k", [(2, 2, 1), (3, 2, 1), (3, 3, 2), (4, 2, 1), (4, 2, 2), (4, 3, 2)])
+@pytest.mark.parametrize(
+    "S,R,k", [(2, 2, 1), (3, 2, 1), (3, 3, 2), (4, 2, 1), (4, 2, 2), (4, 3, 2)]
+)
 def test_bubble_matches_formula_virtual_stages(schedule, S, R, k):
     M = k * S
     table = full_table(schedule, S, M, R)
     assert table.bubble_fraction() == pytest.approx((S - 1) / (R * M + S - 1), abs=1e-12)
 
 
-@pytest.mark.parametrize("S,M,R", [(1, 3, 1), (2, 5, 1), (4, 4, 1), (3, 3, 2), (4, 8, 2), (4, 4, 3)])
+@pytest.mark.parametrize(
+    "S,M,R", [(1, 3, 1), (2, 5, 1), (4, 4, 1), (3, 3, 2), (4, 8, 2), (4, 4, 3)]
+)
 def test_ring_tables_bubble(S, M, R):
     table = build_table("gpipe" if R == 1 else "circular", S, M, R)
     assert table.bubble_fraction() == pytest.approx((S - 1) / (R * M + S - 1), abs=1e-12)
@@ -65,21 +78,29 @@ def test_validator_marks_missing_duplicate_and_early_ops():
     table = full_table("1f1b", 3, 3)
     t, s = map(int, np.argwhere(table.op == BWD)[-1])
     missing = ScheduleTable(
-        table.name, 3, 3, 1, np.where(np.arange(table.num_ticks)[:, None] == t, IDLE, table.op),
-        table.micro, table.repeat)
+        table.name,
+        3,
+        3,
+        1,
+        np.where(np.arange(table.num_ticks)[:, None] == t, IDLE, table.op),
+        table.micro,
+        table.repeat,
+    )
     with pytest.raises(ConfigError, match="never runs B"):
         validate(missing)
     # Stage 1 repeats stage 1's first forward at its first idle tick.
     t0 = int(np.argwhere(table.op[:, 1] == FWD)[0, 0])
     idle = int(np.argwhere(table.op[:, 1] == IDLE)[-1, 0])
-    dup = ScheduleTable(table.name, 3, 3, 1, table.op.copy(), table.micro.copy(),
-                        table.repeat.copy())
+    dup = ScheduleTable(
+        table.name, 3, 3, 1, table.op.copy(), table.micro.copy(), table.repeat.copy()
+    )
     dup.op[idle, 1], dup.micro[idle, 1], dup.repeat[idle, 1] = FWD, 0, 0
     with pytest.raises(ConfigError, match=r"runs twice[\s\S]*\[F0\]"):
         validate(dup)
     # A forward on stage 1 at the same tick as its input on stage 0: too early.
-    early = ScheduleTable(table.name, 3, 3, 1, table.op.copy(), table.micro.copy(),
-                          table.repeat.copy())
+    early = ScheduleTable(
+        table.name, 3, 3, 1, table.op.copy(), table.micro.copy(), table.repeat.copy()
+    )
     early.op[t0, 1], early.micro[t0, 1], early.repeat[t0, 1] = IDLE, -1, -1
     early.op[0, 1], early.micro[0, 1], early.repeat[0, 1] = FWD, 0, 0
     with pytest.raises(ConfigError, match=r"tick 0, stage 1[\s\S]*runs before F"):
@@ -92,8 +113,10 @@ def test_validator_marks_missing_duplicate_and_early_ops():
     assert "stage 1:" in msg and "[F0]" in msg.splitlines()[2]
 
 
-@pytest.mark.parametrize("args", [("1f1b", 4, 8, 1), ("gpipe", 3, 4, 1),
-                                  ("interleaved_1f1b", 3, 6, 2), ("1f1b", 4, 2, 1)])
+@pytest.mark.parametrize(
+    "args",
+    [("1f1b", 4, 8, 1), ("gpipe", 3, 4, 1), ("interleaved_1f1b", 3, 6, 2), ("1f1b", 4, 2, 1)],
+)
 def test_buffer_plan_replays(args):
     """Replays the plan slot by slot: every read finds exactly the value it expects."""
     table = full_table(*args)
@@ -160,8 +183,9 @@ def test_charts(tmp_path):
     viz.gantt_png(table, str(png), sim=simulate(table, 1.0))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     trace = viz.chrome_trace(table, str(tmp_path / "t.json"))
-    spans = [e for e in json.loads((tmp_path / "t.json").read_text())["traceEvents"]
-             if e["ph"] == "X"]
+    spans = [
+        e for e in json.loads((tmp_path / "t.json").read_text())["traceEvents"] if e["ph"] == "X"
+    ]
     assert len(spans) == 2 * 3 * 4 == int(table.busy.sum())
     assert {e["cat"] for e in spans} == {"forward", "backward"}
     assert trace["traceEvents"][0]["args"]["name"] == "stage 0"
@@ -170,9 +194,23 @@ def test_charts(tmp_path):
 
 
 def test_cli(tmp_path, capsys):
-    main(["--schedule", "interleaved_1f1b", "--stages", "2", "--microbatches", "4",
-          "--repeats", "2", "--ascii", "--png", str(tmp_path / "a.png"),
-          "--trace", str(tmp_path / "a.json")])
+    main(
+        [
+            "--schedule",
+            "interleaved_1f1b",
+            "--stages",
+            "2",
+            "--microbatches",
+            "4",
+            "--repeats",
+            "2",
+            "--ascii",
+            "--png",
+            str(tmp_path / "a.png"),
+            "--trace",
+            str(tmp_path / "a.json"),
+        ]
+    )
     out = capsys.readouterr().out
     assert f"bubble={1 / 9:.4f}" in out and "stage 1:" in out
     assert (tmp_path / "a.png").stat().st_size > 1000
