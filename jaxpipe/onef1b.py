@@ -9,6 +9,9 @@ Activations go to the next stage with `ppermute`, gradients to the previous one 
 loss run inside the last virtual stage's forward, so its backward has its loss gradient at
 hand; the embedding runs outside, and its gradient comes from the returned d(input).
 Idle ticks and padded slots are skipped with `lax.switch` / `lax.cond`, so they cost no FLOPs.
+
+Config: any `remat` other than "none" stashes only each stage input and recomputes the stage's
+forward in its backward. `boundary_dtype` and `Pipeline.poison_bubbles` are not used here.
 """
 
 from __future__ import annotations
@@ -29,11 +32,12 @@ class _StageVjp:
     """One stage's group of J layer slots, forward with residuals and backward from them.
 
     Residual leaves that are the weights themselves are not stashed: the backward passes the
-    stage's weights back in. Slots that are padding somewhere run under `lax.cond`.
+    stage's weights back in. Slots that are padding somewhere run under `lax.cond`. With
+    `recompute`, only the stage input is stashed and the backward runs the forward again.
     """
 
-    def __init__(self, cfg, num_slots: int, min_count: int):
-        self.cfg, self.J, self.min_count = cfg, num_slots, min_count
+    def __init__(self, cfg, num_slots: int, min_count: int, recompute: bool = False):
+        self.cfg, self.J, self.min_count, self.recompute = cfg, num_slots, min_count, recompute
         self.meta = None  # (treedef, weight position or -1 per residual leaf)
 
     def layers(self, w_list, count, h):
@@ -51,6 +55,8 @@ class _StageVjp:
 
     def forward(self, w_J, count, h):
         w_list = self.slots(w_J)
+        if self.recompute:
+            return self.layers(w_list, count, h), [h]
         y, pull = jax.vjp(lambda w, h: self.layers(w, count, h), w_list, h)
         leaves, treedef = jax.tree.flatten(pull)
         index = {id(leaf): i for i, leaf in enumerate(jax.tree.leaves(w_list))}
@@ -60,11 +66,15 @@ class _StageVjp:
         self.meta = (treedef, where)
         return y, [leaf for leaf, i in zip(leaves, where, strict=True) if i < 0]
 
-    def backward(self, w_J, kept, dy):
-        treedef, where = self.meta
-        w_leaves = jax.tree.leaves(self.slots(w_J))
-        kept = iter(kept)
-        pull = jax.tree.unflatten(treedef, [w_leaves[i] if i >= 0 else next(kept) for i in where])
+    def backward(self, w_J, count, kept, dy):
+        if self.recompute:
+            pull = jax.vjp(lambda w, h: self.layers(w, count, h), self.slots(w_J), kept[0])[1]
+        else:
+            treedef, where = self.meta
+            w_leaves = jax.tree.leaves(self.slots(w_J))
+            kept = iter(kept)
+            leaves = [w_leaves[i] if i >= 0 else next(kept) for i in where]
+            pull = jax.tree.unflatten(treedef, leaves)
         dw_list, dh = pull(dy)
         return _tree(lambda *a: jnp.stack(a), *dw_list), dh
 
@@ -113,7 +123,8 @@ def _stage_program(pipe, w_1RJ, head_params, x_MBTD, t_MBT):
     act_w_ok, grad_w_ok = jnp.asarray(plan.act_write >= 0), jnp.asarray(plan.grad_write >= 0)
     head_w, res_slot = c(plan.head_write), c(plan.res_slot)
     counts_SR = jnp.asarray(layout.counts_SR)
-    stage = _StageVjp(cfg, layout.slots, min(layout.layer_counts))
+    recompute = pipe.config.remat != "none"
+    stage = _StageVjp(cfg, layout.slots, min(layout.layer_counts), recompute)
     vary = lambda tree: _tree(_varying, tree)
 
     s = jax.lax.axis_index("pipe")
@@ -175,7 +186,7 @@ def _stage_program(pipe, w_1RJ, head_params, x_MBTD, t_MBT):
         k = res_slot[t, s]
         kept = [jax.lax.dynamic_index_in_dim(b, k, 0, False) for b in st["res"]]
         w_J = _tree(lambda a: a[r], w_RJ)
-        dw_J, dh = stage.backward(w_J, kept, st["grad"][grad_r[t, s]])
+        dw_J, dh = stage.backward(w_J, counts_SR[s, r], kept, st["grad"][grad_r[t, s]])
         g_w = _tree(
             lambda g, d: jax.lax.dynamic_update_index_in_dim(g, g[r] + d, r, 0), st["g_w"], dw_J
         )

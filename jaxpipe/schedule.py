@@ -228,12 +228,23 @@ def table_from_orders(
 def full_table(
     schedule: str, num_stages: int, num_microbatches: int, num_repeats: int = 1
 ) -> ScheduleTable:
-    """Forward and backward table of any schedule, validated."""
+    """Forward and backward table of any schedule, validated against its stash bound."""
     _check_shape(schedule, num_stages, num_microbatches, num_repeats)
     orders = stage_orders(schedule, num_stages, num_microbatches, num_repeats)
     table = table_from_orders(schedule, num_stages, num_microbatches, num_repeats, orders)
-    validate(table)
+    validate(table, stash_bound(schedule, num_stages, num_microbatches, num_repeats))
     return table
+
+
+def stash_bound(schedule: str, num_stages: int, num_microbatches: int, num_repeats: int) -> int:
+    """Most forwards a stage may hold before their backward: all of them for GPipe, S for
+    1F1B, the warm-up plus one for interleaved 1F1B (counted in virtual-stage units)."""
+    S, M, R = num_stages, num_microbatches, num_repeats
+    if schedule == "1f1b" or (schedule == "interleaved_1f1b" and R == 1):
+        return min(S, M)
+    if schedule == "interleaved_1f1b":
+        return min(2 * (S - 1) + (R - 1) * S + 1, R * M)
+    return R * M
 
 
 def _check_shape(schedule, S, M, R):

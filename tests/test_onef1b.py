@@ -15,10 +15,15 @@ from jaxpipe.pipeline import Pipeline
 SEQ = 8
 
 
-def _check(schedule, S, Mb, R=1, style="tiny", layers=None, layout=None, data=1):
+def _check(schedule, S, Mb, R=1, style="tiny", layers=None, layout=None, data=1, remat="none"):
     cfg = get_preset(style, num_layers=layers or 2 * S * R, max_seq_len=SEQ)
     pcfg = PipelineConfig(
-        num_stages=S, num_microbatches=Mb, num_repeats=R, schedule=schedule, data_parallel=data
+        num_stages=S,
+        num_microbatches=Mb,
+        num_repeats=R,
+        schedule=schedule,
+        data_parallel=data,
+        remat=remat,
     )
     mesh = make_mesh(pcfg, jax.devices()[: S * data])
     pipe = Pipeline.create(cfg, pcfg, mesh, layout)
@@ -113,3 +118,9 @@ def test_interleaved_uneven_layout():
         layers=6,
         layout=StageLayout(2, 2, (1, 2, 2, 1)),
     )
+
+
+@pytest.mark.slow
+@needs_devices(2)
+def test_1f1b_remat_recomputes_stage():
+    _check("1f1b", 2, 4, remat="stage")
