@@ -124,3 +124,19 @@ def test_interleaved_uneven_layout():
 @needs_devices(2)
 def test_1f1b_remat_recomputes_stage():
     _check("1f1b", 2, 4, remat="stage")
+
+
+@pytest.mark.slow
+@needs_devices(2)
+def test_1f1b_temp_memory_below_gpipe():
+    """1F1B stashes about S micro-batches of residuals where GPipe keeps all M."""
+    cfg = get_preset("tiny", num_layers=2, max_seq_len=32)
+    params = M.init_params(cfg, 0)
+    tokens = jnp.zeros((16, 33), jnp.int32)
+    temp = {}
+    for schedule in ("gpipe", "1f1b"):
+        pcfg = PipelineConfig(num_stages=2, num_microbatches=16, schedule=schedule)
+        pipe = Pipeline.create(cfg, pcfg, make_mesh(pcfg, jax.devices()[:2]))
+        compiled = jax.jit(pipe.value_and_grad).lower(pipe.place(params), tokens).compile()
+        temp[schedule] = compiled.memory_analysis().temp_size_in_bytes
+    assert temp["1f1b"] < 0.5 * temp["gpipe"], temp
