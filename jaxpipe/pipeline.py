@@ -127,6 +127,10 @@ class Pipeline:
 
     def value_and_grad(self, params, tokens_BT1):
         """(loss, grads) with grads in the same pipeline layout as params."""
+        if self.config.schedule in ("1f1b", "interleaved_1f1b"):
+            from jaxpipe import onef1b
+
+            return onef1b.value_and_grad(self, params, tokens_BT1)
         return jax.value_and_grad(self.loss)(params, tokens_BT1)
 
     # -- the per-stage program -----------------------------------------------------------------

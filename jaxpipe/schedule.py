@@ -1,7 +1,12 @@
 """Static schedule tables: for each tick and stage, which op runs.
 
-A table is the single description of a schedule. The executor indexes it inside its
-`lax.scan`, the validator checks it, and the bubble fraction and ASCII chart are read off it.
+A table is the single description of a schedule. The executors index it inside their
+`lax.scan`, the validators check it, and the bubble fraction, the simulator (`simulate.py`) and
+the charts (`viz.py`) read it. Two kinds exist: forward-only ring tables (`ring_table`, run by
+`pipeline.py`, whose backward is JAX's transpose) and forward + backward tables (`full_table`,
+any schedule; run by `onef1b.py` for 1f1b and interleaved_1f1b).
+
+CLI: python -m jaxpipe.schedule --schedule 1f1b --stages 4 --microbatches 8 --ascii
 """
 
 from __future__ import annotations
@@ -36,23 +41,26 @@ class ScheduleTable:
         return self.op != IDLE
 
     def bubble_fraction(self) -> float:
-        """Idle share of all (tick, stage) slots, every op costing one tick."""
+        """Idle share of all (tick, stage) slots, every forward and every backward one tick.
+
+        A forward-only ring table stands for itself plus its mirrored backward, which has the
+        same idle share; a forward + backward table counts both halves.
+        """
         return 1.0 - float(self.busy.sum()) / self.op.size
 
-    def ascii(self) -> str:
-        """One row per stage; cells are `F<m>.<r>` / `B<m>.<r>` or `.` for idle."""
-        cells = []
-        for s in range(self.num_stages):
-            row = []
-            for t in range(self.num_ticks):
-                o = self.op[t, s]
-                if o == IDLE:
-                    row.append(".")
-                else:
-                    tag = "F" if o == FWD else "B"
-                    rep = f".{self.repeat[t, s]}" if self.num_repeats > 1 else ""
-                    row.append(f"{tag}{self.micro[t, s]}{rep}")
-            cells.append(row)
+    def cell(self, t: int, s: int) -> str:
+        o = self.op[t, s]
+        if o == IDLE:
+            return "."
+        rep = f".{self.repeat[t, s]}" if self.num_repeats > 1 else ""
+        return f"{'F' if o == FWD else 'B'}{self.micro[t, s]}{rep}"
+
+    def ascii(self, mark: tuple[int, int] | None = None) -> str:
+        """One row per stage; cells are `F<m>.<r>` / `B<m>.<r>` or `.`; `mark` is bracketed."""
+        cells = [[self.cell(t, s) for t in range(self.num_ticks)] for s in range(self.num_stages)]
+        if mark is not None:
+            t, s = mark
+            cells[s][t] = f"[{cells[s][t]}]"
         width = max(len(c) for row in cells for c in row)
         return "\n".join(
             f"stage {s}: " + " ".join(c.rjust(width) for c in row) for s, row in enumerate(cells)
@@ -87,8 +95,8 @@ def build_table(
         if schedule == "gpipe" and num_repeats != 1:
             raise ConfigError("schedule 'gpipe' takes num_repeats=1; use 'circular' for repeats")
         table = ring_table(schedule, num_stages, num_microbatches, num_repeats)
-    elif schedule in SCHEDULES:
-        raise ConfigError(f"schedule {schedule!r} has no forward-only ring executor yet")
+    elif schedule in ("1f1b", "interleaved_1f1b"):
+        return full_table(schedule, num_stages, num_microbatches, num_repeats)
     else:
         raise ConfigError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
     validate_ring(table)
@@ -104,7 +112,7 @@ def validate_ring(table: ScheduleTable) -> None:
     """
     S, M, R = table.num_stages, table.num_microbatches, table.num_repeats
     done = {}
-    for t, s in zip(*np.nonzero(table.busy)):
+    for t, s in zip(*np.nonzero(table.busy), strict=True):
         if table.op[t, s] != FWD:
             _fail(table, t, s, "ring tables hold forward ops only")
         key = (int(table.micro[t, s]), int(table.repeat[t, s]) * S + int(s))
@@ -125,8 +133,214 @@ def validate_ring(table: ScheduleTable) -> None:
                 _fail(table, t, 0, f"micro-batch {m} repeat {r} starts before repeat {r - 1} ends")
 
 
+# -- forward + backward tables -------------------------------------------------------------------
+
+Op = tuple[int, int, int]  # (FWD or BWD, micro-batch, repeat)
+
+
+def stage_orders(schedule: str, num_stages: int, num_microbatches: int, num_repeats: int = 1):
+    """The op order each stage follows, as a list per stage of (op, micro-batch, repeat).
+
+    gpipe / circular: every forward (repeat-major), then every backward in reverse repeat order.
+    1f1b (PipeDream-flush): S - s - 1 warm-up forwards, then one forward / one backward, then
+    the remaining backwards. interleaved_1f1b (Megatron): micro-batches in groups of S, each group
+    visiting the R virtual stages of a device in turn; 2 (S - s - 1) + (R - 1) S warm-up forwards.
+    """
+    S, M, R = num_stages, num_microbatches, num_repeats
+    if schedule in ("gpipe", "circular"):
+        fwd = [(FWD, m, r) for r in range(R) for m in range(M)]
+        bwd = [(BWD, m, r) for r in reversed(range(R)) for m in range(M)]
+        return [fwd + bwd for _ in range(S)]
+    if schedule == "1f1b" or (schedule == "interleaved_1f1b" and R == 1):
+        fwd = [(FWD, m, 0) for m in range(M)]
+        bwd = [(BWD, m, 0) for m in range(M)]
+        return [_one_f_one_b(fwd, bwd, min(S - s - 1, M)) for s in range(S)]
+    if schedule == "interleaved_1f1b":
+        if M % S:
+            raise ConfigError(
+                f"interleaved_1f1b runs micro-batches in groups of num_stages: num_microbatches "
+                f"{M} must be a multiple of num_stages {S}; try {S * max(1, round(M / S))}"
+            )
+        group = S * R
+
+        def item(k, backward):
+            r = (k % group) // S
+            return (
+                BWD if backward else FWD,
+                (k // group) * S + k % S,
+                R - 1 - r if backward else r,
+            )
+
+        fwd = [item(k, False) for k in range(R * M)]
+        bwd = [item(k, True) for k in range(R * M)]
+        return [_one_f_one_b(fwd, bwd, min(2 * (S - s - 1) + (R - 1) * S, R * M)) for s in range(S)]
+    raise ConfigError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
+
+
+def _one_f_one_b(fwd: list[Op], bwd: list[Op], warmup: int) -> list[Op]:
+    order = list(fwd[:warmup])
+    for f, b in zip(fwd[warmup:], bwd, strict=False):
+        order += [f, b]
+    return order + bwd[len(fwd) - warmup :]
+
+
+def table_from_orders(
+    name: str, num_stages, num_microbatches, num_repeats, orders
+) -> ScheduleTable:
+    """Places each stage's ops at the earliest tick their inputs allow (one op per tick).
+
+    An op may run once what it consumes was produced at an earlier tick: forward of virtual
+    stage v after forward of v - 1, backward of v after backward of v + 1 and forward of v.
+    """
+    S, M, R = num_stages, num_microbatches, num_repeats
+    V = S * R
+    done: dict[tuple[int, int, int], int] = {}  # (op, m, v) -> tick
+    nxt = [0] * S
+    rows: list[list[Op | None]] = []
+    total = sum(len(o) for o in orders)
+    t = 0
+    while len(done) < total:
+        row: list[Op | None] = [None] * S
+        for s in range(S):
+            if nxt[s] == len(orders[s]):
+                continue
+            o, m, r = orders[s][nxt[s]]
+            v = r * S + s
+            deps = [(FWD, m, v - 1)] if o == FWD and v > 0 else []
+            if o == BWD:
+                deps = [(FWD, m, v)] + ([(BWD, m, v + 1)] if v < V - 1 else [])
+            if all(done.get(d, t) < t for d in deps):
+                row[s] = (o, m, r)
+        for s, cell in enumerate(row):
+            if cell is not None:
+                done[(cell[0], cell[1], cell[2] * S + s)] = t
+                nxt[s] += 1
+        rows.append(row)
+        t += 1
+        if t > 4 * total + 4 * S:
+            raise ConfigError(f"schedule {name!r} deadlocks: stages wait on each other forever")
+    op = np.array([[c[0] if c else IDLE for c in row] for row in rows], np.int8)
+    micro = np.array([[c[1] if c else -1 for c in row] for row in rows], np.int32)
+    repeat = np.array([[c[2] if c else -1 for c in row] for row in rows], np.int32)
+    return ScheduleTable(name, S, M, R, op, micro, repeat)
+
+
+def full_table(
+    schedule: str, num_stages: int, num_microbatches: int, num_repeats: int = 1
+) -> ScheduleTable:
+    """Forward and backward table of any schedule, validated against its stash bound."""
+    _check_shape(schedule, num_stages, num_microbatches, num_repeats)
+    orders = stage_orders(schedule, num_stages, num_microbatches, num_repeats)
+    table = table_from_orders(schedule, num_stages, num_microbatches, num_repeats, orders)
+    validate(table, stash_bound(schedule, num_stages, num_microbatches, num_repeats))
+    return table
+
+
+def stash_bound(schedule: str, num_stages: int, num_microbatches: int, num_repeats: int) -> int:
+    """Most forwards a stage may hold before their backward: all of them for GPipe, S for
+    1F1B, the warm-up plus one for interleaved 1F1B (counted in virtual-stage units)."""
+    S, M, R = num_stages, num_microbatches, num_repeats
+    if schedule == "1f1b" or (schedule == "interleaved_1f1b" and R == 1):
+        return min(S, M)
+    if schedule == "interleaved_1f1b":
+        return min(2 * (S - 1) + (R - 1) * S + 1, R * M)
+    return R * M
+
+
+def _check_shape(schedule, S, M, R):
+    if schedule in ("gpipe", "1f1b") and R != 1:
+        raise ConfigError(
+            f"schedule {schedule!r} runs each stage once (num_repeats=1), got {R}; use "
+            f"{'circular' if schedule == 'gpipe' else 'interleaved_1f1b'} for repeats"
+        )
+    if min(S, M, R) < 1:
+        raise ConfigError(f"stages, micro-batches and repeats must be >= 1, got {S}, {M}, {R}")
+
+
+def in_flight(table: ScheduleTable) -> np.ndarray:
+    """[ticks, stages]: forwards done whose backward is not yet done, after each tick."""
+    return np.cumsum((table.op == FWD).astype(np.int32) - (table.op == BWD), axis=0)
+
+
+def validate(table: ScheduleTable, max_in_flight: int | None = None) -> None:
+    """Checks a forward + backward table; raises ConfigError with the grid and the bad cell.
+
+    Every forward and backward of every (micro-batch, virtual stage) runs exactly once, each
+    after its inputs were produced at an earlier tick, and no stage holds more than
+    `max_in_flight` stashed forwards (default: no bound).
+    """
+    S, M, R = table.num_stages, table.num_microbatches, table.num_repeats
+    V = S * R
+    done: dict[tuple[int, int, int], int] = {}
+    for t, s in zip(*np.nonzero(table.busy), strict=True):
+        o, m, r = int(table.op[t, s]), int(table.micro[t, s]), int(table.repeat[t, s])
+        v = r * S + int(s)
+        if not (0 <= m < M and 0 <= r < R):
+            _fail(table, t, s, f"micro-batch {m} / repeat {r} out of range")
+        if (o, m, v) in done:
+            _fail(table, t, s, f"{'FB'[o - 1]} micro-batch {m} virtual stage {v} runs twice")
+        deps = [(FWD, m, v - 1)] if o == FWD and v > 0 else []
+        if o == BWD:
+            deps = [(FWD, m, v)] + ([(BWD, m, v + 1)] if v < V - 1 else [])
+        for d in deps:
+            if done.get(d, t) >= t:
+                _fail(
+                    table,
+                    t,
+                    s,
+                    f"runs before {'FB'[d[0] - 1]} of micro-batch {m} at virtual stage {d[2]}",
+                )
+        done[(o, m, v)] = t
+    for o in (FWD, BWD):
+        missing = [(m, v) for m in range(M) for v in range(V) if (o, m, v) not in done]
+        if missing:
+            raise ConfigError(
+                f"schedule {table.name!r} never runs {'FB'[o - 1]} of (micro-batch, virtual "
+                f"stage) {missing[:4]}\n{table.ascii()}"
+            )
+    if max_in_flight is not None:
+        over = np.argwhere(in_flight(table) > max_in_flight)
+        if len(over):
+            t, s = over[0]
+            _fail(table, t, s, f"more than {max_in_flight} stashed forwards on the stage")
+
+
 def _fail(table: ScheduleTable, t: int, s: int, why: str):
-    grid = table.ascii().splitlines()
     raise ConfigError(
-        f"invalid schedule {table.name!r} at tick {t}, stage {s}: {why}\n" + "\n".join(grid)
+        f"invalid schedule {table.name!r} at tick {t}, stage {s} (bracketed): {why}\n"
+        + table.ascii(mark=(int(t), int(s)))
     )
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Print, chart or trace a schedule table.")
+    parser.add_argument("--schedule", default="1f1b", choices=SCHEDULES)
+    parser.add_argument("--stages", type=int, default=4)
+    parser.add_argument("--microbatches", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--ascii", action="store_true", help="print the grid")
+    parser.add_argument("--png", help="write a Gantt chart here")
+    parser.add_argument("--trace", help="write a Chrome-trace JSON (Perfetto) here")
+    args = parser.parse_args(argv)
+    table = full_table(args.schedule, args.stages, args.microbatches, args.repeats)
+    print(
+        f"{table.name}: S={table.num_stages} M={table.num_microbatches} R={table.num_repeats} "
+        f"ticks={table.num_ticks} bubble={table.bubble_fraction():.4f} "
+        f"max stashed={int(in_flight(table).max())}"
+    )
+    from jaxpipe import viz
+
+    if args.ascii or not (args.png or args.trace):
+        print(viz.ascii_chart(table))
+    if args.png:
+        viz.gantt_png(table, args.png)
+        print(f"wrote {args.png}")
+    if args.trace:
+        viz.chrome_trace(table, args.trace)
+        print(f"wrote {args.trace}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Static buffer slots of the forward + backward executor, read off a schedule table."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from jaxpipe.schedule import BWD, FWD, ScheduleTable
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BufferPlan:
+    """Static buffer slots for `onef1b`; [ticks, stages] int32 arrays, -1 where unused.
+
+    act_write: inbox slot for the activation arriving at the start of the tick.
+    act_read: inbox slot a forward reads (-1: virtual stage 0 reads the embedded input).
+    grad_write / grad_read: the same for gradients; head_write: slot where the last virtual
+    stage's forward leaves its loss gradient for its own later backward.
+    res_slot: stash slot of a forward's residuals (written by the forward, read by the backward).
+    """
+
+    act_write: np.ndarray
+    act_read: np.ndarray
+    grad_write: np.ndarray
+    grad_read: np.ndarray
+    head_write: np.ndarray
+    res_slot: np.ndarray
+    num_act: int
+    num_grad: int
+    num_res: int
+
+
+def buffer_plan(table: ScheduleTable) -> BufferPlan:
+    """Assigns buffer slots to every value a stage holds between ticks (interval colouring).
+
+    A value arriving at tick a and consumed at tick c holds its slot over [a, c]; the slot is
+    free again from c + 1. Sizes are the peaks over stages, so they grow with what is in flight
+    (about S for 1f1b), never with the number of micro-batches as such.
+    """
+    S, V = table.num_stages, table.num_stages * table.num_repeats
+    where = {}
+    for t, s in zip(*np.nonzero(table.busy), strict=True):
+        v = int(table.repeat[t, s]) * S + int(s)
+        where[(int(table.op[t, s]), int(table.micro[t, s]), v)] = int(t)
+    shape = table.op.shape
+    act = {"write": -np.ones(shape, np.int32), "read": -np.ones(shape, np.int32)}
+    grad = {"write": -np.ones(shape, np.int32), "read": -np.ones(shape, np.int32)}
+    head_write, res_slot = -np.ones(shape, np.int32), -np.ones(shape, np.int32)
+    acts, grads, ress = ([[] for _ in range(S)] for _ in range(3))
+    for (o, m, v), t in where.items():
+        s = v % S
+        if o == FWD and v > 0:
+            acts[s].append((where[(FWD, m, v - 1)] + 1, t, ("a", m, v)))
+        if o == FWD:
+            ress[s].append((t, where[(BWD, m, v)], ("r", m, v)))
+        if o == BWD and v < V - 1:
+            grads[s].append((where[(BWD, m, v + 1)] + 1, t, ("g", m, v)))
+        if o == BWD and v == V - 1:
+            grads[s].append((where[(FWD, m, v)], t, ("h", m, v)))
+    sizes = []
+    for lists in (acts, grads, ress):
+        peak = 0
+        for s, intervals in enumerate(lists):
+            for (a, c, (kind, _, _)), k in zip(intervals, _colour(intervals), strict=True):
+                peak = max(peak, k + 1)
+                if kind == "a":
+                    act["write"][a, s], act["read"][c, s] = k, k
+                elif kind == "g":
+                    grad["write"][a, s], grad["read"][c, s] = k, k
+                elif kind == "h":
+                    head_write[a, s], grad["read"][c, s] = k, k
+                else:
+                    res_slot[a, s], res_slot[c, s] = k, k
+        sizes.append(max(peak, 1))
+    return BufferPlan(
+        act["write"], act["read"], grad["write"], grad["read"], head_write, res_slot, *sizes
+    )
+
+
+def _colour(intervals) -> list[int]:
+    """Lowest free slot for each inclusive interval, in order of start (optimal for intervals)."""
+    order = sorted(range(len(intervals)), key=lambda i: intervals[i][:2])
+    slot_free_at: list[int] = []
+    out = [0] * len(intervals)
+    for i in order:
+        a, c = intervals[i][:2]
+        k = next((k for k, f in enumerate(slot_free_at) if f <= a), len(slot_free_at))
+        if k == len(slot_free_at):
+            slot_free_at.append(0)
+        slot_free_at[k], out[i] = c + 1, k
+    return out

@@ -1,0 +1,223 @@
+"""The forward + backward executor: runs any `full_table` (1f1b, interleaved 1f1b) in shard_map.
+
+Every stage runs one `lax.scan` over the table's ticks. At a forward tick a stage runs its
+group of layers under `jax.vjp` and stashes the residuals (minus the weights, which it still
+holds) in a slot of a buffer sized by what is in flight, not by the micro-batch count; at a
+backward tick it rebuilds the pullback from that slot and accumulates its weight gradients.
+Activations go to the next stage with `ppermute`, gradients to the previous one with the reverse
+`ppermute`; arrivals wait in small inboxes (slots from `buffers.buffer_plan`). The head and the
+loss run inside the last virtual stage's forward, so its backward has its loss gradient at
+hand; the embedding runs outside, and its gradient comes from the returned d(input).
+Idle ticks and padded slots are skipped with `lax.switch` / `lax.cond`, so they cost no FLOPs.
+
+Config: any `remat` other than "none" stashes only each stage input and recomputes the stage's
+forward in its backward. `boundary_dtype` and `Pipeline.poison_bubbles` are not used here.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from jaxpipe import model as M
+from jaxpipe.buffers import buffer_plan
+from jaxpipe.schedule import BWD, FWD, IDLE
+
+_tree = jax.tree.map
+
+
+class _StageVjp:
+    """One stage's group of J layer slots, forward with residuals and backward from them.
+
+    Residual leaves that are the weights themselves are not stashed: the backward passes the
+    stage's weights back in. Slots that are padding somewhere run under `lax.cond`. With
+    `recompute`, only the stage input is stashed and the backward runs the forward again.
+    """
+
+    def __init__(self, cfg, num_slots: int, min_count: int, recompute: bool = False):
+        self.cfg, self.J, self.min_count, self.recompute = cfg, num_slots, min_count, recompute
+        self.meta = None  # (treedef, weight position or -1 per residual leaf)
+
+    def layers(self, w_list, count, h):
+        for j, p in enumerate(w_list):
+            if j < self.min_count:
+                h = M.block_apply(self.cfg, p, h)
+            else:
+                h = jax.lax.cond(
+                    j < count, lambda p, h: M.block_apply(self.cfg, p, h), lambda p, h: h, p, h
+                )
+        return h
+
+    def slots(self, w_J):
+        return [_tree(lambda a, j=j: a[j], w_J) for j in range(self.J)]
+
+    def forward(self, w_J, count, h):
+        w_list = self.slots(w_J)
+        if self.recompute:
+            return self.layers(w_list, count, h), [h]
+        y, pull = jax.vjp(lambda w, h: self.layers(w, count, h), w_list, h)
+        leaves, treedef = jax.tree.flatten(pull)
+        index = {id(leaf): i for i, leaf in enumerate(jax.tree.leaves(w_list))}
+        where = tuple(index.get(id(leaf), -1) for leaf in leaves)
+        if self.meta is not None and self.meta[1] != where:
+            raise AssertionError("stage residual structure changed between traces")
+        self.meta = (treedef, where)
+        return y, [leaf for leaf, i in zip(leaves, where, strict=True) if i < 0]
+
+    def backward(self, w_J, count, kept, dy):
+        if self.recompute:
+            pull = jax.vjp(lambda w, h: self.layers(w, count, h), self.slots(w_J), kept[0])[1]
+        else:
+            treedef, where = self.meta
+            w_leaves = jax.tree.leaves(self.slots(w_J))
+            kept = iter(kept)
+            leaves = [w_leaves[i] if i >= 0 else next(kept) for i in where]
+            pull = jax.tree.unflatten(treedef, leaves)
+        dw_list, dh = pull(dy)
+        return _tree(lambda *a: jnp.stack(a), *dw_list), dh
+
+
+def _varying(a):
+    """Marks a value as differing across `pipe` (needed for carries that ppermute feeds)."""
+    return a if "pipe" in jax.typeof(a).mat.varying else jax.lax.pcast(a, "pipe", to="varying")
+
+
+def value_and_grad(pipe, params, tokens_BT1):
+    """(loss, grads) of `pipe` (a `Pipeline` with a forward + backward table); grads in the
+    pipeline layout of params. Equal to `jax.value_and_grad(pipe.loss)` up to float rounding."""
+    cfg = pipe.model
+    inputs_BT, targets_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
+    x_BTD, embed_vjp = jax.vjp(
+        lambda e: M.embed_apply(cfg, {"embed": e}, inputs_BT), params["embed"]
+    )
+    x_MBTD = pipe.microbatch(x_BTD)
+    t_MBT = pipe.microbatch(targets_BT)
+    head_params = {"embed": params["embed"], "head": params["head"]}
+    program = jax.shard_map(
+        lambda w, hp, x, t: _stage_program(pipe, w, hp, x, t),
+        mesh=pipe.mesh,
+        in_specs=(P("pipe"), P(), P(), P()),
+        out_specs=(P(), P("pipe"), P(), P("pipe")),
+        axis_names={"pipe"},
+    )
+    loss, g_blocks, g_head, dx_SMBTD = program(params["blocks"], head_params, x_MBTD, t_MBT)
+    (g_embed,) = embed_vjp(pipe.unmicrobatch(dx_SMBTD[0]).astype(x_BTD.dtype))
+    g_embed = _tree(jnp.add, g_embed, g_head["embed"])
+    return loss, {"embed": g_embed, "blocks": g_blocks, "head": g_head["head"]}
+
+
+def _stage_program(pipe, w_1RJ, head_params, x_MBTD, t_MBT):
+    cfg, tab, layout = pipe.model, pipe.table, pipe.layout
+    S, Mb, V = tab.num_stages, tab.num_microbatches, tab.num_stages * tab.num_repeats
+    plan = buffer_plan(tab)
+    c = lambda a: jnp.asarray(np.maximum(a, 0))
+    op_TS, micro_TS, repeat_TS = jnp.asarray(tab.op), c(tab.micro), c(tab.repeat)
+    act_w, act_r, grad_w, grad_r = (
+        c(plan.act_write),
+        c(plan.act_read),
+        c(plan.grad_write),
+        c(plan.grad_read),
+    )
+    act_w_ok, grad_w_ok = jnp.asarray(plan.act_write >= 0), jnp.asarray(plan.grad_write >= 0)
+    head_w, res_slot = c(plan.head_write), c(plan.res_slot)
+    counts_SR = jnp.asarray(layout.counts_SR)
+    recompute = pipe.config.remat != "none"
+    stage = _StageVjp(cfg, layout.slots, min(layout.layer_counts), recompute)
+    vary = lambda tree: _tree(_varying, tree)
+
+    s = jax.lax.axis_index("pipe")
+    w_RJ = _tree(lambda a: a[0], w_1RJ)
+    hp = vary(head_params)
+    x_MBTD = vary(x_MBTD)
+    zero_BTD = jnp.zeros_like(x_MBTD[0])
+    w_J0 = _tree(lambda a: a[0], w_RJ)
+    res_shapes = jax.eval_shape(
+        lambda w, n, h: stage.forward(w, n, h)[1], w_J0, counts_SR[0, 0], zero_BTD
+    )
+    state = vary(
+        {
+            "act": jnp.zeros((plan.num_act,) + zero_BTD.shape, zero_BTD.dtype),
+            "grad": jnp.zeros((plan.num_grad,) + zero_BTD.shape, zero_BTD.dtype),
+            "res": [jnp.zeros((plan.num_res,) + r.shape, r.dtype) for r in res_shapes],
+            "g_w": _tree(jnp.zeros_like, w_RJ),
+            "g_head": _tree(jnp.zeros_like, head_params),
+            "loss": jnp.zeros((), jnp.float32),
+            "dx": jnp.zeros_like(x_MBTD),
+            "send_f": zero_BTD,
+            "send_b": zero_BTD,
+        }
+    )
+
+    def head_loss(hp, y_BTD, t_BT):
+        return M.cross_entropy(M.head_apply(cfg, hp, y_BTD), t_BT) / Mb
+
+    def fwd(st, t):
+        m, r = micro_TS[t, s], repeat_TS[t, s]
+        v = r * S + s
+        h = jnp.where(v == 0, x_MBTD[m], st["act"][act_r[t, s]])
+        w_J = _tree(lambda a: a[r], w_RJ)
+        y, kept = stage.forward(w_J, counts_SR[s, r], h)
+        k = res_slot[t, s]
+        st = {
+            **st,
+            "send_f": y,
+            "res": [
+                jax.lax.dynamic_update_index_in_dim(b, x, k, 0)
+                for b, x in zip(st["res"], kept, strict=True)
+            ],
+        }
+
+        def last(st):
+            loss, (g_hp, dy) = jax.value_and_grad(head_loss, argnums=(0, 1))(hp, y, t_MBT[m])
+            grad = jax.lax.dynamic_update_index_in_dim(st["grad"], dy, head_w[t, s], 0)
+            return {
+                **st,
+                "loss": st["loss"] + loss,
+                "grad": grad,
+                "g_head": _tree(jnp.add, st["g_head"], g_hp),
+            }
+
+        return jax.lax.cond(v == V - 1, last, lambda st: st, st)
+
+    def bwd(st, t):
+        m, r = micro_TS[t, s], repeat_TS[t, s]
+        k = res_slot[t, s]
+        kept = [jax.lax.dynamic_index_in_dim(b, k, 0, False) for b in st["res"]]
+        w_J = _tree(lambda a: a[r], w_RJ)
+        dw_J, dh = stage.backward(w_J, counts_SR[s, r], kept, st["grad"][grad_r[t, s]])
+        g_w = _tree(
+            lambda g, d: jax.lax.dynamic_update_index_in_dim(g, g[r] + d, r, 0), st["g_w"], dw_J
+        )
+        dx = jax.lax.dynamic_update_index_in_dim(
+            st["dx"], jnp.where(r * S + s == 0, dh, st["dx"][m]), m, 0
+        )
+        return {**st, "send_b": dh, "g_w": g_w, "dx": dx}
+
+    def absorb(buf, recv, slot, ok):
+        return jax.lax.dynamic_update_index_in_dim(buf, jnp.where(ok, recv, buf[slot]), slot, 0)
+
+    fwd_perm = [(i, (i + 1) % S) for i in range(S)]
+    bwd_perm = [((i + 1) % S, i) for i in range(S)]
+
+    def tick(st, t):
+        st = {
+            **st,
+            "act": absorb(st["act"], st["send_f"], act_w[t, s], act_w_ok[t, s]),
+            "grad": absorb(st["grad"], st["send_b"], grad_w[t, s], grad_w_ok[t, s]),
+        }
+        branches = [lambda st, t: st, fwd, bwd]
+        assert (IDLE, FWD, BWD) == (0, 1, 2)
+        st = jax.lax.switch(op_TS[t, s], branches, st, t)
+        st = {
+            **st,
+            "send_f": jax.lax.ppermute(st["send_f"], "pipe", fwd_perm),
+            "send_b": jax.lax.ppermute(st["send_b"], "pipe", bwd_perm),
+        }
+        return st, None
+
+    st, _ = jax.lax.scan(tick, state, jnp.arange(tab.num_ticks))
+    g_head = _tree(lambda g: jax.lax.psum(g, "pipe"), st["g_head"])
+    g_w = _tree(lambda g: g[None], st["g_w"])
+    return jax.lax.psum(st["loss"], "pipe"), g_w, g_head, st["dx"][None]

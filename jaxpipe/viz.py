@@ -1,0 +1,117 @@
+"""Charts of schedule tables: a Gantt PNG, an ASCII grid for terminals, a Chrome trace.
+
+All three read a `ScheduleTable`; give a `Simulation` to draw simulated seconds instead of
+ticks. Forward ops are drawn in a micro-batch's light colour, backward ops in its dark colour
+with hatching.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from jaxpipe.schedule import BWD, FWD, IDLE, ScheduleTable
+from jaxpipe.simulate import Simulation
+
+
+def _spans(table: ScheduleTable, sim: Simulation | None):
+    """(stage, start, duration, op, micro, repeat) per op, in ticks or simulated seconds."""
+    for t, s in zip(*np.nonzero(table.op != IDLE), strict=True):
+        start, dur = (
+            (float(t), 1.0) if sim is None else (sim.start[t, s], sim.end[t, s] - sim.start[t, s])
+        )
+        yield (
+            int(s),
+            start,
+            dur,
+            int(table.op[t, s]),
+            int(table.micro[t, s]),
+            int(table.repeat[t, s]),
+        )
+
+
+def ascii_chart(table: ScheduleTable) -> str:
+    """The grid plus a one-line legend and the bubble fraction."""
+    legend = "F<m>[.<r>] forward, B<m>[.<r>] backward of micro-batch m (repeat r), . idle"
+    return f"{table.ascii()}\n{legend}; bubble {table.bubble_fraction():.4f}"
+
+
+def gantt_png(table: ScheduleTable, path: str, sim: Simulation | None = None) -> None:
+    """Writes a Gantt chart: one row per stage, one box per op, coloured by micro-batch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    S, M = table.num_stages, table.num_microbatches
+    cmap = plt.get_cmap("tab20")
+    width = table.num_ticks if sim is None else sim.step_time
+    fig, ax = plt.subplots(figsize=(min(24, 3 + 0.35 * table.num_ticks), 1 + 0.6 * S))
+    for s, start, dur, op, m, r in _spans(table, sim):
+        dark = cmap((2 * m) % 20)
+        light = cmap((2 * m + 1) % 20)
+        ax.barh(
+            s,
+            dur,
+            left=start,
+            height=0.8,
+            color=dark if op == BWD else light,
+            hatch="//" if op == BWD else None,
+            edgecolor="black",
+            linewidth=0.4,
+        )
+        label = f"{m}" if table.num_repeats == 1 else f"{m}.{r}"
+        ax.text(start + dur / 2, s, label, ha="center", va="center", fontsize=7)
+    ax.set_yticks(range(S), [f"stage {s}" for s in range(S)])
+    ax.invert_yaxis()
+    ax.set_xlim(0, width)
+    ax.set_xlabel("tick" if sim is None else "seconds")
+    ax.set_title(
+        f"{table.name}: S={S} M={M} R={table.num_repeats}, bubble "
+        f"{table.bubble_fraction() if sim is None else sim.bubble_fraction:.3f}"
+    )
+    ax.legend(
+        handles=[
+            Patch(facecolor="white", edgecolor="black", label="forward"),
+            Patch(facecolor="white", edgecolor="black", hatch="//", label="backward"),
+        ],
+        loc="upper left",
+        bbox_to_anchor=(1.0, 1.0),
+        fontsize=7,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def chrome_trace(table: ScheduleTable, path: str, sim: Simulation | None = None) -> dict:
+    """Writes a Chrome-trace JSON (opens in Perfetto / chrome://tracing); one thread per stage.
+
+    Without a simulation a tick is drawn as 1 ms.
+    """
+    scale = 1e3 if sim is None else 1e6  # microseconds per tick / per second
+    events = [
+        {"ph": "M", "pid": 0, "tid": s, "name": "thread_name", "args": {"name": f"stage {s}"}}
+        for s in range(table.num_stages)
+    ]
+    for s, start, dur, op, m, r in _spans(table, sim):
+        kind = "forward" if op == FWD else "backward"
+        events.append(
+            {
+                "ph": "X",
+                "pid": 0,
+                "tid": s,
+                "ts": start * scale,
+                "dur": dur * scale,
+                "name": f"{'F' if op == FWD else 'B'}{m}"
+                + (f".{r}" if table.num_repeats > 1 else ""),
+                "cat": kind,
+                "args": {"micro_batch": m, "repeat": r, "op": kind},
+            }
+        )
+    trace = {"traceEvents": events, "displayTimeUnit": "ms"}
+    with open(path, "w") as f:
+        json.dump(trace, f)
+    return trace

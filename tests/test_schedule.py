@@ -1,0 +1,222 @@
+"""Schedule tables: validity, bubble arithmetic, buffer plans, simulation, charts, CLI."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxpipe import viz
+from jaxpipe.buffers import buffer_plan
+from jaxpipe.config import ConfigError
+from jaxpipe.schedule import (
+    BWD,
+    FWD,
+    IDLE,
+    ScheduleTable,
+    build_table,
+    full_table,
+    in_flight,
+    main,
+    ring_table,
+    validate,
+)
+from jaxpipe.simulate import simulate
+
+GRID = [(S, M) for S in (1, 2, 3, 4) for M in (1, 2, 3, 4, 5, 8)]
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("S,M", GRID)
+def test_bubble_matches_formula_single_pass(schedule, S, M):
+    table = full_table(schedule, S, M)
+    assert table.bubble_fraction() == pytest.approx((S - 1) / (M + S - 1), abs=1e-12)
+    assert table.num_ticks == 2 * (M + S - 1)
+
+
+@pytest.mark.parametrize("schedule", ["circular", "interleaved_1f1b"])
+@pytest.mark.parametrize(
+    "S,R,k", [(2, 2, 1), (3, 2, 1), (3, 3, 2), (4, 2, 1), (4, 2, 2), (4, 3, 2)]
+)
+def test_bubble_matches_formula_virtual_stages(schedule, S, R, k):
+    M = k * S
+    table = full_table(schedule, S, M, R)
+    assert table.bubble_fraction() == pytest.approx((S - 1) / (R * M + S - 1), abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    "S,M,R", [(1, 3, 1), (2, 5, 1), (4, 4, 1), (3, 3, 2), (4, 8, 2), (4, 4, 3)]
+)
+def test_ring_tables_bubble(S, M, R):
+    table = build_table("gpipe" if R == 1 else "circular", S, M, R)
+    assert table.bubble_fraction() == pytest.approx((S - 1) / (R * M + S - 1), abs=1e-12)
+
+
+def test_1f1b_stashes_at_most_S_minus_s():
+    S, M = 4, 16
+    peak_S = in_flight(full_table("1f1b", S, M)).max(axis=0)
+    np.testing.assert_array_equal(peak_S, [S - s for s in range(S)])
+    assert in_flight(full_table("gpipe", S, M)).max() == M
+    validate(full_table("1f1b", S, M), max_in_flight=S)
+    with pytest.raises(ConfigError, match="stashed forwards"):
+        validate(full_table("gpipe", S, M), max_in_flight=S)
+
+
+def test_1f1b_fewer_microbatches_than_stages():
+    table = full_table("1f1b", 4, 2)
+    assert table.bubble_fraction() == pytest.approx(3 / 5)
+    assert in_flight(table).max() == 2
+
+
+def test_interleaved_needs_multiple_of_stages():
+    with pytest.raises(ConfigError, match="multiple of num_stages 4"):
+        full_table("interleaved_1f1b", 4, 6, 2)
+    with pytest.raises(ConfigError, match="interleaved_1f1b"):
+        full_table("1f1b", 4, 8, 2)
+
+
+def test_validator_marks_missing_duplicate_and_early_ops():
+    table = full_table("1f1b", 3, 3)
+    t, s = map(int, np.argwhere(table.op == BWD)[-1])
+    missing = ScheduleTable(
+        table.name,
+        3,
+        3,
+        1,
+        np.where(np.arange(table.num_ticks)[:, None] == t, IDLE, table.op),
+        table.micro,
+        table.repeat,
+    )
+    with pytest.raises(ConfigError, match="never runs B"):
+        validate(missing)
+    # Stage 1 repeats stage 1's first forward at its first idle tick.
+    t0 = int(np.argwhere(table.op[:, 1] == FWD)[0, 0])
+    idle = int(np.argwhere(table.op[:, 1] == IDLE)[-1, 0])
+    dup = ScheduleTable(
+        table.name, 3, 3, 1, table.op.copy(), table.micro.copy(), table.repeat.copy()
+    )
+    dup.op[idle, 1], dup.micro[idle, 1], dup.repeat[idle, 1] = FWD, 0, 0
+    with pytest.raises(ConfigError, match=r"runs twice[\s\S]*\[F0\]"):
+        validate(dup)
+    # A forward on stage 1 at the same tick as its input on stage 0: too early.
+    early = ScheduleTable(
+        table.name, 3, 3, 1, table.op.copy(), table.micro.copy(), table.repeat.copy()
+    )
+    early.op[t0, 1], early.micro[t0, 1], early.repeat[t0, 1] = IDLE, -1, -1
+    early.op[0, 1], early.micro[0, 1], early.repeat[0, 1] = FWD, 0, 0
+    with pytest.raises(ConfigError, match=r"tick 0, stage 1[\s\S]*runs before F"):
+        validate(early)
+    msg = ""
+    try:
+        validate(early)
+    except ConfigError as e:
+        msg = str(e)
+    assert "stage 1:" in msg and "[F0]" in msg.splitlines()[2]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("1f1b", 4, 8, 1), ("gpipe", 3, 4, 1), ("interleaved_1f1b", 3, 6, 2), ("1f1b", 4, 2, 1)],
+)
+def test_buffer_plan_replays(args):
+    """Replays the plan slot by slot: every read finds exactly the value it expects."""
+    table = full_table(*args)
+    plan = buffer_plan(table)
+    S, V = table.num_stages, table.num_stages * table.num_repeats
+    assert plan.num_res == in_flight(table).max()
+    act = [dict() for _ in range(S)]
+    grad = [dict() for _ in range(S)]
+    res = [dict() for _ in range(S)]
+    sent_f, sent_b = [None] * S, [None] * S
+    for t in range(table.num_ticks):
+        for s in range(S):
+            if plan.act_write[t, s] >= 0:
+                act[s][plan.act_write[t, s]] = sent_f[(s - 1) % S]
+            if plan.grad_write[t, s] >= 0:
+                grad[s][plan.grad_write[t, s]] = sent_b[(s + 1) % S]
+        sent_f, sent_b = [None] * S, [None] * S
+        for s in range(S):
+            o, m = table.op[t, s], int(table.micro[t, s])
+            v = int(table.repeat[t, s]) * S + s
+            if o == FWD:
+                if v > 0:
+                    assert act[s].pop(plan.act_read[t, s]) == (m, v - 1)
+                assert plan.res_slot[t, s] not in res[s]
+                res[s][plan.res_slot[t, s]] = (m, v)
+                sent_f[s] = (m, v)
+                if v == V - 1:
+                    assert plan.head_write[t, s] not in grad[s]
+                    grad[s][plan.head_write[t, s]] = (m, v + 1)
+            elif o == BWD:
+                assert res[s].pop(plan.res_slot[t, s]) == (m, v)
+                assert grad[s].pop(plan.grad_read[t, s]) == (m, v + 1)
+                sent_b[s] = (m, v)
+    assert all(not d for d in act + grad + res)
+
+
+def test_simulation_unit_costs_match_ticks():
+    table = full_table("interleaved_1f1b", 4, 8, 2)
+    sim = simulate(table, np.ones(8), np.ones(8))
+    assert sim.step_time == table.num_ticks
+    assert sim.bubble_fraction == pytest.approx(table.bubble_fraction())
+
+
+def test_simulation_gpipe_closed_form_and_slow_stage():
+    S, M = 4, 6
+    sim = simulate(full_table("gpipe", S, M), 1.0, 2.0)
+    assert sim.step_time == pytest.approx((M + S - 1) * 3.0)
+    slow = simulate(full_table("1f1b", S, M), [1.0, 1.0, 3.0, 1.0])
+    # The slow stage is the bottleneck: it is never idle between its first and last op, and
+    # the other stages wait on it.
+    assert slow.step_time >= M * 9.0
+    assert slow.idle_S[2] < slow.idle_S[[0, 1, 3]].min()
+    # Links add 2 (S - 1) hops to GPipe's critical path; 1F1B's round trips cost at least that.
+    gpipe_linked = simulate(full_table("gpipe", S, M), 1.0, 2.0, link_time=0.5)
+    assert gpipe_linked.step_time == pytest.approx((S - 1) * (3.0 + 1.0) + M * 3.0)
+    unlinked = simulate(full_table("1f1b", S, M), 1.0, 2.0).step_time
+    assert unlinked == pytest.approx((M + S - 1) * 3.0)
+    assert simulate(full_table("1f1b", S, M), 1.0, 2.0, link_time=0.5).step_time >= unlinked + 3.0
+
+
+def test_charts(tmp_path):
+    table = full_table("1f1b", 3, 4)
+    png = tmp_path / "g.png"
+    viz.gantt_png(table, str(png), sim=simulate(table, 1.0))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    trace = viz.chrome_trace(table, str(tmp_path / "t.json"))
+    spans = [
+        e for e in json.loads((tmp_path / "t.json").read_text())["traceEvents"] if e["ph"] == "X"
+    ]
+    assert len(spans) == 2 * 3 * 4 == int(table.busy.sum())
+    assert {e["cat"] for e in spans} == {"forward", "backward"}
+    assert trace["traceEvents"][0]["args"]["name"] == "stage 0"
+    text = viz.ascii_chart(table)
+    assert text.splitlines()[2].startswith("stage 2:") and "B3" in text
+
+
+def test_cli(tmp_path, capsys):
+    main(
+        [
+            "--schedule",
+            "interleaved_1f1b",
+            "--stages",
+            "2",
+            "--microbatches",
+            "4",
+            "--repeats",
+            "2",
+            "--ascii",
+            "--png",
+            str(tmp_path / "a.png"),
+            "--trace",
+            str(tmp_path / "a.json"),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert f"bubble={1 / 9:.4f}" in out and "stage 1:" in out
+    assert (tmp_path / "a.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "a.json").read_text())["traceEvents"]
+
+
+def test_ring_table_still_valid_for_pipeline():
+    table = ring_table("circular", 3, 3, 2)
+    assert table.op.max() == FWD and build_table("circular", 3, 3, 2).num_ticks == table.num_ticks
