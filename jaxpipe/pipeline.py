@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 from jaxpipe import model as M
 from jaxpipe.config import ConfigError, ModelConfig, PipelineConfig
 from jaxpipe.layout import StageLayout
-from jaxpipe.schedule import ScheduleTable, build_table
+from jaxpipe.schedule import BWD, ScheduleTable, build_table, ring_table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +36,16 @@ class Pipeline:
     table: ScheduleTable
     mesh: Mesh
     poison_bubbles: bool = False  # test mode: idle ticks emit NaN so any leak shows
+
+    @property
+    def forward_table(self) -> ScheduleTable:
+        """The forward-only ring table that `loss` and `logits` run (the schedule's own table
+        when it has no backward ops; for 1F1B schedules, circular GPipe of the same shape)."""
+        if not (self.table.op == BWD).any():
+            return self.table
+        c = self.config
+        name = "circular" if c.num_repeats > 1 else "gpipe"
+        return ring_table(name, c.num_stages, c.num_microbatches, c.num_repeats)
 
     @classmethod
     def create(
@@ -164,8 +174,8 @@ class Pipeline:
         return run_stage
 
     def _stage_program(self, w_1RJ, x_MBTD):
-        S, T = self.config.num_stages, self.table.num_ticks
-        tab = self.table
+        tab = self.forward_table
+        S, T = self.config.num_stages, tab.num_ticks
         act_dtype = x_MBTD.dtype
         send_dtype = jnp.dtype(self.config.boundary_dtype or act_dtype)
         # What the last stage sent at tick t - 1 arrives at stage 0 at tick t (t = 0..T).

@@ -34,6 +34,8 @@ def _check(schedule, S, Mb, R=1, style="tiny", layers=None, layout=None, data=1,
         params
     )
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    # Forward-only entry points (eval, sampling) run the same layers in the same order.
+    np.testing.assert_allclose(jax.jit(pipe.loss)(pipe.place(params), tokens), ref_loss, rtol=1e-5)
     got = pipe.to_canonical(grads)
     for path, want in jax.tree_util.tree_leaves_with_path(ref_grads):
         have = dict(jax.tree_util.tree_leaves_with_path(got))[path]
