@@ -36,9 +36,11 @@ class DeviceProfile:
     hbm_bandwidth: float
     hbm_bytes: float
     link_bandwidth: float
+    head_flops: float | None = None  # measured CPU only: FLOP/s at the vocab projection's shape
 
-    def roofline(self, flops: float, bytes_accessed: float) -> float:
-        return max(flops / self.peak_flops, bytes_accessed / self.hbm_bandwidth)
+    def roofline(self, flops: float, bytes_accessed: float, head: bool = False) -> float:
+        peak = self.head_flops if head and self.head_flops else self.peak_flops
+        return max(flops / peak, bytes_accessed / self.hbm_bandwidth)
 
 
 # Public spec-sheet numbers. TPU link = per-chip ICI bandwidth / number of ICI links (one
@@ -67,25 +69,33 @@ def _best_time(fn, *args, reps: int = 5) -> float:
     return best
 
 
-def calibrate_cpu(matmul_dims: tuple[int, int, int] = (512, 512, 512)) -> DeviceProfile:
-    """The running CPU's effective FLOP/s (a timed f32 matmul of `matmul_dims` = (m, k, n)) and
-    memory bandwidth (a timed 32 MiB copy). Pass a layer-sized matmul to calibrate for a model."""
-    key = tuple(matmul_dims)
-    if key in _CPU_PROFILE:
-        return _CPU_PROFILE[key]
-    m, k, n = matmul_dims
+def _matmul_flops(m: int, k: int, n: int) -> float:
     cpu = jax.devices("cpu")[0]
     a = jax.device_put(jnp.ones((m, k), jnp.float32), cpu)
     b = jax.device_put(jnp.ones((k, n), jnp.float32), cpu)
-    flops = 2 * m * k * n / _best_time(jax.jit(jnp.matmul), a, b)
-    buf = jax.device_put(jnp.ones((8 * 2**20,), jnp.float32), cpu)
-    copy = jax.jit(lambda x: x * 1.0 + 0.0)  # one read + one write of 32 MiB
-    bandwidth = 2 * buf.nbytes / _best_time(copy, buf)
+    return 2 * m * k * n / _best_time(jax.jit(jnp.matmul), a, b)
+
+
+def calibrate_cpu(
+    matmul_dims: tuple[int, int, int] = (512, 512, 512),
+    head_dims: tuple[int, int, int] | None = None,
+) -> DeviceProfile:
+    """The running CPU, measured: effective FLOP/s of a timed f32 matmul of `matmul_dims`
+    = (m, k, n) (pass a layer-sized one: tokens x d_model x d_ff), of the vocabulary projection
+    `head_dims` (tokens x d_model x vocab) when given, and memory bandwidth from a timed
+    read-only reduction over 64 MiB (a copy into fresh buffers measures page faults instead)."""
+    key = (tuple(matmul_dims), head_dims and tuple(head_dims))
+    if key in _CPU_PROFILE:
+        return _CPU_PROFILE[key]
+    flops = _matmul_flops(*matmul_dims)
+    head_flops = _matmul_flops(*head_dims) if head_dims else None
+    buf = jax.device_put(jnp.ones((16 * 2**20,), jnp.float32), jax.devices("cpu")[0])
+    bandwidth = buf.nbytes / _best_time(jax.jit(jnp.sum), buf)
     try:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         mem = 16 * GiB
-    profile = DeviceProfile("cpu", flops, bandwidth, float(mem), bandwidth)
+    profile = DeviceProfile("cpu", flops, bandwidth, float(mem), bandwidth, head_flops)
     _CPU_PROFILE[key] = profile
     return profile
 
@@ -98,7 +108,8 @@ def get_profile(device: str | DeviceProfile, model_cfg: ModelConfig | None = Non
     if device == "cpu":
         if model_cfg is None or tokens is None:
             return calibrate_cpu()
-        return calibrate_cpu((tokens, model_cfg.d_model, model_cfg.ff_dim))
+        d = model_cfg.d_model
+        return calibrate_cpu((tokens, d, model_cfg.ff_dim), (tokens, d, model_cfg.vocab_size))
     if device not in PROFILES:
         raise ConfigError(f"unknown device {device!r}; choose one of {list(DEVICES)}")
     return PROFILES[device]
@@ -116,8 +127,8 @@ class LayerCost:
     temp_bytes: float
     activation_bytes: float  # residuals kept for the backward pass, per micro-batch
 
-    def time(self, profile: DeviceProfile) -> float:
-        return profile.roofline(self.flops, self.bytes_accessed)
+    def time(self, profile: DeviceProfile, head: bool = False) -> float:
+        return profile.roofline(self.flops, self.bytes_accessed, head)
 
     def scaled(self, k: float) -> LayerCost:
         """The tensor-parallel share of one of k devices: every figure divided by k."""

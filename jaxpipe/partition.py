@@ -51,7 +51,9 @@ class CostModel:
     @classmethod
     def from_costs(cls, costs: ModelCosts, profile: DeviceProfile, model_cfg: ModelConfig,
                    tp: int, times: dict | None = None, **flags) -> CostModel:
-        times = times or {k: getattr(costs, k).time(profile) for k in ("block", "embed", "head")}
+        times = times or {
+            k: getattr(costs, k).time(profile, head=k == "head") for k in ("block", "embed", "head")
+        }
         # Tied embeddings: the last stage needs its own copy of the table for the head.
         head_params = model_cfg.head_params() / tp
         if model_cfg.tied and flags.get("head_in_last", True):
