@@ -248,7 +248,7 @@ def build_plan(model_cfg: ModelConfig, pipe_cfg: PipelineConfig, layout: StageLa
     stages = []
     for s, ranges in enumerate(layout.stage_ranges()):
         layers = sum(b - a for a, b in ranges)
-        params = layers * cm.block_params
+        params = layers * model_cfg.block_params() / pipe_cfg.tensor_parallel
         params += (s == 0 or not cm.embed_in_first) * model_cfg.embed_params()
         params += (s == S - 1 or not cm.head_in_last) * model_cfg.head_params() / (
             pipe_cfg.tensor_parallel)
