@@ -29,7 +29,7 @@ GiB = 2**30
 
 @dataclasses.dataclass(frozen=True)
 class DeviceProfile:
-    """Peak dense bf16 FLOP/s, HBM bandwidth (B/s) and capacity (bytes), stage-to-stage link (B/s)."""
+    """Peak dense bf16 FLOP/s, HBM bandwidth (B/s) and capacity (bytes), stage link (B/s)."""
 
     name: str
     peak_flops: float
@@ -100,8 +100,9 @@ def calibrate_cpu(
     return profile
 
 
-def get_profile(device: str | DeviceProfile, model_cfg: ModelConfig | None = None,
-                tokens: int | None = None) -> DeviceProfile:
+def get_profile(
+    device: str | DeviceProfile, model_cfg: ModelConfig | None = None, tokens: int | None = None
+) -> DeviceProfile:
     """A named profile; "cpu" is measured (with a layer-sized matmul when the model is given)."""
     if isinstance(device, DeviceProfile):
         return device

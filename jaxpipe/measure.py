@@ -28,7 +28,7 @@ def _concrete(tree, key):
     leaves, treedef = jax.tree.flatten(tree)
     keys = jax.random.split(key, len(leaves))
     return treedef.unflatten(
-        [0.02 * jax.random.normal(k, a.shape, a.dtype) for k, a in zip(keys, leaves)]
+        [0.02 * jax.random.normal(k, a.shape, a.dtype) for k, a in zip(keys, leaves, strict=True)]
     )
 
 
@@ -48,7 +48,7 @@ def _stage_program(cfg: ModelConfig, blocks: int, first: bool, last: bool):
     def loss(p, inp, tgt, cot):
         h = M.embed_apply(cfg, p, inp) if first else inp
         for j in range(blocks):
-            h = M.block_apply(cfg, jax.tree.map(lambda a: a[j], p["blocks"]), h)
+            h = M.block_apply(cfg, jax.tree.map(lambda a, j=j: a[j], p["blocks"]), h)
         if last:
             return M.cross_entropy(M.head_apply(cfg, p, h), tgt)
         return jnp.vdot(h.astype(jnp.float32), cot.astype(jnp.float32))
@@ -74,8 +74,14 @@ class _Inputs:
         return p, (self.tokens if first else self.x), self.tokens, self.x
 
 
-def measure_layer_times(model_cfg: ModelConfig, pipe_cfg: PipelineConfig, *, batch_size: int,
-                        seq_len: int, reps: int = 3) -> dict[str, float]:
+def measure_layer_times(
+    model_cfg: ModelConfig,
+    pipe_cfg: PipelineConfig,
+    *,
+    batch_size: int,
+    seq_len: int,
+    reps: int = 3,
+) -> dict[str, float]:
     """Seconds of fwd + bwd of one block, the embedding and the head + loss, one micro-batch."""
     b = microbatch_size(pipe_cfg, batch_size)
     inp = _Inputs(model_cfg, b, seq_len, 1)
@@ -94,8 +100,15 @@ class StageTimes:
     layer_s: dict  # measured single-layer times ("block", "embed", "head")
 
 
-def measure_stage_times(model_cfg: ModelConfig, pipe_cfg: PipelineConfig, layout: StageLayout,
-                        *, batch_size: int, seq_len: int, reps: int = 3) -> StageTimes:
+def measure_stage_times(
+    model_cfg: ModelConfig,
+    pipe_cfg: PipelineConfig,
+    layout: StageLayout,
+    *,
+    batch_size: int,
+    seq_len: int,
+    reps: int = 3,
+) -> StageTimes:
     """Each device's measured fwd + bwd seconds per micro-batch under `layout`."""
     S, V = layout.num_stages, layout.num_stages * layout.num_repeats
     b = microbatch_size(pipe_cfg, batch_size)
@@ -109,8 +122,9 @@ def measure_stage_times(model_cfg: ModelConfig, pipe_cfg: PipelineConfig, layout
             cache[key] = _time(prog, *inp.args(*key, model_cfg.tied), reps=reps)
         per_v.append(cache[key])
     stage = tuple(sum(per_v[r * S + s] for r in range(layout.num_repeats)) for s in range(S))
-    layers = measure_layer_times(model_cfg, pipe_cfg, batch_size=batch_size, seq_len=seq_len,
-                                 reps=reps)
+    layers = measure_layer_times(
+        model_cfg, pipe_cfg, batch_size=batch_size, seq_len=seq_len, reps=reps
+    )
     return StageTimes(stage, layers)
 
 

@@ -49,8 +49,15 @@ class CostModel:
     head_in_last: bool = True
 
     @classmethod
-    def from_costs(cls, costs: ModelCosts, profile: DeviceProfile, model_cfg: ModelConfig,
-                   tp: int, times: dict | None = None, **flags) -> CostModel:
+    def from_costs(
+        cls,
+        costs: ModelCosts,
+        profile: DeviceProfile,
+        model_cfg: ModelConfig,
+        tp: int,
+        times: dict | None = None,
+        **flags,
+    ) -> CostModel:
         times = times or {
             k: getattr(costs, k).time(profile, head=k == "head") for k in ("block", "embed", "head")
         }
@@ -59,13 +66,19 @@ class CostModel:
         if model_cfg.tied and flags.get("head_in_last", True):
             head_params += model_cfg.vocab_size * model_cfg.d_model / tp
         return cls(
-            block_time=times["block"], embed_time=times["embed"], head_time=times["head"],
+            block_time=times["block"],
+            embed_time=times["embed"],
+            head_time=times["head"],
             transfer_time=2 * costs.boundary_bytes / profile.link_bandwidth,
-            block_params=model_cfg.block_params() / tp, embed_params=model_cfg.embed_params(),
-            head_params=head_params, block_act=costs.block.activation_bytes,
-            embed_act=costs.embed.activation_bytes, head_act=costs.head.activation_bytes,
+            block_params=model_cfg.block_params() / tp,
+            embed_params=model_cfg.embed_params(),
+            head_params=head_params,
+            block_act=costs.block.activation_bytes,
+            embed_act=costs.embed.activation_bytes,
+            head_act=costs.head.activation_bytes,
             boundary_bytes=costs.boundary_bytes,
-            temp_bytes=max(costs.block.temp_bytes, costs.head.temp_bytes), **flags,
+            temp_bytes=max(costs.block.temp_bytes, costs.head.temp_bytes),
+            **flags,
         )
 
     def extra_time(self, s: int, S: int) -> float:
@@ -102,9 +115,15 @@ def stage_memory(cm: CostModel, pipe_cfg: PipelineConfig, s: int, layers: int, s
     return STATIC_BYTES_PER_PARAM * params + in_flight(pipe_cfg, s) * act + cm.temp_bytes
 
 
-def device_counts(cm: CostModel, pipe_cfg: PipelineConfig, num_layers: int, method: str,
-                  capacity: float | None = None, layer_time_L=None,
-                  any_fit: bool = False) -> list[int]:
+def device_counts(
+    cm: CostModel,
+    pipe_cfg: PipelineConfig,
+    num_layers: int,
+    method: str,
+    capacity: float | None = None,
+    layer_time_L=None,
+    any_fit: bool = False,
+) -> list[int]:
     """Layers per device (the sum of its R virtual stages) chosen by `method`."""
     S, R = pipe_cfg.num_stages, pipe_cfg.num_repeats
     if method == "uniform":
@@ -206,8 +225,11 @@ def make_plan(
     if method not in METHODS:
         raise ConfigError(f"unknown partition method {method!r}; choose one of {METHODS}")
     pipe_cfg.check_layers(model_cfg.num_layers)
-    profile = get_profile(device, model_cfg, batch_size // max(
-        1, pipe_cfg.num_microbatches * pipe_cfg.data_parallel) * seq_len)
+    profile = get_profile(
+        device,
+        model_cfg,
+        batch_size // max(1, pipe_cfg.num_microbatches * pipe_cfg.data_parallel) * seq_len,
+    )
     costs = model_costs(model_cfg, pipe_cfg, batch_size=batch_size, seq_len=seq_len)
     times = None
     if method == "profile":
@@ -229,18 +251,28 @@ def make_plan(
 def replan(plan: Plan, cm: CostModel, method: str = "cost") -> Plan:
     """The same pipeline re-partitioned with another cost model (e.g. measured times)."""
     totals = device_counts(cm, plan.pipe_cfg, plan.model_cfg.num_layers, "cost")
-    layout = StageLayout(plan.pipe_cfg.num_stages, plan.pipe_cfg.num_repeats,
-                         virtual_counts(totals, plan.pipe_cfg.num_repeats))
+    layout = StageLayout(
+        plan.pipe_cfg.num_stages,
+        plan.pipe_cfg.num_repeats,
+        virtual_counts(totals, plan.pipe_cfg.num_repeats),
+    )
     return build_plan(plan.model_cfg, plan.pipe_cfg, layout, cm, method, plan.device)
 
 
-def build_plan(model_cfg: ModelConfig, pipe_cfg: PipelineConfig, layout: StageLayout,
-               cm: CostModel, method: str, device: str) -> Plan:
+def build_plan(
+    model_cfg: ModelConfig,
+    pipe_cfg: PipelineConfig,
+    layout: StageLayout,
+    cm: CostModel,
+    method: str,
+    device: str,
+) -> Plan:
     """Predicted times, memory and parameters of every stage of `layout` under `cm`."""
     S, R, M = pipe_cfg.num_stages, pipe_cfg.num_repeats, pipe_cfg.num_microbatches
     counts = layout.layer_counts
     vtime = [
-        counts[v] * cm.block_time + cm.transfer_time
+        counts[v] * cm.block_time
+        + cm.transfer_time
         + (cm.embed_time if v == 0 and cm.embed_in_first else 0.0)
         + (cm.head_time if v == S * R - 1 and cm.head_in_last else 0.0)
         for v in range(S * R)
@@ -250,19 +282,30 @@ def build_plan(model_cfg: ModelConfig, pipe_cfg: PipelineConfig, layout: StageLa
         layers = sum(b - a for a, b in ranges)
         params = layers * model_cfg.block_params() / pipe_cfg.tensor_parallel
         params += (s == 0 or not cm.embed_in_first) * model_cfg.embed_params()
-        params += (s == S - 1 or not cm.head_in_last) * model_cfg.head_params() / (
-            pipe_cfg.tensor_parallel)
-        stages.append(StageReport(
-            ranges=tuple(ranges),
-            time_s=sum(vtime[r * S + s] for r in range(R)),
-            memory_bytes=float(stage_memory(cm, pipe_cfg, s, layers, layout.slots)),
-            params=int(round(params)),
-        ))
+        params += (
+            (s == S - 1 or not cm.head_in_last)
+            * model_cfg.head_params()
+            / (pipe_cfg.tensor_parallel)
+        )
+        stages.append(
+            StageReport(
+                ranges=tuple(ranges),
+                time_s=sum(vtime[r * S + s] for r in range(R)),
+                memory_bytes=float(stage_memory(cm, pipe_cfg, s, layers, layout.slots)),
+                params=int(round(params)),
+            )
+        )
     times = [st.time_s for st in stages]
     outside = M * ((not cm.embed_in_first) * cm.embed_time + (not cm.head_in_last) * cm.head_time)
     return Plan(
-        model_cfg=model_cfg, pipe_cfg=pipe_cfg, layout=layout, method=method, device=device,
-        stages=tuple(stages), vstage_times=tuple(vtime), cost_model=cm,
+        model_cfg=model_cfg,
+        pipe_cfg=pipe_cfg,
+        layout=layout,
+        method=method,
+        device=device,
+        stages=tuple(stages),
+        vstage_times=tuple(vtime),
+        cost_model=cm,
         bottleneck_ratio=max(times) / (sum(times) / S),
         padding_bytes=layout.padding_slots * cm.block_params * STATIC_BYTES_PER_PARAM,
         bubble_fraction=(S - 1) / (R * M + S - 1),

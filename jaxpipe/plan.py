@@ -23,18 +23,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--stages", type=int, default=4)
     ap.add_argument("--microbatches", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--schedule", default=None, choices=SCHEDULES,
-                    help="default: gpipe, or circular when --repeats > 1")
+    ap.add_argument(
+        "--schedule",
+        default=None,
+        choices=SCHEDULES,
+        help="default: gpipe, or circular when --repeats > 1",
+    )
     ap.add_argument("--remat", default="none", choices=REMAT_MODES)
     ap.add_argument("--data_parallel", type=int, default=1)
     ap.add_argument("--tensor_parallel", type=int, default=1)
-    ap.add_argument("--batch_size", type=int, default=None,
-                    help="global batch; default microbatches x data_parallel")
+    ap.add_argument(
+        "--batch_size",
+        type=int,
+        default=None,
+        help="global batch; default microbatches x data_parallel",
+    )
     ap.add_argument("--seq_len", type=int, default=None, help="default: the model's max_seq_len")
     ap.add_argument("--device", default="cpu", help=f"one of {', '.join(DEVICES)}")
     ap.add_argument("--method", default="cost", help=f"one of {', '.join(METHODS)}")
-    ap.add_argument("--dtype", default=None,
-                    help="compute dtype to cost (default: bfloat16 on accelerators, else model's)")
+    ap.add_argument(
+        "--dtype",
+        default=None,
+        help="compute dtype to cost (default: bfloat16 on accelerators, else model's)",
+    )
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     return ap.parse_args(argv)
 
@@ -44,14 +55,19 @@ def run(args: argparse.Namespace):
     model_cfg = get_preset(args.model, dtype=dtype)
     schedule = args.schedule or ("circular" if args.repeats > 1 else "gpipe")
     pipe_cfg = PipelineConfig(
-        num_stages=args.stages, num_microbatches=args.microbatches, num_repeats=args.repeats,
-        schedule=schedule, remat=args.remat, data_parallel=args.data_parallel,
+        num_stages=args.stages,
+        num_microbatches=args.microbatches,
+        num_repeats=args.repeats,
+        schedule=schedule,
+        remat=args.remat,
+        data_parallel=args.data_parallel,
         tensor_parallel=args.tensor_parallel,
     )
     batch = args.batch_size or args.microbatches * args.data_parallel
     seq_len = args.seq_len or model_cfg.max_seq_len
-    return make_plan(model_cfg, pipe_cfg, args.method, batch_size=batch, seq_len=seq_len,
-                     device=args.device)
+    return make_plan(
+        model_cfg, pipe_cfg, args.method, batch_size=batch, seq_len=seq_len, device=args.device
+    )
 
 
 def main(argv=None) -> int:

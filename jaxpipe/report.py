@@ -101,7 +101,8 @@ class Plan:
         return json.dumps(self.to_dict(), indent=indent)
 
     def table(self) -> str:
-        head = f"{'stage':>5}  {'layers':<16} {'n':>4} {'time ms':>10} {'mem GiB':>9} {'params':>10}"
+        head = f"{'stage':>5}  {'layers':<16} {'n':>4} {'time ms':>10} {'mem GiB':>9} "
+        head += f"{'params':>10}"
         rows = [
             f"plan: {self.model_cfg.name} on {self.pipe_cfg.num_stages} x {self.device}, "
             f"method {self.method}, schedule {self.pipe_cfg.schedule}, "

@@ -59,16 +59,13 @@ def min_max_split(
     N, P = num_items, num_parts
     hi = N if max_size is None else max_size
     if P < 1 or N < P * min_size or N > P * hi:
-        raise ConfigError(
-            f"cannot split {N} layers into {P} parts of {min_size}..{hi} layers each"
-        )
+        raise ConfigError(f"cannot split {N} layers into {P} parts of {min_size}..{hi} layers each")
     best, _ = _dp(N, P, cost, min_size, hi, np.maximum, np.inf)
     bottleneck = float(best[P - 1, N])
     if not np.isfinite(bottleneck):
         raise ConfigError(f"no split of {N} layers into {P} parts fits")
     bound = bottleneck * (1 + 1e-9) + 1e-300
-    sq, arg = _dp(N, P, lambda p, s, e: cost(p, s, e), min_size, hi,
-                  lambda a, c: a + c * c, bound)
+    sq, arg = _dp(N, P, lambda p, s, e: cost(p, s, e), min_size, hi, lambda a, c: a + c * c, bound)
     return _unwind(arg, N, P), bottleneck
 
 

@@ -10,8 +10,21 @@ from jaxpipe.partition import make_plan
 
 
 def test_cli_gpt3_json_per_stage_params(capsys):
-    argv = ["--model", "gpt3-175b", "--stages", "8", "--microbatches", "32", "--device",
-            "tpu-v5p", "--method", "cost", "--seq_len", "256", "--json"]
+    argv = [
+        "--model",
+        "gpt3-175b",
+        "--stages",
+        "8",
+        "--microbatches",
+        "32",
+        "--device",
+        "tpu-v5p",
+        "--method",
+        "cost",
+        "--seq_len",
+        "256",
+        "--json",
+    ]
     assert plan_cli.main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     cfg = get_preset("gpt3-175b")
@@ -29,8 +42,14 @@ def test_cli_gpt3_json_per_stage_params(capsys):
 
 def test_llama_65b_four_stages_params():
     cfg = get_preset("llama-65b", dtype="bfloat16")
-    plan = make_plan(cfg, PipelineConfig(4, 8, schedule="1f1b", remat="layer"), "cost",
-                     batch_size=8, seq_len=256, device="h100")
+    plan = make_plan(
+        cfg,
+        PipelineConfig(4, 8, schedule="1f1b", remat="layer"),
+        "cost",
+        batch_size=8,
+        seq_len=256,
+        device="h100",
+    )
     assert sum(s.num_layers for s in plan.stages) == 80
     assert plan.layout.layer_counts == (20, 20, 20, 20)  # the head costs less than one block
     for s in plan.stages:
