@@ -108,8 +108,10 @@ def measure_stage_times(
     batch_size: int,
     seq_len: int,
     reps: int = 3,
+    layer_times: dict[str, float] | None = None,
 ) -> StageTimes:
-    """Each device's measured fwd + bwd seconds per micro-batch under `layout`."""
+    """Each device's measured fwd + bwd seconds per micro-batch under `layout`, with the
+    single-layer times (measured here unless `layer_times` from `measure_layer_times` is given)."""
     S, V = layout.num_stages, layout.num_stages * layout.num_repeats
     b = microbatch_size(pipe_cfg, batch_size)
     inp = _Inputs(model_cfg, b, seq_len, layout.slots)
@@ -122,7 +124,7 @@ def measure_stage_times(
             cache[key] = _time(prog, *inp.args(*key, model_cfg.tied), reps=reps)
         per_v.append(cache[key])
     stage = tuple(sum(per_v[r * S + s] for r in range(layout.num_repeats)) for s in range(S))
-    layers = measure_layer_times(
+    layers = layer_times or measure_layer_times(
         model_cfg, pipe_cfg, batch_size=batch_size, seq_len=seq_len, reps=reps
     )
     return StageTimes(stage, layers)

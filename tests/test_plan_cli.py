@@ -64,3 +64,21 @@ def test_cli_errors_exit_2(capsys):
     assert "cannot fill" in capsys.readouterr().err
     assert plan_cli.main(["--model", "tiny", "--method", "greedy"]) == 2
     assert "unknown partition method" in capsys.readouterr().err
+
+
+def test_profile_plan_and_measured_stage_times():
+    from jaxpipe.measure import check_balance, measure_stage_times
+
+    cfg = get_preset("tiny")
+    pcfg = PipelineConfig(2, 2)
+    plan = make_plan(cfg, pcfg, "profile", batch_size=4, seq_len=8)
+    assert plan.method == "profile" and sum(plan.layout.layer_counts) == cfg.num_layers
+    assert all(t > 0 for t in plan.stage_times)
+    lt = {"block": plan.cost_model.block_time, "embed": 0.0, "head": 0.0}
+    measured = measure_stage_times(
+        cfg, pcfg, plan.layout, batch_size=4, seq_len=8, reps=2, layer_times=lt
+    )
+    assert len(measured.stage_s) == 2 and min(measured.stage_s) > 0
+    assert set(measured.layer_s) == {"block", "embed", "head"}
+    report = check_balance(plan, measured, threshold=1e9)
+    assert report.ratio >= 1.0 and report.suggestion is None
