@@ -14,6 +14,7 @@ from collections.abc import Callable
 import numpy as np
 
 from jaxpipe.config import ConfigError
+from jaxpipe.layout import StageLayout
 
 CostFn = Callable[[int, np.ndarray, int], np.ndarray]  # (part, starts_K, end) -> cost_K
 
@@ -71,14 +72,7 @@ def min_max_split(
 
 def uniform_sizes(num_items: int, num_parts: int) -> list[int]:
     """Equal sizes, the remainder one each to the middle parts; never an empty part."""
-    if num_items < num_parts:
-        raise ConfigError(f"{num_items} layers cannot fill {num_parts} stages")
-    base, extra = divmod(num_items, num_parts)
-    order = sorted(range(num_parts), key=lambda v: (abs(v - (num_parts - 1) / 2), v))
-    sizes = [base] * num_parts
-    for v in order[:extra]:
-        sizes[v] += 1
-    return sizes
+    return list(StageLayout.uniform(num_items, num_parts).layer_counts)
 
 
 def spread(total: int, parts: int, heavy_first: bool) -> list[int]:
