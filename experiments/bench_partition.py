@@ -54,7 +54,7 @@ def predict_error() -> dict:
     out = {}
     for method in ("cost", "profile"):
         plan = make_plan(cfg, pcfg, method, **shape)
-        meas = measure_stage_times(cfg, pcfg, plan.layout, **shape)
+        meas = measure_stage_times(cfg, pcfg, plan.layout, reps=10, **shape)
         pred = [t - plan.cost_model.transfer_time for t in plan.stage_times]
         err = max(abs(p - m) / m for p, m in zip(pred, meas.stage_s, strict=True))
         out[method] = {
