@@ -66,6 +66,7 @@ def test_cli_errors_exit_2(capsys):
     assert "unknown partition method" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # compiles and times eight small programs on the host
 def test_profile_plan_and_measured_stage_times():
     from jaxpipe.measure import check_balance, measure_stage_times
 
