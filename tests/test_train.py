@@ -89,3 +89,19 @@ def test_train_lm_has_a_pulse(tmp_path):
     config = json.loads((workdir / "config.json").read_text())
     assert config["pipeline"]["num_stages"] == 2
     assert (workdir / "loss.png").stat().st_size > 1000
+
+
+def test_user_data_text_dir_npy_bin(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("hello world " * 50)
+    (tmp_path / "docs" / "b.md").write_text("second file " * 50)
+    d = load_data(str(tmp_path / "docs"))
+    assert d.vocab_size == 256 and len(d.tokens) == 600 + 600
+    assert bytes(d.tokens[:5].astype(np.uint8)) == b"hello"
+    ids = np.arange(1000, dtype=np.int64) % 700
+    np.save(tmp_path / "ids.npy", ids)
+    d = load_data(str(tmp_path / "ids.npy"))
+    assert d.vocab_size == 700 and np.array_equal(d.tokens, ids)
+    ids.astype(np.uint16).tofile(tmp_path / "ids.bin")
+    d = load_data(str(tmp_path / "ids.bin"))
+    assert np.array_equal(d.tokens, ids)
