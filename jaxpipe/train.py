@@ -40,10 +40,16 @@ class TrainConfig:
 
     def __post_init__(self):
         if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
-            raise ConfigError(f"learning_rate must be finite and > 0, got {self.learning_rate}")
-        for field in ("steps", "batch_size", "seq_len", "log_every"):
+            raise ConfigError(
+                f"learning_rate must be finite and > 0, got {self.learning_rate}; pass a value "
+                f"such as --learning_rate 3e-3"
+            )
+        for field in ("steps", "batch_size", "seq_len", "log_every", "eval_batches"):
             if getattr(self, field) < 1:
                 raise ConfigError(f"{field} must be >= 1, got {getattr(self, field)}")
+        for field in ("warmup_steps", "max_bad_steps"):
+            if getattr(self, field) < 0:
+                raise ConfigError(f"{field} must be >= 0, got {getattr(self, field)}")
 
 
 @flax.struct.dataclass
