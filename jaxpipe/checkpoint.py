@@ -229,6 +229,11 @@ class Checkpoints:
         )
         one = lambda s: self.restore_tree(s, target, trainer.pipe.model, trainer.tcfg.seed)[1]
         tree = one(step) if step is not None else self.newest_good(one)
+        if tree is None and self.steps():
+            raise ConfigError(
+                f"every checkpoint in {self.directory} is corrupt (steps {self.steps()}); "
+                f"delete them or use another --workdir"
+            )
         return None if tree is None else place_state(trainer, tree)
 
     def wait(self) -> None:

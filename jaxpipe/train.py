@@ -117,11 +117,16 @@ class Trainer:
 
     def init_state(self, params=None) -> TrainState:
         """Canonical params (initialised from the seed when None) placed in pipeline layout."""
-        if params is None:
-            params = M.init_params(self.pipe.model, self.tcfg.seed)
+        if params is None:  # jitted: eager Flax init dispatches hundreds of tiny ops
+            params = jax.jit(M.init_params, static_argnums=(0, 1))(
+                self.pipe.model, self.tcfg.seed
+            )
         params = self.pipe.place(params)
         opt_state = jax.jit(self.tx.init)(params)
-        return TrainState(jnp.zeros((), jnp.int32), params, opt_state, jnp.zeros((), jnp.int32))
+        state = TrainState(jnp.zeros((), jnp.int32), params, opt_state, jnp.zeros((), jnp.int32))
+        # Scalars replicated on the mesh, as the step returns them: no second compile at step 2.
+        replicated = jax.sharding.NamedSharding(self.pipe.mesh, jax.sharding.PartitionSpec())
+        return jax.tree.map(lambda a: jax.device_put(a, replicated) if a.ndim == 0 else a, state)
 
     def _step(self, state: TrainState, tokens_BT1):
         loss, grads = self.pipe.value_and_grad(state.params, tokens_BT1)
