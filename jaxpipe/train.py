@@ -96,6 +96,7 @@ class Trainer:
     def __post_init__(self):
         self.tx = make_optimizer(self.tcfg)
         self.step_fn = jax.jit(self._step, donate_argnums=0)
+        self.loss_fn = jax.jit(self.pipe.loss)
 
     @classmethod
     def create(
@@ -149,7 +150,7 @@ class Trainer:
         return jax.device_put(tokens_BT1, self.pipe.batch_sharding())
 
     def eval_loss(self, params, data: TokenData) -> float:
-        fn = jax.jit(self.pipe.loss)
+        fn = self.loss_fn
         losses = [
             fn(params, self.put_batch(data.batch(i, self.tcfg.batch_size, self.tcfg.seq_len,
                                                  self.tcfg.seed, split="eval")))
