@@ -14,7 +14,7 @@ raises `ConfigError` naming both shapes.
 from __future__ import annotations
 
 import dataclasses
-import logging
+import functools
 import zlib
 from pathlib import Path
 
@@ -32,7 +32,6 @@ from jaxpipe.train import NonFiniteError, TrainConfig, Trainer, TrainState, make
 
 FORMAT = 1
 CKPT_DIR = "checkpoints"
-log = logging.getLogger("jaxpipe.checkpoint")
 
 
 def _is_params(x) -> bool:
@@ -44,9 +43,9 @@ def _map_params(fn, tree):
     return jax.tree.map(lambda x: fn(x) if _is_params(x) else x, tree, is_leaf=_is_params)
 
 
-def canonical_state(trainer: Trainer, state: TrainState) -> dict:
-    """The train state as a shape-independent tree (params and moments in `[L, ...]` layout)."""
-    pipe = trainer.pipe
+@functools.lru_cache(maxsize=32)
+def _canonicalizer(pipe):
+    """One compiled conversion per pipeline (saves must not recompile)."""
     replicated = NamedSharding(pipe.mesh, P())
 
     @jax.jit
@@ -60,7 +59,12 @@ def canonical_state(trainer: Trainer, state: TrainState) -> dict:
         tree = _map_params(pipe.to_canonical, tree)
         return jax.lax.with_sharding_constraint(tree, replicated)
 
-    return convert(state)
+    return convert
+
+
+def canonical_state(trainer: Trainer, state: TrainState) -> dict:
+    """The train state as a shape-independent tree (params and moments in `[L, ...]` layout)."""
+    return _canonicalizer(trainer.pipe)(state)
 
 
 def abstract_canonical(model: ModelConfig, tx, sharding) -> dict:
@@ -218,7 +222,6 @@ class Checkpoints:
             try:
                 return restore_one(step)
             except CorruptCheckpoint as e:
-                log.warning("skipping corrupt checkpoint %s: %s", self.path(step), e)
                 print(f"warning: skipping corrupt checkpoint {self.path(step)}: {e}", flush=True)
         return None
 

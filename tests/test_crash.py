@@ -86,5 +86,6 @@ def test_sigkill_while_saving_then_resume(tmp_path):
     overlap = [s for s in before if s > last]
     # Steps the killed run finished after its checkpoint are recomputed bitwise the same.
     assert [after[s] for s in overlap] == [before[s] for s in overlap]
+    print(f"killed with {in_flight} in flight; resumed from {last}; {len(overlap)} steps redone")
     assert _committed(ckdir)[-1] == STEPS
     assert not [p for p in ckdir.iterdir() if "tmp" in p.name]
