@@ -116,7 +116,11 @@ def test_resume_same_shape_is_bitwise(runs, tmp_path):
     assert _losses(resumed) == {s: full[s] for s in (4, 5, 6)}
 
 
-@pytest.mark.parametrize("S,R,D", [(1, 1, 1), (2, 2, 2)], ids=["unpipelined", "data2xcirc2x2"])
+@pytest.mark.parametrize(
+    "S,R,D",
+    [(1, 1, 1), pytest.param(2, 2, 2, marks=pytest.mark.slow)],
+    ids=["unpipelined", "data2xcirc2x2"],
+)
 def test_resume_other_shape_matches(runs, tmp_path, S, R, D):
     _, full, cut = runs
     shutil.copytree(cut, tmp_path / "w")
