@@ -278,6 +278,9 @@ def train_resumable(
         step = 0 if state is None else int(state.step)
         if state is not None and jax.process_index() == 0:
             print(f"resuming from step {step} ({ckpts.path(step)})", flush=True)
+        for newer in [s for s in ckpts.steps() if s > step]:  # skipped as corrupt: replace them
+            print(f"deleting corrupt checkpoint {ckpts.path(newer)}", flush=True)
+            ckpts.manager.delete(newer)
 
         def hook(s):
             nonlocal step
