@@ -13,8 +13,13 @@ Other shapes, e.g. circular GPipe over 4 stages with 2 repeats, data parallel 2:
     python experiments/train_lm.py --num_stages 4 --num_repeats 2 --schedule circular \
         --data_parallel 2 --workdir runs/circ
 
-Writes WORKDIR/config.json, metrics.jsonl (one JSON row per logged step), summary.json and
-loss.png.
+Writes WORKDIR/config.json, metrics.jsonl (one JSON row per logged step), summary.json,
+loss.png and WORKDIR/checkpoints/<step> every --checkpoint_every steps (the last
+--keep_checkpoints kept). Re-running with the same --workdir resumes from the newest complete
+checkpoint, at any pipeline shape; its losses equal those of an uninterrupted run.
+
+A bad flag prints `error: <what to change>` and exits with status 2; training stopped by
+non-finite losses prints `error: ...` and exits with status 3.
 """
 
 from __future__ import annotations
@@ -22,9 +27,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import app, flags, logging
 
 _F = flags.FLAGS
 flags.DEFINE_string("model", "small", "Model preset (see jaxpipe.config.PRESETS).")
@@ -54,21 +60,44 @@ flags.DEFINE_string("data", None, "Text file/directory or .npy/.bin token ids (d
 flags.DEFINE_integer("seed", 0, "Seed for parameters and data order.")
 flags.DEFINE_integer("log_every", 10, "Log every N steps.")
 flags.DEFINE_integer("devices", None, "Force this many CPU devices (default: the mesh size).")
+flags.DEFINE_integer("checkpoint_every", 100, "Save a checkpoint every N steps (and at the end).")
+flags.DEFINE_integer("keep_checkpoints", 3, "Keep the newest K checkpoints.")
+flags.DEFINE_bool("resume", True, "Resume from WORKDIR/checkpoints if any (--noresume: refuse).")
+flags.DEFINE_integer("max_bad_steps", 5, "Consecutive non-finite steps skipped before stopping.")
+flags.DEFINE_bool("stop_on_nonfinite", False, "Stop at the first non-finite step.")
 
 
 def main(argv):
-    del argv
-    n_dev = _F.devices or _F.data_parallel * _F.num_stages * _F.tensor_parallel
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before jax is imported
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    from jaxpipe.config import ConfigError
+    from jaxpipe.train import NonFiniteError
+
+    try:
+        run(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
+
+
+def run(argv):
+    if len(argv) > 1:
+        from jaxpipe.config import ConfigError
+
+        raise ConfigError(f"unexpected arguments {argv[1:]}; flags are spelled --name=value")
+    n_dev = max(_F.devices or _F.data_parallel * _F.num_stages * _F.tensor_parallel, 1)
     import jax
 
     if jax.config.jax_platforms == "cpu":
         jax.config.update("jax_num_cpu_devices", n_dev)
 
     from jaxpipe import ModelConfig, PipelineConfig, TrainConfig, Trainer, get_preset
+    from jaxpipe.checkpoint import train_resumable
     from jaxpipe.data import load_data
     from jaxpipe.partition import make_plan
-    from jaxpipe.train import train
 
     model: ModelConfig = get_preset(_F.model, num_layers=_F.num_layers, vocab_size=_F.vocab_size)
     pcfg = PipelineConfig(
@@ -90,6 +119,7 @@ def main(argv):
         warmup_steps=_F.warmup_steps,
         seed=_F.seed,
         log_every=_F.log_every,
+        max_bad_steps=0 if _F.stop_on_nonfinite else _F.max_bad_steps,
     )
     print(f"process {jax.process_index()}/{jax.process_count()} devices: {jax.devices()}")
     data = load_data(_F.data)
@@ -121,7 +151,11 @@ def main(argv):
         f"(bubble {trainer.pipe.table.bubble_fraction():.1%}); data {data.source} "
         f"({len(data.tokens):,} tokens, unigram entropy {data.unigram_entropy():.3f} nats)"
     )
-    summary = train(trainer, data, workdir)
+    summary = train_resumable(trainer, data, workdir, every=_F.checkpoint_every,
+                              keep=_F.keep_checkpoints, resume=_F.resume)
+    if not summary["history"]:
+        print(f"done: already at step {summary['steps']}; eval {summary['eval_loss']:.3f}")
+        return
     print(
         f"done: {summary['steps']} steps in {summary['wall_s']:.0f}s; loss "
         f"{summary['first_loss']:.3f} -> {summary['final_loss']:.3f} "

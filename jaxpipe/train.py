@@ -40,10 +40,16 @@ class TrainConfig:
 
     def __post_init__(self):
         if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
-            raise ConfigError(f"learning_rate must be finite and > 0, got {self.learning_rate}")
-        for field in ("steps", "batch_size", "seq_len", "log_every"):
+            raise ConfigError(
+                f"learning_rate must be finite and > 0, got {self.learning_rate}; pass a value "
+                f"such as --learning_rate 3e-3"
+            )
+        for field in ("steps", "batch_size", "seq_len", "log_every", "eval_batches"):
             if getattr(self, field) < 1:
                 raise ConfigError(f"{field} must be >= 1, got {getattr(self, field)}")
+        for field in ("warmup_steps", "max_bad_steps"):
+            if getattr(self, field) < 0:
+                raise ConfigError(f"{field} must be >= 0, got {getattr(self, field)}")
 
 
 @flax.struct.dataclass
@@ -97,6 +103,7 @@ class Trainer:
             out_shardings=(self.shardings, self.shardings.step),
             donate_argnums=0,
         )
+        self.loss_fn = jax.jit(self.pipe.loss)
 
     @classmethod
     def create(
@@ -131,8 +138,10 @@ class Trainer:
 
     def init_state(self, params=None) -> TrainState:
         """Canonical params (initialised from the seed when None) placed in pipeline layout."""
-        if params is None:
-            params = M.init_params(self.pipe.model, self.tcfg.seed)
+        if params is None:  # jitted: eager Flax init dispatches hundreds of tiny ops
+            params = jax.jit(M.init_params, static_argnums=(0, 1))(
+                self.pipe.model, self.tcfg.seed
+            )
         sh = self.shardings
         params = jax.jit(self.pipe.to_pipeline, out_shardings=sh.params)(params)
         opt_state = jax.jit(self.tx.init, out_shardings=sh.opt_state)(params)
@@ -160,7 +169,7 @@ class Trainer:
         return jax.device_put(tokens_BT1, self.pipe.batch_sharding())
 
     def eval_loss(self, params, data: TokenData) -> float:
-        fn = jax.jit(self.pipe.loss)
+        fn = self.loss_fn
         losses = [
             fn(params, self.put_batch(data.batch(i, self.tcfg.batch_size, self.tcfg.seq_len,
                                                  self.tcfg.seed, split="eval")))
