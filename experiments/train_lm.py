@@ -108,8 +108,9 @@ def main(argv):
     )
     summary = train(trainer, data, workdir)
     print(
-        f"done: {summary['steps']} steps in {summary['wall_s']:.0f}s; loss {summary['first_loss']:.3f}"
-        f" -> {summary['final_loss']:.3f} (eval {summary['eval_loss']:.3f}, unigram entropy "
+        f"done: {summary['steps']} steps in {summary['wall_s']:.0f}s; loss "
+        f"{summary['first_loss']:.3f} -> {summary['final_loss']:.3f} "
+        f"(eval {summary['eval_loss']:.3f}, unigram entropy "
         f"{summary['unigram_entropy']:.3f}); {summary['tokens_per_s']:,.0f} tok/s; "
         f"outputs in {workdir}/"
     )

@@ -103,7 +103,7 @@ class Pipeline:
     # -- forward -------------------------------------------------------------------------------
 
     def microbatch(self, x_BTD):
-        """[B, ...] -> [M, B/M, ...]; row b goes to micro-batch b mod M (keeps data shards local)."""
+        """[B, ...] -> [M, B/M, ...]; row b goes to micro-batch b mod M (data shards stay local)."""
         Mb = self.config.num_microbatches
         B = x_BTD.shape[0]
         self.config.check_batch(B)
