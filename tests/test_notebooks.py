@@ -1,4 +1,9 @@
-"""The Colab notebooks run top to bottom on forced CPU devices and are committed without outputs."""
+"""The Colab notebooks run top to bottom on forced CPU devices and are committed without outputs.
+
+Each notebook runs once, in a temp copy of its folder, in a fresh kernel that imports this
+checkout; one test per notebook checks everything about that run (so `pytest -n 2` does not
+execute a notebook twice).
+"""
 
 import os
 import re
@@ -13,53 +18,73 @@ from nbclient import NotebookClient
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "colab").glob("*.ipynb"))
 CELL_TIMEOUT_S = 300
-
-# Per notebook: the line its last cell must print, and how many cells must show a figure.
-EXPECT = {
-    "01_quickstart.ipynb": {"summary": "quickstart done:", "figures": 2},
-    "02_partition_planner.ipynb": {"summary": "planner done:", "figures": 2},
-    "03_schedules.ipynb": {"summary": "schedules done:", "figures": 5},
-}
+SCHEDULES = ["gpipe", "circular", "1f1b", "interleaved_1f1b"]
 
 
-@pytest.fixture(scope="module")
-def executed(tmp_path_factory):
-    """name -> (executed notebook, its working dir); each notebook runs once per session."""
-    cache = {}
-
-    def run(name: str):
-        if name not in cache:
-            workdir = tmp_path_factory.mktemp(Path(name).stem)
-            shutil.copy(ROOT / "colab" / name, workdir / name)
-            nb = nbformat.read(workdir / name, as_version=4)
-            env = dict(os.environ, JAX_PLATFORMS="cpu")
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-            env["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
-            client = NotebookClient(
-                nb,
-                timeout=CELL_TIMEOUT_S,
-                kernel_name="python3",
-                resources={"metadata": {"path": str(workdir)}},
-            )
-            t0 = time.perf_counter()
-            client.execute(env=env)
-            print(f"{name}: {time.perf_counter() - t0:.1f}s")
-            cache[name] = (nb, workdir)
-        return cache[name]
-
-    return run
+def _execute(name: str, workdir: Path) -> nbformat.NotebookNode:
+    shutil.copy(ROOT / "colab" / name, workdir / name)
+    nb = nbformat.read(workdir / name, as_version=4)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+    client = NotebookClient(
+        nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": workdir}}
+    )
+    t0 = time.perf_counter()
+    client.execute(env=env)
+    print(f"{name}: {time.perf_counter() - t0:.1f}s")
+    return nb
 
 
 def _code(nb):
     return [c for c in nb.cells if c.cell_type == "code"]
 
 
-def _text(cell) -> str:
-    return "".join(o.get("text", "") for o in cell.get("outputs", []) if o.output_type == "stream")
+def _text(cells) -> str:
+    return "".join(
+        o.get("text", "") for c in cells for o in c.get("outputs", []) if o.output_type == "stream"
+    )
 
 
-def _has_figure(cell) -> bool:
-    return any("image/png" in o.get("data", {}) for o in cell.get("outputs", []))
+def _figures(nb) -> int:
+    """Code cells that display at least one PNG."""
+    return sum(any("image/png" in o.get("data", {}) for o in c.outputs) for c in _code(nb))
+
+
+def _check_quickstart(nb, out: str, workdir: Path) -> None:
+    """Install skipped, 8 CPU devices, loss falls, run directory and Gantt chart written."""
+    assert _figures(nb) >= 2  # loss curve, Gantt chart
+    assert "Successfully installed" not in out
+    assert ": 8 x cpu (cpu)" in out
+    assert (workdir / "runs/quickstart/summary.json").exists()
+    assert (workdir / "schedule.png").stat().st_size > 1000
+    line = next(l for l in out.splitlines() if l.startswith("quickstart done:"))
+    first, final = map(float, re.search(r"loss (\S+) -> ([^,]+),", line).groups())
+    assert final < first - 0.5, line
+
+
+def _check_schedules(nb, out: str, workdir: Path) -> None:
+    """Four Gantt charts and three plots; each schedule's table bubble equals the formula."""
+    assert _figures(nb) >= 5
+    assert all((workdir / f"gantt_{name}.png").exists() for name in SCHEDULES)
+    # The bubble table: name, R, bubble of the table, formula, [peak in flight per stage], ...
+    rows = re.findall(r"^(\S+) +(\d+) +([\d.]+) +([\d.]+) +\[", out, re.MULTILINE)
+    assert [r[0] for r in rows] == SCHEDULES
+    for name, _, bubble, formula in rows:
+        assert bubble == formula, (name, bubble, formula)
+    assert "schedules done:" in out
+
+
+def _check_planner(nb, out: str, workdir: Path) -> None:
+    assert _figures(nb) >= 2
+    assert "planner done:" in out
+
+
+CHECKS = {
+    "01_quickstart.ipynb": _check_quickstart,
+    "02_partition_planner.ipynb": _check_planner,
+    "03_schedules.ipynb": _check_schedules,
+}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -74,46 +99,17 @@ def test_committed_without_outputs(path):
 
 def test_every_notebook_is_checked():
     names = {p.name for p in NOTEBOOKS}
-    assert names <= set(EXPECT), names - set(EXPECT)
+    assert names <= set(CHECKS), names - set(CHECKS)
     assert {"01_quickstart.ipynb", "03_schedules.ipynb"} <= names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs(path, executed):
-    nb, _ = executed(path.name)
-    expect = EXPECT[path.name]
+def test_notebook_runs(path, tmp_path):
+    nb = _execute(path.name, tmp_path)
     code = _code(nb)
     assert all(c.execution_count is not None for c in code), "a cell did not run"
-    errors = [o for c in code for o in c.outputs if o.output_type == "error"]
+    errors = [f"{o.ename}: {o.evalue}" for c in code for o in c.outputs if o.output_type == "error"]
     assert not errors, errors
-    assert sum(_has_figure(c) for c in code) >= expect["figures"]
-    assert expect["summary"] in _text(code[-1])
-
-
-def test_quickstart_trains_on_eight_cpu_devices(executed):
-    """The install cell is skipped, 8 CPU devices are used, the loss falls, outputs are written."""
-    nb, workdir = executed("01_quickstart.ipynb")
-    out = "".join(_text(c) for c in _code(nb))
-    assert "Successfully installed" not in out
-    assert ": 8 x cpu (cpu)" in out
-    assert (workdir / "runs/quickstart/summary.json").exists()
-    assert (workdir / "schedule.png").stat().st_size > 1000
-    line = next(l for l in out.splitlines() if l.startswith("quickstart done:"))
-    first, final = map(float, re.search(r"loss (\S+) -> ([^,]+),", line).groups())
-    assert final < first - 0.5, line
-
-
-def test_schedules_bubbles_match_formula(executed):
-    """The schedules notebook's table: every schedule's bubble equals (S-1)/(RM+S-1)."""
-    nb, _ = executed("03_schedules.ipynb")
-    out = "".join(_text(c) for c in _code(nb))
-    rows = [
-        l.split()
-        for l in out.splitlines()
-        if l.split()[:1]
-        and l.split()[0] in ("gpipe", "circular", "1f1b", "interleaved_1f1b")
-        and "[" in l
-    ]
-    assert [r[0] for r in rows] == ["gpipe", "circular", "1f1b", "interleaved_1f1b"]
-    for r in rows:
-        assert r[2] == r[3], r
+    # The last cell prints the notebook's one-line summary.
+    assert _text(code[-1:]).strip(), "the summary cell printed nothing"
+    CHECKS[path.name](nb, _text(code), tmp_path)
