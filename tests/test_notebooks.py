@@ -72,6 +72,7 @@ def _check_schedules(nb, out: str, workdir: Path) -> None:
     assert [r[0] for r in rows] == SCHEDULES
     for name, _, bubble, formula in rows:
         assert bubble == formula, (name, bubble, formula)
+    assert (workdir / "interleaved_1f1b.trace.json").stat().st_size > 1000
     assert "schedules done:" in out
 
 
