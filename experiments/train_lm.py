@@ -42,6 +42,12 @@ flags.DEFINE_integer("steps", 300, "Training steps.")
 flags.DEFINE_float("learning_rate", 3e-3, "Peak learning rate (warmup, then cosine decay).")
 flags.DEFINE_integer("warmup_steps", 20, "Linear warmup steps.")
 flags.DEFINE_string("remat", "none", "none | layer | stage.")
+flags.DEFINE_string("partition", "uniform", "uniform | cost | memory | profile (stage sizes).")
+flags.DEFINE_string("device_profile", "cpu", "Device profile the partitioner costs layers on.")
+flags.DEFINE_string("embed_head", "outside", "outside | inside (embedding in the first stage, "
+                    "head + loss in the last).")
+flags.DEFINE_bool("check_balance", False, "Measure each stage's time, compare with the plan, "
+                  "warn above 1.2x imbalance and print the suggested re-partition.")
 flags.DEFINE_string("boundary_dtype", None, "dtype of activations sent between stages.")
 flags.DEFINE_string("workdir", "runs/train_lm", "Where config, metrics and plots go.")
 flags.DEFINE_string("data", None, "Text file/directory or .npy/.bin token ids (default: stdlib).")
@@ -61,6 +67,7 @@ def main(argv):
 
     from jaxpipe import ModelConfig, PipelineConfig, TrainConfig, Trainer, get_preset
     from jaxpipe.data import load_data
+    from jaxpipe.partition import make_plan
     from jaxpipe.train import train
 
     model: ModelConfig = get_preset(_F.model, num_layers=_F.num_layers, vocab_size=_F.vocab_size)
@@ -73,6 +80,7 @@ def main(argv):
         boundary_dtype=_F.boundary_dtype,
         data_parallel=_F.data_parallel,
         tensor_parallel=_F.tensor_parallel,
+        embed_head=_F.embed_head,
     )
     tcfg = TrainConfig(
         steps=_F.steps,
@@ -85,9 +93,16 @@ def main(argv):
     )
     print(f"process {jax.process_index()}/{jax.process_count()} devices: {jax.devices()}")
     data = load_data(_F.data)
-    trainer = Trainer.create(model, pcfg, tcfg)
+    inside = pcfg.embed_head == "inside"
+    plan = make_plan(model, pcfg, _F.partition, batch_size=tcfg.batch_size, seq_len=tcfg.seq_len,
+                     device=_F.device_profile, embed_in_first=inside, head_in_last=inside)
+    print(plan.table())
     workdir = Path(_F.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "plan.json").write_text(plan.to_json())
+    if _F.check_balance:
+        _check_balance(model, pcfg, tcfg, plan)
+    trainer = Trainer.create(model, pcfg, tcfg, layout=plan.layout)
     (workdir / "config.json").write_text(
         json.dumps(
             {
@@ -114,6 +129,24 @@ def main(argv):
         f"{summary['unigram_entropy']:.3f}); {summary['tokens_per_s']:,.0f} tok/s; "
         f"outputs in {workdir}/"
     )
+
+
+def _check_balance(model, pcfg, tcfg, plan):
+    from jaxpipe.measure import check_balance, measure_stage_times
+
+    measured = measure_stage_times(model, pcfg, plan.layout, batch_size=tcfg.batch_size,
+                                   seq_len=tcfg.seq_len)
+    report = check_balance(plan, measured)
+    for s, (p, m) in enumerate(zip(report.predicted_s, report.measured_s, strict=True)):
+        print(f"stage {s}: predicted {p * 1e3:8.2f} ms  measured {m * 1e3:8.2f} ms")
+    print(f"slowest / fastest stage: {report.ratio:.2f}; max prediction error "
+          f"{report.max_error:.0%}")
+    if report.suggestion is not None and report.suggestion.layout == plan.layout:
+        print(f"stages are imbalanced ({report.ratio:.2f}x > 1.2x) but no contiguous split of "
+              f"the measured layer times does better than {plan.layout_string()}")
+    elif report.suggestion is not None:
+        print(f"warning: stages are imbalanced ({report.ratio:.2f}x > 1.2x); suggested "
+              f"re-partition: {report.suggestion.layout_string()} (use --partition profile)")
 
 
 if __name__ == "__main__":

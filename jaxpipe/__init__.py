@@ -11,7 +11,9 @@ from jaxpipe.data import TokenData, load_data
 from jaxpipe.layout import StageLayout
 from jaxpipe.mesh import make_mesh
 from jaxpipe.model import abstract_params, init_params, reference_loss
+from jaxpipe.partition import make_plan
 from jaxpipe.pipeline import Pipeline
+from jaxpipe.report import Plan
 from jaxpipe.schedule import ScheduleTable, build_table
 from jaxpipe.train import TrainConfig, Trainer, TrainState, train
 
@@ -28,6 +30,8 @@ __all__ = [
     "abstract_params",
     "init_params",
     "reference_loss",
+    "make_plan",
+    "Plan",
     "Pipeline",
     "ScheduleTable",
     "build_table",

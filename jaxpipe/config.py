@@ -146,6 +146,8 @@ class PipelineConfig:
     remat: "none", "layer" (recompute each block), "stage" (save only stage inputs).
     boundary_dtype: dtype of activations sent between stages (None: compute dtype).
     data_parallel / tensor_parallel: sizes of the `data` and `tensor` mesh axes.
+    embed_head: "outside" (embedding and head run on the whole mesh before and after the
+        pipeline) or "inside" (the first stage embeds, the last applies the head and the loss).
     """
 
     num_stages: int = 1
@@ -156,8 +158,14 @@ class PipelineConfig:
     boundary_dtype: str | None = None
     data_parallel: int = 1
     tensor_parallel: int = 1
+    embed_head: str = "outside"
 
     def __post_init__(self):
+        if self.embed_head not in ("outside", "inside"):
+            raise ConfigError(
+                f"embed_head must be 'outside' or 'inside' (embedding in the first stage, head "
+                f"and loss in the last), got {self.embed_head!r}"
+            )
         for field in (
             "num_stages",
             "num_microbatches",

@@ -133,7 +133,18 @@ class Pipeline:
 
     def loss(self, params, tokens_BT1):
         """Next-token loss on tokens [B, T+1]; params in the pipeline layout."""
-        return M.cross_entropy(self.logits(params, tokens_BT1[:, :-1]), tokens_BT1[:, 1:])
+        if self.config.embed_head == "outside":
+            return M.cross_entropy(self.logits(params, tokens_BT1[:, :-1]), tokens_BT1[:, 1:])
+        if tokens_BT1.shape[1] - 1 > self.model.max_seq_len:
+            M.embed_apply(self.model, params, tokens_BT1[:1, :-1])  # raises the length error
+        outer = {k: v for k, v in params.items() if k != "blocks"}
+        return jax.shard_map(
+            self._stage_program,
+            mesh=self.mesh,
+            in_specs=(P("pipe"), None, P(), P()),
+            out_specs=P(),
+            axis_names={"pipe"},
+        )(params["blocks"], None, outer, self.microbatch(tokens_BT1))
 
     def value_and_grad(self, params, tokens_BT1):
         """(loss, grads) with grads in the same pipeline layout as params."""
@@ -173,10 +184,14 @@ class Pipeline:
             run_stage = jax.checkpoint(run_stage)
         return run_stage
 
-    def _stage_program(self, w_1RJ, x_MBTD):
+    def _stage_program(self, w_1RJ, x_MBTD, outer=None, tokens_MBT1=None):
+        """The ring program. With `outer` (embedding + head params) and `tokens_MBT1`, stage 0
+        embeds each micro-batch as it enters and the last stage applies the head and the loss
+        as it leaves; the program then returns the mean loss instead of the activations."""
         tab = self.forward_table
-        S, T = self.config.num_stages, tab.num_ticks
-        act_dtype = x_MBTD.dtype
+        cfg, S, R, T = self.model, self.config.num_stages, self.config.num_repeats, tab.num_ticks
+        inside = outer is not None
+        act_dtype = jnp.dtype(cfg.dtype) if inside else x_MBTD.dtype
         send_dtype = jnp.dtype(self.config.boundary_dtype or act_dtype)
         # What the last stage sent at tick t - 1 arrives at stage 0 at tick t (t = 0..T).
         arrive_micro = jnp.asarray(np.concatenate([[0], np.maximum(tab.micro[:, S - 1], 0)]))
@@ -190,9 +205,16 @@ class Pipeline:
 
         s = jax.lax.axis_index("pipe")
         w_RJ = jax.tree.map(lambda a: a[0], w_1RJ)
+        if inside:
+            # Make the replicated params per-stage values here, at top level: their gradient's
+            # sum over stages must not sit inside a branch that only some stages take.
+            outer = jax.tree.map(lambda a: jax.lax.pcast(a, "pipe", to="varying"), outer)
+            Mb, B, T1 = tokens_MBT1.shape
+            x_MBTD = jnp.zeros((Mb, B, T1 - 1, cfg.d_model), send_dtype)
         buf_MBTD = jax.lax.pcast(x_MBTD.astype(send_dtype), "pipe", to="varying")
         fill = jnp.nan if self.poison_bubbles else 0.0
         recv_BTD = jnp.full_like(buf_MBTD[0], fill)
+        loss = jax.lax.pcast(jnp.zeros((), jnp.float32), "pipe", to="varying")
 
         def absorb(buf_MBTD, recv_BTD, t):
             m = arrive_micro[t]
@@ -202,16 +224,38 @@ class Pipeline:
         def idle(h):
             return jnp.full_like(h, jnp.nan) if self.poison_bubbles else h
 
-        def tick(carry, t):
-            buf_MBTD, recv_BTD = carry
-            buf_MBTD = absorb(buf_MBTD, recv_BTD, t)
-            m, r = micro_TS[t, s], repeat_TS[t, s]
-            h_BTD = jnp.where(s == 0, buf_MBTD[m], recv_BTD).astype(act_dtype)
-            h_BTD = jax.lax.cond(
-                busy_TS[t, s], functools.partial(run_stage, w_RJ, r, counts_SR[s, r]), idle, h_BTD
-            )
-            recv_BTD = jax.lax.ppermute(h_BTD.astype(send_dtype), "pipe", perm)
-            return (buf_MBTD, recv_BTD), None
+        def enter(m, r, busy, h_BTD):
+            """Stage 0's input; with the embedding inside, repeat 0 embeds the tokens."""
+            if not inside:
+                return h_BTD
+            embed = lambda _: M.embed_apply(cfg, outer, tokens_MBT1[m, :, :-1]).astype(act_dtype)
+            return jax.lax.cond(busy & (r == 0), embed, lambda h: h, h_BTD)
 
-        (buf_MBTD, recv_BTD), _ = jax.lax.scan(tick, (buf_MBTD, recv_BTD), jnp.arange(T))
+        def leave(m, r, busy, h_BTD):
+            """Loss of a micro-batch leaving the last stage for the last time (head inside)."""
+            head_loss = lambda h: M.cross_entropy(
+                M.head_apply(cfg, outer, h), tokens_MBT1[m, :, 1:]
+            )
+            done = busy & (s == S - 1) & (r == R - 1)
+            zero = lambda h: jax.lax.pcast(jnp.zeros((), jnp.float32), "pipe", to="varying")
+            return jax.lax.cond(done, head_loss, zero, h_BTD)
+
+        def tick(carry, t):
+            buf_MBTD, recv_BTD, loss = carry
+            buf_MBTD = absorb(buf_MBTD, recv_BTD, t)
+            m, r, busy = micro_TS[t, s], repeat_TS[t, s], busy_TS[t, s]
+            h_BTD = jnp.where(s == 0, enter(m, r, busy, buf_MBTD[m].astype(act_dtype)), recv_BTD)
+            h_BTD = jax.lax.cond(
+                busy, functools.partial(run_stage, w_RJ, r, counts_SR[s, r]), idle,
+                h_BTD.astype(act_dtype),
+            )
+            if inside:
+                loss = loss + leave(m, r, busy, h_BTD)
+            recv_BTD = jax.lax.ppermute(h_BTD.astype(send_dtype), "pipe", perm)
+            return (buf_MBTD, recv_BTD, loss), None
+
+        carry, _ = jax.lax.scan(tick, (buf_MBTD, recv_BTD, loss), jnp.arange(T))
+        buf_MBTD, recv_BTD, loss = carry
+        if inside:
+            return jax.lax.psum(loss, "pipe") / self.config.num_microbatches
         return absorb(buf_MBTD, recv_BTD, T)[None]

@@ -171,3 +171,20 @@ def test_preset_parameter_counts():
     assert counted == cfg.num_params()
     cfg = get_preset("tiny")
     assert sum(x.size for x in jax.tree.leaves(M.init_params(cfg))) == cfg.num_params()
+
+
+@pytest.mark.parametrize(
+    "style,S,Mb,R,D,counts",
+    [
+        ("gpt2", 3, 4, 1, 1, (1, 3, 1)),  # GPT-3 style: first and last stage lighter
+        ("gpt2", 3, 2, 2, 1, (1, 2, 1, 1, 1, 1)),  # circular, M < S, uneven
+        ("llama", 2, 2, 2, 2, (1, 2, 2, 1)),  # data x pipe, circular
+        ("llama", 1, 2, 1, 1, (4,)),
+    ],
+)
+def test_embed_and_head_inside_stages_match_reference(style, S, Mb, R, D, counts):
+    preset = "tiny" if style == "gpt2" else "tiny-llama"
+    cfg = get_preset(preset, num_layers=sum(counts), max_seq_len=SEQ)
+    layout = StageLayout(S, R, counts)
+    pipe = _pipeline(cfg, S, Mb, R, D, layout=layout, embed_head="inside")
+    _check_against_reference(cfg, pipe, batch=2 * Mb * D)

@@ -1,0 +1,229 @@
+"""Per-layer costs from XLA and device profiles: what one block, the embedding and the head cost.
+
+Each kind of layer is lowered and compiled once, forward + backward, at the per-device
+micro-batch shape from `jax.ShapeDtypeStruct` inputs (nothing is allocated, so 175B-parameter
+shapes are fine). FLOPs, bytes accessed and transcendentals come from
+`compiled.cost_analysis()`, argument and temp bytes from `compiled.memory_analysis()`. A scanned
+stack is never costed: XLA ignores loop trip counts.
+
+Per-device accounting: the micro-batch is divided by `data_parallel`; tensor parallelism divides
+the block's and head's FLOPs, bytes, parameters and activations by `tensor_parallel`
+(an analytic Megatron-style division; the costed program itself is unsharded).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+
+from jaxpipe import model as M
+from jaxpipe.config import ConfigError, ModelConfig, PipelineConfig
+
+GB = 1e9
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceProfile:
+    """Peak dense bf16 FLOP/s, HBM bandwidth (B/s) and capacity (bytes), stage link (B/s)."""
+
+    name: str
+    peak_flops: float
+    hbm_bandwidth: float
+    hbm_bytes: float
+    link_bandwidth: float
+    head_flops: float | None = None  # measured CPU only: FLOP/s at the vocab projection's shape
+
+    def roofline(self, flops: float, bytes_accessed: float, head: bool = False) -> float:
+        peak = self.head_flops if head and self.head_flops else self.peak_flops
+        return max(flops / peak, bytes_accessed / self.hbm_bandwidth)
+
+
+# Public spec-sheet numbers. TPU link = per-chip ICI bandwidth / number of ICI links (one
+# neighbour link); GPU link = NVLink bandwidth per direction.
+PROFILES: dict[str, DeviceProfile] = {
+    "tpu-v4": DeviceProfile("tpu-v4", 275e12, 1200 * GB, 32 * GiB, 50 * GB),
+    "tpu-v5e": DeviceProfile("tpu-v5e", 197e12, 819 * GB, 16 * GiB, 50 * GB),
+    "tpu-v5p": DeviceProfile("tpu-v5p", 459e12, 2765 * GB, 95 * GiB, 100 * GB),
+    "tpu-v6e": DeviceProfile("tpu-v6e", 918e12, 1640 * GB, 32 * GiB, 100 * GB),
+    "a100-80gb": DeviceProfile("a100-80gb", 312e12, 2039 * GB, 80 * GB, 300 * GB),
+    "h100": DeviceProfile("h100", 989e12, 3350 * GB, 80 * GB, 450 * GB),
+    "h200": DeviceProfile("h200", 989e12, 4800 * GB, 141 * GB, 450 * GB),
+}
+DEVICES = tuple(PROFILES) + ("cpu",)
+
+_CPU_PROFILE: dict[tuple, DeviceProfile] = {}
+
+
+def _best_time(fn, *args, reps: int = 5) -> float:
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _matmul_flops(m: int, k: int, n: int) -> float:
+    cpu = jax.devices("cpu")[0]
+    a = jax.device_put(jnp.ones((m, k), jnp.float32), cpu)
+    b = jax.device_put(jnp.ones((k, n), jnp.float32), cpu)
+    return 2 * m * k * n / _best_time(jax.jit(jnp.matmul), a, b)
+
+
+def calibrate_cpu(
+    matmul_dims: tuple[int, int, int] = (512, 512, 512),
+    head_dims: tuple[int, int, int] | None = None,
+) -> DeviceProfile:
+    """The running CPU, measured: effective FLOP/s of a timed f32 matmul of `matmul_dims`
+    = (m, k, n) (pass a layer-sized one: tokens x d_model x d_ff), of the vocabulary projection
+    `head_dims` (tokens x d_model x vocab) when given, and memory bandwidth from a timed
+    read-only reduction over 64 MiB (a copy into fresh buffers measures page faults instead)."""
+    key = (tuple(matmul_dims), head_dims and tuple(head_dims))
+    if key in _CPU_PROFILE:
+        return _CPU_PROFILE[key]
+    flops = _matmul_flops(*matmul_dims)
+    head_flops = _matmul_flops(*head_dims) if head_dims else None
+    buf = jax.device_put(jnp.ones((16 * 2**20,), jnp.float32), jax.devices("cpu")[0])
+    bandwidth = buf.nbytes / _best_time(jax.jit(jnp.sum), buf)
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        mem = 16 * GiB
+    profile = DeviceProfile("cpu", flops, bandwidth, float(mem), bandwidth, head_flops)
+    _CPU_PROFILE[key] = profile
+    return profile
+
+
+def get_profile(
+    device: str | DeviceProfile, model_cfg: ModelConfig | None = None, tokens: int | None = None
+) -> DeviceProfile:
+    """A named profile; "cpu" is measured (with a layer-sized matmul when the model is given)."""
+    if isinstance(device, DeviceProfile):
+        return device
+    if device == "cpu":
+        if model_cfg is None or tokens is None:
+            return calibrate_cpu()
+        d = model_cfg.d_model
+        return calibrate_cpu((tokens, d, model_cfg.ff_dim), (tokens, d, model_cfg.vocab_size))
+    if device not in PROFILES:
+        raise ConfigError(f"unknown device {device!r}; choose one of {list(DEVICES)}")
+    return PROFILES[device]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCost:
+    """One layer's forward + backward on one micro-batch, per device."""
+
+    flops: float
+    bytes_accessed: float
+    transcendentals: float
+    params: int  # parameters held per device
+    argument_bytes: float  # XLA memory_analysis of the fwd+bwd program
+    temp_bytes: float
+    activation_bytes: float  # residuals kept for the backward pass, per micro-batch
+
+    def time(self, profile: DeviceProfile, head: bool = False) -> float:
+        return profile.roofline(self.flops, self.bytes_accessed, head)
+
+    def scaled(self, k: float) -> LayerCost:
+        """The tensor-parallel share of one of k devices: every figure divided by k."""
+        return LayerCost(*(getattr(self, f.name) / k for f in dataclasses.fields(self)))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCosts:
+    block: LayerCost
+    embed: LayerCost
+    head: LayerCost
+    boundary_bytes: float  # one micro-batch activation [b, T, D] sent between stages
+    microbatch: int  # per-device micro-batch size b
+    seq_len: int
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+
+
+def _residual_bytes(fn, *args) -> float:
+    """Bytes of the residuals autodiff saves for `fn`'s backward pass."""
+    try:
+        from jax._src.ad_checkpoint import saved_residuals
+    except ImportError:  # pragma: no cover - private API moved
+        return float("nan")
+    return float(sum(a.size * a.dtype.itemsize for a, _ in saved_residuals(fn, *args)))
+
+
+def _layer_cost(make, b: int, params: int) -> LayerCost:
+    """Costs fwd+bwd of `fn(diff, aux)` where `make(b) -> (fn, diff, aux)` builds abstract args
+    at micro-batch b; activations = residual bytes at 2b minus at b (what grows with the batch)."""
+    fn, diff, aux = make(b)
+
+    def fwd_bwd(diff, aux, cot):
+        _, vjp = jax.vjp(lambda d: fn(d, aux), diff)
+        return vjp(cot)
+
+    cot = jax.eval_shape(fn, diff, aux)
+    compiled = jax.jit(fwd_bwd).lower(diff, aux, cot).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    mem = compiled.memory_analysis()
+    fn2, diff2, aux2 = make(2 * b)
+    act = _residual_bytes(fn2, diff2, aux2) - _residual_bytes(fn, diff, aux)
+    return LayerCost(
+        flops=float(cost.get("flops", 0.0)),
+        bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+        transcendentals=float(cost.get("transcendentals", 0.0)),
+        params=params,
+        argument_bytes=float(mem.argument_size_in_bytes),
+        temp_bytes=float(mem.temp_size_in_bytes),
+        activation_bytes=max(act, 0.0),
+    )
+
+
+def microbatch_size(pipe_cfg: PipelineConfig, batch_size: int) -> int:
+    """Per-device micro-batch: batch / (M x data_parallel); raises naming the fix."""
+    pipe_cfg.check_batch(batch_size)
+    return batch_size // (pipe_cfg.num_microbatches * pipe_cfg.data_parallel)
+
+
+def model_costs(
+    model_cfg: ModelConfig, pipe_cfg: PipelineConfig, *, batch_size: int, seq_len: int
+) -> ModelCosts:
+    """Compiles one block, the embedding and the head + loss (fwd + bwd) from abstract shapes."""
+    if seq_len > model_cfg.max_seq_len:
+        raise ConfigError(
+            f"seq_len {seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}"
+        )
+    b, T, D = microbatch_size(pipe_cfg, batch_size), seq_len, model_cfg.d_model
+    tp = pipe_cfg.tensor_parallel
+    cfg = model_cfg
+    dt = jnp.dtype(cfg.dtype)
+    params = _abstract(M.abstract_params(cfg))
+    block_p = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), params["blocks"])
+    x = lambda b: jax.ShapeDtypeStruct((b, T, D), dt)
+    tokens = lambda b: jax.ShapeDtypeStruct((b, T), jnp.int32)
+
+    def make_block(b):
+        return (lambda d, _: M.block_apply(cfg, d[0], d[1]), (block_p, x(b)), None)
+
+    def make_embed(b):
+        return (lambda d, tok: M.embed_apply(cfg, {"embed": d}, tok), params["embed"], tokens(b))
+
+    def make_head(b):
+        def fn(d, tgt):
+            p, h = d
+            return M.cross_entropy(M.head_apply(cfg, p, h), tgt)
+
+        p = {"embed": params["embed"] if cfg.tied else {}, "head": params["head"]}
+        return fn, (p, x(b)), tokens(b)
+
+    block = _layer_cost(make_block, b, cfg.block_params()).scaled(tp)
+    embed = _layer_cost(make_embed, b, cfg.embed_params())
+    head = _layer_cost(make_head, b, cfg.head_params()).scaled(tp)
+    return ModelCosts(block, embed, head, float(b * T * D * dt.itemsize), b, T)

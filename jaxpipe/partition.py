@@ -1,0 +1,316 @@
+"""Stage sizes from layer costs: the `uniform`, `cost`, `memory` and `profile` methods.
+
+A device's time per micro-batch is the sum of its R virtual stages; a virtual stage costs its
+blocks' forward + backward time, the embedding on the first virtual stage and the head + loss on
+the last, plus the activation and its gradient crossing the link. `cost` minimises the slowest
+device exactly (`split.min_max_split`); `memory` does the same subject to every device fitting
+in memory; `profile` feeds the same optimiser with measured single-layer times.
+
+Memory per device: every device holds R x J block slots (SPMD pads all stages to the largest,
+J layers) of parameters, gradients and AdamW's two fp32 moments (16 bytes per fp32 parameter),
+plus the activations the schedule keeps in flight: all M micro-batches for GPipe and circular,
+at most S - s on stage s for 1F1B, and only stage inputs (per layer or per stage) under remat.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from jaxpipe.config import ConfigError, ModelConfig, PipelineConfig
+from jaxpipe.costs import DeviceProfile, ModelCosts, get_profile, model_costs
+from jaxpipe.layout import StageLayout
+from jaxpipe.report import Plan, StageReport
+from jaxpipe.split import min_max_split, spread, uniform_sizes
+
+METHODS = ("uniform", "cost", "memory", "profile")
+STATIC_BYTES_PER_PARAM = 16  # fp32 parameter + gradient + two AdamW moments
+
+
+@dataclasses.dataclass(frozen=True)
+class CostModel:
+    """Per-layer times (seconds, fwd + bwd, one micro-batch) and bytes, per device."""
+
+    block_time: float
+    embed_time: float
+    head_time: float
+    transfer_time: float  # activation forward + its gradient backward, per virtual stage
+    block_params: float
+    embed_params: float
+    head_params: float
+    block_act: float  # saved per block per micro-batch
+    embed_act: float
+    head_act: float
+    boundary_bytes: float  # one stage input
+    temp_bytes: float  # working memory of the largest single layer program
+    embed_in_first: bool = True
+    head_in_last: bool = True
+
+    @classmethod
+    def from_costs(
+        cls,
+        costs: ModelCosts,
+        profile: DeviceProfile,
+        model_cfg: ModelConfig,
+        tp: int,
+        times: dict | None = None,
+        **flags,
+    ) -> CostModel:
+        times = times or {
+            k: getattr(costs, k).time(profile, head=k == "head") for k in ("block", "embed", "head")
+        }
+        # Tied embeddings: the last stage needs its own copy of the table for the head.
+        head_params = model_cfg.head_params() / tp
+        if model_cfg.tied and flags.get("head_in_last", True):
+            head_params += model_cfg.vocab_size * model_cfg.d_model / tp
+        return cls(
+            block_time=times["block"],
+            embed_time=times["embed"],
+            head_time=times["head"],
+            transfer_time=2 * costs.boundary_bytes / profile.link_bandwidth,
+            block_params=model_cfg.block_params() / tp,
+            embed_params=model_cfg.embed_params(),
+            head_params=head_params,
+            block_act=costs.block.activation_bytes,
+            embed_act=costs.embed.activation_bytes,
+            head_act=costs.head.activation_bytes,
+            boundary_bytes=costs.boundary_bytes,
+            temp_bytes=max(costs.block.temp_bytes, costs.head.temp_bytes),
+            **flags,
+        )
+
+    def extra_time(self, s: int, S: int) -> float:
+        return (self.embed_time if s == 0 and self.embed_in_first else 0.0) + (
+            self.head_time if s == S - 1 and self.head_in_last else 0.0
+        )
+
+
+def in_flight(pipe_cfg: PipelineConfig, s: int) -> float:
+    """Micro-batches' worth of activations stage s keeps alive at its peak."""
+    S, M, R = pipe_cfg.num_stages, pipe_cfg.num_microbatches, pipe_cfg.num_repeats
+    if pipe_cfg.schedule == "1f1b":
+        return min(M, S - s)
+    if pipe_cfg.schedule == "interleaved_1f1b":  # chunks of one virtual stage each
+        return min(M * R, 2 * (S - s - 1) + (R - 1) * S + 1) / R
+    return M
+
+
+def stage_memory(cm: CostModel, pipe_cfg: PipelineConfig, s: int, layers: int, slots: int):
+    """Bytes on device s holding `layers` blocks when every device has R x `slots` slots."""
+    S, R = pipe_cfg.num_stages, pipe_cfg.num_repeats
+    first = s == 0 or not cm.embed_in_first
+    last = s == S - 1 or not cm.head_in_last
+    params = R * slots * cm.block_params + first * cm.embed_params + last * cm.head_params
+    layers = np.asarray(layers)
+    if pipe_cfg.remat == "layer":
+        act = layers * cm.boundary_bytes
+    elif pipe_cfg.remat == "stage":
+        act = R * cm.boundary_bytes
+    else:
+        act = layers * cm.block_act
+        act += (s == 0) * cm.embed_act * cm.embed_in_first
+        act += (s == S - 1) * cm.head_act * cm.head_in_last
+    return STATIC_BYTES_PER_PARAM * params + in_flight(pipe_cfg, s) * act + cm.temp_bytes
+
+
+def device_counts(
+    cm: CostModel,
+    pipe_cfg: PipelineConfig,
+    num_layers: int,
+    method: str,
+    capacity: float | None = None,
+    any_fit: bool = False,
+) -> list[int]:
+    """Layers per device (the sum of its R virtual stages) chosen by `method`.
+
+    All blocks cost the same, so a device's time and memory depend only on how many blocks it
+    holds; the split is optimal over those counts (exact for R > 1 too, where a device's layers
+    are not contiguous). `capacity` (bytes) turns on the memory constraint.
+    """
+    S, R = pipe_cfg.num_stages, pipe_cfg.num_repeats
+    if method == "uniform":
+        return [sum(c) for c in _by_device(uniform_sizes(num_layers, S * R), S, R)]
+    prefix = cm.block_time * np.arange(num_layers + 1)
+
+    def cost_fn(slots):
+        def cost(p, starts, end):
+            t = prefix[end] - prefix[starts] + R * cm.transfer_time + cm.extra_time(p, S)
+            if capacity is None:
+                return t
+            mem = stage_memory(cm, pipe_cfg, p, end - starts, slots)
+            return np.where(mem <= capacity, t, np.inf)
+
+        return cost
+
+    if capacity is None:
+        return min_max_split(num_layers, S, cost_fn(None), min_size=R)[0]
+    best = None
+    for slots in range(math.ceil(num_layers / (S * R)), num_layers - S * R + 2):
+        if stage_memory(cm, pipe_cfg, S // 2, R, slots) > capacity and slots > 1:
+            break  # static memory alone no longer fits; larger slots only grow it
+        try:
+            sizes, neck = min_max_split(num_layers, S, cost_fn(slots), R, R * slots)
+        except ConfigError:
+            continue
+        if best is None or neck < best[1] * (1 - 1e-9):
+            best = (sizes, neck)
+        if any_fit:
+            break
+    if best is None:
+        if any_fit:
+            raise ConfigError("does not fit")
+        raise ConfigError(_no_fit_message(cm, pipe_cfg, num_layers, capacity))
+    return best[0]
+
+
+def _fits_somehow(cm, pipe_cfg, num_layers, capacity) -> bool:
+    try:
+        device_counts(cm, pipe_cfg, num_layers, "memory", capacity, any_fit=True)
+        return True
+    except ConfigError:
+        return False
+
+
+def _no_fit_message(cm: CostModel, pipe_cfg: PipelineConfig, num_layers: int, capacity: float):
+    S = pipe_cfg.num_stages
+    msg = (
+        f"no partition of {num_layers} layers over {S} stages x {pipe_cfg.num_repeats} repeats "
+        f"fits in {capacity / 2**30:.1f} GiB per device"
+    )
+    R = pipe_cfg.num_repeats
+    for more in range(S + 1, num_layers // R + 1):
+        cfg = pipe_cfg.replace(num_stages=more)
+        if _fits_somehow(cm, cfg, num_layers, capacity):
+            return msg + f"; the smallest stage count that fits is {more} (--stages {more})"
+    if pipe_cfg.remat == "none":
+        return msg + "; no stage count fits either: try --remat layer or a smaller batch"
+    return msg + "; no stage count fits either: use a smaller micro-batch or tensor parallelism"
+
+
+def _by_device(vsizes: list[int], S: int, R: int) -> list[list[int]]:
+    return [[vsizes[r * S + s] for r in range(R)] for s in range(S)]
+
+
+def virtual_counts(device_totals: list[int], R: int) -> tuple[int, ...]:
+    """Per-device totals -> per-virtual-stage counts (v = r * S + s), spread over repeats."""
+    S = len(device_totals)
+    per_device = [spread(n, R, heavy_first=s != 0) for s, n in enumerate(device_totals)]
+    return tuple(per_device[s][r] for r in range(R) for s in range(S))
+
+
+def make_plan(
+    model_cfg: ModelConfig,
+    pipe_cfg: PipelineConfig,
+    method: str,
+    *,
+    batch_size: int,
+    seq_len: int,
+    device: str | DeviceProfile = "cpu",
+    embed_in_first: bool = True,
+    head_in_last: bool = True,
+) -> Plan:
+    """Chooses each stage's layers; see the module docstring for the cost and memory model.
+
+    Args:
+      model_cfg, pipe_cfg: the model and pipeline shape (stages, micro-batches, repeats,
+        schedule, remat, data / tensor parallel sizes).
+      method: "uniform", "cost", "memory" or "profile" (measured layer times on this host's
+        devices; the model must be small enough to allocate one block).
+      batch_size, seq_len: the global batch and the sequence length.
+      device: a profile name (see `costs.DEVICES`) or a `DeviceProfile`.
+      embed_in_first / head_in_last: charge the embedding to the first stage and the head +
+        loss to the last; when False they run outside the pipeline (added once per step).
+    Returns:
+      A `Plan` whose `.layout` is a `StageLayout` for `Pipeline.create`.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"unknown partition method {method!r}; choose one of {METHODS}")
+    pipe_cfg.check_layers(model_cfg.num_layers)
+    profile = get_profile(
+        device,
+        model_cfg,
+        batch_size // max(1, pipe_cfg.num_microbatches * pipe_cfg.data_parallel) * seq_len,
+    )
+    costs = model_costs(model_cfg, pipe_cfg, batch_size=batch_size, seq_len=seq_len)
+    times = None
+    if method == "profile":
+        from jaxpipe.measure import measure_layer_times
+
+        times = measure_layer_times(model_cfg, pipe_cfg, batch_size=batch_size, seq_len=seq_len)
+    flags = dict(embed_in_first=embed_in_first, head_in_last=head_in_last)
+    cm = CostModel.from_costs(costs, profile, model_cfg, pipe_cfg.tensor_parallel, times, **flags)
+    capacity = profile.hbm_bytes if method == "memory" else None
+    totals = device_counts(cm, pipe_cfg, model_cfg.num_layers, method, capacity)
+    if method == "uniform":
+        counts = tuple(uniform_sizes(model_cfg.num_layers, pipe_cfg.num_virtual_stages))
+    else:
+        counts = virtual_counts(totals, pipe_cfg.num_repeats)
+    layout = StageLayout(pipe_cfg.num_stages, pipe_cfg.num_repeats, counts)
+    return build_plan(model_cfg, pipe_cfg, layout, cm, method, profile.name)
+
+
+def replan(plan: Plan, cm: CostModel, method: str = "cost") -> Plan:
+    """The same pipeline re-partitioned with another cost model (e.g. measured times)."""
+    totals = device_counts(cm, plan.pipe_cfg, plan.model_cfg.num_layers, "cost")
+    layout = StageLayout(
+        plan.pipe_cfg.num_stages,
+        plan.pipe_cfg.num_repeats,
+        virtual_counts(totals, plan.pipe_cfg.num_repeats),
+    )
+    return build_plan(plan.model_cfg, plan.pipe_cfg, layout, cm, method, plan.device)
+
+
+def build_plan(
+    model_cfg: ModelConfig,
+    pipe_cfg: PipelineConfig,
+    layout: StageLayout,
+    cm: CostModel,
+    method: str,
+    device: str,
+) -> Plan:
+    """Predicted times, memory and parameters of every stage of `layout` under `cm`."""
+    S, R, M = pipe_cfg.num_stages, pipe_cfg.num_repeats, pipe_cfg.num_microbatches
+    counts = layout.layer_counts
+    vtime = [
+        counts[v] * cm.block_time
+        + cm.transfer_time
+        + (cm.embed_time if v == 0 and cm.embed_in_first else 0.0)
+        + (cm.head_time if v == S * R - 1 and cm.head_in_last else 0.0)
+        for v in range(S * R)
+    ]
+    stages = []
+    for s, ranges in enumerate(layout.stage_ranges()):
+        layers = sum(b - a for a, b in ranges)
+        params = layers * model_cfg.block_params() / pipe_cfg.tensor_parallel
+        params += (s == 0 or not cm.embed_in_first) * model_cfg.embed_params()
+        params += (
+            (s == S - 1 or not cm.head_in_last)
+            * model_cfg.head_params()
+            / (pipe_cfg.tensor_parallel)
+        )
+        stages.append(
+            StageReport(
+                ranges=tuple(ranges),
+                time_s=sum(vtime[r * S + s] for r in range(R)),
+                memory_bytes=float(stage_memory(cm, pipe_cfg, s, layers, layout.slots)),
+                params=int(round(params)),
+            )
+        )
+    times = [st.time_s for st in stages]
+    outside = M * ((not cm.embed_in_first) * cm.embed_time + (not cm.head_in_last) * cm.head_time)
+    return Plan(
+        model_cfg=model_cfg,
+        pipe_cfg=pipe_cfg,
+        layout=layout,
+        method=method,
+        device=device,
+        stages=tuple(stages),
+        vstage_times=tuple(vtime),
+        cost_model=cm,
+        bottleneck_ratio=max(times) / (sum(times) / S),
+        padding_bytes=layout.padding_slots * cm.block_params * STATIC_BYTES_PER_PARAM,
+        bubble_fraction=(S - 1) / (R * M + S - 1),
+        step_time_s=M * max(times) + (S - 1) * max(vtime) + outside,
+    )

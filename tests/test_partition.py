@@ -1,0 +1,230 @@
+"""Partitioner: optimal splits, memory model, plan report, errors, an uneven plan end to end."""
+
+import dataclasses
+import itertools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import needs_devices
+
+from jaxpipe import model as M
+from jaxpipe.config import ConfigError, PipelineConfig, get_preset
+from jaxpipe.layout import StageLayout
+from jaxpipe.measure import StageTimes, check_balance
+from jaxpipe.mesh import make_mesh
+from jaxpipe.partition import (
+    CostModel,
+    build_plan,
+    device_counts,
+    in_flight,
+    make_plan,
+    stage_memory,
+    virtual_counts,
+)
+from jaxpipe.pipeline import Pipeline
+from jaxpipe.split import min_max_split, uniform_sizes
+
+
+def _compositions(n, parts, lo=1):
+    """Every way to write n as an ordered sum of `parts` integers >= lo."""
+    for cuts in itertools.combinations(range(1, n - parts * (lo - 1)), parts - 1):
+        sizes = np.diff((0,) + cuts + (n - parts * (lo - 1),))
+        yield [int(x) + lo - 1 for x in sizes]
+
+
+def _cm(**kw):
+    base = dict(
+        block_time=1.0,
+        embed_time=0.5,
+        head_time=3.0,
+        transfer_time=0.0,
+        block_params=100.0,
+        embed_params=300.0,
+        head_params=200.0,
+        block_act=10.0,
+        embed_act=1.0,
+        head_act=50.0,
+        boundary_bytes=2.0,
+        temp_bytes=0.0,
+    )
+    return CostModel(**{**base, **kw})
+
+
+@pytest.mark.parametrize("layers,stages", [(30, 4), (61, 8), (126, 16), (7, 7)])
+def test_uniform_never_empty_never_drops(layers, stages):
+    sizes = uniform_sizes(layers, stages)
+    assert sum(sizes) == layers and min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+    counts = device_counts(_cm(), PipelineConfig(stages, 4), layers, "uniform")
+    assert counts == sizes
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_min_max_split_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    N, P = int(rng.integers(4, 10)), int(rng.integers(2, 5))
+    t = rng.uniform(0.1, 2.0, N)
+    first, last = rng.uniform(0, 3), rng.uniform(0, 6)
+    prefix = np.concatenate([[0.0], np.cumsum(t)])
+    extra = lambda p: (first if p == 0 else 0.0) + (last if p == P - 1 else 0.0)
+    cost = lambda p, starts, end: prefix[end] - prefix[starts] + extra(p)
+    sizes, neck = min_max_split(N, P, cost)
+    assert sum(sizes) == N and min(sizes) >= 1
+
+    def bottleneck(sz):
+        ends = np.cumsum(sz)
+        return max(
+            prefix[e] - prefix[e - s] + extra(p)
+            for p, (s, e) in enumerate(zip(sz, ends, strict=True))
+        )
+
+    brute = min(bottleneck(sz) for sz in _compositions(N, P))
+    assert neck == pytest.approx(brute) and bottleneck(sizes) == pytest.approx(brute)
+
+
+def test_min_max_split_respects_infeasible_parts():
+    # Parts of more than 3 items do not "fit": the optimum must avoid them even if slower.
+    t = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 5.0])
+    prefix = np.concatenate([[0.0], np.cumsum(t)])
+    cost = lambda p, s, e: np.where(e - s <= 3, prefix[e] - prefix[s], np.inf)
+    sizes, neck = min_max_split(6, 2, cost)
+    assert sizes == [3, 3] and neck == 7.0
+    with pytest.raises(ConfigError):
+        min_max_split(7, 2, lambda p, s, e: np.where(e - s <= 3, 1.0, np.inf))
+
+
+@pytest.mark.parametrize("S,R,L", [(3, 2, 10), (2, 3, 9), (4, 1, 9)])
+def test_circular_cost_split_is_optimal(S, R, L):
+    """Device time = sum of its R virtual stages; compare with every virtual-stage split."""
+    cm = _cm(transfer_time=0.1)
+    pcfg = PipelineConfig(S, 4, R, "circular" if R > 1 else "gpipe")
+
+    def device_neck(vcounts):
+        V = S * R
+        vt = [
+            c * cm.block_time
+            + cm.transfer_time
+            + (v == 0) * cm.embed_time
+            + (v == V - 1) * cm.head_time
+            for v, c in enumerate(vcounts)
+        ]
+        return max(sum(vt[r * S + s] for r in range(R)) for s in range(S))
+
+    counts = virtual_counts(device_counts(cm, pcfg, L, "cost"), R)
+    assert sum(counts) == L and min(counts) >= 1
+    brute = min(device_neck(c) for c in _compositions(L, S * R))
+    assert device_neck(counts) == pytest.approx(brute)
+
+
+def test_in_flight_per_schedule():
+    assert [in_flight(PipelineConfig(4, 8), s) for s in range(4)] == [8] * 4
+    assert [in_flight(PipelineConfig(4, 8, schedule="1f1b"), s) for s in range(4)] == [4, 3, 2, 1]
+    assert in_flight(PipelineConfig(4, 2, schedule="1f1b"), 0) == 2
+
+
+def test_memory_plan_fits_and_names_smallest_stage_count():
+    cm = _cm()
+    pcfg = PipelineConfig(2, 4, remat="none")
+    # 8 layers, 2 stages: static 16 B/param x 100 x slots + 4 micro-batches x 10 B per layer.
+    cap = 16 * 100 * 5 + 4 * (5 * 10 + 50) + 16 * 300 + 16 * 200
+    counts = device_counts(cm, pcfg, 8, "memory", capacity=cap)
+    slots = max(counts)
+    for s, n in enumerate(counts):
+        assert stage_memory(cm, pcfg, s, n, slots) <= cap
+    # Two stages hold >= 4 slots each: 6400 B static + 4800 B embedding > 10000 B.
+    cap2 = 10_000
+    with pytest.raises(ConfigError, match=r"smallest stage count that fits is 3") as err:
+        device_counts(cm, pcfg, 8, "memory", capacity=cap2)
+    need = int(err.value.args[0].split("fits is ")[1].split()[0])
+    device_counts(cm, pcfg.replace(num_stages=need), 8, "memory", capacity=cap2)
+    with pytest.raises(ConfigError):
+        fewer = pcfg.replace(num_stages=need - 1)
+        device_counts(cm, fewer, 8, "memory", capacity=cap2, any_fit=True)
+
+
+def test_remat_shrinks_activation_memory():
+    cm = _cm()
+    full = stage_memory(cm, PipelineConfig(3, 8), 1, 4, 4)
+    layer = stage_memory(cm, PipelineConfig(3, 8, remat="layer"), 1, 4, 4)
+    stage = stage_memory(cm, PipelineConfig(3, 8, remat="stage"), 1, 4, 4)
+    assert full - layer == 8 * 4 * (10 - 2) and layer - stage == 8 * 3 * 2
+
+
+def test_plan_report_fields():
+    cm = _cm()
+    pcfg = PipelineConfig(4, 8)
+    cfg = get_preset("tiny").replace(num_layers=10)
+    plan = build_plan(cfg, pcfg, StageLayout(4, 1, (2, 3, 3, 2)), cm, "cost", "test")
+    assert plan.layout_string() == "E+t*2 | t*3 | t*3 | t*2+H"
+    assert plan.stage_times == [2.5, 3.0, 3.0, 5.0]
+    assert plan.bottleneck_ratio == pytest.approx(5.0 / 3.375)
+    assert plan.bubble_fraction == pytest.approx(3 / 11)
+    assert plan.step_time_s == pytest.approx(8 * 5.0 + 3 * 5.0)
+    assert plan.padding_bytes == 2 * 100 * 16  # two padded slots (stages 0 and 3)
+    d = json.loads(plan.to_json())
+    assert [s["layers"] for s in d["stages"]] == [[[0, 2]], [[2, 5]], [[5, 8]], [[8, 10]]]
+    assert sum(s["params"] for s in d["stages"]) == cfg.num_params()
+    assert "t*3+H" not in str(plan) and "bottleneck" in str(plan)
+
+
+def test_check_balance_suggests_repartition():
+    cm = _cm()
+    pcfg = PipelineConfig(4, 8)
+    cfg = get_preset("tiny").replace(num_layers=12)
+    plan = build_plan(cfg, pcfg, StageLayout.uniform(12, 4), cm, "uniform", "test")
+    measured = StageTimes((3.0, 3.0, 3.0, 9.0), {"block": 1.0, "embed": 0.0, "head": 6.0})
+    report = check_balance(plan, measured)
+    assert report.ratio == pytest.approx(3.0)
+    assert report.suggestion is not None
+    assert report.suggestion.layout.layer_counts[-1] < 3
+    assert max(report.suggestion.stage_times) < 9.0
+    balanced = check_balance(plan, StageTimes((3.0,) * 4, measured.layer_s))
+    assert balanced.suggestion is None
+
+
+@pytest.mark.parametrize(
+    "method,device,pcfg,match",
+    [
+        ("greedy", "cpu", PipelineConfig(2, 2), "unknown partition method"),
+        ("cost", "tpu-v9", PipelineConfig(2, 2), "unknown device"),
+        ("cost", "cpu", PipelineConfig(8, 2), "cannot fill"),
+    ],
+)
+def test_make_plan_errors(method, device, pcfg, match):
+    with pytest.raises(ConfigError, match=match):
+        make_plan(get_preset("tiny"), pcfg, method, batch_size=4, seq_len=16, device=device)
+
+
+def test_make_plan_nothing_fits():
+    cfg = get_preset("llama-3-8b")
+    with pytest.raises(ConfigError, match="smallest stage count that fits is"):
+        make_plan(cfg, PipelineConfig(2, 1), "memory", batch_size=1, seq_len=128, device="tpu-v5e")
+
+
+@needs_devices(4)
+def test_uneven_cost_plan_runs_in_pipeline():
+    cfg = get_preset("tiny").replace(num_layers=8, vocab_size=2048)
+    pcfg = PipelineConfig(4, 2)
+    plan = make_plan(cfg, pcfg, "cost", batch_size=4, seq_len=8, device="tpu-v5p")
+    counts = plan.layout.layer_counts
+    assert sum(counts) == 8 and len(set(counts)) > 1, counts
+    assert counts[-1] < max(counts)  # the head's stage holds fewer blocks
+    pipe = Pipeline.create(cfg, pcfg, make_mesh(pcfg, jax.devices()[:4]), layout=plan.layout)
+    params = M.init_params(cfg, 0)
+    tokens = jax.random.randint(jax.random.key(1), (4, 9), 0, cfg.vocab_size)
+    loss, grads = jax.jit(pipe.value_and_grad)(pipe.place(params), tokens)
+    ref_loss, ref_grads = jax.jit(jax.value_and_grad(lambda p: M.reference_loss(cfg, p, tokens)))(
+        params
+    )
+    np.testing.assert_allclose(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    got = pipe.to_canonical(grads)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
+
+
+def test_cost_dataclass_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        _cm().block_time = 2.0  # type: ignore[misc]
+    assert jnp.dtype(get_preset("tiny").dtype) == jnp.float32

@@ -1,0 +1,85 @@
+"""Planner CLI on real model shapes (abstract: nothing is allocated)."""
+
+import json
+
+import pytest
+
+from jaxpipe import plan as plan_cli
+from jaxpipe.config import PipelineConfig, get_preset
+from jaxpipe.partition import make_plan
+
+
+def test_cli_gpt3_json_per_stage_params(capsys):
+    argv = [
+        "--model",
+        "gpt3-175b",
+        "--stages",
+        "8",
+        "--microbatches",
+        "32",
+        "--device",
+        "tpu-v5p",
+        "--method",
+        "cost",
+        "--seq_len",
+        "256",
+        "--json",
+    ]
+    assert plan_cli.main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    cfg = get_preset("gpt3-175b")
+    stages = out["stages"]
+    assert len(stages) == 8 and sum(s["num_layers"] for s in stages) == 96
+    assert sum(s["params"] for s in stages) == cfg.num_params()
+    for s in stages:  # about 22B each: 12 blocks of 1.81B, plus the embedding on stage 0
+        analytic = s["num_layers"] * cfg.block_params() + (s["stage"] == 0) * cfg.embed_params()
+        analytic += (s["stage"] == 7) * cfg.head_params()
+        assert s["params"] == analytic
+        assert 20e9 < s["params"] < 24e9
+    assert out["layout"].startswith("E+t*") and out["layout"].endswith("+H")
+    assert out["bubble_fraction"] == pytest.approx(7 / 39)
+
+
+def test_llama_65b_four_stages_params():
+    cfg = get_preset("llama-65b", dtype="bfloat16")
+    plan = make_plan(
+        cfg,
+        PipelineConfig(4, 8, schedule="1f1b", remat="layer"),
+        "cost",
+        batch_size=8,
+        seq_len=256,
+        device="h100",
+    )
+    assert sum(s.num_layers for s in plan.stages) == 80
+    assert plan.layout.layer_counts == (20, 20, 20, 20)  # the head costs less than one block
+    for s in plan.stages:
+        assert 15e9 < s.params < 17.5e9
+    assert sum(s.params for s in plan.stages) == cfg.num_params()
+
+
+def test_cli_errors_exit_2(capsys):
+    assert plan_cli.main(["--model", "tiny", "--device", "tpu-v9"]) == 2
+    assert "unknown device" in capsys.readouterr().err
+    assert plan_cli.main(["--model", "tiny", "--stages", "8"]) == 2
+    assert "cannot fill" in capsys.readouterr().err
+    assert plan_cli.main(["--model", "tiny", "--method", "greedy"]) == 2
+    assert "unknown partition method" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # compiles and times eight small programs on the host
+def test_profile_plan_and_measured_stage_times():
+    from jaxpipe.measure import check_balance, measure_stage_times
+
+    cfg = get_preset("tiny")
+    pcfg = PipelineConfig(2, 2)
+    plan = make_plan(cfg, pcfg, "profile", batch_size=4, seq_len=8)
+    assert plan.method == "profile" and sum(plan.layout.layer_counts) == cfg.num_layers
+    assert all(t > 0 for t in plan.stage_times)
+    lt = {"block": plan.cost_model.block_time, "embed": 0.0, "head": 0.0}
+    measured = measure_stage_times(
+        cfg, pcfg, plan.layout, batch_size=4, seq_len=8, reps=2, layer_times=lt
+    )
+    assert len(measured.stage_s) == 2 and min(measured.stage_s) > 0
+    assert set(measured.layer_s) == {"block", "embed", "head"}
+    report = check_balance(plan, measured, threshold=1e9)
+    assert report.ratio >= 1.0 and report.suggestion is None
