@@ -5,6 +5,7 @@ checkout; one test per notebook checks everything about that run (so `pytest -n 
 execute a notebook twice).
 """
 
+import json
 import os
 import re
 import shutil
@@ -77,8 +78,15 @@ def _check_schedules(nb, out: str, workdir: Path) -> None:
 
 
 def _check_planner(nb, out: str, workdir: Path) -> None:
-    assert _figures(nb) >= 2
-    assert "planner done:" in out
+    """The CLI's JSON parsed, stage and sweep charts drawn, the saved plan covers every layer."""
+    assert _figures(nb) >= 4  # GPT-3 stages, LLaMA schedules, devices, bottleneck sweep
+    assert "layout E+t*" in out  # from the CLI's --json output
+    plan = json.loads((workdir / "gpt3_175b_plan.json").read_text())
+    assert plan["model"] == "gpt3-175b" and plan["num_stages"] == 8
+    assert sum(st["num_layers"] for st in plan["stages"]) == 96
+    assert all(st["memory_bytes"] < 95 * 2**30 for st in plan["stages"])
+    line = next(l for l in out.splitlines() if l.startswith("planner done:"))
+    assert "h100" in line.split("fits on")[1], line
 
 
 CHECKS = {
