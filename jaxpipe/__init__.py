@@ -1,5 +1,6 @@
 """jaxpipe: pipeline parallelism for Flax transformers on JAX."""
 
+from jaxpipe.checkpoint import Checkpoints, load_params, train_resumable
 from jaxpipe.config import (
     PRESETS,
     ConfigError,
@@ -18,6 +19,9 @@ from jaxpipe.schedule import ScheduleTable, build_table
 from jaxpipe.train import TrainConfig, Trainer, TrainState, train
 
 __all__ = [
+    "Checkpoints",
+    "load_params",
+    "train_resumable",
     "PRESETS",
     "ConfigError",
     "ModelConfig",
