@@ -64,10 +64,15 @@ def launch(
         cmd = [sys.executable, "-u", str(script), *script_args, f"--devices={devices_per_process}"]
         out = None if i == 0 else open(log_dir / f"process_{i}.log", "w")
         logs.append(out)
-        procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT
-                                      if out else None))
-    print(f"launched {num_processes} processes (coordinator {coordinator}); logs of processes "
-          f"1.. in {log_dir}", file=sys.stderr, flush=True)
+        procs.append(
+            subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
+        )
+    print(
+        f"launched {num_processes} processes (coordinator {coordinator}); logs of processes "
+        f"1.. in {log_dir}",
+        file=sys.stderr,
+        flush=True,
+    )
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     code = 0
     try:
@@ -76,14 +81,20 @@ def launch(
             failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
             if failed:
                 i, code = failed[0]
-                print(f"process {i} exited with code {code}; stopping the others",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"process {i} exited with code {code}; stopping the others",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 break
             if all(c == 0 for c in codes):
                 return 0
             if deadline is not None and time.monotonic() > deadline:
-                print(f"timed out after {timeout_s:.0f}s; stopping all processes",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"timed out after {timeout_s:.0f}s; stopping all processes",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 code = 124
                 break
             time.sleep(0.2)
@@ -118,8 +129,16 @@ def main() -> None:
     args, rest = parser.parse_known_args()
     if rest and rest[0] == "--":
         rest = rest[1:]
-    sys.exit(launch(rest, args.num_processes, args.devices_per_process, args.script,
-                    args.log_dir, args.timeout_s))
+    sys.exit(
+        launch(
+            rest,
+            args.num_processes,
+            args.devices_per_process,
+            args.script,
+            args.log_dir,
+            args.timeout_s,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -93,13 +93,17 @@ def param_specs(params, stack_spec: tuple = ("pipe", None, None)):
     }
 
 
-def param_shardings(mesh: Mesh, params, cfg: ModelConfig | None = None,
-                    stack_spec: tuple = ("pipe", None, None)):
+def param_shardings(
+    mesh: Mesh, params, cfg: ModelConfig | None = None, stack_spec: tuple = ("pipe", None, None)
+):
     """NamedShardings for `param_specs` on `mesh`; checks the model splits over `tensor`."""
     if cfg is not None:
         check_tensor_parallel(cfg, mesh.shape.get("tensor", 1))
-    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(params, stack_spec),
-                        is_leaf=lambda x: isinstance(x, P))
+    return jax.tree.map(
+        lambda spec: NamedSharding(mesh, spec),
+        param_specs(params, stack_spec),
+        is_leaf=lambda x: isinstance(x, P),
+    )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -25,8 +25,12 @@ def _pipe(style, D, S, Tp, Mb=2, R=1, **model_kw):
     preset = "tiny" if style == "gpt2" else "tiny-llama"
     cfg = get_preset(preset, num_layers=S * R, max_seq_len=SEQ, **model_kw)
     pcfg = PipelineConfig(
-        num_stages=S, num_microbatches=Mb, num_repeats=R,
-        schedule="gpipe" if R == 1 else "circular", data_parallel=D, tensor_parallel=Tp,
+        num_stages=S,
+        num_microbatches=Mb,
+        num_repeats=R,
+        schedule="gpipe" if R == 1 else "circular",
+        data_parallel=D,
+        tensor_parallel=Tp,
     )
     mesh = make_mesh(pcfg, jax.devices()[: D * S * Tp])
     return cfg, Pipeline.create(cfg, pcfg, mesh, poison_bubbles=True)
@@ -57,7 +61,9 @@ def test_placement_rules():
     assert b["mlp"]["gate"]["kernel"] == P(None, None, "tensor")
     assert b["mlp"]["down"]["kernel"] == P(None, "tensor", None)
     assert b["attn_norm"]["scale"] == P(None, None)
-    assert all(s == P() for s in jax.tree.leaves(specs["embed"], is_leaf=lambda x: isinstance(x, P)))
+    assert all(
+        s == P() for s in jax.tree.leaves(specs["embed"], is_leaf=lambda x: isinstance(x, P))
+    )
     gpt = M.abstract_params(get_preset("tiny", num_layers=2))["blocks"]
     gpt = placement.block_specs(gpt, stack_spec=("pipe",))
     assert gpt["attn"]["q"]["bias"] == P("pipe", "tensor")
@@ -95,8 +101,9 @@ def test_compiled_matmuls_are_split_and_all_reduced_over_tensor():
         rf"f32\[2,{SEQ},{D}\]\{{2,1,0\}} all-reduce\(.*?replica_groups=(\{{[{{}}0-9,]*\}})", hlo
     )
     assert len(reduce_groups) >= 2, "expected all-reduces after attn o and mlp down"
-    groups = sorted(tuple(map(int, g.split(","))) for g in re.findall(r"\{([0-9,]+)\}",
-                                                                        reduce_groups[0]))
+    groups = sorted(
+        tuple(map(int, g.split(","))) for g in re.findall(r"\{([0-9,]+)\}", reduce_groups[0])
+    )
     assert groups == _tensor_groups(pipe.mesh)
 
 
@@ -115,18 +122,38 @@ def test_clear_tensor_errors():
 
 def test_train_lm_flags_end_to_end(tmp_path):
     cmd = [
-        sys.executable, str(ROOT / "experiments/train_lm.py"), "--model=tiny", "--num_layers=2",
-        "--num_stages=2", "--data_parallel=2", "--tensor_parallel=2", "--num_microbatches=2",
-        "--batch_size=4", "--seq_len=8", "--steps=2", "--log_every=1", "--warmup_steps=1",
-        f"--workdir={tmp_path}", f"--data={ROOT / 'jaxpipe'}",
+        sys.executable,
+        str(ROOT / "experiments/train_lm.py"),
+        "--model=tiny",
+        "--num_layers=2",
+        "--num_stages=2",
+        "--data_parallel=2",
+        "--tensor_parallel=2",
+        "--num_microbatches=2",
+        "--batch_size=4",
+        "--seq_len=8",
+        "--steps=2",
+        "--log_every=1",
+        "--warmup_steps=1",
+        f"--workdir={tmp_path}",
+        f"--data={ROOT / 'jaxpipe'}",
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                         env={"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin"})
+    out = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin"},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "step 2/2" in out.stdout
     assert (tmp_path / "summary.json").exists()
-    bad = subprocess.run(cmd[:-2] + ["--devices=6", f"--workdir={tmp_path}/bad"],
-                         capture_output=True, text=True, timeout=300,
-                         env={"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin"})
+    bad = subprocess.run(
+        cmd[:-2] + ["--devices=6", f"--workdir={tmp_path}/bad"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin"},
+    )
     assert bad.returncode != 0
     assert "2 x 2 x 2 = 8 devices, but 6 are available" in bad.stderr
