@@ -97,7 +97,7 @@ def initialize_distributed(
     )
     if auto:
         coordinator = None
-    elif coordinator is None and num_processes in (None, 1):
+    elif num_processes == 1 or (coordinator is None and num_processes is None):
         return False  # a single process
     elif coordinator is None or num_processes is None or process_id is None:
         raise ConfigError(

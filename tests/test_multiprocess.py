@@ -181,3 +181,34 @@ def _worker():
 if __name__ == "__main__" and sys.argv[1:] == ["worker"]:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     _worker()
+
+
+def test_start_up_arguments(monkeypatch):
+    from jaxpipe.config import ConfigError
+    from jaxpipe.mesh import detected_cluster, initialize_distributed
+
+    for var in (
+        "JAXPIPE_COORDINATOR",
+        "JAXPIPE_NUM_PROCESSES",
+        "JAXPIPE_PROCESS_ID",
+        "SLURM_NTASKS",
+        "OMPI_COMM_WORLD_SIZE",
+        "TPU_WORKER_HOSTNAMES",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    assert detected_cluster() is None
+    assert initialize_distributed() is False  # nothing given: one process, nothing started
+    monkeypatch.setenv("JAXPIPE_COORDINATOR", "127.0.0.1:1234")
+    monkeypatch.setenv("JAXPIPE_NUM_PROCESSES", "2")
+    with pytest.raises(ConfigError, match="--process_id"):
+        initialize_distributed()
+    with pytest.raises(ConfigError, match=r"process_id 2 must be in \[0, 2\)"):
+        initialize_distributed(process_id=2)
+    monkeypatch.setenv("JAXPIPE_PROCESS_ID", "one")
+    with pytest.raises(ConfigError, match="JAXPIPE_PROCESS_ID='one' must be an integer"):
+        initialize_distributed()
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert detected_cluster() == "SLURM"
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t0,t1,t2,t3")
+    assert detected_cluster() == "TPU pod"
