@@ -59,7 +59,14 @@ flags.DEFINE_string("workdir", "runs/train_lm", "Where config, metrics and plots
 flags.DEFINE_string("data", None, "Text file/directory or .npy/.bin token ids (default: stdlib).")
 flags.DEFINE_integer("seed", 0, "Seed for parameters and data order.")
 flags.DEFINE_integer("log_every", 10, "Log every N steps.")
-flags.DEFINE_integer("devices", None, "Force this many CPU devices (default: the mesh size).")
+flags.DEFINE_integer(
+    "devices", None, "CPU devices to force in this process (default: mesh size / processes)."
+)
+flags.DEFINE_string("coordinator", None, "host:port of process 0 for multi-process runs, or "
+                    "'auto' on SLURM / TPU pods (env JAXPIPE_COORDINATOR).")
+flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run "
+                     "(env JAXPIPE_NUM_PROCESSES).")
+flags.DEFINE_integer("process_id", None, "This process's index (env JAXPIPE_PROCESS_ID).")
 flags.DEFINE_integer("checkpoint_every", 100, "Save a checkpoint every N steps (and at the end).")
 flags.DEFINE_integer("keep_checkpoints", 3, "Keep the newest K checkpoints.")
 flags.DEFINE_bool("resume", True, "Resume from WORKDIR/checkpoints if any (--noresume: refuse).")
@@ -88,11 +95,15 @@ def run(argv):
         from jaxpipe.config import ConfigError
 
         raise ConfigError(f"unexpected arguments {argv[1:]}; flags are spelled --name=value")
-    n_dev = max(_F.devices or _F.data_parallel * _F.num_stages * _F.tensor_parallel, 1)
     import jax
 
+    from jaxpipe.mesh import initialize_distributed
+
+    num_processes = _F.num_processes or int(os.environ.get("JAXPIPE_NUM_PROCESSES") or 1)
+    n_dev = _F.devices or _F.data_parallel * _F.num_stages * _F.tensor_parallel // num_processes
     if jax.config.jax_platforms == "cpu":
-        jax.config.update("jax_num_cpu_devices", n_dev)
+        jax.config.update("jax_num_cpu_devices", max(n_dev, 1))
+    initialize_distributed(_F.coordinator, _F.num_processes, _F.process_id)
 
     from jaxpipe import ModelConfig, PipelineConfig, TrainConfig, Trainer, get_preset
     from jaxpipe.checkpoint import train_resumable

@@ -38,21 +38,84 @@ def force_cpu_devices(n: int) -> None:
     jax.config.update("jax_num_cpu_devices", n)
 
 
-def initialize_distributed(
-    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
-) -> bool:
-    """Starts `jax.distributed` from arguments or JAXPIPE_* / the usual cluster environment.
+# Cluster environments whose variables say that several processes were started together; there
+# `jax.distributed.initialize()` finds the coordinator, process count and id by itself.
+_CLUSTER_ENV = {
+    "SLURM": "SLURM_NTASKS",
+    "Open MPI": "OMPI_COMM_WORLD_SIZE",
+    "TPU pod": "TPU_WORKER_HOSTNAMES",
+}
+HEARTBEAT_TIMEOUT_S = 20  # a process silent this long is dead; the others then stop too
 
-    Returns True when a multi-process runtime was started. On CPU, gloo collectives are used so
-    that `ppermute` crosses processes.
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={value!r} must be an integer") from None
+
+
+def detected_cluster() -> str | None:
+    """The multi-process cluster environment this process runs in, if any."""
+    for name, var in _CLUSTER_ENV.items():
+        value = os.environ.get(var, "")
+        count = len(value.split(",")) if name == "TPU pod" else (_env_int(var) or 0)
+        if count > 1:
+            return name
+    return None
+
+
+def initialize_distributed(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    heartbeat_timeout_s: int | None = None,
+) -> bool:
+    """Starts `jax.distributed` when several processes take part; call before any JAX work.
+
+    Arguments win; missing ones come from JAXPIPE_COORDINATOR / JAXPIPE_NUM_PROCESSES /
+    JAXPIPE_PROCESS_ID. With none of them, on SLURM, Open MPI or a TPU pod slice (or with
+    coordinator "auto"), JAX's own cluster detection finds all three. Returns True when a
+    multi-process runtime is running. On CPU, gloo collectives let `ppermute` cross processes.
+    A process whose peers stop sending heartbeats for `heartbeat_timeout_s` (default 20 s,
+    or JAXPIPE_HEARTBEAT_TIMEOUT) is terminated by the runtime instead of hanging.
     """
-    coordinator = coordinator or os.environ.get("JAXPIPE_COORDINATOR")
-    if num_processes is None and "JAXPIPE_NUM_PROCESSES" in os.environ:
-        num_processes = int(os.environ["JAXPIPE_NUM_PROCESSES"])
-    if process_id is None and "JAXPIPE_PROCESS_ID" in os.environ:
-        process_id = int(os.environ["JAXPIPE_PROCESS_ID"])
-    if coordinator is None and num_processes in (None, 1):
-        return False
+    if jax.distributed.is_initialized():
+        return True
+    coordinator = coordinator or os.environ.get("JAXPIPE_COORDINATOR") or None
+    if num_processes is None:
+        num_processes = _env_int("JAXPIPE_NUM_PROCESSES")
+    if process_id is None:
+        process_id = _env_int("JAXPIPE_PROCESS_ID")
+    if heartbeat_timeout_s is None:
+        heartbeat_timeout_s = _env_int("JAXPIPE_HEARTBEAT_TIMEOUT") or HEARTBEAT_TIMEOUT_S
+    auto = coordinator == "auto" or (
+        coordinator is None and num_processes is None and detected_cluster() is not None
+    )
+    if auto:
+        coordinator = None
+    elif num_processes == 1 or (coordinator is None and num_processes is None):
+        return False  # a single process
+    elif coordinator is None or num_processes is None or process_id is None:
+        raise ConfigError(
+            f"multi-process start needs a coordinator address, the process count and this "
+            f"process's id; got coordinator={coordinator!r}, num_processes={num_processes}, "
+            f"process_id={process_id}. Pass --coordinator host:port --num_processes N "
+            f"--process_id I (or JAXPIPE_COORDINATOR / JAXPIPE_NUM_PROCESSES / "
+            f"JAXPIPE_PROCESS_ID), or --coordinator auto on a SLURM / TPU pod cluster"
+        )
+    elif not 0 <= process_id < num_processes:
+        raise ConfigError(f"process_id {process_id} must be in [0, {num_processes})")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+    jax.distributed.initialize(
+        coordinator,
+        num_processes=num_processes,
+        process_id=process_id,
+        heartbeat_timeout_seconds=heartbeat_timeout_s,
+        initialization_timeout=max(60, 3 * heartbeat_timeout_s),
+        shutdown_timeout_seconds=max(10, heartbeat_timeout_s),
+    )
     return True

@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxpipe import model as M
+from jaxpipe import placement
 from jaxpipe.config import ConfigError, ModelConfig, PipelineConfig
 from jaxpipe.layout import StageLayout
 from jaxpipe.schedule import BWD, ScheduleTable, build_table, ring_table
@@ -84,16 +85,11 @@ class Pipeline:
         return {**params, "blocks": self.layout.to_canonical(params["blocks"])}
 
     def param_shardings(self, params):
-        """Blocks split over `pipe` on their stage axis; embedding and head replicated."""
-        named = lambda spec: jax.sharding.NamedSharding(self.mesh, spec)
-        return {
-            "embed": jax.tree.map(lambda _: named(P()), params["embed"]),
-            "blocks": jax.tree.map(lambda _: named(P("pipe")), params["blocks"]),
-            "head": jax.tree.map(lambda _: named(P()), params["head"]),
-        }
+        """Blocks on `pipe` (stage axis) and `tensor` (Megatron split); see `placement.py`."""
+        return placement.param_shardings(self.mesh, params, self.model)
 
     def batch_sharding(self):
-        return jax.sharding.NamedSharding(self.mesh, P("data"))
+        return placement.batch_sharding(self.mesh)
 
     def place(self, params):
         """Canonical params -> pipeline-layout params placed on the mesh."""
@@ -245,6 +241,7 @@ class Pipeline:
             buf_MBTD = absorb(buf_MBTD, recv_BTD, t)
             m, r, busy = micro_TS[t, s], repeat_TS[t, s], busy_TS[t, s]
             h_BTD = jnp.where(s == 0, enter(m, r, busy, buf_MBTD[m].astype(act_dtype)), recv_BTD)
+            h_BTD = placement.constrain_activation(h_BTD)  # batch on `data` inside the stage
             h_BTD = jax.lax.cond(
                 busy, functools.partial(run_stage, w_RJ, r, counts_SR[s, r]), idle,
                 h_BTD.astype(act_dtype),

@@ -16,6 +16,7 @@ import numpy as np
 import optax
 
 from jaxpipe import model as M
+from jaxpipe import placement
 from jaxpipe.config import ConfigError, ModelConfig, PipelineConfig
 from jaxpipe.data import TokenData
 from jaxpipe.layout import StageLayout
@@ -166,7 +167,8 @@ class Trainer:
         return new_state, metrics
 
     def put_batch(self, tokens_BT1: np.ndarray) -> jax.Array:
-        return jax.device_put(tokens_BT1, self.pipe.batch_sharding())
+        """The global host batch (the same on every process) -> a global array on the mesh."""
+        return placement.global_batch(tokens_BT1, self.pipe.batch_sharding())
 
     def eval_loss(self, params, data: TokenData) -> float:
         fn = self.loss_fn
@@ -210,7 +212,7 @@ def train(
             f"data has token ids up to {data.vocab_size - 1} but the model's vocab_size is "
             f"{pipe.model.vocab_size}; pass --vocab_size >= {data.vocab_size}"
         )
-    workdir = Path(workdir) if workdir else None
+    workdir = Path(workdir) if workdir and jax.process_index() == 0 else None  # process 0 writes
     if workdir:
         workdir.mkdir(parents=True, exist_ok=True)
     state = trainer.init_state() if state is None else state

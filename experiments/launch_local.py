@@ -1,0 +1,145 @@
+"""Starts a multi-process run on this machine: N processes, each with its own CPU devices.
+
+Every process gets JAXPIPE_COORDINATOR (127.0.0.1 and a free port), JAXPIPE_NUM_PROCESSES and
+JAXPIPE_PROCESS_ID, and `--devices=D`; together they form one mesh of N x D devices and talk
+through gloo collectives. Process 0's output is streamed here; the others' goes to
+LOG_DIR/process_<i>.log. If any process exits non-zero, the rest are killed and this script
+exits with that code (the bounded-time guarantee does not depend on JAX noticing the loss).
+
+Run (pipe = 4 spanning 2 processes of 2 devices each; about 1 minute on 2 cores):
+
+    python experiments/launch_local.py --num_processes 2 --devices_per_process 2 -- \
+        --model tiny --num_layers 4 --num_stages 4 --num_microbatches 4 --batch_size 8 \
+        --seq_len 32 --steps 20 --log_every 5 --workdir runs/mp
+
+Expect the same losses as the single-process run of the same train_lm.py flags (to fp32
+round-off; on this machine they are bit-identical).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TRAIN_LM = Path(__file__).resolve().parent / "train_lm.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(
+    script_args: list[str],
+    num_processes: int,
+    devices_per_process: int,
+    script: str | Path = TRAIN_LM,
+    log_dir: str | Path | None = None,
+    timeout_s: float | None = None,
+    grace_s: float = 5.0,
+) -> int:
+    """Runs `python script script_args --devices=D` in N processes; returns the exit code.
+
+    The first non-zero exit (or the timeout, code 124) kills the remaining processes.
+    """
+    log_dir = Path(log_dir or tempfile.mkdtemp(prefix="jaxpipe_launch_"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    coordinator = f"127.0.0.1:{free_port()}"
+    procs, logs = [], []
+    for i in range(num_processes):
+        env = {
+            **os.environ,
+            "JAXPIPE_COORDINATOR": coordinator,
+            "JAXPIPE_NUM_PROCESSES": str(num_processes),
+            "JAXPIPE_PROCESS_ID": str(i),
+            "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
+        }
+        cmd = [sys.executable, "-u", str(script), *script_args, f"--devices={devices_per_process}"]
+        out = None if i == 0 else open(log_dir / f"process_{i}.log", "w")
+        logs.append(out)
+        procs.append(
+            subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
+        )
+    print(
+        f"launched {num_processes} processes (coordinator {coordinator}); logs of processes "
+        f"1.. in {log_dir}",
+        file=sys.stderr,
+        flush=True,
+    )
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    code = 0
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                i, code = failed[0]
+                print(
+                    f"process {i} exited with code {code}; stopping the others",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                break
+            if all(c == 0 for c in codes):
+                return 0
+            if deadline is not None and time.monotonic() > deadline:
+                print(
+                    f"timed out after {timeout_s:.0f}s; stopping all processes",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                code = 124
+                break
+            time.sleep(0.2)
+    finally:
+        _stop(procs, grace_s)
+        for f in logs:
+            if f:
+                f.close()
+    return code if code > 0 else 1  # killed by a signal: negative returncode
+
+
+def _stop(procs, grace_s: float) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    end = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(end - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num_processes", type=int, default=2)
+    parser.add_argument("--devices_per_process", type=int, default=2)
+    parser.add_argument("--script", default=str(TRAIN_LM), help="Python script to run.")
+    parser.add_argument("--log_dir", default=None, help="Where processes 1.. write their logs.")
+    parser.add_argument("--timeout_s", type=float, default=None, help="Kill all after this.")
+    args, rest = parser.parse_known_args()
+    if rest and rest[0] == "--":
+        rest = rest[1:]
+    sys.exit(
+        launch(
+            rest,
+            args.num_processes,
+            args.devices_per_process,
+            args.script,
+            args.log_dir,
+            args.timeout_s,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

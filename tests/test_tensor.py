@@ -1,0 +1,159 @@
+"""Tensor parallelism inside stages on a data x pipe x tensor mesh."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jaxpipe import model as M
+from jaxpipe import placement
+from jaxpipe.config import ConfigError, PipelineConfig, get_preset
+from jaxpipe.mesh import make_mesh
+from jaxpipe.pipeline import Pipeline
+from tests.conftest import needs_devices
+from tests.test_pipeline import SEQ, _check_against_reference, _tokens
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pipe(style, D, S, Tp, Mb=2, R=1, **model_kw):
+    preset = "tiny" if style == "gpt2" else "tiny-llama"
+    cfg = get_preset(preset, num_layers=S * R, max_seq_len=SEQ, **model_kw)
+    pcfg = PipelineConfig(
+        num_stages=S,
+        num_microbatches=Mb,
+        num_repeats=R,
+        schedule="gpipe" if R == 1 else "circular",
+        data_parallel=D,
+        tensor_parallel=Tp,
+    )
+    mesh = make_mesh(pcfg, jax.devices()[: D * S * Tp])
+    return cfg, Pipeline.create(cfg, pcfg, mesh, poison_bubbles=True)
+
+
+@needs_devices(8)
+@pytest.mark.parametrize("style,R", [("gpt2", 1), ("llama", 2)])
+def test_2x2x2_matches_reference(style, R):
+    cfg, pipe = _pipe(style, D=2, S=2, Tp=2, Mb=2, R=R)
+    _check_against_reference(cfg, pipe, batch=8)
+
+
+@pytest.mark.slow
+@needs_devices(8)
+@pytest.mark.parametrize("style,R", [("llama", 1), ("gpt2", 2)])
+def test_2x2x2_matches_reference_other_combinations(style, R):
+    cfg, pipe = _pipe(style, D=2, S=2, Tp=2, Mb=2, R=R)
+    _check_against_reference(cfg, pipe, batch=8)
+
+
+def test_placement_rules():
+    cfg = get_preset("tiny-llama", num_layers=2)
+    specs = placement.param_specs(M.abstract_params(cfg), stack_spec=(None,))
+    b = specs["blocks"]
+    assert b["attn"]["q"]["kernel"] == P(None, None, "tensor")  # column split
+    assert b["attn"]["k"]["kernel"] == P(None, None, "tensor")
+    assert b["attn"]["o"]["kernel"] == P(None, "tensor", None)  # row split
+    assert b["mlp"]["gate"]["kernel"] == P(None, None, "tensor")
+    assert b["mlp"]["down"]["kernel"] == P(None, "tensor", None)
+    assert b["attn_norm"]["scale"] == P(None, None)
+    assert all(
+        s == P() for s in jax.tree.leaves(specs["embed"], is_leaf=lambda x: isinstance(x, P))
+    )
+    gpt = M.abstract_params(get_preset("tiny", num_layers=2))["blocks"]
+    gpt = placement.block_specs(gpt, stack_spec=("pipe",))
+    assert gpt["attn"]["q"]["bias"] == P("pipe", "tensor")
+    assert gpt["mlp"]["down"]["bias"] == P("pipe", None)
+    with pytest.raises(ValueError, match="stack dims"):
+        placement.block_specs({"attn": {"q": {"bias": np.zeros((2, 3))}}})
+
+
+@needs_devices(8)
+def test_placed_params_are_split_over_tensor():
+    cfg, pipe = _pipe("gpt2", D=2, S=2, Tp=2)
+    placed = pipe.place(M.init_params(cfg))
+    up = placed["blocks"]["mlp"]["up"]["kernel"]  # [S, R, J, D, F]
+    assert up.addressable_shards[0].data.shape == (1, 1, 1, cfg.d_model, cfg.ff_dim // 2)
+    o = placed["blocks"]["attn"]["o"]["kernel"]
+    assert o.addressable_shards[0].data.shape == (1, 1, 1, cfg.d_model // 2, cfg.d_model)
+
+
+def _tensor_groups(mesh):
+    ids = np.vectorize(lambda d: d.id)(mesh.devices)  # [data, pipe, tensor]
+    return sorted(tuple(sorted(g)) for g in ids.reshape(-1, ids.shape[-1]).tolist())
+
+
+@needs_devices(8)
+def test_compiled_matmuls_are_split_and_all_reduced_over_tensor():
+    cfg, pipe = _pipe("gpt2", D=2, S=2, Tp=2)
+    params = pipe.place(M.init_params(cfg))
+    hlo = jax.jit(pipe.loss).lower(params, _tokens(8)).compile().as_text()
+    # Per stage and micro-batch: 2 rows (8 / 2 micro-batches / 2 data) x 8 tokens = 16 rows.
+    rows, D, F = 16, cfg.d_model, cfg.ff_dim
+    dots = set(re.findall(r"f32\[(\d+),(\d+)\]\{1,0\} dot\(", hlo))
+    assert (str(rows), str(F // 2)) in dots, f"no column-split MLP up matmul in {dots}"
+    assert (str(rows), str(F)) not in dots, "MLP up matmul is not split over tensor"
+    reduce_groups = re.findall(
+        rf"f32\[2,{SEQ},{D}\]\{{2,1,0\}} all-reduce\(.*?replica_groups=(\{{[{{}}0-9,]*\}})", hlo
+    )
+    assert len(reduce_groups) >= 2, "expected all-reduces after attn o and mlp down"
+    groups = sorted(
+        tuple(map(int, g.split(","))) for g in re.findall(r"\{([0-9,]+)\}", reduce_groups[0])
+    )
+    assert groups == _tensor_groups(pipe.mesh)
+
+
+@needs_devices(8)
+def test_clear_tensor_errors():
+    cfg = get_preset("tiny-llama", num_layers=2, max_seq_len=SEQ)  # 4 heads, 2 kv heads
+    pcfg = PipelineConfig(num_stages=2, tensor_parallel=4)
+    pipe = Pipeline.create(cfg, pcfg, make_mesh(pcfg))
+    with pytest.raises(ConfigError, match=r"must divide num_kv_heads=2.*--tensor_parallel in"):
+        pipe.place(M.init_params(cfg))
+    with pytest.raises(ConfigError, match="must divide num_heads=4"):
+        placement.check_tensor_parallel(get_preset("tiny"), 8)
+    with pytest.raises(ConfigError, match=r"2 x 2 x 3 = 12 devices, but 8 are available"):
+        make_mesh(PipelineConfig(num_stages=2, data_parallel=2, tensor_parallel=3))
+
+
+def test_train_lm_flags_end_to_end(tmp_path):
+    cmd = [
+        sys.executable,
+        str(ROOT / "experiments/train_lm.py"),
+        "--model=tiny",
+        "--num_layers=2",
+        "--num_stages=2",
+        "--data_parallel=2",
+        "--tensor_parallel=2",
+        "--num_microbatches=2",
+        "--batch_size=4",
+        "--seq_len=8",
+        "--steps=2",
+        "--log_every=1",
+        "--warmup_steps=1",
+        f"--workdir={tmp_path}",
+        f"--data={ROOT / 'jaxpipe'}",
+    ]
+    out = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin"},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "step 2/2" in out.stdout
+    assert (tmp_path / "summary.json").exists()
+    bad = subprocess.run(
+        cmd[:-2] + ["--devices=6", f"--workdir={tmp_path}/bad"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin"},
+    )
+    assert bad.returncode != 0
+    assert "2 x 2 x 2 = 8 devices, but 6 are available" in bad.stderr
