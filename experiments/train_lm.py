@@ -74,14 +74,14 @@ flags.DEFINE_integer("max_bad_steps", 5, "Consecutive non-finite steps skipped b
 flags.DEFINE_bool("stop_on_nonfinite", False, "Stop at the first non-finite step.")
 
 
-def main(argv):
+def main(argv, initial=None):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before jax is imported
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     from jaxpipe.config import ConfigError
     from jaxpipe.train import NonFiniteError
 
     try:
-        run(argv)
+        run(argv, initial)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -90,7 +90,9 @@ def main(argv):
         sys.exit(3)
 
 
-def run(argv):
+def run(argv, initial=None):
+    """The training job; `initial()`, when given, returns (ModelConfig, canonical params) to
+    start from instead of the --model preset and the seed."""
     if len(argv) > 1:
         from jaxpipe.config import ConfigError
 
@@ -110,7 +112,12 @@ def run(argv):
     from jaxpipe.data import load_data
     from jaxpipe.partition import make_plan
 
-    model: ModelConfig = get_preset(_F.model, num_layers=_F.num_layers, vocab_size=_F.vocab_size)
+    if initial is None:
+        model = get_preset(_F.model, num_layers=_F.num_layers, vocab_size=_F.vocab_size)
+        init_params = None
+    else:
+        model, init_params = initial()
+    model: ModelConfig
     pcfg = PipelineConfig(
         num_stages=_F.num_stages,
         num_microbatches=_F.num_microbatches,
@@ -163,7 +170,8 @@ def run(argv):
         f"({len(data.tokens):,} tokens, unigram entropy {data.unigram_entropy():.3f} nats)"
     )
     summary = train_resumable(trainer, data, workdir, every=_F.checkpoint_every,
-                              keep=_F.keep_checkpoints, resume=_F.resume)
+                              keep=_F.keep_checkpoints, resume=_F.resume,
+                              init_params=init_params)
     if not summary["history"]:
         print(f"done: already at step {summary['steps']}; eval {summary['eval_loss']:.3f}")
         return

@@ -253,11 +253,13 @@ def train_resumable(
     resume: bool = True,
     async_save: bool = True,
     on_step=None,
+    init_params=None,
 ) -> dict:
     """`train` with checkpoints in WORKDIR/checkpoints, resuming from the newest good one.
 
     Saves every `every` steps and at the last step; with resume=False an existing checkpoint
-    is an error rather than silently mixed with the new run's.
+    is an error rather than silently mixed with the new run's. A fresh run starts from
+    `init_params` (canonical; e.g. a Hugging Face checkpoint) or from the seed.
     """
     with Checkpoints(workdir, every, keep, async_save) as ckpts:
         if not resume and ckpts.steps():
@@ -267,6 +269,8 @@ def train_resumable(
             )
         state = ckpts.restore(trainer) if resume else None
         step = 0 if state is None else int(state.step)
+        if state is None and init_params is not None:
+            state = trainer.init_state(init_params)
         if state is not None and jax.process_index() == 0:
             print(f"resuming from step {step} ({ckpts.path(step)})", flush=True)
         for newer in [s for s in ckpts.steps() if s > step]:  # skipped as corrupt: replace them
