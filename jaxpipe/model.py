@@ -6,6 +6,7 @@ a leading `layers` axis (the canonical layout; see `layout.py` for the pipeline 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -188,6 +189,11 @@ def init_params(cfg: ModelConfig, seed: int | jax.Array = 0, allow_large: bool =
             f"allocate it (use it with the planner, or pass allow_large=True)"
         )
     key = jax.random.key(seed) if isinstance(seed, int) else seed
+    return _init(cfg, key)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init(cfg: ModelConfig, key: jax.Array):
     k_embed, k_blocks, k_head = jax.random.split(key, 3)
     tokens = jnp.zeros((1, 2), jnp.int32)
     x = jnp.zeros((1, 2, cfg.d_model), jnp.float32)

@@ -11,8 +11,10 @@ import pytest
 
 from jaxpipe.checkpoint import Checkpoints, load_params
 from jaxpipe.config import ConfigError, ModelConfig, PipelineConfig, get_preset
+from jaxpipe.costs import get_profile
 from jaxpipe.data import TokenData, load_data
 from jaxpipe.mesh import make_mesh
+from jaxpipe.partition import make_plan
 from jaxpipe.schedule import build_table
 from jaxpipe.train import TrainConfig, Trainer, train
 
@@ -75,7 +77,18 @@ CASES = {
         lambda: PipelineConfig(schedule="zigzag"),
         r"unknown schedule 'zigzag'; choose one of",
     ),
-    "1f1b (M < S check pending)": (lambda: build_table("1f1b", 4, 2), "'1f1b'"),
+    "interleaved M not a multiple of S": (
+        lambda: build_table("interleaved_1f1b", 4, 2, 2),
+        "num_microbatches 2 must be a multiple of num_stages 4; try 4",
+    ),
+    "unknown device profile": (
+        lambda: get_profile("tpu-v9", TINY),
+        r"unknown device 'tpu-v9'; choose one of",
+    ),
+    "unknown partition method": (
+        lambda: make_plan(TINY, PipelineConfig(num_stages=2), "foo", batch_size=8, seq_len=16),
+        r"unknown partition method 'foo'; choose one of",
+    ),
     "unknown preset": (lambda: get_preset("gpt5"), r"unknown model preset 'gpt5'; choose one of"),
     "heads do not divide width": (
         lambda: ModelConfig(d_model=30, num_heads=4),
@@ -159,6 +172,7 @@ FLAG_CASES = [
     (["--num_stages=0"], "num_stages must be a positive integer, got 0"),
     (["--learning_rate=nan"], "learning_rate must be finite and > 0, got nan"),
     (["--model=gpt5"], "unknown model preset 'gpt5'"),
+    (["--partition=foo"], "unknown partition method 'foo'"),
     (["--data=/nonexistent/x.txt"], "--data '/nonexistent/x.txt' does not exist"),
 ]
 

@@ -56,7 +56,8 @@ def _single_process_losses():
     return losses
 
 
-@pytest.mark.parametrize("procs", [2, pytest.param(4, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("procs", [2, 4])
 def test_pipe_across_processes_matches_single_process(tmp_path, procs):
     # pipe = 4 spans the processes: with 2 processes x 2 devices, stages 0, 1 run on process 0
     # and stages 2, 3 on process 1; with 4 processes x 1 device, one stage each.

@@ -120,6 +120,7 @@ def test_every_notebook_is_checked():
     assert {p.name for p in NOTEBOOKS} == set(CHECKS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs(path, tmp_path):
     nb = _execute(path.name, tmp_path)

@@ -37,7 +37,9 @@ def _pipe(style, D, S, Tp, Mb=2, R=1, **model_kw):
 
 
 @needs_devices(8)
-@pytest.mark.parametrize("style,R", [("gpt2", 1), ("llama", 2)])
+@pytest.mark.parametrize(
+    "style,R", [("gpt2", 1), pytest.param("llama", 2, marks=pytest.mark.slow)]
+)
 def test_2x2x2_matches_reference(style, R):
     cfg, pipe = _pipe(style, D=2, S=2, Tp=2, Mb=2, R=R)
     _check_against_reference(cfg, pipe, batch=8)
@@ -120,6 +122,7 @@ def test_clear_tensor_errors():
         make_mesh(PipelineConfig(num_stages=2, data_parallel=2, tensor_parallel=3))
 
 
+@pytest.mark.slow
 def test_train_lm_flags_end_to_end(tmp_path):
     cmd = [
         sys.executable,
