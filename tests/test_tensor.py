@@ -21,14 +21,14 @@ from tests.test_pipeline import SEQ, _check_against_reference, _tokens
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _pipe(style, D, S, Tp, Mb=2, R=1, **model_kw):
+def _pipe(style, D, S, Tp, Mb=2, R=1, schedule=None, **model_kw):
     preset = "tiny" if style == "gpt2" else "tiny-llama"
     cfg = get_preset(preset, num_layers=S * R, max_seq_len=SEQ, **model_kw)
     pcfg = PipelineConfig(
         num_stages=S,
         num_microbatches=Mb,
         num_repeats=R,
-        schedule="gpipe" if R == 1 else "circular",
+        schedule=schedule or ("gpipe" if R == 1 else "circular"),
         data_parallel=D,
         tensor_parallel=Tp,
     )
@@ -50,6 +50,16 @@ def test_2x2x2_matches_reference(style, R):
 @pytest.mark.parametrize("style,R", [("llama", 1), ("gpt2", 2)])
 def test_2x2x2_matches_reference_other_combinations(style, R):
     cfg, pipe = _pipe(style, D=2, S=2, Tp=2, Mb=2, R=R)
+    _check_against_reference(cfg, pipe, batch=8)
+
+
+@needs_devices(8)
+@pytest.mark.parametrize(
+    "style,schedule,R",
+    [("gpt2", "1f1b", 1), pytest.param("llama", "interleaved_1f1b", 2, marks=pytest.mark.slow)],
+)
+def test_2x2x2_one_f_one_b_matches_reference(style, schedule, R):
+    cfg, pipe = _pipe(style, D=2, S=2, Tp=2, Mb=2, R=R, schedule=schedule)
     _check_against_reference(cfg, pipe, batch=8)
 
 
