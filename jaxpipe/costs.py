@@ -59,7 +59,8 @@ DEVICES = tuple(PROFILES) + ("cpu",)
 _CPU_PROFILE: dict[tuple, DeviceProfile] = {}
 
 
-def _best_time(fn, *args, reps: int = 5) -> float:
+def best_time(fn, *args, reps: int = 5) -> float:
+    """Fastest of `reps` timed calls, after one warm-up call."""
     jax.block_until_ready(fn(*args))
     best = float("inf")
     for _ in range(reps):
@@ -73,7 +74,7 @@ def _matmul_flops(m: int, k: int, n: int) -> float:
     cpu = jax.devices("cpu")[0]
     a = jax.device_put(jnp.ones((m, k), jnp.float32), cpu)
     b = jax.device_put(jnp.ones((k, n), jnp.float32), cpu)
-    return 2 * m * k * n / _best_time(jax.jit(jnp.matmul), a, b)
+    return 2 * m * k * n / best_time(jax.jit(jnp.matmul), a, b)
 
 
 def calibrate_cpu(
@@ -90,7 +91,7 @@ def calibrate_cpu(
     flops = _matmul_flops(*matmul_dims)
     head_flops = _matmul_flops(*head_dims) if head_dims else None
     buf = jax.device_put(jnp.ones((16 * 2**20,), jnp.float32), jax.devices("cpu")[0])
-    bandwidth = buf.nbytes / _best_time(jax.jit(jnp.sum), buf)
+    bandwidth = buf.nbytes / best_time(jax.jit(jnp.sum), buf)
     try:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):

@@ -11,7 +11,6 @@ per-layer times.
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +18,7 @@ import numpy as np
 
 from jaxpipe import model as M
 from jaxpipe.config import ModelConfig, PipelineConfig
-from jaxpipe.costs import microbatch_size
+from jaxpipe.costs import best_time, microbatch_size
 from jaxpipe.layout import StageLayout
 from jaxpipe.report import Plan
 
@@ -30,16 +29,6 @@ def _concrete(tree, key):
     return treedef.unflatten(
         [0.02 * jax.random.normal(k, a.shape, a.dtype) for k, a in zip(keys, leaves, strict=True)]
     )
-
-
-def _time(fn, *args, reps: int) -> float:
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def _stage_program(cfg: ModelConfig, blocks: int, first: bool, last: bool):
@@ -85,7 +74,7 @@ def measure_layer_times(
     """Seconds of fwd + bwd of one block, the embedding and the head + loss, one micro-batch."""
     b = microbatch_size(pipe_cfg, batch_size)
     inp = _Inputs(model_cfg, b, seq_len, 1)
-    run = lambda n, f, l: _time(
+    run = lambda n, f, l: best_time(
         _stage_program(model_cfg, n, f, l), *inp.args(n, f, l, model_cfg.tied), reps=reps
     )
     block = run(1, False, False)
@@ -121,7 +110,7 @@ def measure_stage_times(
         key = (n, v == 0, v == V - 1)
         if key not in cache:
             prog = _stage_program(model_cfg, *key)
-            cache[key] = _time(prog, *inp.args(*key, model_cfg.tied), reps=reps)
+            cache[key] = best_time(prog, *inp.args(*key, model_cfg.tied), reps=reps)
         per_v.append(cache[key])
     stage = tuple(sum(per_v[r * S + s] for r in range(layout.num_repeats)) for s in range(S))
     layers = layer_times or measure_layer_times(
