@@ -5,8 +5,9 @@ micro-batches, on the Python standard library's own source text):
 
     python experiments/train_lm.py
 
-Expect on a 2-core CPU: about 4 minutes (the first step includes compilation); the loss
-falls from ~5.6 to well under the data's unigram entropy (~3.26 nats), to about 1.9 at step 300.
+Expect on a 2-core CPU (measured): about 4 minutes (233 s of training after a 7 s first step
+that includes compilation, ~3,200 tok/s); the loss falls from 5.44 to an eval loss of 2.38
+nats/byte, well under the data's unigram entropy (3.26 nats).
 
 Other shapes, e.g. circular GPipe over 4 stages with 2 repeats, data parallel 2:
 
