@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -59,7 +60,8 @@ def main() -> None:
 
     if jax.config.jax_platforms == "cpu":
         force_cpu_devices(args.stages)
-    print(f"process {jax.process_index()} devices {jax.devices()[: args.stages]}", flush=True)
+    devices = jax.devices()[: args.stages]
+    print(f"process {jax.process_index()} devices {devices}", file=sys.stderr, flush=True)
     cfg = get_preset(args.preset, num_layers=args.layers)
     params = M.init_params(cfg, 0)
     tokens = jax.random.randint(
