@@ -108,7 +108,7 @@ def run(argv, initial=None):
         jax.config.update("jax_num_cpu_devices", max(n_dev, 1))
     initialize_distributed(_F.coordinator, _F.num_processes, _F.process_id)
 
-    from jaxpipe import ModelConfig, PipelineConfig, TrainConfig, Trainer, get_preset
+    from jaxpipe import PipelineConfig, TrainConfig, Trainer, get_preset
     from jaxpipe.checkpoint import train_resumable
     from jaxpipe.data import load_data
     from jaxpipe.partition import make_plan
@@ -118,7 +118,6 @@ def run(argv, initial=None):
         init_params = None
     else:
         model, init_params = initial()
-    model: ModelConfig
     pcfg = PipelineConfig(
         num_stages=_F.num_stages,
         num_microbatches=_F.num_microbatches,

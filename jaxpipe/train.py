@@ -75,7 +75,7 @@ def lr_schedule(tcfg: TrainConfig) -> optax.Schedule:
 def _decay_mask(params):
     """Weight decay on matrices and embeddings, not on norms or biases."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: getattr(path[-1], "key", None) in ("kernel", "tok", "pos", "out"), params
+        lambda path, _: getattr(path[-1], "key", None) in ("kernel", "tok", "pos"), params
     )
 
 
