@@ -23,12 +23,19 @@ flags.DEFINE_string("json", None, "Write the results here as well as to stdout."
 flags.DEFINE_integer("rounds", 7, "Alternating timing rounds.")
 flags.DEFINE_integer("batch_size", 32, "Global batch (sequences).")
 flags.DEFINE_integer("seq_len", 128, "Tokens per sequence.")
+flags.DEFINE_bool(
+    "xla_options",
+    True,
+    "Compile every configuration (the reference too) with jaxpipe's XLA options "
+    "(`pipeline.compiler_options`); --noxla_options uses XLA's defaults.",
+)
 _F = flags.FLAGS
 
 
-def _compile(fn, *args):
+def _compile(fn, *args, devices):
     t = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
+    options = compiler_options(devices) if _F.xla_options else None
+    compiled = jax.jit(fn, compiler_options=options).lower(*args).compile()
     return compiled, time.perf_counter() - t
 
 
@@ -58,7 +65,7 @@ def _pipelined(cfg, S, Mb, devices, batch_size):
     pipe = Pipeline.create(cfg, pcfg, make_mesh(pcfg, devices))
     params = pipe.place(M.init_params(cfg, 0))
     tokens = jax.device_put(_tokens(cfg, batch_size), pipe.batch_sharding())
-    compiled, seconds = _compile(pipe.value_and_grad, params, tokens)
+    compiled, seconds = _compile(pipe.value_and_grad, params, tokens, devices=devices)
     return compiled, (params, tokens), seconds
 
 
@@ -74,7 +81,9 @@ def main(argv):
     dev0 = jax.devices()[0]
     params = jax.device_put(M.init_params(cfg, 0), dev0)
     tokens = jax.device_put(_tokens(cfg, _F.batch_size), dev0)
-    ref, _ = _compile(jax.value_and_grad(lambda p, t: M.reference_loss(cfg, p, t)), params, tokens)
+    ref, _ = _compile(
+        jax.value_and_grad(lambda p, t: M.reference_loss(cfg, p, t)), params, tokens, devices=[dev0]
+    )
 
     p1, p1_args, _ = _pipelined(cfg, 1, 1, [dev0], _F.batch_size)
     p4, p4_args, _ = _pipelined(cfg, 4, 16, jax.devices()[:4], _F.batch_size)
@@ -105,6 +114,7 @@ def main(argv):
             "seq_len": _F.seq_len,
             "rounds": _F.rounds,
             "cpu_cores": os.cpu_count(),
+            "xla_options": _F.xla_options,
         },
     }
     text = json.dumps(result, indent=2)
@@ -122,6 +132,6 @@ if __name__ == "__main__":
     from jaxpipe import model as M
     from jaxpipe.config import PipelineConfig, get_preset
     from jaxpipe.mesh import make_mesh
-    from jaxpipe.pipeline import Pipeline
+    from jaxpipe.pipeline import Pipeline, compiler_options
 
     app.run(main)

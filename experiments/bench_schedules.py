@@ -48,6 +48,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq_len", type=int, default=64)
     p.add_argument("--reps", type=int, default=7)
+    p.add_argument(
+        "--xla_defaults",
+        action="store_true",
+        help="compile with plain jax.jit instead of Pipeline.jit (jaxpipe's XLA options)",
+    )
     args = p.parse_args()
 
     import jax
@@ -74,7 +79,8 @@ def main() -> None:
         )
         pipe = Pipeline.create(cfg, pcfg, make_mesh(pcfg, jax.devices()[: args.stages]))
         placed = pipe.place(params)
-        compiled = jax.jit(pipe.value_and_grad).lower(placed, tokens).compile()
+        jit = jax.jit if args.xla_defaults else pipe.jit
+        compiled = jit(pipe.value_and_grad).lower(placed, tokens).compile()
         temps[schedule] = compiled.memory_analysis().temp_size_in_bytes
         jax.block_until_ready(compiled(placed, tokens))
         steps[schedule] = (compiled, placed)

@@ -8,7 +8,7 @@ Activations go to the next stage with `ppermute`, gradients to the previous one 
 `ppermute`; arrivals wait in small inboxes (slots from `buffers.buffer_plan`). The head and the
 loss run inside the last virtual stage's forward, so its backward has its loss gradient at
 hand; the embedding runs outside, and its gradient comes from the returned d(input).
-Idle ticks and padded slots are skipped with `lax.switch` / `lax.cond`, so they cost no FLOPs.
+Idle ticks and padded slots are skipped with `lax.cond`, so they cost no FLOPs.
 
 Config: any `remat` other than "none" stashes only each stage input and recomputes the stage's
 forward in its backward. `boundary_dtype` and `Pipeline.poison_bubbles` are not used here.
@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxpipe import model as M
 from jaxpipe.buffers import buffer_plan
-from jaxpipe.schedule import BWD, FWD, IDLE
+from jaxpipe.schedule import BWD, FWD
 
 _tree = jax.tree.map
 
@@ -142,82 +142,76 @@ def _stage_program(pipe, w_1RJ, head_params, x_MBTD, t_MBT):
             "grad": jnp.zeros((plan.num_grad,) + zero_BTD.shape, zero_BTD.dtype),
             "res": [jnp.zeros((plan.num_res,) + r.shape, r.dtype) for r in res_shapes],
             "g_w": _tree(jnp.zeros_like, w_RJ),
-            "g_head": _tree(jnp.zeros_like, head_params),
-            "loss": jnp.zeros((), jnp.float32),
+            "head": {"loss": jnp.zeros((), jnp.float32), "g": _tree(jnp.zeros_like, head_params)},
             "dx": jnp.zeros_like(x_MBTD),
             "send_f": zero_BTD,
             "send_b": zero_BTD,
         }
     )
+    zeros_res = vary([jnp.zeros(r.shape, r.dtype) for r in res_shapes])
 
     def head_loss(hp, y_BTD, t_BT):
         return M.cross_entropy(M.head_apply(cfg, hp, y_BTD), t_BT) / Mb
 
-    def fwd(st, t):
-        m, r = micro_TS[t, s], repeat_TS[t, s]
-        v = r * S + s
-        h = jnp.where(v == 0, x_MBTD[m], st["act"][act_r[t, s]])
-        w_J = _tree(lambda a: a[r], w_RJ)
-        y, kept = stage.forward(w_J, counts_SR[s, r], h)
-        k = res_slot[t, s]
-        st = {
-            **st,
-            "send_f": y,
-            "res": [
-                jax.lax.dynamic_update_index_in_dim(b, x, k, 0)
-                for b, x in zip(st["res"], kept, strict=True)
-            ],
-        }
+    # Only the accumulators (head loss and gradient, weight gradients) pass through the
+    # conditionals; every buffer write happens outside them as one in-place slot update, so no
+    # branch (the idle one included) passes the stash or the inboxes through.
+    def fwd(head, w_J, count, h, m, last):
+        y, kept = stage.forward(w_J, count, h)
 
-        def last(st):
+        def with_head(head):
             loss, (g_hp, dy) = jax.value_and_grad(head_loss, argnums=(0, 1))(hp, y, t_MBT[m])
-            grad = jax.lax.dynamic_update_index_in_dim(st["grad"], dy, head_w[t, s], 0)
-            return {
-                **st,
-                "loss": st["loss"] + loss,
-                "grad": grad,
-                "g_head": _tree(jnp.add, st["g_head"], g_hp),
-            }
+            return {"loss": head["loss"] + loss, "g": _tree(jnp.add, head["g"], g_hp)}, dy
 
-        return jax.lax.cond(v == V - 1, last, lambda st: st, st)
+        head, dy = jax.lax.cond(last, with_head, lambda head: (head, zero_BTD), head)
+        return head, y, kept, dy
 
-    def bwd(st, t):
-        m, r = micro_TS[t, s], repeat_TS[t, s]
-        k = res_slot[t, s]
-        kept = [jax.lax.dynamic_index_in_dim(b, k, 0, False) for b in st["res"]]
-        w_J = _tree(lambda a: a[r], w_RJ)
-        dw_J, dh = stage.backward(w_J, counts_SR[s, r], kept, st["grad"][grad_r[t, s]])
-        g_w = _tree(
-            lambda g, d: jax.lax.dynamic_update_index_in_dim(g, g[r] + d, r, 0), st["g_w"], dw_J
-        )
-        dx = jax.lax.dynamic_update_index_in_dim(
-            st["dx"], jnp.where(r * S + s == 0, dh, st["dx"][m]), m, 0
-        )
-        return {**st, "send_b": dh, "g_w": g_w, "dx": dx}
+    def no_fwd(head, *_):
+        return head, zero_BTD, zeros_res, zero_BTD
 
-    def absorb(buf, recv, slot, ok):
-        return jax.lax.dynamic_update_index_in_dim(buf, jnp.where(ok, recv, buf[slot]), slot, 0)
+    def bwd(g_w, w_J, count, kept, dy, r):
+        dw_J, dh = stage.backward(w_J, count, kept, dy)
+        g_w = _tree(lambda g, d: jax.lax.dynamic_update_index_in_dim(g, g[r] + d, r, 0), g_w, dw_J)
+        return g_w, dh
+
+    def no_bwd(g_w, *_):
+        return g_w, zero_BTD
+
+    def put(buf, x, slot, ok):
+        return jax.lax.dynamic_update_index_in_dim(buf, jnp.where(ok, x, buf[slot]), slot, 0)
 
     fwd_perm = [(i, (i + 1) % S) for i in range(S)]
     bwd_perm = [((i + 1) % S, i) for i in range(S)]
 
     def tick(st, t):
+        act = put(st["act"], st["send_f"], act_w[t, s], act_w_ok[t, s])
+        grad = put(st["grad"], st["send_b"], grad_w[t, s], grad_w_ok[t, s])
+        op, m, r, k = op_TS[t, s], micro_TS[t, s], repeat_TS[t, s], res_slot[t, s]
+        v, count = r * S + s, counts_SR[s, r]
+        w_J = _tree(lambda a: a[r], w_RJ)
+        is_f, is_b = op == FWD, op == BWD
+
+        h = jnp.where(v == 0, x_MBTD[m], act[act_r[t, s]])
+        head, y, kept_f, dy = jax.lax.cond(
+            is_f, fwd, no_fwd, st["head"], w_J, count, h, m, v == V - 1
+        )
+        kept_b = [jax.lax.dynamic_index_in_dim(b, k, 0, False) for b in st["res"]]
+        g_w, dh = jax.lax.cond(
+            is_b, bwd, no_bwd, st["g_w"], w_J, count, kept_b, grad[grad_r[t, s]], r
+        )
         st = {
-            **st,
-            "act": absorb(st["act"], st["send_f"], act_w[t, s], act_w_ok[t, s]),
-            "grad": absorb(st["grad"], st["send_b"], grad_w[t, s], grad_w_ok[t, s]),
-        }
-        branches = [lambda st, t: st, fwd, bwd]
-        assert (IDLE, FWD, BWD) == (0, 1, 2)
-        st = jax.lax.switch(op_TS[t, s], branches, st, t)
-        st = {
-            **st,
-            "send_f": jax.lax.ppermute(st["send_f"], "pipe", fwd_perm),
-            "send_b": jax.lax.ppermute(st["send_b"], "pipe", bwd_perm),
+            "act": act,
+            "grad": put(grad, dy, head_w[t, s], is_f & (v == V - 1)),
+            "res": [put(b, x, k, is_f) for b, x in zip(st["res"], kept_f, strict=True)],
+            "g_w": g_w,
+            "head": head,
+            "dx": put(st["dx"], dh, m, is_b & (v == 0)),
+            "send_f": jax.lax.ppermute(y, "pipe", fwd_perm),
+            "send_b": jax.lax.ppermute(dh, "pipe", bwd_perm),
         }
         return st, None
 
     st, _ = jax.lax.scan(tick, state, jnp.arange(tab.num_ticks))
-    g_head = _tree(lambda g: jax.lax.psum(g, "pipe"), st["g_head"])
+    g_head = _tree(lambda g: jax.lax.psum(g, "pipe"), st["head"]["g"])
     g_w = _tree(lambda g: g[None], st["g_w"])
-    return jax.lax.psum(st["loss"], "pipe"), g_w, g_head, st["dx"][None]
+    return jax.lax.psum(st["head"]["loss"], "pipe"), g_w, g_head, st["dx"][None]

@@ -98,13 +98,13 @@ class Trainer:
         self.tx = make_optimizer(self.tcfg)
         abstract = jax.eval_shape(self.pipe.to_pipeline, M.abstract_params(self.pipe.model))
         self.shardings = self.state_shardings(abstract)
-        self.step_fn = jax.jit(
+        self.step_fn = self.pipe.jit(
             self._step,
             in_shardings=(self.shardings, self.pipe.batch_sharding()),
             out_shardings=(self.shardings, self.shardings.step),
             donate_argnums=0,
         )
-        self.loss_fn = jax.jit(self.pipe.loss)
+        self.loss_fn = self.pipe.jit(self.pipe.loss)
 
     @classmethod
     def create(
