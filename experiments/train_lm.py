@@ -17,7 +17,9 @@ Other shapes, e.g. circular GPipe over 4 stages with 2 repeats, data parallel 2:
 Writes WORKDIR/config.json, metrics.jsonl (one JSON row per logged step), summary.json,
 loss.png and WORKDIR/checkpoints/<step> every --checkpoint_every steps (the last
 --keep_checkpoints kept). Re-running with the same --workdir resumes from the newest complete
-checkpoint, at any pipeline shape; its losses equal those of an uninterrupted run.
+checkpoint, at any pipeline shape; its losses equal those of an uninterrupted run. With
+several processes (experiments/launch_local.py) process 0 writes these files, all processes
+save and restore the checkpoints together, and a run resumes with any number of processes.
 
 A bad flag prints `error: <what to change>` and exits with status 2; training stopped by
 non-finite losses prints `error: ...` and exits with status 3.
@@ -146,23 +148,26 @@ def run(argv, initial=None):
                      device=_F.device_profile, embed_in_first=inside, head_in_last=inside)
     print(plan.table())
     workdir = Path(_F.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "plan.json").write_text(plan.to_json())
+    writer = jax.process_index() == 0  # one process writes the workdir's files
+    if writer:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "plan.json").write_text(plan.to_json())
     if _F.check_balance:
         _check_balance(model, pcfg, tcfg, plan)
     trainer = Trainer.create(model, pcfg, tcfg, layout=plan.layout)
-    (workdir / "config.json").write_text(
-        json.dumps(
-            {
-                "model": dataclasses.asdict(model),
-                "pipeline": dataclasses.asdict(pcfg),
-                "train": dataclasses.asdict(tcfg),
-                "data": data.source,
-                "layout": trainer.pipe.layout.describe(),
-            },
-            indent=2,
+    if writer:
+        (workdir / "config.json").write_text(
+            json.dumps(
+                {
+                    "model": dataclasses.asdict(model),
+                    "pipeline": dataclasses.asdict(pcfg),
+                    "train": dataclasses.asdict(tcfg),
+                    "data": data.source,
+                    "layout": trainer.pipe.layout.describe(),
+                },
+                indent=2,
+            )
         )
-    )
     print(
         f"model {model.name}: {model.num_params() / 1e6:.2f}M params, {model.num_layers} layers; "
         f"stages: {trainer.pipe.layout.describe()}; schedule {pcfg.schedule} "

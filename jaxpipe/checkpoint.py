@@ -9,6 +9,17 @@ storing the seed and checking it on restore is enough to resume the data stream 
 Restoring verifies the fingerprint; a checkpoint that fails to load or to verify is skipped
 with a warning naming it, and the previous one is tried. A checkpoint of another model shape
 raises `ConfigError` naming both shapes.
+
+Several processes (`jax.distributed`, one mesh over all of them) share one checkpoint
+directory, which every process must see (a shared file system, or one machine). Saving,
+restoring and listing are then collective: every process calls them in the same order.
+Each process writes its share of the arrays; process 0 alone creates the directory, writes the
+JSON metadata, commits a step and deletes old or corrupt steps. Process 0 lists the steps and
+broadcasts the list, and a checkpoint counts as good only if it verified on every process, so
+that all processes restore the same step and keep issuing the same collectives. The restored
+arrays are global (replicated over the whole mesh) and then placed in the pipeline layout. A
+checkpoint saved by N processes restores in any number of processes, at any pipeline shape.
+`load_params` is the exception: it reads in the calling process alone.
 """
 
 from __future__ import annotations
@@ -119,11 +130,30 @@ class CorruptCheckpoint(Exception):
     pass
 
 
+def _agree(ok: bool) -> bool:
+    """True when `ok` holds in every process (a collective when there are several)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
+
+
 class Checkpoints:
-    """Saves every `every` steps (async), keeps the last `keep`, restores the newest good one."""
+    """Saves every `every` steps (async), keeps the last `keep`, restores the newest good one.
+
+    With several processes every process constructs it and calls `save`, `restore` and `steps`
+    at the same points (they synchronise the processes). `read_only=True` makes a reader that
+    touches nothing and involves no other process (what `load_params` uses).
+    """
 
     def __init__(
-        self, workdir: str | Path, every: int = 100, keep: int = 3, async_save: bool = True
+        self,
+        workdir: str | Path,
+        every: int = 100,
+        keep: int = 3,
+        async_save: bool = True,
+        read_only: bool = False,
     ):
         if every < 1 or keep < 1:
             raise ConfigError(
@@ -131,14 +161,32 @@ class Checkpoints:
             )
         self.directory = Path(workdir).absolute() / CKPT_DIR
         self.every = every
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save
-        )
+        self.read_only = read_only
+        if read_only:  # this process alone: no barriers, no broadcast of the step list
+            me = jax.process_index()
+            options = ocp.CheckpointManagerOptions(
+                create=False,
+                enable_async_checkpointing=False,
+                multiprocessing_options=ocp.options.MultiprocessingOptions(
+                    primary_host=me, active_processes={me}
+                ),
+            )
+        else:
+            # Process 0 lists the steps and broadcasts them: a step that process 0 deletes
+            # (or commits) while another process lists the directory cannot make the
+            # processes disagree about which steps exist.
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=keep,
+                create=True,
+                enable_async_checkpointing=async_save,
+                single_host_load_and_broadcast=True,
+            )
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "meta")
         )
 
     def steps(self) -> list[int]:
+        """The committed steps, read from disk (the same list in every process)."""
         self.manager.reload()
         return sorted(self.manager.all_steps())
 
@@ -147,6 +195,8 @@ class Checkpoints:
 
     def save(self, trainer: Trainer, state: TrainState, force: bool = False) -> bool:
         """Saves unless the step is off the interval (or force); returns whether it saved."""
+        if self.read_only:
+            raise ValueError(f"{self.directory} was opened read-only")
         step = int(state.step)
         if not force and step % self.every:
             return False
@@ -209,11 +259,17 @@ class Checkpoints:
         return meta, tree
 
     def newest_good(self, restore_one):
+        """restore_one(step) for the newest step where it succeeds (in every process, unless
+        read-only); None when it fails on every step."""
         for step in reversed(self.steps()):
             try:
-                return restore_one(step)
+                found, error = restore_one(step), None
             except CorruptCheckpoint as e:
-                print(f"warning: skipping corrupt checkpoint {self.path(step)}: {e}", flush=True)
+                found, error = None, str(e)
+            if error is None if self.read_only else _agree(error is None):
+                return found
+            error = error or "it failed to load or to verify in another process"
+            print(f"warning: skipping corrupt checkpoint {self.path(step)}: {error}", flush=True)
         return None
 
     def restore(self, trainer: Trainer, step: int | None = None) -> TrainState | None:
@@ -274,8 +330,9 @@ def train_resumable(
         if state is not None and jax.process_index() == 0:
             print(f"resuming from step {step} ({ckpts.path(step)})", flush=True)
         for newer in [s for s in ckpts.steps() if s > step]:  # skipped as corrupt: replace them
-            print(f"deleting corrupt checkpoint {ckpts.path(newer)}", flush=True)
-            ckpts.manager.delete(newer)
+            if jax.process_index() == 0:
+                print(f"deleting corrupt checkpoint {ckpts.path(newer)}", flush=True)
+            ckpts.manager.delete(newer)  # every process calls it; process 0 deletes
 
         def hook(s):
             nonlocal step
@@ -298,10 +355,12 @@ def load_params(workdir: str | Path, step: int | None = None, device=None):
     """(ModelConfig, canonical params) of the newest good checkpoint, for the reference model.
 
     The whole saved state is read so that its fingerprint can be verified; only params are
-    returned, on one device (default: the first).
+    returned, on one device of this process (default: its first). It reads in this process
+    alone, so with several processes any of them may call it (a checkpoint saved by several
+    processes loads in one).
     """
-    ckpts = Checkpoints(workdir, async_save=False)
-    sharding = SingleDeviceSharding(device or jax.devices()[0])
+    ckpts = Checkpoints(workdir, read_only=True)
+    sharding = SingleDeviceSharding(device or jax.local_devices()[0])
 
     def one(s):
         meta = ckpts.read_meta(s)
