@@ -1,4 +1,5 @@
-"""Pipelines across processes: local CPU processes with gloo collectives form one mesh.
+"""Pipelines and checkpoints across processes: local CPU processes with gloo collectives form
+one mesh.
 
 Run as a script, this file is the worker of the failure test (`python test_multiprocess.py
 worker`): a 2-stage pipeline, one stage per process, stepping until killed.
@@ -37,23 +38,58 @@ def _env(**extra):
     return {**env, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", **extra}
 
 
-def _single_process_losses():
+def _trainer(steps=STEPS, num_stages=4):
+    """The Trainer of FLAGS (with `steps` and `num_stages`) on this process's devices."""
     import jax
 
     from jaxpipe import PipelineConfig, TrainConfig, Trainer, get_preset
-    from jaxpipe.data import load_data
 
     model = get_preset("tiny", num_layers=4)
-    pcfg = PipelineConfig(num_stages=4, num_microbatches=2)
-    tcfg = TrainConfig(steps=STEPS, batch_size=BATCH, seq_len=SEQ, warmup_steps=1)
-    trainer = Trainer.create(model, pcfg, tcfg, devices=jax.devices()[:4])
+    pcfg = PipelineConfig(num_stages=num_stages, num_microbatches=2)
+    tcfg = TrainConfig(steps=steps, batch_size=BATCH, seq_len=SEQ, warmup_steps=1)
+    return Trainer.create(model, pcfg, tcfg, devices=jax.devices()[:num_stages])
+
+
+def _single_process_run(steps=STEPS):
+    """(trainer, losses, final state) of FLAGS trained for `steps` in this one process."""
+    from jaxpipe.data import load_data
+
+    trainer = _trainer(steps)
     data = load_data(str(ROOT / "jaxpipe"))
     state, losses = trainer.init_state(), []
-    for step in range(STEPS):
-        batch = trainer.put_batch(data.batch(step, BATCH, SEQ, tcfg.seed))
+    for step in range(steps):
+        batch = trainer.put_batch(data.batch(step, BATCH, SEQ, trainer.tcfg.seed))
         state, metrics = trainer.step_fn(state, batch)
         losses.append(float(metrics["loss"]))
-    return losses
+    return trainer, losses, state
+
+
+def _single_process_losses():
+    return _single_process_run()[1]
+
+
+def _launch(tmp_path, procs, args, logs="logs", timeout_s=400, script=None):
+    """Runs train_lm.py (or `script`) ARGS in `procs` processes (4 devices in all); returns
+    (stdout, the other processes' logs)."""
+    cmd = [
+        sys.executable,
+        str(LAUNCH),
+        f"--num_processes={procs}",
+        f"--devices_per_process={4 // procs}",
+        f"--log_dir={tmp_path / logs}",
+        *([f"--script={script}"] if script else []),
+        f"--timeout_s={timeout_s}",
+        "--",
+        *args,
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s + 50, env=_env())
+    others = "".join(p.read_text() for p in sorted((tmp_path / logs).glob("*.log")))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:] + others[-2000:]
+    return out.stdout, others
+
+
+def _metrics(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow
@@ -61,27 +97,83 @@ def _single_process_losses():
 def test_pipe_across_processes_matches_single_process(tmp_path, procs):
     # pipe = 4 spans the processes: with 2 processes x 2 devices, stages 0, 1 run on process 0
     # and stages 2, 3 on process 1; with 4 processes x 1 device, one stage each.
-    cmd = [
-        sys.executable,
-        str(LAUNCH),
-        f"--num_processes={procs}",
-        f"--devices_per_process={4 // procs}",
-        f"--log_dir={tmp_path / 'logs'}",
-        "--timeout_s=400",
-        "--",
-        *FLAGS,
-        f"--workdir={tmp_path / 'run'}",
-    ]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=450, env=_env())
-    logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:] + logs[-2000:]
-    assert f"process 0/{procs} devices" in out.stdout
+    stdout, logs = _launch(tmp_path, procs, [*FLAGS, f"--workdir={tmp_path / 'run'}"])
+    assert f"process 0/{procs} devices" in stdout
     assert f"process 1/{procs} devices" in logs  # process 1's output went to its log, not here
-    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    rows = _metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # written once, by process 0
     np.testing.assert_allclose(
         [r["loss"] for r in rows], _single_process_losses(), rtol=1e-5, atol=1e-6
     )
+
+
+def _flip_bytes_of_largest_array_file(step_dir: Path) -> None:
+    """Same length, different content: only the fingerprint can tell."""
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    f = max(files, key=lambda p: p.stat().st_size)
+    data = bytearray(f.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 64):
+        data[i] ^= 0x55
+    f.write_bytes(bytes(data))
+
+
+@pytest.mark.slow
+def test_checkpoints_across_processes_resume_exactly(tmp_path):
+    # 2 processes x 2 devices, pipe = 4 spanning them, save checkpoints 2 and 4 together. The
+    # newest is then corrupted: the relaunch must skip it in both processes, delete it, resume
+    # from step 2 and retrace steps 3-4 exactly like one uninterrupted process. The checkpoint
+    # it writes must then restore in one process at another pipeline shape.
+    import jax
+
+    from jaxpipe.checkpoint import Checkpoints, canonical_state, load_params
+
+    run = tmp_path / "run"
+    args = [f for f in FLAGS if not f.startswith("--steps")]
+    args += ["--steps=4", "--checkpoint_every=2", "--keep_checkpoints=3", f"--workdir={run}"]
+    _launch(tmp_path, 2, args, "logs_a", timeout_s=240)  # a hang fails, not the whole run
+    ckpt_dir = run / "checkpoints"
+    assert sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) == [2, 4]
+    _flip_bytes_of_largest_array_file(ckpt_dir / "4")
+
+    stdout, logs = _launch(tmp_path, 2, args, "logs_b", timeout_s=240)
+    skipped = f"warning: skipping corrupt checkpoint {ckpt_dir / '4'}"
+    assert skipped in stdout and skipped in logs  # verified, and rejected, in both processes
+    assert f"resuming from step 2 ({ckpt_dir / '2'})" in stdout
+    assert f"deleting corrupt checkpoint {ckpt_dir / '4'}" in stdout
+    assert "resuming from" not in logs  # process 0 alone reports
+    rows = _metrics(run)  # steps 1-4 of the first launch, 3-4 of the resumed one
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 3, 4]
+
+    trainer, losses, state = _single_process_run(steps=4)
+    got = [r["loss"] for r in rows]
+    np.testing.assert_allclose(got[:4], losses, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[4:], losses[2:], rtol=1e-5, atol=1e-6)
+
+    # The multi-process checkpoint 4, restored in this process at 2 stages (and via load_params),
+    # holds the uninterrupted run's state: params, AdamW moments and step.
+    expected = jax.device_get(canonical_state(trainer, state))
+    two_stages = _trainer(steps=4, num_stages=2)
+    with Checkpoints(run) as c:
+        assert c.steps() == [2, 4]
+        restored = c.restore(two_stages)
+    assert restored.params["blocks"]["attn"]["q"]["kernel"].shape[0] == 2
+    got_state = jax.device_get(canonical_state(two_stages, restored))
+    assert int(got_state["step"]) == 4
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(got_state), jax.tree.leaves(expected), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+    model, params = load_params(run)
+    assert model == two_stages.pipe.model
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(expected["params"]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+    # load_params reads in the calling process alone: process 1 of 2 calls it, process 0 not.
+    _launch(tmp_path, 2, ["load_params", str(run)], "logs_c", timeout_s=120, script=__file__)
+    with np.load(run / "loaded.npz") as loaded:
+        leaves = [loaded[f"arr_{i}"] for i in range(len(loaded.files))]
+    for a, b in zip(leaves, jax.tree.leaves(expected["params"]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_launcher_stops_all_when_one_process_fails(tmp_path):
@@ -179,9 +271,32 @@ def _worker():
         print(f"step {step} loss {float(metrics['loss']):.4f}", flush=True)
 
 
+def _load_params_worker(workdir):
+    """Process 1 alone loads the newest checkpoint's params and saves them to loaded.npz."""
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", 2)
+    from jaxpipe.mesh import initialize_distributed
+
+    assert initialize_distributed()
+    from jax.experimental import multihost_utils
+
+    from jaxpipe.checkpoint import load_params
+
+    if jax.process_index() == 1:
+        _, params = load_params(workdir)
+        leaves = jax.tree.leaves(params)
+        assert all(leaf.devices() == {jax.local_devices()[0]} for leaf in leaves)
+        np.savez(Path(workdir) / "loaded.npz", *jax.device_get(leaves))
+    multihost_utils.sync_global_devices("loaded")  # process 0 waits for process 1
+
+
 if __name__ == "__main__" and sys.argv[1:] == ["worker"]:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     _worker()
+elif __name__ == "__main__" and sys.argv[1:2] == ["load_params"]:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    _load_params_worker(sys.argv[2])
 
 
 def test_start_up_arguments(monkeypatch):
