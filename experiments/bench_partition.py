@@ -11,11 +11,10 @@ About 2-4 minutes on a 2-core CPU host. Figures:
     for the roofline with the calibrated `cpu` profile and for `profile` (measured layers).
   plan_seconds: wall time of a gpt3-175b `cost` plan on 8 tpu-v5p stages; target <= 60.
 
-Measured on the shared 2-core host (load average 10-16, so timings vary up to 2x run to run):
-cost_vs_uniform 0.81 (cost and profile plans both E+t*14 | t*16 | t*17 | t*1+H against
-E+t*12 | ... | t*12+H); predict_error 0.77 for the calibrated cpu roofline (it under-predicts
-every stage about 2.5x: small CPU layers run far below the layer-sized matmul's FLOP/s) and
-0.28 for `profile`; plan_seconds 8.8.
+Measured on a quiet 2-core host, two runs: cost_vs_uniform 0.746 and 0.659 for the `cost` plan
+(0.651 and 0.690 for `profile`; uniform is E+t*12 | ... | t*12+H, cost E+t*15 | t*16 | t*16 |
+t*1+H in the second run); predict_error 0.269 and 0.237 for the calibrated cpu roofline (the
+last stage, with the head, is under-predicted), 0.135 and 0.116 for `profile`; plan_seconds 3.4.
 """
 
 from __future__ import annotations

@@ -70,27 +70,67 @@ def best_time(fn, *args, reps: int = 5) -> float:
     return best
 
 
-def _matmul_flops(m: int, k: int, n: int) -> float:
-    cpu = jax.devices("cpu")[0]
-    a = jax.device_put(jnp.ones((m, k), jnp.float32), cpu)
-    b = jax.device_put(jnp.ones((k, n), jnp.float32), cpu)
-    return 2 * m * k * n / best_time(jax.jit(jnp.matmul), a, b)
+def _cpu_array(shape, scale=1.0):
+    return jax.device_put(scale * jnp.ones(shape, jnp.float32), jax.devices("cpu")[0])
+
+
+def _flops_rate(fn, *args, reps: int = 7) -> float:
+    """FLOP/s of fn(*args) on the running CPU: XLA's FLOP count of the compiled program (the
+    same count the layers are costed with) over its best measured time."""
+    compiled = jax.jit(fn).lower(*args).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"]) / best_time(compiled, *args, reps=reps)
+
+
+def _block_rate(b: int, T: int, d: int, ff: int, heads: int) -> float:
+    """FLOP/s of forward + backward of a generic transformer kernel at a layer's shapes: causal
+    softmax attention over `heads` heads on [b, T, d], then a GELU MLP d -> ff -> d. No norms,
+    no positions: it stands for the machine's rates at these shapes, not for any one model."""
+    dh = d // heads
+
+    def loss(x, w_qkv, w_o, w1, w2):
+        q, k, v = jnp.split((x @ w_qkv).reshape(b, T, 3 * heads, dh), 3, axis=2)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(dh)
+        scores = jnp.where(jnp.tril(jnp.ones((T, T), bool)), scores, -1e9)
+        att = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+        h = x + att.reshape(b, T, d) @ w_o
+        return jnp.sum(h + jax.nn.gelu(h @ w1) @ w2)
+
+    args = [(b, T, d), (d, 3 * d), (d, d), (d, ff), (ff, d)]
+    scale = [1.0, 0.02, 0.02, 0.02, 0.02]
+    grad = jax.grad(loss, argnums=tuple(range(5)))
+    return _flops_rate(grad, *(_cpu_array(a, k) for a, k in zip(args, scale, strict=True)))
+
+
+def _softmax_rate(tokens: int, d: int, vocab: int) -> float:
+    """FLOP/s of forward + backward of a vocabulary projection with softmax cross-entropy."""
+
+    def loss(x, w):
+        return -jnp.mean(jax.nn.log_softmax(x @ w)[:, 0])
+
+    grad = jax.grad(loss, argnums=(0, 1))
+    return _flops_rate(grad, _cpu_array((tokens, d)), _cpu_array((d, vocab), 0.01))
 
 
 def calibrate_cpu(
-    matmul_dims: tuple[int, int, int] = (512, 512, 512),
+    layer_dims: tuple[int, int, int, int, int] = (2, 128, 512, 2048, 8),
     head_dims: tuple[int, int, int] | None = None,
 ) -> DeviceProfile:
-    """The running CPU, measured: effective FLOP/s of a timed f32 matmul of `matmul_dims`
-    = (m, k, n) (pass a layer-sized one: tokens x d_model x d_ff), of the vocabulary projection
-    `head_dims` (tokens x d_model x vocab) when given, and memory bandwidth from a timed
-    read-only reduction over 64 MiB (a copy into fresh buffers measures page faults instead)."""
-    key = (tuple(matmul_dims), head_dims and tuple(head_dims))
+    """The running CPU, measured by compiled forward + backward kernels at the model's shapes
+    (small CPU programs run far below a large matmul's rate, attention below the MLP's).
+
+    Peak = FLOP/s of attention + MLP at `layer_dims` = (micro-batch, seq_len, d_model, d_ff,
+    heads); head = FLOP/s of a softmax cross-entropy projection at `head_dims` = (tokens,
+    d_model, vocab) when given; memory bandwidth from a timed read-only reduction over 64 MiB
+    (a copy into fresh buffers would measure page faults). Each FLOP/s is XLA's FLOP count of
+    the kernel over its best time, so it is on the same scale as the layers' counts."""
+    key = (tuple(layer_dims), head_dims and tuple(head_dims))
     if key in _CPU_PROFILE:
         return _CPU_PROFILE[key]
-    flops = _matmul_flops(*matmul_dims)
-    head_flops = _matmul_flops(*head_dims) if head_dims else None
-    buf = jax.device_put(jnp.ones((16 * 2**20,), jnp.float32), jax.devices("cpu")[0])
+    flops = _block_rate(*layer_dims)
+    head_flops = _softmax_rate(*head_dims) if head_dims else None
+    buf = _cpu_array((16 * 2**20,))
     bandwidth = buf.nbytes / best_time(jax.jit(jnp.sum), buf)
     try:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -102,16 +142,21 @@ def calibrate_cpu(
 
 
 def get_profile(
-    device: str | DeviceProfile, model_cfg: ModelConfig | None = None, tokens: int | None = None
+    device: str | DeviceProfile,
+    model_cfg: ModelConfig | None = None,
+    microbatch: int | None = None,
+    seq_len: int | None = None,
 ) -> DeviceProfile:
-    """A named profile; "cpu" is measured (with a layer-sized matmul when the model is given)."""
+    """A named profile; "cpu" is measured (at the layer's shapes when they are given)."""
     if isinstance(device, DeviceProfile):
         return device
     if device == "cpu":
-        if model_cfg is None or tokens is None:
+        if model_cfg is None or microbatch is None or seq_len is None:
             return calibrate_cpu()
-        d = model_cfg.d_model
-        return calibrate_cpu((tokens, d, model_cfg.ff_dim), (tokens, d, model_cfg.vocab_size))
+        c, b, T = model_cfg, max(1, microbatch), seq_len
+        return calibrate_cpu(
+            (b, T, c.d_model, c.ff_dim, c.num_heads), (b * T, c.d_model, c.vocab_size)
+        )
     if device not in PROFILES:
         raise ConfigError(f"unknown device {device!r}; choose one of {list(DEVICES)}")
     return PROFILES[device]

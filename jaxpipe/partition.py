@@ -231,7 +231,8 @@ def make_plan(
     profile = get_profile(
         device,
         model_cfg,
-        batch_size // max(1, pipe_cfg.num_microbatches * pipe_cfg.data_parallel) * seq_len,
+        batch_size // max(1, pipe_cfg.num_microbatches * pipe_cfg.data_parallel),
+        seq_len,
     )
     costs = model_costs(model_cfg, pipe_cfg, batch_size=batch_size, seq_len=seq_len)
     times = None
