@@ -8,7 +8,13 @@ Keys (targets in brackets):
   compile_ratio    compile time at (32 layers, M=32) / at (4 layers, M=4), S=4           [<= 1.5]
   temp_bytes_per_device  memory_analysis() temp bytes of each configuration above
 A "step" is forward + backward (value_and_grad) of the `small` model. Timings alternate
-between the configurations compared and report medians. About 3 minutes on 2 cores.
+between the configurations compared and report medians.
+
+With --schedules (default) the keys of `bench_schedules.py` join in (onef1b_temp_ratio
+[<= 0.35], onef1b_step_ratio [<= 1.10], bubble_table_vs_formula [all match]); with --partition
+(default) those of `bench_partition.py` (cost_vs_uniform [<= 0.85], predict_error [<= 0.25],
+plan_seconds [<= 60]), each with its details under "schedules" / "partition". About 4 minutes
+on 2 cores.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ flags.DEFINE_bool(
     "Compile every configuration (the reference too) with jaxpipe's XLA options "
     "(`pipeline.compiler_options`); --noxla_options uses XLA's defaults.",
 )
+flags.DEFINE_bool("schedules", True, "Add bench_schedules.py's 1F1B vs GPipe figures.")
+flags.DEFINE_bool("partition", True, "Add bench_partition.py's partitioner figures.")
 _F = flags.FLAGS
 
 
@@ -117,6 +125,24 @@ def main(argv):
             "xla_options": _F.xla_options,
         },
     }
+    if _F.schedules:
+        import bench_schedules
+
+        args = bench_schedules.parser().parse_args([])
+        args.xla_defaults = not _F.xla_options
+        sched = bench_schedules.measure(args)
+        for key in ("onef1b_temp_ratio", "onef1b_step_ratio"):
+            result[key] = sched[key]
+        result["bubble_table_vs_formula"] = sched["bubble_table_vs_formula"]["all_match"]
+        result["schedules"] = sched
+    if _F.partition:
+        import bench_partition
+
+        part = {name: fn() for name, fn in bench_partition.BENCHES.items()}
+        result["cost_vs_uniform"] = part["cost_vs_uniform"]["ratio"]
+        result["predict_error"] = part["predict_error"]["cost"]["max_rel_error"]
+        result["plan_seconds"] = part["plan_seconds"]["seconds"]
+        result["partition"] = part
     text = json.dumps(result, indent=2)
     print(text)
     if _F.json:

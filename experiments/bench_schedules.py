@@ -39,7 +39,7 @@ def bubble_checks(S: int, M: int) -> dict:
     return out
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="small")
     p.add_argument("--layers", type=int, default=4)
@@ -53,18 +53,19 @@ def main() -> None:
         action="store_true",
         help="compile with plain jax.jit instead of Pipeline.jit (jaxpipe's XLA options)",
     )
-    args = p.parse_args()
+    return p
 
+
+def measure(args) -> dict:
+    """The JSON figures for parsed `args` (JAX must already have >= args.stages devices)."""
     import jax
     import numpy as np
 
     from jaxpipe import model as M
     from jaxpipe.config import PipelineConfig, get_preset
-    from jaxpipe.mesh import force_cpu_devices, make_mesh
+    from jaxpipe.mesh import make_mesh
     from jaxpipe.pipeline import Pipeline
 
-    if jax.config.jax_platforms == "cpu":
-        force_cpu_devices(args.stages)
     devices = jax.devices()[: args.stages]
     print(f"process {jax.process_index()} devices {devices}", file=sys.stderr, flush=True)
     cfg = get_preset(args.preset, num_layers=args.layers)
@@ -92,22 +93,28 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
     median = {name: float(np.median(t)) for name, t in times.items()}
     bubbles = bubble_checks(args.stages, args.microbatches)
-    print(
-        json.dumps(
-            {
-                "config": vars(args),
-                "onef1b_temp_ratio": temps["1f1b"] / temps["gpipe"],
-                "temp_bytes": temps,
-                "onef1b_step_ratio": median["1f1b"] / median["gpipe"],
-                "step_seconds_median": median,
-                "bubble_table_vs_formula": {
-                    "all_match": all(b["match"] for b in bubbles.values()),
-                    **bubbles,
-                },
-            },
-            indent=1,
-        )
-    )
+    return {
+        "config": vars(args),
+        "onef1b_temp_ratio": temps["1f1b"] / temps["gpipe"],
+        "temp_bytes": temps,
+        "onef1b_step_ratio": median["1f1b"] / median["gpipe"],
+        "step_seconds_median": median,
+        "bubble_table_vs_formula": {
+            "all_match": all(b["match"] for b in bubbles.values()),
+            **bubbles,
+        },
+    }
+
+
+def main() -> None:
+    args = parser().parse_args()
+    import jax
+
+    from jaxpipe.mesh import force_cpu_devices
+
+    if jax.config.jax_platforms == "cpu":
+        force_cpu_devices(args.stages)
+    print(json.dumps(measure(args), indent=1))
 
 
 if __name__ == "__main__":
