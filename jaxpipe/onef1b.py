@@ -22,6 +22,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jaxpipe import model as M
+from jaxpipe import placement
 from jaxpipe.buffers import buffer_plan
 from jaxpipe.schedule import BWD, FWD
 
@@ -191,13 +192,15 @@ def _stage_program(pipe, w_1RJ, head_params, x_MBTD, t_MBT):
         w_J = _tree(lambda a: a[r], w_RJ)
         is_f, is_b = op == FWD, op == BWD
 
-        h = jnp.where(v == 0, x_MBTD[m], act[act_r[t, s]])
+        # Batch on `data` inside the stage (the executor is manual over `pipe` only).
+        h = placement.constrain_activation(jnp.where(v == 0, x_MBTD[m], act[act_r[t, s]]))
+        dy_in = placement.constrain_activation(grad[grad_r[t, s]])
         head, y, kept_f, dy = jax.lax.cond(
             is_f, fwd, no_fwd, st["head"], w_J, count, h, m, v == V - 1
         )
         kept_b = [jax.lax.dynamic_index_in_dim(b, k, 0, False) for b in st["res"]]
         g_w, dh = jax.lax.cond(
-            is_b, bwd, no_bwd, st["g_w"], w_J, count, kept_b, grad[grad_r[t, s]], r
+            is_b, bwd, no_bwd, st["g_w"], w_J, count, kept_b, dy_in, r
         )
         st = {
             "act": act,

@@ -100,10 +100,13 @@ def _tensor_groups(mesh):
 
 
 @needs_devices(8)
-def test_compiled_matmuls_are_split_and_all_reduced_over_tensor():
-    cfg, pipe = _pipe("gpt2", D=2, S=2, Tp=2)
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_compiled_matmuls_are_split_and_all_reduced_over_tensor(schedule):
+    cfg, pipe = _pipe("gpt2", D=2, S=2, Tp=2, schedule=schedule)
     params = pipe.place(M.init_params(cfg))
-    hlo = jax.jit(pipe.loss).lower(params, _tokens(8)).compile().as_text()
+    # gpipe: the pipelined forward; 1f1b: its own forward + backward executor.
+    fn = pipe.loss if schedule == "gpipe" else pipe.value_and_grad
+    hlo = pipe.jit(fn).lower(params, _tokens(8)).compile().as_text()
     # Per stage and micro-batch: 2 rows (8 / 2 micro-batches / 2 data) x 8 tokens = 16 rows.
     rows, D, F = 16, cfg.d_model, cfg.ff_dim
     dots = set(re.findall(r"f32\[(\d+),(\d+)\]\{1,0\} dot\(", hlo))
