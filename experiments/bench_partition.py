@@ -11,10 +11,12 @@ About 2-4 minutes on a 2-core CPU host. Figures:
     for the roofline with the calibrated `cpu` profile and for `profile` (measured layers).
   plan_seconds: wall time of a gpt3-175b `cost` plan on 8 tpu-v5p stages; target <= 60.
 
-Measured on a quiet 2-core host, two runs: cost_vs_uniform 0.746 and 0.659 for the `cost` plan
-(0.651 and 0.690 for `profile`; uniform is E+t*12 | ... | t*12+H, cost E+t*15 | t*16 | t*16 |
-t*1+H in the second run); predict_error 0.269 and 0.237 for the calibrated cpu roofline (the
-last stage, with the head, is under-predicted), 0.135 and 0.116 for `profile`; plan_seconds 3.4.
+Measured on a quiet 2-core host, four runs: cost_vs_uniform 0.746, 0.659, 0.625, 0.673 for the
+`cost` plan (0.651, 0.690, 0.600, 0.631 for `profile`; uniform is E+t*12 | ... | t*12+H, cost
+e.g. E+t*15 | t*16 | t*16 | t*1+H); predict_error 0.269, 0.237, 0.341, 0.251 for the calibrated
+cpu roofline (it under-predicts every stage by a similar factor: the calibration kernel has no
+norms or biases and is timed at another moment), 0.135, 0.116, 0.008, 0.133 for `profile`;
+plan_seconds 2.2-3.4. Stage and layer programs are timed round-robin (`costs.best_times`).
 """
 
 from __future__ import annotations

@@ -59,15 +59,25 @@ DEVICES = tuple(PROFILES) + ("cpu",)
 _CPU_PROFILE: dict[tuple, DeviceProfile] = {}
 
 
+def best_times(calls: dict, reps: int = 5) -> dict:
+    """{name: (fn, args)} -> {name: fastest of `reps` timed calls}, after one warm-up call each.
+
+    The calls are timed round-robin, so every one of them sees the same machine conditions
+    (on a shared host, timing one program after another can differ by tens of percent)."""
+    for fn, args in calls.values():
+        jax.block_until_ready(fn(*args))
+    best = dict.fromkeys(calls, float("inf"))
+    for _ in range(reps):
+        for name, (fn, args) in calls.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
 def best_time(fn, *args, reps: int = 5) -> float:
     """Fastest of `reps` timed calls, after one warm-up call."""
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return best_times({"fn": (fn, args)}, reps)["fn"]
 
 
 def _cpu_array(shape, scale=1.0):

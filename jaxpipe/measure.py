@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxpipe import model as M
 from jaxpipe.config import ModelConfig, PipelineConfig
-from jaxpipe.costs import best_time, microbatch_size
+from jaxpipe.costs import best_times, microbatch_size
 from jaxpipe.layout import StageLayout
 from jaxpipe.report import Plan
 
@@ -69,17 +69,22 @@ def measure_layer_times(
     *,
     batch_size: int,
     seq_len: int,
-    reps: int = 3,
+    reps: int = 5,
 ) -> dict[str, float]:
     """Seconds of fwd + bwd of one block, the embedding and the head + loss, one micro-batch."""
     b = microbatch_size(pipe_cfg, batch_size)
     inp = _Inputs(model_cfg, b, seq_len, 1)
-    run = lambda n, f, l: best_time(
-        _stage_program(model_cfg, n, f, l), *inp.args(n, f, l, model_cfg.tied), reps=reps
+    kinds = {"block": (1, False, False), "embed": (1, True, False), "head": (1, False, True)}
+    t = best_times(
+        {
+            k: (_stage_program(model_cfg, *key), inp.args(*key, model_cfg.tied))
+            for k, key in kinds.items()
+        },
+        reps,
     )
-    block = run(1, False, False)
-    embed = max(run(1, True, False) - block, 0.0)
-    head = max(run(1, False, True) - block, 0.0)
+    block = t["block"]
+    embed = max(t["embed"] - block, 0.0)
+    head = max(t["head"] - block, 0.0)
     return {"block": block, "embed": embed, "head": head}
 
 
@@ -96,7 +101,7 @@ def measure_stage_times(
     *,
     batch_size: int,
     seq_len: int,
-    reps: int = 3,
+    reps: int = 5,
     layer_times: dict[str, float] | None = None,
 ) -> StageTimes:
     """Each device's measured fwd + bwd seconds per micro-batch under `layout`, with the
@@ -104,14 +109,12 @@ def measure_stage_times(
     S, V = layout.num_stages, layout.num_stages * layout.num_repeats
     b = microbatch_size(pipe_cfg, batch_size)
     inp = _Inputs(model_cfg, b, seq_len, layout.slots)
-    cache: dict[tuple, float] = {}
-    per_v = []
-    for v, n in enumerate(layout.layer_counts):
-        key = (n, v == 0, v == V - 1)
-        if key not in cache:
-            prog = _stage_program(model_cfg, *key)
-            cache[key] = best_time(prog, *inp.args(*key, model_cfg.tied), reps=reps)
-        per_v.append(cache[key])
+    keys = {(n, v == 0, v == V - 1) for v, n in enumerate(layout.layer_counts)}
+    seconds = best_times(
+        {key: (_stage_program(model_cfg, *key), inp.args(*key, model_cfg.tied)) for key in keys},
+        reps,
+    )
+    per_v = [seconds[(n, v == 0, v == V - 1)] for v, n in enumerate(layout.layer_counts)]
     stage = tuple(sum(per_v[r * S + s] for r in range(layout.num_repeats)) for s in range(S))
     layers = layer_times or measure_layer_times(
         model_cfg, pipe_cfg, batch_size=batch_size, seq_len=seq_len, reps=reps
