@@ -148,14 +148,12 @@ def run(argv, initial=None):
                      device=_F.device_profile, embed_in_first=inside, head_in_last=inside)
     print(plan.table())
     workdir = Path(_F.workdir)
-    writer = jax.process_index() == 0  # one process writes the workdir's files
-    if writer:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "plan.json").write_text(plan.to_json())
     if _F.check_balance:
         _check_balance(model, pcfg, tcfg, plan)
     trainer = Trainer.create(model, pcfg, tcfg, layout=plan.layout)
-    if writer:
+    if jax.process_index() == 0:  # one process writes the workdir's files
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "plan.json").write_text(plan.to_json())
         (workdir / "config.json").write_text(
             json.dumps(
                 {

@@ -266,7 +266,8 @@ class Checkpoints:
                 found, error = restore_one(step), None
             except CorruptCheckpoint as e:
                 found, error = None, str(e)
-            if error is None if self.read_only else _agree(error is None):
+            ok = error is None if self.read_only else _agree(error is None)
+            if ok:
                 return found
             error = error or "it failed to load or to verify in another process"
             print(f"warning: skipping corrupt checkpoint {self.path(step)}: {error}", flush=True)

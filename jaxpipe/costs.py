@@ -163,7 +163,7 @@ def get_profile(
     if device == "cpu":
         if model_cfg is None or microbatch is None or seq_len is None:
             return calibrate_cpu()
-        c, b, T = model_cfg, max(1, microbatch), seq_len
+        c, b, T = model_cfg, microbatch, seq_len
         return calibrate_cpu(
             (b, T, c.d_model, c.ff_dim, c.num_heads), (b * T, c.d_model, c.vocab_size)
         )

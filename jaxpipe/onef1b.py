@@ -149,7 +149,7 @@ def _stage_program(pipe, w_1RJ, head_params, x_MBTD, t_MBT):
             "send_b": zero_BTD,
         }
     )
-    zeros_res = vary([jnp.zeros(r.shape, r.dtype) for r in res_shapes])
+    zeros_res = [b[0] for b in state["res"]]
 
     def head_loss(hp, y_BTD, t_BT):
         return M.cross_entropy(M.head_apply(cfg, hp, y_BTD), t_BT) / Mb

@@ -20,7 +20,7 @@ import math
 import numpy as np
 
 from jaxpipe.config import ConfigError, ModelConfig, PipelineConfig
-from jaxpipe.costs import DeviceProfile, ModelCosts, get_profile, model_costs
+from jaxpipe.costs import DeviceProfile, ModelCosts, get_profile, microbatch_size, model_costs
 from jaxpipe.layout import StageLayout
 from jaxpipe.report import Plan, StageReport
 from jaxpipe.split import min_max_split, spread, uniform_sizes
@@ -228,12 +228,7 @@ def make_plan(
     if method not in METHODS:
         raise ConfigError(f"unknown partition method {method!r}; choose one of {METHODS}")
     pipe_cfg.check_layers(model_cfg.num_layers)
-    profile = get_profile(
-        device,
-        model_cfg,
-        batch_size // max(1, pipe_cfg.num_microbatches * pipe_cfg.data_parallel),
-        seq_len,
-    )
+    profile = get_profile(device, model_cfg, microbatch_size(pipe_cfg, batch_size), seq_len)
     costs = model_costs(model_cfg, pipe_cfg, batch_size=batch_size, seq_len=seq_len)
     times = None
     if method == "profile":

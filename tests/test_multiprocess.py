@@ -64,10 +64,6 @@ def _single_process_run(steps=STEPS):
     return trainer, losses, state
 
 
-def _single_process_losses():
-    return _single_process_run()[1]
-
-
 def _launch(tmp_path, procs, args, logs="logs", timeout_s=400, script=None):
     """Runs train_lm.py (or `script`) ARGS in `procs` processes (4 devices in all); returns
     (stdout, the other processes' logs)."""
@@ -103,7 +99,7 @@ def test_pipe_across_processes_matches_single_process(tmp_path, procs):
     rows = _metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # written once, by process 0
     np.testing.assert_allclose(
-        [r["loss"] for r in rows], _single_process_losses(), rtol=1e-5, atol=1e-6
+        [r["loss"] for r in rows], _single_process_run()[1], rtol=1e-5, atol=1e-6
     )
 
 
