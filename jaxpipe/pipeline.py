@@ -1,12 +1,13 @@
 """The `shard_map` executor: runs a stage layout and a ring schedule table on the `pipe` axis.
 
-Inside `shard_map` every stage runs the same program: a `lax.scan` over the table's ticks. At
-each tick a stage looks up its op (micro-batch m, repeat r), runs its r-th group of layers on
-its input (skipped with `lax.cond` on idle ticks and padded slots, so bubbles cost no FLOPs),
-and sends the result to the next stage with `ppermute` around the ring. Stage 0 keeps one
-buffer of M micro-batches: it starts as the embedded inputs, and whatever the last stage sends
-back is written into it, so it holds each micro-batch's latest activation: the input of the
-next repeat, and after the last repeat the pipeline's output.
+Inside `shard_map` every stage runs the same program: one `lax.scan` over the table's ticks
+and, within each tick, over the stage's layer slots. At each tick a stage looks up its op
+(micro-batch m, repeat r), runs its r-th group of layers on its input one slot per iteration
+(skipped with `lax.cond` on idle ticks and padded slots, so bubbles cost no FLOPs), and at the
+tick's last slot sends the result to the next stage with `ppermute` around the ring. Stage 0
+keeps one buffer of M micro-batches: it starts as the embedded inputs, and whatever the last
+stage sends back is written into it, so it holds each micro-batch's latest activation: the input
+of the next repeat, and after the last repeat the pipeline's output.
 """
 
 from __future__ import annotations
@@ -168,18 +169,33 @@ class Pipeline:
 
     # -- the per-stage program -----------------------------------------------------------------
 
-    def _stage_fn(self):
+    def _units(self):
+        """(weights, unit, active, units_per_tick): what one iteration of the tick loop runs.
+
+        Without stage remat the unit is one layer slot and a tick is `J` iterations, so the loop
+        runs flat over (tick, slot): under autodiff each layer's residuals go straight into the
+        loop's one stack (a layer scan nested in the tick loop stacks them per tick, then the
+        tick loop copies that stack again: about 20% of a step on CPU). With remat="stage" the
+        unit is the whole stage under one checkpoint, so only stage inputs are saved.
+        `unit(weights(w_RJ, r, j), count, h)` runs where `active(busy, j, count)` holds; padded
+        slots and idle ticks do not run it. The weights are sliced outside the conditional, so
+        the backward's weight gradient per iteration is one unit's, not the whole stack's.
+        """
         cfg, remat = self.model, self.config.remat
         layer = lambda p, h: M.block_apply(cfg, p, h)
         if remat == "layer":
             layer = jax.checkpoint(layer)
+        if remat != "stage":
+            weights = lambda w_RJ, r, j: jax.tree.map(lambda a: a[r, j], w_RJ)
+            unit = lambda p, count, h: layer(p, h)
+            return weights, unit, lambda busy, j, count: busy & (j < count), self.layout.slots
 
         # Slots below the smallest virtual stage's count always hold a layer and run
         # unconditionally; only the slots above it may be padding and sit behind a predicate.
         J, J0 = self.layout.slots, min(self.layout.layer_counts)
 
-        def run_stage(w_RJ, r, count, h):
-            w_J = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, r, 0, False), w_RJ)
+        @jax.checkpoint
+        def run_stage(w_J, count, h):
             full = lambda h, p: (layer(p, h), None)
             h = jax.lax.scan(full, h, jax.tree.map(lambda a: a[:J0], w_J))[0]
             if J == J0:
@@ -192,9 +208,8 @@ class Pipeline:
             tail = (jnp.arange(J0, J), jax.tree.map(lambda a: a[J0:], w_J))
             return jax.lax.scan(maybe, h, tail)[0]
 
-        if remat == "stage":
-            run_stage = jax.checkpoint(run_stage)
-        return run_stage
+        weights = lambda w_RJ, r, j: jax.tree.map(lambda a: a[r], w_RJ)
+        return weights, run_stage, lambda busy, j, count: busy, 1
 
     def _stage_program(self, w_1RJ, x_MBTD, outer=None, tokens_MBT1=None):
         """The ring program. With `outer` (embedding + head params) and `tokens_MBT1`, stage 0
@@ -212,7 +227,10 @@ class Pipeline:
         repeat_TS = jnp.asarray(np.maximum(tab.repeat, 0))
         busy_TS = jnp.asarray(tab.busy)
         counts_SR = jnp.asarray(self.layout.counts_SR)
-        run_stage = self._stage_fn()
+        weights, unit, active, U = self._units()
+        # Without idle ticks or padded slots (one stage, even layers) nothing is ever skipped:
+        # no conditional then, as its residual outputs would cost a copy per iteration.
+        skips = not tab.busy.all() or (U > 1 and min(self.layout.layer_counts) < U)
         perm = [(i, (i + 1) % S) for i in range(S)]
 
         s = jax.lax.axis_index("pipe")
@@ -228,13 +246,13 @@ class Pipeline:
         recv_BTD = jnp.full_like(buf_MBTD[0], fill)
         loss = jax.lax.pcast(jnp.zeros((), jnp.float32), "pipe", to="varying")
 
-        def absorb(buf_MBTD, recv_BTD, t):
+        def absorb(buf_MBTD, recv_BTD, t, now=True):
             m = arrive_micro[t]
-            keep = jnp.where((s == 0) & arrive_ok[t], recv_BTD, buf_MBTD[m])
+            keep = jnp.where(now & (s == 0) & arrive_ok[t], recv_BTD, buf_MBTD[m])
             return jax.lax.dynamic_update_index_in_dim(buf_MBTD, keep, m, 0)
 
-        def idle(h):
-            return jnp.full_like(h, jnp.nan) if self.poison_bubbles else h
+        def idle(busy, h):
+            return jnp.where(busy, h, jnp.nan) if self.poison_bubbles else h
 
         def enter(m, r, busy, h_BTD):
             """Stage 0's input; with the embedding inside, repeat 0 embeds the tokens."""
@@ -252,23 +270,41 @@ class Pipeline:
             zero = lambda h: jax.lax.pcast(jnp.zeros((), jnp.float32), "pipe", to="varying")
             return jax.lax.cond(done, head_loss, zero, h_BTD)
 
-        def tick(carry, t):
-            buf_MBTD, recv_BTD, loss = carry
-            buf_MBTD = absorb(buf_MBTD, recv_BTD, t)
-            m, r, busy = micro_TS[t, s], repeat_TS[t, s], busy_TS[t, s]
-            h_BTD = jnp.where(s == 0, enter(m, r, busy, buf_MBTD[m].astype(act_dtype)), recv_BTD)
-            h_BTD = placement.constrain_activation(h_BTD)  # batch on `data` inside the stage
-            h_BTD = jax.lax.cond(
-                busy, functools.partial(run_stage, w_RJ, r, counts_SR[s, r]), idle,
-                h_BTD.astype(act_dtype),
-            )
-            if inside:
-                loss = loss + leave(m, r, busy, h_BTD)
-            recv_BTD = jax.lax.ppermute(h_BTD.astype(send_dtype), "pipe", perm)
-            return (buf_MBTD, recv_BTD, loss), None
+        def send(h_BTD):
+            return jax.lax.ppermute(h_BTD.astype(send_dtype), "pipe", perm)
 
-        carry, _ = jax.lax.scan(tick, (buf_MBTD, recv_BTD, loss), jnp.arange(T))
-        buf_MBTD, recv_BTD, loss = carry
+        def step(carry, i):
+            """Unit j of tick t: the first one takes the stage input, the last one sends."""
+            buf_MBTD, recv_BTD, h_BTD, loss = carry
+            t, j = i // U, i % U
+            first, last = j == 0, j == U - 1
+            buf_MBTD = absorb(buf_MBTD, recv_BTD, t, first)
+            m, r, busy = micro_TS[t, s], repeat_TS[t, s], busy_TS[t, s]
+            h_in = jnp.where(
+                s == 0, enter(m, r, busy & first, buf_MBTD[m].astype(act_dtype)), recv_BTD
+            )
+            h_BTD = jnp.where(first, h_in.astype(act_dtype), h_BTD)
+            h_BTD = placement.constrain_activation(h_BTD)  # batch on `data` inside the stage
+            count = counts_SR[s, r]
+            run = functools.partial(unit, weights(w_RJ, r, j), count)
+            if skips:
+                h_BTD = jax.lax.cond(
+                    active(busy, j, count), run, functools.partial(idle, busy), h_BTD
+                )
+            else:
+                h_BTD = run(h_BTD)
+            if inside:
+                loss = loss + leave(m, r, busy & last, h_BTD)
+            if U == 1:
+                recv_BTD = send(h_BTD)
+            else:  # the same branch on every stage, so the collective stays matched
+                recv_BTD = jax.lax.cond(last, send, lambda _: recv_BTD, h_BTD)
+            return (buf_MBTD, recv_BTD, h_BTD, loss), None
+
+        h_BTD = jnp.zeros_like(recv_BTD, dtype=act_dtype)
+        carry = (buf_MBTD, recv_BTD, h_BTD, loss)
+        carry, _ = jax.lax.scan(step, carry, jnp.arange(T * U))
+        buf_MBTD, recv_BTD, _, loss = carry
         if inside:
             return jax.lax.psum(loss, "pipe") / self.config.num_microbatches
         return absorb(buf_MBTD, recv_BTD, T)[None]
