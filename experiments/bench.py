@@ -102,8 +102,8 @@ def main(argv):
 
     small = get_preset("small", num_layers=4, max_seq_len=_F.seq_len)
     large = get_preset("small", num_layers=32, max_seq_len=_F.seq_len)
-    c_small = [_pipelined(small, 4, 4, jax.devices()[:4], 32)[2] for _ in range(2)]
-    c_large = [_pipelined(large, 4, 32, jax.devices()[:4], 64)[2] for _ in range(2)]
+    c_small = [_pipelined(small, 4, 4, jax.devices()[:4], 32)[2] for _ in range(3)]
+    c_large = [_pipelined(large, 4, 32, jax.devices()[:4], 64)[2] for _ in range(3)]
 
     result = {
         "p1_overhead": medians["p1"] / medians["reference"],

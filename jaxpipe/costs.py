@@ -84,19 +84,21 @@ def _cpu_array(shape, scale=1.0):
     return jax.device_put(scale * jnp.ones(shape, jnp.float32), jax.devices("cpu")[0])
 
 
+def _xla_flops(fn, *args) -> float:
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0))
+
+
 def _flops_rate(fn, *args, reps: int = 7) -> float:
     """FLOP/s of fn(*args) on the running CPU: XLA's FLOP count of the compiled program (the
     same count the layers are costed with) over its best measured time."""
-    compiled = jax.jit(fn).lower(*args).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost["flops"]) / best_time(compiled, *args, reps=reps)
+    return _xla_flops(fn, *args) / best_time(jax.jit(fn), *args, reps=reps)
 
 
 def _block_rate(b: int, T: int, d: int, ff: int, heads: int) -> float:
     """FLOP/s of forward + backward of a generic transformer kernel at a layer's shapes: causal
-    softmax attention over `heads` heads on [b, T, d], then a GELU MLP d -> ff -> d. No norms,
-    no positions: it stands for the machine's rates at these shapes, not for any one model."""
+    softmax attention over `heads` heads on [b, T, d], then a GELU MLP d -> ff -> d."""
     dh = d // heads
 
     def loss(x, w_qkv, w_o, w1, w2):
@@ -123,23 +125,55 @@ def _softmax_rate(tokens: int, d: int, vocab: int) -> float:
     return _flops_rate(grad, _cpu_array((tokens, d)), _cpu_array((d, vocab), 0.01))
 
 
-def calibrate_cpu(
-    layer_dims: tuple[int, int, int, int, int] = (2, 128, 512, 2048, 8),
-    head_dims: tuple[int, int, int] | None = None,
-) -> DeviceProfile:
-    """The running CPU, measured by compiled forward + backward kernels at the model's shapes
-    (small CPU programs run far below a large matmul's rate, attention below the MLP's).
+# The model's own layers calibrate the CPU when their programs stay below this many elements
+# (parameters of one block + embedding + head; the largest activation of one micro-batch).
+CALIBRATION_ELEMENTS = 2**26
 
-    Peak = FLOP/s of attention + MLP at `layer_dims` = (micro-batch, seq_len, d_model, d_ff,
-    heads); head = FLOP/s of a softmax cross-entropy projection at `head_dims` = (tokens,
-    d_model, vocab) when given; memory bandwidth from a timed read-only reduction over 64 MiB
-    (a copy into fresh buffers would measure page faults). Each FLOP/s is XLA's FLOP count of
-    the kernel over its best time, so it is on the same scale as the layers' counts."""
-    key = (tuple(layer_dims), head_dims and tuple(head_dims))
+
+def _runs_here(cfg: ModelConfig, b: int, T: int) -> bool:
+    params = cfg.block_params() + cfg.embed_params() + cfg.head_params()
+    widest = max(cfg.vocab_size, cfg.ff_dim, cfg.num_heads * T, cfg.d_model)
+    return max(params, b * T * widest) <= CALIBRATION_ELEMENTS
+
+
+def _model_rates(cfg: ModelConfig, b: int, T: int, reps: int = 7) -> tuple[float, float]:
+    """FLOP/s of the model's own block and of its head + loss (forward + backward, one
+    micro-batch): XLA's FLOP count of each program over its best time, timed round-robin."""
+    from jaxpipe.measure import layer_programs  # measure times with this module's best_times
+
+    progs = layer_programs(cfg, b, T)
+    progs = {k: progs[k] for k in ("block", "head")}
+    flops = {k: _xla_flops(fn, *args) for k, (fn, args) in progs.items()}
+    t = best_times(progs, reps)
+    block = flops["block"] / t["block"]
+    head_t = t["head"] - t["block"]
+    head = (flops["head"] - flops["block"]) / head_t if head_t > 0 else block
+    return block, head
+
+
+def calibrate_cpu(
+    model_cfg: ModelConfig | None = None,
+    microbatch: int | None = None,
+    seq_len: int | None = None,
+) -> DeviceProfile:
+    """The running CPU's profile, measured at the model's own shapes.
+
+    A CPU's FLOP rate depends strongly on the program and its shapes (small programs run far
+    below a large matmul's rate, attention below the MLP's), so the peak is the FLOP/s of the
+    model's own block, forward + backward at (micro-batch, seq_len), and the head's rate that of
+    its own head + loss: XLA's FLOP count over the best measured time, the same count the
+    layers are costed with. A model too large to run one block here (see
+    `CALIBRATION_ELEMENTS`), or no model, is calibrated with generic kernels: causal attention
+    + GELU MLP at (2, 128, 512, 2048, 8 heads), softmax cross-entropy at (256, 512, 32000).
+    Memory bandwidth comes from a timed read-only reduction over 64 MiB (a copy into fresh
+    buffers would measure page faults)."""
+    key = (model_cfg, microbatch, seq_len)
     if key in _CPU_PROFILE:
         return _CPU_PROFILE[key]
-    flops = _block_rate(*layer_dims)
-    head_flops = _softmax_rate(*head_dims) if head_dims else None
+    if model_cfg is not None and _runs_here(model_cfg, microbatch, seq_len):
+        flops, head_flops = _model_rates(model_cfg, microbatch, seq_len)
+    else:
+        flops, head_flops = _block_rate(2, 128, 512, 2048, 8), _softmax_rate(256, 512, 32000)
     buf = _cpu_array((16 * 2**20,))
     bandwidth = buf.nbytes / best_time(jax.jit(jnp.sum), buf)
     try:
@@ -157,16 +191,13 @@ def get_profile(
     microbatch: int | None = None,
     seq_len: int | None = None,
 ) -> DeviceProfile:
-    """A named profile; "cpu" is measured (at the layer's shapes when they are given)."""
+    """A named profile; "cpu" is measured (with the model's own layers when they are given)."""
     if isinstance(device, DeviceProfile):
         return device
     if device == "cpu":
         if model_cfg is None or microbatch is None or seq_len is None:
             return calibrate_cpu()
-        c, b, T = model_cfg, microbatch, seq_len
-        return calibrate_cpu(
-            (b, T, c.d_model, c.ff_dim, c.num_heads), (b * T, c.d_model, c.vocab_size)
-        )
+        return calibrate_cpu(model_cfg, microbatch, seq_len)
     if device not in PROFILES:
         raise ConfigError(f"unknown device {device!r}; choose one of {list(DEVICES)}")
     return PROFILES[device]

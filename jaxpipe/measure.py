@@ -63,6 +63,18 @@ class _Inputs:
         return p, (self.tokens if first else self.x), self.tokens, self.x
 
 
+def layer_programs(model_cfg: ModelConfig, microbatch: int, seq_len: int) -> dict[str, tuple]:
+    """{kind: (jitted fwd + bwd program, args)} at one micro-batch: "block" is one block,
+    "embed" the embedding + one block, "head" one block + the head and loss (a layer's time is
+    its program's minus the block's)."""
+    inp = _Inputs(model_cfg, microbatch, seq_len, 1)
+    kinds = {"block": (1, False, False), "embed": (1, True, False), "head": (1, False, True)}
+    return {
+        k: (_stage_program(model_cfg, *key), inp.args(*key, model_cfg.tied))
+        for k, key in kinds.items()
+    }
+
+
 def measure_layer_times(
     model_cfg: ModelConfig,
     pipe_cfg: PipelineConfig,
@@ -73,15 +85,7 @@ def measure_layer_times(
 ) -> dict[str, float]:
     """Seconds of fwd + bwd of one block, the embedding and the head + loss, one micro-batch."""
     b = microbatch_size(pipe_cfg, batch_size)
-    inp = _Inputs(model_cfg, b, seq_len, 1)
-    kinds = {"block": (1, False, False), "embed": (1, True, False), "head": (1, False, True)}
-    t = best_times(
-        {
-            k: (_stage_program(model_cfg, *key), inp.args(*key, model_cfg.tied))
-            for k, key in kinds.items()
-        },
-        reps,
-    )
+    t = best_times(layer_programs(model_cfg, b, seq_len), reps)
     block = t["block"]
     embed = max(t["embed"] - block, 0.0)
     head = max(t["head"] - block, 0.0)

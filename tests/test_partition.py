@@ -228,3 +228,36 @@ def test_cost_dataclass_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         _cm().block_time = 2.0  # type: ignore[misc]
     assert jnp.dtype(get_preset("tiny").dtype) == jnp.float32
+
+
+def test_cpu_profile_is_calibrated_on_the_models_own_layers(monkeypatch):
+    from jaxpipe import costs, measure
+
+    tiny = get_preset("tiny")
+    calls = []
+    real = measure.layer_programs
+    monkeypatch.setattr(measure, "layer_programs", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(costs, "_CPU_PROFILE", {})
+    profile = costs.get_profile("cpu", tiny, 2, 16)
+    assert calls == [(tiny, 2, 16)]
+    assert costs.get_profile("cpu", tiny, 2, 16) is profile  # measured once per shape
+    assert 0 < profile.peak_flops < np.inf and 0 < profile.head_flops < np.inf
+    # The roofline of one block is then its measured time, up to timing noise.
+    pcfg = PipelineConfig(1, 1)
+    block = costs.model_costs(tiny, pcfg, batch_size=2, seq_len=16).block.time(profile)
+    measured = measure.measure_layer_times(tiny, pcfg, batch_size=2, seq_len=16)["block"]
+    assert 0.5 < block / measured < 2.0
+
+
+def test_cpu_profile_of_a_model_too_large_to_run_here_uses_generic_kernels(monkeypatch):
+    from jaxpipe import costs, measure
+
+    def refuse(*_):
+        raise AssertionError("would allocate the model's layers")
+
+    monkeypatch.setattr(measure, "layer_programs", refuse)
+    monkeypatch.setattr(costs, "_CPU_PROFILE", {})
+    monkeypatch.setattr(costs, "_block_rate", lambda *dims: 1e9 if dims[2] == 512 else 0.0)
+    monkeypatch.setattr(costs, "_softmax_rate", lambda *dims: 2e9 if dims[1] == 512 else 0.0)
+    profile = costs.get_profile("cpu", get_preset("gpt3-175b"), 1, 2048)
+    assert (profile.peak_flops, profile.head_flops) == (1e9, 2e9)
