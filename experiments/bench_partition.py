@@ -11,12 +11,11 @@ About 2-4 minutes on a 2-core CPU host. Figures:
     for the roofline with the calibrated `cpu` profile and for `profile` (measured layers).
   plan_seconds: wall time of a gpt3-175b `cost` plan on 8 tpu-v5p stages; target <= 60.
 
-Measured on a quiet 2-core host, four runs: cost_vs_uniform 0.746, 0.659, 0.625, 0.673 for the
-`cost` plan (0.651, 0.690, 0.600, 0.631 for `profile`; uniform is E+t*12 | ... | t*12+H, cost
-e.g. E+t*15 | t*16 | t*16 | t*1+H); predict_error 0.269, 0.237, 0.341, 0.251 for the calibrated
-cpu roofline (it under-predicts every stage by a similar factor: the calibration kernel has no
-norms or biases and is timed at another moment), 0.135, 0.116, 0.008, 0.133 for `profile`;
-plan_seconds 2.2-3.4. Stage and layer programs are timed round-robin (`costs.best_times`).
+Measured on a 2-core host (separate runs): cost_vs_uniform 0.616, 0.622, 0.633 for the `cost`
+plan (0.653, 0.650, 0.633 for `profile`; uniform is E+t*12 | ... | t*12+H, cost e.g.
+E+t*15 | t*16 | t*16 | t*1+H); predict_error 0.122, 0.046, 0.088 for the cpu roofline
+calibrated on the model's own block and head, 0.126, 0.079, 0.036 for `profile`; plan_seconds
+2.7-3.6. The host's speed drifts by 10-30% within a minute, which bounds both errors.
 """
 
 from __future__ import annotations

@@ -59,19 +59,28 @@ DEVICES = tuple(PROFILES) + ("cpu",)
 _CPU_PROFILE: dict[tuple, DeviceProfile] = {}
 
 
-def best_times(calls: dict, reps: int = 5) -> dict:
-    """{name: (fn, args)} -> {name: fastest of `reps` timed calls}, after one warm-up call each.
+def best_times(calls: dict, reps: int = 5, min_seconds: float = 0.05) -> dict:
+    """{name: (fn, args)} -> {name: seconds per call}: the best of `reps` timed samples.
 
-    The calls are timed round-robin, so every one of them sees the same machine conditions
-    (on a shared host, timing one program after another can differ by tens of percent)."""
-    for fn, args in calls.values():
+    Calls are timed round-robin, so every one of them sees the same machine conditions (on a
+    shared host, timing one program after another can differ by tens of percent). A sample of
+    a short program is k back-to-back calls lasting about `min_seconds`: the best single call of
+    a millisecond program is a lucky outlier more often than that of a longer one, which would
+    bias short programs fast against long ones."""
+    k = {}
+    for name, (fn, args) in calls.items():
+        jax.block_until_ready(fn(*args))  # compiles on a first call
+        t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
+        k[name] = max(1, round(min_seconds / max(time.perf_counter() - t0, 1e-6)))
     best = dict.fromkeys(calls, float("inf"))
     for _ in range(reps):
         for name, (fn, args) in calls.items():
             t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            best[name] = min(best[name], time.perf_counter() - t0)
+            for _ in range(k[name]):
+                out = fn(*args)
+            jax.block_until_ready(out)
+            best[name] = min(best[name], (time.perf_counter() - t0) / k[name])
     return best
 
 

@@ -261,3 +261,25 @@ def test_cpu_profile_of_a_model_too_large_to_run_here_uses_generic_kernels(monke
     monkeypatch.setattr(costs, "_softmax_rate", lambda *dims: 2e9 if dims[1] == 512 else 0.0)
     profile = costs.get_profile("cpu", get_preset("gpt3-175b"), 1, 2048)
     assert (profile.peak_flops, profile.head_flops) == (1e9, 2e9)
+
+
+def test_best_times_samples_short_programs_as_back_to_back_batches():
+    import time
+
+    from jaxpipe.costs import best_times
+
+    calls = {"short": 0, "long": 0}
+
+    def make(name, seconds):
+        def fn():
+            calls[name] += 1
+            time.sleep(seconds)
+            return jnp.zeros(())
+
+        return fn
+
+    t = best_times({"short": (make("short", 0.001), ()), "long": (make("long", 0.03), ())},
+                   reps=3, min_seconds=0.02)
+    assert calls["long"] == 2 + 3  # already longer than min_seconds: one call per sample
+    assert calls["short"] > 2 + 3 * 4  # several calls per sample
+    assert 0.001 <= t["short"] < 0.01 and 0.03 <= t["long"] < 0.3
