@@ -33,34 +33,43 @@ class _StageVjp:
     """One stage's group of J layer slots, forward with residuals and backward from them.
 
     Residual leaves that are the weights themselves are not stashed: the backward passes the
-    stage's weights back in. Slots that are padding somewhere run under `lax.cond`. With
-    `recompute`, only the stage input is stashed and the backward runs the forward again.
+    stage's weights back in. When every virtual stage has J layers the slots run as one
+    `lax.scan` over the stacked weights (autodiff hands the scanned weights to the backward as
+    the same arrays, and compile time does not grow with J). Uneven layouts unroll the slots,
+    the padded ones under `lax.cond` (a conditional inside the scan would hide the weights
+    from that check, and they would be stashed). With `recompute`, only the stage input is
+    stashed and the backward runs the forward again.
     """
 
     def __init__(self, cfg, num_slots: int, min_count: int, recompute: bool = False):
         self.cfg, self.J, self.min_count, self.recompute = cfg, num_slots, min_count, recompute
+        self.scanned = min_count == num_slots
         self.meta = None  # (treedef, weight position or -1 per residual leaf)
 
-    def layers(self, w_list, count, h):
-        for j, p in enumerate(w_list):
+    def layers(self, w, count, h):
+        layer = lambda p, h: M.block_apply(self.cfg, p, h)
+        if self.scanned:
+            return jax.lax.scan(lambda h, p: (layer(p, h), None), h, w)[0]
+        for j, p in enumerate(w):
             if j < self.min_count:
-                h = M.block_apply(self.cfg, p, h)
+                h = layer(p, h)
             else:
-                h = jax.lax.cond(
-                    j < count, lambda p, h: M.block_apply(self.cfg, p, h), lambda p, h: h, p, h
-                )
+                h = jax.lax.cond(j < count, layer, lambda p, h: h, p, h)
         return h
 
-    def slots(self, w_J):
+    def weights(self, w_J):
+        """What `layers` takes: the stacked weights, or one tree per slot when unrolled."""
+        if self.scanned:
+            return w_J
         return [_tree(lambda a, j=j: a[j], w_J) for j in range(self.J)]
 
     def forward(self, w_J, count, h):
-        w_list = self.slots(w_J)
+        w = self.weights(w_J)
         if self.recompute:
-            return self.layers(w_list, count, h), [h]
-        y, pull = jax.vjp(lambda w, h: self.layers(w, count, h), w_list, h)
+            return self.layers(w, count, h), [h]
+        y, pull = jax.vjp(lambda w, h: self.layers(w, count, h), w, h)
         leaves, treedef = jax.tree.flatten(pull)
-        index = {id(leaf): i for i, leaf in enumerate(jax.tree.leaves(w_list))}
+        index = {id(leaf): i for i, leaf in enumerate(jax.tree.leaves(w))}
         where = tuple(index.get(id(leaf), -1) for leaf in leaves)
         if self.meta is not None and self.meta[1] != where:
             raise AssertionError("stage residual structure changed between traces")
@@ -69,15 +78,15 @@ class _StageVjp:
 
     def backward(self, w_J, count, kept, dy):
         if self.recompute:
-            pull = jax.vjp(lambda w, h: self.layers(w, count, h), self.slots(w_J), kept[0])[1]
+            pull = jax.vjp(lambda w, h: self.layers(w, count, h), self.weights(w_J), kept[0])[1]
         else:
             treedef, where = self.meta
-            w_leaves = jax.tree.leaves(self.slots(w_J))
+            w_leaves = jax.tree.leaves(self.weights(w_J))
             kept = iter(kept)
             leaves = [w_leaves[i] if i >= 0 else next(kept) for i in where]
             pull = jax.tree.unflatten(treedef, leaves)
-        dw_list, dh = pull(dy)
-        return _tree(lambda *a: jnp.stack(a), *dw_list), dh
+        dw, dh = pull(dy)
+        return (dw if self.scanned else _tree(lambda *a: jnp.stack(a), *dw)), dh
 
 
 def _varying(a):

@@ -161,3 +161,26 @@ def test_1f1b_temp_memory_below_gpipe():
         compiled = jax.jit(pipe.value_and_grad).lower(pipe.place(params), tokens).compile()
         temp[schedule] = compiled.memory_analysis().temp_size_in_bytes
     assert temp["1f1b"] < 0.5 * temp["gpipe"], temp
+
+
+@pytest.mark.parametrize("counts", [(3, 3), (3, 2)])
+def test_stage_stashes_no_weights_scanned_or_unrolled(counts):
+    """Even layers run as one scan and stash no weight; uneven ones run unrolled, and only the
+    padded slots' weights (behind a conditional) are stashed."""
+    from jaxpipe.onef1b import _StageVjp
+
+    cfg = get_preset("tiny", num_layers=max(counts))
+    w_J = M.init_params(cfg, 0)["blocks"]
+    stage = _StageVjp(cfg, max(counts), min(counts))
+    assert stage.scanned == (min(counts) == max(counts))
+    h = jnp.ones((2, SEQ, cfg.d_model))
+    kept = jax.jit(lambda w, h: stage.forward(w, min(counts), h)[1])(w_J, h)
+    assert any(i >= 0 for i in stage.meta[1])  # the backward does read weights...
+    weight_shapes = {a.shape for a in jax.tree.leaves(w_J)}
+    weight_shapes |= {a.shape[1:] for a in jax.tree.leaves(w_J)}
+    stashed = [k.shape for k in kept if k.shape in weight_shapes]  # ...and stashes at most
+    padded = max(counts) - min(counts)  # those of the padded slots
+    assert len(stashed) <= padded * len(jax.tree.leaves(w_J))
+    assert padded or not stashed
+    jaxpr = str(jax.make_jaxpr(lambda w, h: stage.forward(w, min(counts), h))(w_J, h))
+    assert ("scan[" in jaxpr) == stage.scanned
