@@ -155,21 +155,35 @@ def test_checkpoints_across_processes_resume_exactly(tmp_path):
     assert restored.params["blocks"]["attn"]["q"]["kernel"].shape[0] == 2
     got_state = jax.device_get(canonical_state(two_stages, restored))
     assert int(got_state["step"]) == 4
+    def close(path, a, b):
+        # The attention key bias has an exactly zero gradient (softmax ignores a shift shared by
+        # all keys), so it only moves by AdamW on rounding noise, which depends on the order of
+        # the float sums: ~1e-7 either way.
+        key = jax.tree_util.keystr(path)
+        atol = 1e-6 if "['k']['bias']" in key else 1e-7
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=atol, err_msg=key)
+
     for (path, a), b in zip(
         jax.tree_util.tree_leaves_with_path(got_state), jax.tree.leaves(expected), strict=True
     ):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+        close(path, a, b)
     model, params = load_params(run)
     assert model == two_stages.pipe.model
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(expected["params"]), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    for a, (path, b) in zip(
+        jax.tree.leaves(params),
+        jax.tree_util.tree_leaves_with_path(expected["params"]),
+        strict=True,
+    ):
+        close(path, a, b)
 
     # load_params reads in the calling process alone: process 1 of 2 calls it, process 0 not.
     _launch(tmp_path, 2, ["load_params", str(run)], "logs_c", timeout_s=120, script=__file__)
     with np.load(run / "loaded.npz") as loaded:
         leaves = [loaded[f"arr_{i}"] for i in range(len(loaded.files))]
-    for a, b in zip(leaves, jax.tree.leaves(expected["params"]), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    for a, (path, b) in zip(
+        leaves, jax.tree_util.tree_leaves_with_path(expected["params"]), strict=True
+    ):
+        close(path, a, b)
 
 
 def test_launcher_stops_all_when_one_process_fails(tmp_path):
