@@ -93,16 +93,19 @@ def _cpu_array(shape, scale=1.0):
     return jax.device_put(scale * jnp.ones(shape, jnp.float32), jax.devices("cpu")[0])
 
 
-def _xla_flops(fn, *args) -> float:
-    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+def _compile(fn, *args):
+    """(compiled fn, XLA's FLOP count of it); the compiled program is what gets timed."""
+    compiled = jax.jit(fn).lower(*args).compile()
+    cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", 0.0))
+    return compiled, float(cost.get("flops", 0.0))
 
 
 def _flops_rate(fn, *args, reps: int = 7) -> float:
     """FLOP/s of fn(*args) on the running CPU: XLA's FLOP count of the compiled program (the
     same count the layers are costed with) over its best measured time."""
-    return _xla_flops(fn, *args) / best_time(jax.jit(fn), *args, reps=reps)
+    compiled, flops = _compile(fn, *args)
+    return flops / best_time(compiled, *args, reps=reps)
 
 
 def _block_rate(b: int, T: int, d: int, ff: int, heads: int) -> float:
@@ -150,10 +153,10 @@ def _model_rates(cfg: ModelConfig, b: int, T: int, reps: int = 7) -> tuple[float
     micro-batch): XLA's FLOP count of each program over its best time, timed round-robin."""
     from jaxpipe.measure import layer_programs  # measure times with this module's best_times
 
-    progs = layer_programs(cfg, b, T)
-    progs = {k: progs[k] for k in ("block", "head")}
-    flops = {k: _xla_flops(fn, *args) for k, (fn, args) in progs.items()}
-    t = best_times(progs, reps)
+    progs = {k: v for k, v in layer_programs(cfg, b, T).items() if k in ("block", "head")}
+    compiled = {k: _compile(fn, *args) for k, (fn, args) in progs.items()}
+    flops = {k: f for k, (_, f) in compiled.items()}
+    t = best_times({k: (compiled[k][0], args) for k, (_, args) in progs.items()}, reps)
     block = flops["block"] / t["block"]
     head_t = t["head"] - t["block"]
     head = (flops["head"] - flops["block"]) / head_t if head_t > 0 else block
@@ -179,7 +182,7 @@ def calibrate_cpu(
     key = (model_cfg, microbatch, seq_len)
     if key in _CPU_PROFILE:
         return _CPU_PROFILE[key]
-    if model_cfg is not None and _runs_here(model_cfg, microbatch, seq_len):
+    if None not in key and _runs_here(model_cfg, microbatch, seq_len):
         flops, head_flops = _model_rates(model_cfg, microbatch, seq_len)
     else:
         flops, head_flops = _block_rate(2, 128, 512, 2048, 8), _softmax_rate(256, 512, 32000)
@@ -204,8 +207,6 @@ def get_profile(
     if isinstance(device, DeviceProfile):
         return device
     if device == "cpu":
-        if model_cfg is None or microbatch is None or seq_len is None:
-            return calibrate_cpu()
         return calibrate_cpu(model_cfg, microbatch, seq_len)
     if device not in PROFILES:
         raise ConfigError(f"unknown device {device!r}; choose one of {list(DEVICES)}")

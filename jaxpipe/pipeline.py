@@ -178,9 +178,13 @@ class Pipeline:
         tick loop copies that stack again: about 20% of a step on CPU). With remat="stage" the
         unit is the whole stage under one checkpoint, so only stage inputs are saved.
         `unit(weights(w_RJ, r, j), count, h)` runs where `active(busy, j, count)` holds; padded
-        slots and idle ticks do not run it. The weights are sliced outside the conditional, so
-        the backward's weight gradient per iteration is one unit's, not the whole stack's.
+        slots and idle ticks do not run it. `active` is None when nothing is ever skipped (one
+        stage, even layers): no conditional then, as its residual outputs would cost a copy per
+        iteration. The weights are sliced outside the conditional, so the backward's weight
+        gradient per iteration is one unit's, not the whole stack's.
         """
+        idle_ticks = not self.forward_table.busy.all()
+        J, J0 = self.layout.slots, min(self.layout.layer_counts)
         cfg, remat = self.model, self.config.remat
         layer = lambda p, h: M.block_apply(cfg, p, h)
         if remat == "layer":
@@ -188,12 +192,11 @@ class Pipeline:
         if remat != "stage":
             weights = lambda w_RJ, r, j: jax.tree.map(lambda a: a[r, j], w_RJ)
             unit = lambda p, count, h: layer(p, h)
-            return weights, unit, lambda busy, j, count: busy & (j < count), self.layout.slots
+            active = lambda busy, j, count: busy & (j < count)
+            return weights, unit, active if idle_ticks or J0 < J else None, J
 
         # Slots below the smallest virtual stage's count always hold a layer and run
         # unconditionally; only the slots above it may be padding and sit behind a predicate.
-        J, J0 = self.layout.slots, min(self.layout.layer_counts)
-
         @jax.checkpoint
         def run_stage(w_J, count, h):
             full = lambda h, p: (layer(p, h), None)
@@ -209,7 +212,7 @@ class Pipeline:
             return jax.lax.scan(maybe, h, tail)[0]
 
         weights = lambda w_RJ, r, j: jax.tree.map(lambda a: a[r], w_RJ)
-        return weights, run_stage, lambda busy, j, count: busy, 1
+        return weights, run_stage, (lambda busy, j, count: busy) if idle_ticks else None, 1
 
     def _stage_program(self, w_1RJ, x_MBTD, outer=None, tokens_MBT1=None):
         """The ring program. With `outer` (embedding + head params) and `tokens_MBT1`, stage 0
@@ -228,9 +231,6 @@ class Pipeline:
         busy_TS = jnp.asarray(tab.busy)
         counts_SR = jnp.asarray(self.layout.counts_SR)
         weights, unit, active, U = self._units()
-        # Without idle ticks or padded slots (one stage, even layers) nothing is ever skipped:
-        # no conditional then, as its residual outputs would cost a copy per iteration.
-        skips = not tab.busy.all() or (U > 1 and min(self.layout.layer_counts) < U)
         perm = [(i, (i + 1) % S) for i in range(S)]
 
         s = jax.lax.axis_index("pipe")
@@ -287,12 +287,12 @@ class Pipeline:
             h_BTD = placement.constrain_activation(h_BTD)  # batch on `data` inside the stage
             count = counts_SR[s, r]
             run = functools.partial(unit, weights(w_RJ, r, j), count)
-            if skips:
+            if active is None:
+                h_BTD = run(h_BTD)
+            else:
                 h_BTD = jax.lax.cond(
                     active(busy, j, count), run, functools.partial(idle, busy), h_BTD
                 )
-            else:
-                h_BTD = run(h_BTD)
             if inside:
                 loss = loss + leave(m, r, busy & last, h_BTD)
             if U == 1:

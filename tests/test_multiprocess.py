@@ -155,6 +155,7 @@ def test_checkpoints_across_processes_resume_exactly(tmp_path):
     assert restored.params["blocks"]["attn"]["q"]["kernel"].shape[0] == 2
     got_state = jax.device_get(canonical_state(two_stages, restored))
     assert int(got_state["step"]) == 4
+
     def close(path, a, b):
         # The attention key bias has an exactly zero gradient (softmax ignores a shift shared by
         # all keys), so it only moves by AdamW on rounding noise, which depends on the order of
