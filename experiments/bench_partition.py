@@ -5,8 +5,8 @@
 About 2-4 minutes on a 2-core CPU host. Figures:
   cost_vs_uniform: step time of the `cost` plan (and of the `profile` plan) / the `uniform` plan
     for a model whose head is expensive (width 128, vocab 32000, 48 layers, 4 stages, M = 8),
-    simulated from measured per-layer times (per-stage sum, bottleneck x (M + S - 1) ticks);
-    target <= 0.85.
+    predicted by the planner's own step-time model (the executor's table simulated tick by
+    tick) fed with measured per-layer times; target <= 0.85.
   predict_error: max over stages of |predicted - measured| / measured stage time on this CPU,
     for the roofline with the calibrated `cpu` profile and for `profile` (measured layers).
   plan_seconds: wall time of a gpt3-175b `cost` plan on 8 tpu-v5p stages; target <= 60.
@@ -21,12 +21,13 @@ calibrated on the model's own block and head, 0.126, 0.079, 0.036 for `profile`;
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
 from jaxpipe.config import PipelineConfig, get_preset
 from jaxpipe.measure import measure_layer_times, measure_stage_times
-from jaxpipe.partition import make_plan
+from jaxpipe.partition import build_plan, make_plan
 
 
 def cost_vs_uniform() -> dict:
@@ -35,18 +36,16 @@ def cost_vs_uniform() -> dict:
     shape = dict(batch_size=16, seq_len=64)
     plans = {m: make_plan(cfg, pcfg, m, **shape) for m in ("uniform", "cost", "profile")}
     lt = measure_layer_times(cfg, pcfg, **shape)
-    S, M = pcfg.num_stages, pcfg.num_microbatches
     out = {"layer_times_s": lt}
     for m, plan in plans.items():
-        c = plan.layout.layer_counts
-        stage = [
-            c[s] * lt["block"] + (s == 0) * lt["embed"] + (s == S - 1) * lt["head"]
-            for s in range(S)
-        ]
+        cm = dataclasses.replace(
+            plan.cost_model, block_time=lt["block"], embed_time=lt["embed"], head_time=lt["head"]
+        )
+        measured = build_plan(cfg, pcfg, plan.layout, cm, m, plan.device)
         out[m] = {
             "layout": plan.layout_string(),
-            "stage_s": stage,
-            "step_s": max(stage) * (M + S - 1),
+            "stage_s": measured.stage_times,
+            "step_s": measured.step_time_s,
         }
     out["ratio"] = out["cost"]["step_s"] / out["uniform"]["step_s"]
     out["ratio_profile"] = out["profile"]["step_s"] / out["uniform"]["step_s"]

@@ -188,7 +188,8 @@ def run(argv, initial=None):
 
 
 def _check_balance(model, pcfg, tcfg, plan):
-    from jaxpipe.measure import check_balance, measure_stage_times
+    from jaxpipe.balance import check_balance
+    from jaxpipe.measure import measure_stage_times
 
     measured = measure_stage_times(model, pcfg, plan.layout, batch_size=tcfg.batch_size,
                                    seq_len=tcfg.seq_len)

@@ -22,6 +22,12 @@ import jax.numpy as jnp
 
 from jaxpipe import model as M
 from jaxpipe.config import ConfigError, ModelConfig, PipelineConfig
+from jaxpipe.programs import layer_programs
+
+try:  # residual sizes of a function's backward pass (private API)
+    from jax._src.ad_checkpoint import saved_residuals
+except ImportError:  # pragma: no cover - private API moved
+    saved_residuals = None
 
 GB = 1e9
 GiB = 2**30
@@ -151,8 +157,6 @@ def _runs_here(cfg: ModelConfig, b: int, T: int) -> bool:
 def _model_rates(cfg: ModelConfig, b: int, T: int, reps: int = 7) -> tuple[float, float]:
     """FLOP/s of the model's own block and of its head + loss (forward + backward, one
     micro-batch): XLA's FLOP count of each program over its best time, timed round-robin."""
-    from jaxpipe.measure import layer_programs  # measure times with this module's best_times
-
     progs = {k: v for k, v in layer_programs(cfg, b, T).items() if k in ("block", "head")}
     compiled = {k: _compile(fn, *args) for k, (fn, args) in progs.items()}
     flops = {k: f for k, (_, f) in compiled.items()}
@@ -249,9 +253,7 @@ def _abstract(tree):
 
 def _residual_bytes(fn, *args) -> float:
     """Bytes of the residuals autodiff saves for `fn`'s backward pass."""
-    try:
-        from jax._src.ad_checkpoint import saved_residuals
-    except ImportError:  # pragma: no cover - private API moved
+    if saved_residuals is None:  # pragma: no cover - private API moved
         return float("nan")
     return float(sum(a.size * a.dtype.itemsize for a, _ in saved_residuals(fn, *args)))
 

@@ -8,93 +8,52 @@ in memory; `profile` feeds the same optimiser with measured single-layer times.
 
 Memory per device: every device holds R x J block slots (SPMD pads all stages to the largest,
 J layers) of parameters, gradients and AdamW's two fp32 moments (16 bytes per fp32 parameter),
-plus the activations the schedule keeps in flight: all M micro-batches for GPipe and circular,
-at most S - s on stage s for 1F1B, and only stage inputs (per layer or per stage) under remat.
+plus the activations the schedule keeps in flight (only stage inputs, per layer or per stage,
+under remat). How many micro-batches a stage holds at its peak, the bubble and the step time
+are read off the table the executor runs (`schedule.executor_table`): the peak count of
+forwards awaiting their backward, its idle share of cells, and its tick-synchronous simulation
+(`simulate.simulate(lockstep=True)`) fed with each virtual stage's forward and backward time.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import math
 
 import numpy as np
 
+from jaxpipe import schedule
 from jaxpipe.config import ConfigError, ModelConfig, PipelineConfig
-from jaxpipe.costs import DeviceProfile, ModelCosts, get_profile, microbatch_size, model_costs
+from jaxpipe.costmodel import CostModel
+from jaxpipe.costs import DeviceProfile, get_profile, microbatch_size, model_costs
 from jaxpipe.layout import StageLayout
+from jaxpipe.measure import measure_layer_times
 from jaxpipe.report import Plan, StageReport
+from jaxpipe.simulate import simulate
 from jaxpipe.split import min_max_split, spread, uniform_sizes
 
 METHODS = ("uniform", "cost", "memory", "profile")
 STATIC_BYTES_PER_PARAM = 16  # fp32 parameter + gradient + two AdamW moments
 
 
-@dataclasses.dataclass(frozen=True)
-class CostModel:
-    """Per-layer times (seconds, fwd + bwd, one micro-batch) and bytes, per device."""
+@functools.lru_cache(maxsize=64)
+def step_table(pipe_cfg: PipelineConfig) -> schedule.ScheduleTable:
+    """The forward + backward table the executor runs for this pipeline shape."""
+    return schedule.executor_table(
+        pipe_cfg.schedule, pipe_cfg.num_stages, pipe_cfg.num_microbatches, pipe_cfg.num_repeats
+    )
 
-    block_time: float
-    embed_time: float
-    head_time: float
-    transfer_time: float  # activation forward + its gradient backward, per virtual stage
-    block_params: float
-    embed_params: float
-    head_params: float
-    block_act: float  # saved per block per micro-batch
-    embed_act: float
-    head_act: float
-    boundary_bytes: float  # one stage input
-    temp_bytes: float  # working memory of the largest single layer program
-    embed_in_first: bool = True
-    head_in_last: bool = True
 
-    @classmethod
-    def from_costs(
-        cls,
-        costs: ModelCosts,
-        profile: DeviceProfile,
-        model_cfg: ModelConfig,
-        tp: int,
-        times: dict | None = None,
-        **flags,
-    ) -> CostModel:
-        times = times or {
-            k: getattr(costs, k).time(profile, head=k == "head") for k in ("block", "embed", "head")
-        }
-        # Tied embeddings: the last stage needs its own copy of the table for the head.
-        head_params = model_cfg.head_params() / tp
-        if model_cfg.tied and flags.get("head_in_last", True):
-            head_params += model_cfg.vocab_size * model_cfg.d_model / tp
-        return cls(
-            block_time=times["block"],
-            embed_time=times["embed"],
-            head_time=times["head"],
-            transfer_time=2 * costs.boundary_bytes / profile.link_bandwidth,
-            block_params=model_cfg.block_params() / tp,
-            embed_params=model_cfg.embed_params(),
-            head_params=head_params,
-            block_act=costs.block.activation_bytes,
-            embed_act=costs.embed.activation_bytes,
-            head_act=costs.head.activation_bytes,
-            boundary_bytes=costs.boundary_bytes,
-            temp_bytes=max(costs.block.temp_bytes, costs.head.temp_bytes),
-            **flags,
-        )
-
-    def extra_time(self, s: int, S: int) -> float:
-        return (self.embed_time if s == 0 and self.embed_in_first else 0.0) + (
-            self.head_time if s == S - 1 and self.head_in_last else 0.0
-        )
+@functools.lru_cache(maxsize=64)
+def _peak_in_flight(pipe_cfg: PipelineConfig) -> tuple[float, ...]:
+    peak = schedule.in_flight(step_table(pipe_cfg)).max(axis=0)
+    return tuple(float(n) / pipe_cfg.num_repeats for n in peak)
 
 
 def in_flight(pipe_cfg: PipelineConfig, s: int) -> float:
-    """Micro-batches' worth of activations stage s keeps alive at its peak."""
-    S, M, R = pipe_cfg.num_stages, pipe_cfg.num_microbatches, pipe_cfg.num_repeats
-    if pipe_cfg.schedule == "1f1b":
-        return min(M, S - s)
-    if pipe_cfg.schedule == "interleaved_1f1b":  # chunks of one virtual stage each
-        return min(M * R, 2 * (S - s - 1) + (R - 1) * S + 1) / R
-    return M
+    """Micro-batches' worth of activations stage s keeps alive at its peak: the most forwards
+    of its virtual stages awaiting their backward in the executor's table, over R."""
+    return _peak_in_flight(pipe_cfg)[s]
 
 
 def stage_memory(cm: CostModel, pipe_cfg: PipelineConfig, s: int, layers: int, slots: int):
@@ -232,8 +191,6 @@ def make_plan(
     costs = model_costs(model_cfg, pipe_cfg, batch_size=batch_size, seq_len=seq_len)
     times = None
     if method == "profile":
-        from jaxpipe.measure import measure_layer_times
-
         times = measure_layer_times(model_cfg, pipe_cfg, batch_size=batch_size, seq_len=seq_len)
     flags = dict(embed_in_first=embed_in_first, head_in_last=head_in_last)
     cm = CostModel.from_costs(costs, profile, model_cfg, pipe_cfg.tensor_parallel, times, **flags)
@@ -269,13 +226,15 @@ def build_plan(
     """Predicted times, memory and parameters of every stage of `layout` under `cm`."""
     S, R, M = pipe_cfg.num_stages, pipe_cfg.num_repeats, pipe_cfg.num_microbatches
     counts = layout.layer_counts
-    vtime = [
-        counts[v] * cm.block_time
-        + cm.transfer_time
-        + (cm.embed_time if v == 0 and cm.embed_in_first else 0.0)
-        + (cm.head_time if v == S * R - 1 and cm.head_in_last else 0.0)
-        for v in range(S * R)
-    ]
+    compute = np.array(
+        [
+            counts[v] * cm.block_time
+            + (cm.embed_time if v == 0 and cm.embed_in_first else 0.0)
+            + (cm.head_time if v == S * R - 1 and cm.head_in_last else 0.0)
+            for v in range(S * R)
+        ]
+    )
+    vtime = compute + cm.transfer_time
     stages = []
     for s, ranges in enumerate(layout.stage_ranges()):
         layers = sum(b - a for a, b in ranges)
@@ -289,12 +248,16 @@ def build_plan(
         stages.append(
             StageReport(
                 ranges=tuple(ranges),
-                time_s=sum(vtime[r * S + s] for r in range(R)),
+                time_s=float(sum(vtime[r * S + s] for r in range(R))),
                 memory_bytes=float(stage_memory(cm, pipe_cfg, s, layers, layout.slots)),
                 params=int(round(params)),
+                in_flight=in_flight(pipe_cfg, s),
             )
         )
     times = [st.time_s for st in stages]
+    table = step_table(pipe_cfg)
+    # A backward costs twice its forward; each op sends half of the per-stage transfer.
+    sim = simulate(table, compute / 3, 2 * compute / 3, cm.transfer_time / 2, lockstep=True)
     outside = M * ((not cm.embed_in_first) * cm.embed_time + (not cm.head_in_last) * cm.head_time)
     return Plan(
         model_cfg=model_cfg,
@@ -303,10 +266,10 @@ def build_plan(
         method=method,
         device=device,
         stages=tuple(stages),
-        vstage_times=tuple(vtime),
+        vstage_times=tuple(float(t) for t in vtime),
         cost_model=cm,
         bottleneck_ratio=max(times) / (sum(times) / S),
         padding_bytes=layout.padding_slots * cm.block_params * STATIC_BYTES_PER_PARAM,
-        bubble_fraction=(S - 1) / (R * M + S - 1),
-        step_time_s=M * max(times) + (S - 1) * max(vtime) + outside,
+        bubble_fraction=table.bubble_fraction(),
+        step_time_s=sim.step_time + outside,
     )

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
 
 from jaxpipe.config import ModelConfig, PipelineConfig
+from jaxpipe.costmodel import CostModel
 from jaxpipe.layout import StageLayout
 
 
@@ -16,6 +16,7 @@ class StageReport:
     time_s: float  # predicted fwd + bwd seconds per micro-batch (sum over repeats)
     memory_bytes: float
     params: int  # parameters owned by this stage (per device under tensor parallelism)
+    in_flight: float  # micro-batches' worth of activations held at the peak (executor's table)
 
     @property
     def num_layers(self) -> int:
@@ -28,8 +29,9 @@ class Plan:
 
     bottleneck_ratio: slowest / mean stage time. padding_bytes: parameter, gradient and
     optimizer bytes of padded slots over all stages (SPMD pads every stage to the largest).
-    bubble_fraction: (S - 1) / (R M + S - 1). step_time_s: M x slowest stage + (S - 1) x
-    slowest virtual stage (fill and drain), plus any embedding / head run outside the pipeline.
+    bubble_fraction: idle share of the cells of the table the executor runs. step_time_s: that
+    table simulated tick by tick (each tick as long as its slowest op plus the link), plus any
+    embedding / head run outside the pipeline.
     """
 
     model_cfg: ModelConfig
@@ -39,7 +41,7 @@ class Plan:
     device: str
     stages: tuple[StageReport, ...]
     vstage_times: tuple[float, ...]
-    cost_model: Any  # partition.CostModel
+    cost_model: CostModel
     bottleneck_ratio: float
     padding_bytes: float
     bubble_fraction: float
@@ -88,6 +90,7 @@ class Plan:
                     "time_s": st.time_s,
                     "memory_bytes": st.memory_bytes,
                     "params": st.params,
+                    "in_flight": st.in_flight,
                 }
                 for s, st in enumerate(self.stages)
             ],
@@ -102,7 +105,7 @@ class Plan:
 
     def table(self) -> str:
         head = f"{'stage':>5}  {'layers':<16} {'n':>4} {'time ms':>10} {'mem GiB':>9} "
-        head += f"{'params':>10}"
+        head += f"{'params':>10} {'in flight':>9}"
         rows = [
             f"plan: {self.model_cfg.name} on {self.pipe_cfg.num_stages} x {self.device}, "
             f"method {self.method}, schedule {self.pipe_cfg.schedule}, "
@@ -113,7 +116,7 @@ class Plan:
             ranges = ",".join(f"{a}-{b - 1}" for a, b in st.ranges)
             rows.append(
                 f"{s:>5}  {ranges:<16} {st.num_layers:>4} {st.time_s * 1e3:>10.3f} "
-                f"{st.memory_bytes / 2**30:>9.2f} {_count(st.params):>10}"
+                f"{st.memory_bytes / 2**30:>9.2f} {_count(st.params):>10} {st.in_flight:>9.4g}"
             )
         rows += [
             f"layout: {self.layout_string()}",

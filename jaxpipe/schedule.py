@@ -236,6 +236,33 @@ def full_table(
     return table
 
 
+def executor_table(
+    schedule: str, num_stages: int, num_microbatches: int, num_repeats: int = 1
+) -> ScheduleTable:
+    """The forward + backward table that jaxpipe's executor for `schedule` runs, tick by tick.
+
+    1f1b and interleaved_1f1b run their `full_table`. gpipe and circular run the ring table
+    forward, and autodiff runs the same ticks in reverse for the backward: their table is the
+    ring table followed by its mirror image of backward ops (what every stage holds in flight
+    and how long a step takes follow from it, as for the other schedules).
+    """
+    if schedule not in ("gpipe", "circular"):
+        return full_table(schedule, num_stages, num_microbatches, num_repeats)
+    ring = build_table(schedule, num_stages, num_microbatches, num_repeats)
+    back = np.where(ring.op[::-1] == FWD, BWD, IDLE).astype(np.int8)
+    table = ScheduleTable(
+        schedule,
+        ring.num_stages,
+        ring.num_microbatches,
+        ring.num_repeats,
+        np.concatenate([ring.op, back]),
+        np.concatenate([ring.micro, ring.micro[::-1]]),
+        np.concatenate([ring.repeat, ring.repeat[::-1]]),
+    )
+    validate(table)
+    return table
+
+
 def stash_bound(schedule: str, num_stages: int, num_microbatches: int, num_repeats: int) -> int:
     """Most forwards a stage may hold before their backward: all of them for GPipe, S for
     1F1B, the warm-up plus one for interleaved 1F1B (counted in virtual-stage units)."""

@@ -5,6 +5,10 @@ is free and its inputs have arrived: the forward of virtual stage v waits for th
 v - 1 plus the link time, the backward of v for the backward of v + 1 plus the link time and for
 its own forward. Ticks only fix the order; the simulated clock comes from the costs, so uneven
 stages and slow links show up as they would on hardware.
+
+`lockstep=True` models jaxpipe's SPMD executors instead: every tick ends with one collective
+permute over the `pipe` axis, so a tick starts only when every stage has finished the previous
+one and its send arrived; each tick lasts as long as its slowest op plus the link time.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import dataclasses
 
 import numpy as np
 
-from jaxpipe.schedule import BWD, FWD, ScheduleTable
+from jaxpipe.schedule import BWD, FWD, IDLE, ScheduleTable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +48,9 @@ def _per_virtual_stage(times, S: int, R: int) -> np.ndarray:
     raise ValueError(f"costs must have shape [{S}] or [{S * R}], got {a.shape}")
 
 
-def simulate(table: ScheduleTable, fwd_time, bwd_time=None, link_time: float = 0.0) -> Simulation:
+def simulate(
+    table: ScheduleTable, fwd_time, bwd_time=None, link_time: float = 0.0, lockstep: bool = False
+) -> Simulation:
     """Predicts step time and per-stage idle time of a forward + backward table.
 
     Args:
@@ -53,6 +59,7 @@ def simulate(table: ScheduleTable, fwd_time, bwd_time=None, link_time: float = 0
         per virtual stage [S * R]; a scalar means every stage alike.
       bwd_time: backward seconds, same shapes (default 2 x fwd_time).
       link_time: seconds to send one activation or gradient to a neighbouring stage.
+      lockstep: every tick waits for the slowest stage of the previous one (SPMD executors).
     """
     S, R = table.num_stages, table.num_repeats
     V = S * R
@@ -63,8 +70,17 @@ def simulate(table: ScheduleTable, fwd_time, bwd_time=None, link_time: float = 0
     finish: dict[tuple[int, int, int], float] = {}
     free = np.zeros(S)
     link = link_time if S > 1 else 0.0
+    clock = 0.0  # lockstep: when the current tick starts
     # Visit cells tick by tick: the table orders every op after its inputs.
     for t in range(table.num_ticks):
+        if lockstep:
+            busy = table.op[t] != IDLE
+            if busy.any():
+                v = np.maximum(table.repeat[t], 0) * S + np.arange(S)
+                cost = np.where(table.op[t] == FWD, tf[v], np.where(busy, tb[v], 0.0))
+                start[t, busy], end[t, busy] = clock, clock + cost[busy]
+                clock += cost.max() + link
+            continue
         for s in range(S):
             o = table.op[t, s]
             if o not in (FWD, BWD):
@@ -80,6 +96,6 @@ def simulate(table: ScheduleTable, fwd_time, bwd_time=None, link_time: float = 0
             cost = tf[v] if o == FWD else tb[v]
             start[t, s], end[t, s] = ready, ready + cost
             finish[(int(o), m, v)] = free[s] = ready + cost
-    step = float(np.nanmax(end))
+    step = clock if lockstep else float(np.nanmax(end))
     busy = np.nansum(end - start, axis=0)
     return Simulation(table, start, end, step, busy, step - busy)

@@ -66,20 +66,42 @@ def test_cli_errors_exit_2(capsys):
     assert "unknown partition method" in capsys.readouterr().err
 
 
-@pytest.mark.slow  # compiles and times eight small programs on the host
-def test_profile_plan_and_measured_stage_times():
-    from jaxpipe.measure import check_balance, measure_stage_times
+def test_profile_plan_uses_the_measured_layer_times(monkeypatch):
+    from jaxpipe import partition
 
-    cfg = get_preset("tiny")
+    cfg = get_preset("tiny").replace(num_layers=8)
+    measured = {"block": 1.0, "embed": 0.5, "head": 4.5}
+    calls = []
+    monkeypatch.setattr(
+        partition, "measure_layer_times", lambda *a, **k: calls.append(a) or measured
+    )
+    plan = make_plan(cfg, PipelineConfig(2, 2), "profile", batch_size=4, seq_len=8)
+    assert len(calls) == 1 and plan.method == "profile"
+    cm = plan.cost_model
+    assert (cm.block_time, cm.embed_time, cm.head_time) == (1.0, 0.5, 4.5)
+    # 8 blocks of 1 s, 0.5 s of embedding on stage 0, 4.5 s of head on stage 1: 6.5 s each.
+    assert plan.layout.layer_counts == (6, 2)
+
+
+@pytest.mark.slow  # compiles and times small stage programs on the host
+def test_measured_stage_times_and_the_balance_check():
+    from jaxpipe.balance import check_balance
+    from jaxpipe.measure import measure_stage_times
+
+    cfg = get_preset("tiny").replace(num_layers=6)
     pcfg = PipelineConfig(2, 2)
-    plan = make_plan(cfg, pcfg, "profile", batch_size=4, seq_len=8)
-    assert plan.method == "profile" and sum(plan.layout.layer_counts) == cfg.num_layers
-    assert all(t > 0 for t in plan.stage_times)
+    plan = make_plan(cfg, pcfg, "uniform", batch_size=4, seq_len=8)
     lt = {"block": plan.cost_model.block_time, "embed": 0.0, "head": 0.0}
     measured = measure_stage_times(
         cfg, pcfg, plan.layout, batch_size=4, seq_len=8, reps=2, layer_times=lt
     )
-    assert len(measured.stage_s) == 2 and min(measured.stage_s) > 0
-    assert set(measured.layer_s) == {"block", "embed", "head"}
-    report = check_balance(plan, measured, threshold=1e9)
-    assert report.ratio >= 1.0 and report.suggestion is None
+    assert measured.layer_s == lt  # given layer times are used as they are
+    ratio = max(measured.stage_s) / min(measured.stage_s)
+    report = check_balance(plan, measured, threshold=ratio * 1.01)
+    assert report.ratio == pytest.approx(ratio) and report.suggestion is None
+    predicted = [t - plan.cost_model.transfer_time for t in plan.stage_times]
+    assert report.predicted_s == pytest.approx(predicted)
+    err = max(abs(p - m) / m for p, m in zip(predicted, measured.stage_s, strict=True))
+    assert report.max_error == pytest.approx(err)
+    unbalanced = check_balance(plan, measured, threshold=ratio * 0.99)
+    assert unbalanced.suggestion is not None and unbalanced.suggestion.method == "measured"

@@ -1,0 +1,66 @@
+"""The planner's cost model: per-layer seconds and bytes of one micro-batch on one device."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxpipe.config import ModelConfig
+from jaxpipe.costs import DeviceProfile, ModelCosts
+
+
+@dataclasses.dataclass(frozen=True)
+class CostModel:
+    """Per-layer times (seconds, fwd + bwd, one micro-batch) and bytes, per device."""
+
+    block_time: float
+    embed_time: float
+    head_time: float
+    transfer_time: float  # activation forward + its gradient backward, per virtual stage
+    block_params: float
+    embed_params: float
+    head_params: float
+    block_act: float  # saved per block per micro-batch
+    embed_act: float
+    head_act: float
+    boundary_bytes: float  # one stage input
+    temp_bytes: float  # working memory of the largest single layer program
+    embed_in_first: bool = True
+    head_in_last: bool = True
+
+    @classmethod
+    def from_costs(
+        cls,
+        costs: ModelCosts,
+        profile: DeviceProfile,
+        model_cfg: ModelConfig,
+        tp: int,
+        times: dict | None = None,
+        **flags,
+    ) -> CostModel:
+        times = times or {
+            k: getattr(costs, k).time(profile, head=k == "head") for k in ("block", "embed", "head")
+        }
+        # Tied embeddings: the last stage needs its own copy of the table for the head.
+        head_params = model_cfg.head_params() / tp
+        if model_cfg.tied and flags.get("head_in_last", True):
+            head_params += model_cfg.vocab_size * model_cfg.d_model / tp
+        return cls(
+            block_time=times["block"],
+            embed_time=times["embed"],
+            head_time=times["head"],
+            transfer_time=2 * costs.boundary_bytes / profile.link_bandwidth,
+            block_params=model_cfg.block_params() / tp,
+            embed_params=model_cfg.embed_params(),
+            head_params=head_params,
+            block_act=costs.block.activation_bytes,
+            embed_act=costs.embed.activation_bytes,
+            head_act=costs.head.activation_bytes,
+            boundary_bytes=costs.boundary_bytes,
+            temp_bytes=max(costs.block.temp_bytes, costs.head.temp_bytes),
+            **flags,
+        )
+
+    def extra_time(self, s: int, S: int) -> float:
+        return (self.embed_time if s == 0 and self.embed_in_first else 0.0) + (
+            self.head_time if s == S - 1 and self.head_in_last else 0.0
+        )
