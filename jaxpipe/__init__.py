@@ -15,6 +15,7 @@ from jaxpipe.model import abstract_params, init_params, reference_loss
 from jaxpipe.partition import make_plan
 from jaxpipe.pipeline import Pipeline
 from jaxpipe.report import Plan
+from jaxpipe.sampling import generate
 from jaxpipe.schedule import ScheduleTable, build_table
 from jaxpipe.train import TrainConfig, Trainer, TrainState, train
 
@@ -36,6 +37,7 @@ __all__ = [
     "reference_loss",
     "make_plan",
     "Plan",
+    "generate",
     "Pipeline",
     "ScheduleTable",
     "build_table",

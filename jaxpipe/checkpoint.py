@@ -37,7 +37,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxpipe import model as M
-from jaxpipe.config import ConfigError, ModelConfig
+from jaxpipe.config import RUNTIME_FIELDS, ConfigError, ModelConfig
 from jaxpipe.data import TokenData
 from jaxpipe.train import NonFiniteError, TrainConfig, Trainer, TrainState, make_optimizer, train
 
@@ -115,9 +115,10 @@ def describe_model(cfg: ModelConfig) -> str:
 
 
 def check_model(saved: ModelConfig, wanted: ModelConfig, where: str) -> None:
-    """Raises ConfigError when the two configs differ in anything but the name."""
+    """Raises ConfigError when the two configs differ in anything that shapes the parameters
+    or the results (not in the name or the attention kernel)."""
     a, b = dataclasses.asdict(saved), dataclasses.asdict(wanted)
-    diff = [f"{k} {a[k]} vs {b[k]}" for k in a if k != "name" and a[k] != b[k]]
+    diff = [f"{k} {a[k]} vs {b[k]}" for k in a if k not in RUNTIME_FIELDS and a[k] != b[k]]
     if diff:
         raise ConfigError(
             f"checkpoint {where} holds model {describe_model(saved)} but this run builds "

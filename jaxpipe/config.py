@@ -9,6 +9,12 @@ from typing import Literal
 BlockStyle = Literal["gpt2", "llama"]
 
 SCHEDULES = ("gpipe", "circular", "1f1b", "interleaved_1f1b")
+# Attention kernels (`jax.nn.dot_product_attention` implementations): "xla" runs everywhere,
+# "cudnn" is the fused cuDNN kernel (NVIDIA GPUs, bfloat16 or float16 compute).
+ATTENTION_KERNELS = ("xla", "cudnn")
+# ModelConfig fields that change how a model computes, not its parameters or results: a
+# checkpoint restores under any value of them.
+RUNTIME_FIELDS = ("name", "attention")
 REMAT_MODES = ("none", "layer", "stage")
 # Models above this many parameters are only ever used abstractly (planning); `model.init_params`
 # refuses to allocate them unless explicitly asked.
@@ -40,10 +46,15 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     dtype: str = "float32"  # compute dtype; parameters are always float32
+    attention: str = "xla"  # attention kernel, one of ATTENTION_KERNELS
 
     def __post_init__(self):
         if self.style not in ("gpt2", "llama"):
             raise ConfigError(f"unknown block style {self.style!r}; use 'gpt2' or 'llama'")
+        if self.attention not in ATTENTION_KERNELS:
+            raise ConfigError(
+                f"unknown attention kernel {self.attention!r}; choose one of {ATTENTION_KERNELS}"
+            )
         for field in ("vocab_size", "num_layers", "d_model", "num_heads", "max_seq_len"):
             if getattr(self, field) < 1:
                 raise ConfigError(f"{field} must be >= 1, got {getattr(self, field)}")

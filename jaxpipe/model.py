@@ -24,11 +24,13 @@ def _norm(cfg: ModelConfig, name: str) -> nn.Module:
     return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=jnp.float32, name=name)
 
 
-def rope(x_BTHK: jax.Array, theta: float) -> jax.Array:
-    """Rotary position embedding (half-split convention, as in Hugging Face Llama)."""
+def rope(x_BTHK: jax.Array, theta: float, start=0) -> jax.Array:
+    """Rotary position embedding (half-split convention, as in Hugging Face Llama) of tokens at
+    positions start, start + 1, ..."""
     T, K = x_BTHK.shape[1], x_BTHK.shape[-1]
     inv_freq = 1.0 / theta ** (jnp.arange(0, K, 2, dtype=jnp.float32) / K)
-    angle_TK = jnp.arange(T, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+    pos_T = start + jnp.arange(T, dtype=jnp.float32)
+    angle_TK = pos_T[:, None] * inv_freq[None, :]
     angle_TK = jnp.concatenate([angle_TK, angle_TK], axis=-1)
     cos, sin = jnp.cos(angle_TK)[:, None, :], jnp.sin(angle_TK)[:, None, :]
     x1, x2 = jnp.split(x_BTHK.astype(jnp.float32), 2, axis=-1)
@@ -37,10 +39,14 @@ def rope(x_BTHK: jax.Array, theta: float) -> jax.Array:
 
 
 class Attention(nn.Module):
+    """Causal self-attention. With `cache` (keys and values [B, S, G, K] of S positions) the
+    T tokens sit at positions start..start + T - 1: their keys and values are written into the
+    cache, they attend to every cached position up to their own, and (out, cache) is returned."""
+
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD):
+    def __call__(self, x_BTD, cache=None, start=0):
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
         H, G, K = cfg.num_heads, cfg.kv_heads, cfg.head_dim
@@ -53,18 +59,40 @@ class Attention(nn.Module):
         k_BTGK = dense(G * K, "k")(x_BTD).reshape(B, T, G, K)
         v_BTGK = dense(G * K, "v")(x_BTD).reshape(B, T, G, K)
         if cfg.style == "llama":
-            q_BTHK, k_BTGK = rope(q_BTHK, cfg.rope_theta), rope(k_BTGK, cfg.rope_theta)
-        q_BTGRK = q_BTHK.reshape(B, T, G, H // G, K)
-        logits = jnp.einsum("btgrk,bsgk->bgrts", q_BTGRK, k_BTGK).astype(jnp.float32)
-        logits = logits / math.sqrt(K)
-        causal_TS = jnp.tril(jnp.ones((T, T), dtype=bool))
-        logits = jnp.where(causal_TS, logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-        out_BTGRK = jnp.einsum("bgrts,bsgk->btgrk", probs, v_BTGK)
+            q_BTHK = rope(q_BTHK, cfg.rope_theta, start)
+            k_BTGK = rope(k_BTGK, cfg.rope_theta, start)
+        if cache is None:
+            out_BTHK = causal_attention(cfg, q_BTHK, k_BTGK, v_BTGK)
+        else:
+            k_BSGK, v_BSGK = (
+                jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), start, axis=1)
+                for c, new in zip(cache, (k_BTGK, v_BTGK), strict=True)
+            )
+            cache = (k_BSGK, v_BSGK)
+            S = k_BSGK.shape[1]
+            seen_TS = jnp.arange(S)[None, :] <= start + jnp.arange(T)[:, None]
+            out_BTHK = jax.nn.dot_product_attention(
+                q_BTHK, k_BSGK.astype(dt), v_BSGK.astype(dt), mask=seen_TS[None, None]
+            )
         out_init = nn.initializers.normal(_INIT_STD / math.sqrt(2 * cfg.num_layers))
-        return nn.Dense(cfg.d_model, use_bias=bias, dtype=dt, kernel_init=out_init, name="o")(
-            out_BTGRK.reshape(B, T, H * K)
+        out = nn.Dense(cfg.d_model, use_bias=bias, dtype=dt, kernel_init=out_init, name="o")(
+            out_BTHK.reshape(B, T, H * K)
         )
+        return out if cache is None else (out, cache)
+
+
+def causal_attention(cfg: ModelConfig, q_BTHK, k_BTGK, v_BTGK) -> jax.Array:
+    """Causal grouped-query attention through `jax.nn.dot_product_attention` with the model's
+    kernel; the G key/value heads are shared by H / G query heads each, never repeated in
+    memory. Logits and softmax run in float32 whatever the compute dtype."""
+    if cfg.attention == "cudnn" and jax.default_backend() != "gpu":
+        raise ConfigError(
+            f"attention='cudnn' needs an NVIDIA GPU, but this run's backend is "
+            f"{jax.default_backend()}; use attention='xla'"
+        )
+    return jax.nn.dot_product_attention(
+        q_BTHK, k_BTGK, v_BTGK, is_causal=True, implementation=cfg.attention
+    )
 
 
 class Mlp(nn.Module):
@@ -88,30 +116,36 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """One pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(.))."""
+    """One pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(.)). With a key/value
+    `cache` (see `Attention`) it returns (x, cache)."""
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD):
+    def __call__(self, x_BTD, cache=None, start=0):
         dt = jnp.dtype(self.cfg.dtype)
         h = _norm(self.cfg, "attn_norm")(x_BTD).astype(dt)
-        x_BTD = x_BTD + Attention(self.cfg, name="attn")(h)
+        attn = Attention(self.cfg, name="attn")(h, cache, start)
+        if cache is not None:
+            attn, cache = attn
+        x_BTD = x_BTD + attn
         h = _norm(self.cfg, "mlp_norm")(x_BTD).astype(dt)
-        return x_BTD + Mlp(self.cfg, name="mlp")(h)
+        x_BTD = x_BTD + Mlp(self.cfg, name="mlp")(h)
+        return x_BTD if cache is None else (x_BTD, cache)
 
 
 class Embed(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens_BT):
+    def __call__(self, tokens_BT, start=0):
         cfg = self.cfg
         table = self.param("tok", nn.initializers.normal(_INIT_STD), (cfg.vocab_size, cfg.d_model))
         x_BTD = jnp.take(table, tokens_BT, axis=0)
-        if cfg.style == "gpt2":
+        if cfg.style == "gpt2":  # learned positions start, start + 1, ...
             pos = self.param("pos", nn.initializers.normal(0.01), (cfg.max_seq_len, cfg.d_model))
-            x_BTD = x_BTD + pos[None, : tokens_BT.shape[1]]
+            T = tokens_BT.shape[1]
+            x_BTD = x_BTD + jax.lax.dynamic_slice_in_dim(pos, start, T)[None]
         return x_BTD.astype(jnp.dtype(cfg.dtype))
 
 
@@ -145,13 +179,25 @@ def block_apply(cfg: ModelConfig, block_params, x_BTD):
     return Block(cfg).apply({"params": block_params}, x_BTD)
 
 
-def embed_apply(cfg: ModelConfig, params, tokens_BT):
+def embed_apply(cfg: ModelConfig, params, tokens_BT, start=0):
     if tokens_BT.shape[1] > cfg.max_seq_len:
         raise ConfigError(
             f"sequence length {tokens_BT.shape[1]} exceeds the model's max_seq_len "
             f"{cfg.max_seq_len}; shorten --seq_len or raise max_seq_len"
         )
-    return Embed(cfg).apply({"params": params["embed"]}, tokens_BT)
+    return Embed(cfg).apply({"params": params["embed"]}, tokens_BT, start)
+
+
+def stack_decode(cfg: ModelConfig, blocks, x_BTD, cache, start):
+    """The stacked blocks on T tokens at positions start.. against a key/value cache
+    (keys, values), each [L, B, S, G, K]; returns (x_BTD, updated cache)."""
+
+    def layer(x, p_k_v):
+        p, k, v = p_k_v
+        x, (k, v) = Block(cfg).apply({"params": p}, x, (k, v), start)
+        return x, (k, v)
+
+    return jax.lax.scan(layer, x_BTD, (blocks, *cache))
 
 
 def head_apply(cfg: ModelConfig, params, x_BTD):
