@@ -58,12 +58,24 @@ def _sampler(cfg):
     return run
 
 
-def generate(
-    cfg, params, prompt_ids, max_new_tokens: int, temperature: float = 0.0, seed: int = 0
-) -> np.ndarray:
-    """The ids that follow `prompt_ids` (at most max_seq_len - len(prompt) of them)."""
-    import jax
+def check_sampling(max_new_tokens, temperature, seed) -> None:
+    """ConfigError naming the flag when a sampling setting cannot work."""
+    from jaxpipe.config import ConfigError, check_seed, is_int
 
+    if not is_int(max_new_tokens) or max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float, np.floating))
+        or not np.isfinite(temperature)
+        or temperature < 0
+    ):
+        raise ConfigError(f"temperature must be finite and >= 0 (0: greedy), got {temperature!r}")
+    check_seed(seed)
+
+
+def check_prompt(cfg, prompt_ids, max_new_tokens: int) -> int:
+    """The number of ids to generate (capped at the model's positions), or ConfigError."""
     from jaxpipe.config import ConfigError
 
     n = len(prompt_ids)
@@ -72,26 +84,75 @@ def generate(
             f"the prompt is {n} tokens; it must be 1 to {cfg.max_seq_len - 1} (the model has "
             f"{cfg.max_seq_len} positions); shorten --prompt"
         )
-    if temperature < 0 or not np.isfinite(temperature):
-        raise ConfigError(f"temperature must be finite and >= 0, got {temperature}")
-    end = min(cfg.max_seq_len, n + max_new_tokens)
+    top = int(np.max(prompt_ids))
+    if top >= cfg.vocab_size or int(np.min(prompt_ids)) < 0:
+        raise ConfigError(
+            f"the prompt holds token id {top} but the model's vocabulary has ids 0 to "
+            f"{cfg.vocab_size - 1}; --prompt is encoded as UTF-8 bytes, so use characters whose "
+            f"bytes are below {cfg.vocab_size}"
+        )
+    return min(max_new_tokens, cfg.max_seq_len - n)
+
+
+def generate(
+    cfg, params, prompt_ids, max_new_tokens: int, temperature: float = 0.0, seed: int = 0
+) -> np.ndarray:
+    """The ids that follow `prompt_ids` (at most max_seq_len - len(prompt) of them)."""
+    import jax
+
+    prompt_ids = np.asarray(prompt_ids)
+    n = len(prompt_ids)
+    check_sampling(max_new_tokens, temperature, seed)
+    end = n + check_prompt(cfg, prompt_ids, max_new_tokens)
     buf = np.zeros((1, cfg.max_seq_len), np.int32)
     buf[0, :n] = prompt_ids
     out = _sampler(cfg)(params, buf, n, end, np.float32(temperature), jax.random.key(seed))
     return np.asarray(out)[0, n:end]
 
 
+def load(workdir: str, step: int | None):
+    """(ModelConfig, params) of `step` (default: the newest good one); ConfigError naming the
+    available steps when `step` is missing or unreadable."""
+    from jaxpipe.checkpoint import Checkpoints, CorruptCheckpoint, load_params
+    from jaxpipe.config import ConfigError
+
+    try:
+        return load_params(workdir, step)
+    except CorruptCheckpoint as e:  # only an explicit step raises it
+        with Checkpoints(workdir, read_only=True) as ckpts:
+            steps = ckpts.steps()
+            where = ckpts.directory
+        if step not in steps:
+            raise ConfigError(
+                f"no checkpoint for --step {step} in {where}; available steps: {steps} (or omit "
+                f"--step for the newest good one)"
+            ) from None
+        raise ConfigError(
+            f"checkpoint {where / str(step)} cannot be used ({e}); pick another --step from "
+            f"{steps} or omit --step"
+        ) from None
+
+
 def main(argv):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     logging.set_verbosity(logging.WARNING)
-    from jaxpipe.checkpoint import load_params
     from jaxpipe.config import ConfigError
     from jaxpipe.data import decode, encode
 
-    del argv
     try:
-        cfg, params = load_params(_F.workdir, _F.step)
-        ids = generate(cfg, params, encode(_F.prompt), _F.max_new_tokens, _F.temperature, _F.seed)
+        if len(argv) > 1:
+            raise ConfigError(f"unexpected arguments {argv[1:]}; flags are spelled --name=value")
+        prompt = encode(_F.prompt)
+        check_sampling(_F.max_new_tokens, _F.temperature, _F.seed)
+        cfg, params = load(_F.workdir, _F.step)
+        count = check_prompt(cfg, prompt, _F.max_new_tokens)
+        if count < _F.max_new_tokens:
+            print(
+                f"warning: generating {count} tokens, not --max_new_tokens {_F.max_new_tokens}: "
+                f"the model has {cfg.max_seq_len} positions and the prompt takes {len(prompt)}",
+                file=sys.stderr,
+            )
+        ids = generate(cfg, params, prompt, count, _F.temperature, _F.seed)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
