@@ -25,7 +25,8 @@ from absl import app, flags, logging
 _F = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/train_lm", "Training workdir holding checkpoints/.")
 flags.DEFINE_string("prompt", "def ", "Text to continue.")
-flags.DEFINE_integer("max_new_tokens", 64, "Bytes to generate (capped by max_seq_len).")
+flags.DEFINE_integer("max_new_tokens", 64, "Bytes to generate (capped, with a warning, by the "
+                     "model's positions).")
 flags.DEFINE_float("temperature", 0.8, "0: greedy; > 0: sampling temperature.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest good one).")
@@ -137,7 +138,7 @@ def main(argv):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     logging.set_verbosity(logging.WARNING)
     from jaxpipe.config import ConfigError
-    from jaxpipe.data import decode, encode
+    from jaxpipe.data import BYTE_VOCAB, decode, encode
 
     try:
         if len(argv) > 1:
@@ -156,6 +157,15 @@ def main(argv):
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if len(ids) and int(np.max(ids)) >= BYTE_VOCAB:  # e.g. a fine-tuned Hugging Face model
+        print(
+            "warning: the model generated token ids above 255, which are not bytes; printing "
+            "the generated ids (decode them with the checkpoint's tokenizer)",
+            file=sys.stderr,
+        )
+        print(_F.prompt)
+        print(" ".join(str(int(i)) for i in ids))
+        return
     print(_F.prompt + decode(ids))
 
 

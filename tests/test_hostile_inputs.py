@@ -457,6 +457,17 @@ def test_sample_flag_errors(sample_workdir, sample_main, args, message):
     assert out == ""
 
 
+def test_sample_corrupt_explicit_step(sample_workdir, sample_main, tmp_path):
+    import shutil
+
+    workdir = Path(shutil.copytree(sample_workdir, tmp_path / "w"))
+    (workdir / "checkpoints" / "2" / "meta" / "metadata").write_text("{truncated")
+    code, out, err = sample_main(f"--workdir={workdir}", "--step=2")
+    assert code == 2 and out == "", err
+    assert re.match(r"error: checkpoint .*checkpoints/2 cannot be used \(metadata unreadable", err)
+    assert "pick another --step from [2, 4] or omit --step" in err
+
+
 def test_sample_caps_tokens_with_a_warning(sample_workdir, sample_main):
     code, out, err = sample_main(
         f"--workdir={sample_workdir}", "--prompt=abc", "--max_new_tokens=50", "--temperature=0"
@@ -467,3 +478,15 @@ def test_sample_caps_tokens_with_a_warning(sample_workdir, sample_main):
     code, out, err = sample_main(f"--workdir={sample_workdir}", "--step=2", "--prompt=abc",
                                  "--max_new_tokens=2", "--temperature=0")
     assert code == 0 and err == "", err
+
+
+def test_sample_prints_ids_that_are_not_bytes(sample_workdir, sample_main, monkeypatch):
+    """A model with more than 256 ids (a fine-tuned GPT-2) may generate non-bytes: they are
+    printed as ids with a warning, not folded into bytes modulo 256."""
+    from experiments import sample
+
+    monkeypatch.setattr(sample, "generate", lambda *a, **kw: np.array([65, 300, 66]))
+    code, out, err = sample_main(f"--workdir={sample_workdir}", "--prompt=ab",
+                                 "--max_new_tokens=3")
+    assert code == 0, err
+    assert out == "ab\n65 300 66\n" and "token ids above 255" in err
