@@ -116,6 +116,13 @@ def test_unreadable_data_file_names_path_and_reason(tmp_path, monkeypatch):
         assert str(path) in str(e.value)
 
 
+def test_empty_data_flag_is_refused_not_the_current_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # `--data=` used to read every text file under "."
+    (tmp_path / "notes.txt").write_text("unrelated text " * 20)
+    with pytest.raises(ConfigError, match=r"--data must name a file or directory, got ''"):
+        load_data("")
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
 def test_device_file_as_data_is_refused_not_read_forever():
     with pytest.raises(ConfigError, match=r"'/dev/zero' is not a regular file"):
