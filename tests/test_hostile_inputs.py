@@ -449,6 +449,8 @@ SAMPLE_CASES = [
     (["--temperature=inf"], "temperature must be finite and >= 0"),
     (["--temperature=-1"], "temperature must be finite and >= 0"),
     (["--seed=-1"], "seed must be an integer from 0 to 4294967295"),
+    (["--top_k=-1"], r"top_k must be >= 0 \(0: no limit\), got -1"),
+    (["--top_k=101", "--prompt=ab"], r"top_k 101 exceeds .* 100 ids; pass --top_k <= 100"),
     (["--prompt=héllo"], r"the prompt holds token id 195 but the model's vocabulary has ids 0"),
     (["--prompt="], r"the prompt is 0 tokens; it must be 1 to 15"),
     (["extra"], r"unexpected arguments \['extra'\]"),
@@ -473,6 +475,23 @@ def test_sample_corrupt_explicit_step(sample_workdir, sample_main, tmp_path):
     assert code == 2 and out == "", err
     assert re.match(r"error: checkpoint .*checkpoints/2 cannot be used \(metadata unreadable", err)
     assert "pick another --step from [2, 4] or omit --step" in err
+
+
+def test_top_k_one_is_greedy_and_top_k_vocab_is_plain_sampling(sample_workdir):
+    from experiments import sample
+
+    cfg, params = sample.load(str(sample_workdir), None)
+    prompt = np.array([1, 2, 3])
+    greedy = sample.generate(cfg, params, prompt, 8, temperature=0.0)
+    hot = sample.generate(cfg, params, prompt, 8, temperature=5.0, seed=3)
+    assert not np.array_equal(hot, greedy)  # a hot sample wanders off the greedy path
+    np.testing.assert_array_equal(
+        sample.generate(cfg, params, prompt, 8, temperature=5.0, seed=3, top_k=1), greedy
+    )
+    np.testing.assert_array_equal(
+        sample.generate(cfg, params, prompt, 8, temperature=5.0, seed=3, top_k=100), hot
+    )
+    assert sample._sampler(cfg)._cache_size() == 1  # top_k does not recompile
 
 
 def test_sample_caps_tokens_with_a_warning(sample_workdir, sample_main):
