@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Literal
 
 BlockStyle = Literal["gpt2", "llama"]
@@ -23,6 +24,45 @@ ALLOCATION_GUARD_PARAMS = 2_000_000_000
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message says what to change."""
+
+
+# Dtypes that activations (ModelConfig.dtype, PipelineConfig.boundary_dtype) may take.
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+# jax.random.key keeps 32 bits of a seed; numpy's generators refuse negative ones.
+MAX_SEED = 2**32 - 1
+
+
+def is_int(value) -> bool:
+    """An integer (Python or numpy), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_float(field: str, value, low: float, low_ok: bool = True) -> None:
+    """Raises unless `value` is a finite real number >= low (> low when not low_ok)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value < low
+        or (value == low and not low_ok)
+    ):
+        bound = f">= {low}" if low_ok else f"> {low}"
+        raise ConfigError(f"{field} must be a finite number {bound}, got {value!r}")
+
+
+def check_seed(seed, flag: str = "--seed ") -> None:
+    """Seeds key JAX's generator (32 bits of it) and numpy's (>= 0): 0 <= seed < 2**32."""
+    if not is_int(seed) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"seed must be an integer from 0 to {MAX_SEED} (2**32 - 1), got "
+                          f"{seed!r}; pass e.g. {flag}0")
+
+
+def check_float_dtype(field: str, value) -> None:
+    if not isinstance(value, str) or value not in FLOAT_DTYPES:
+        raise ConfigError(
+            f"{field} {value!r} is not supported; activations use a floating dtype, one of "
+            f"{FLOAT_DTYPES}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +96,19 @@ class ModelConfig:
                 f"unknown attention kernel {self.attention!r}; choose one of {ATTENTION_KERNELS}"
             )
         for field in ("vocab_size", "num_layers", "d_model", "num_heads", "max_seq_len"):
-            if getattr(self, field) < 1:
-                raise ConfigError(f"{field} must be >= 1, got {getattr(self, field)}")
+            value = getattr(self, field)
+            if not is_int(value) or value < 1:
+                raise ConfigError(f"{field} must be >= 1, got {value!r}")
+        for field in ("num_kv_heads", "d_ff"):  # None picks the default
+            value = getattr(self, field)
+            if value is not None and (not is_int(value) or value < 1):
+                raise ConfigError(f"{field} must be None (the default) or >= 1, got {value!r}")
+        if not (self.tie_embeddings is None or isinstance(self.tie_embeddings, bool)):
+            raise ConfigError(f"tie_embeddings must be None, True or False, got "
+                              f"{self.tie_embeddings!r}")
+        check_float("rope_theta", self.rope_theta, 0.0, low_ok=False)
+        check_float("norm_eps", self.norm_eps, 0.0, low_ok=False)
+        check_float_dtype("dtype", self.dtype)
         if self.d_model % self.num_heads:
             raise ConfigError(
                 f"d_model {self.d_model} is not divisible by num_heads {self.num_heads}"
@@ -185,7 +236,7 @@ class PipelineConfig:
             "tensor_parallel",
         ):
             value = getattr(self, field)
-            if not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ConfigError(f"{field} must be a positive integer, got {value!r}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule {self.schedule!r}; choose one of {SCHEDULES}")
@@ -196,6 +247,8 @@ class PipelineConfig:
             )
         if self.remat not in REMAT_MODES:
             raise ConfigError(f"unknown remat mode {self.remat!r}; choose one of {REMAT_MODES}")
+        if self.boundary_dtype is not None:
+            check_float_dtype("boundary_dtype", self.boundary_dtype)
 
     @property
     def num_devices(self) -> int:

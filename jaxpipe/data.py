@@ -15,6 +15,7 @@ import numpy as np
 from jaxpipe.config import ConfigError
 
 BYTE_VOCAB = 256
+_MAX_ID = 2**31 - 1  # token ids are int32
 _TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst", ".json", ".c", ".h", ".html", ".csv", ".tex"}
 
 
@@ -71,35 +72,134 @@ def stdlib_text_files() -> list[Path]:
     return files
 
 
+def _unreadable(path: Path, e: OSError) -> ConfigError:
+    return ConfigError(
+        f"--data {str(path)!r} cannot be read ({e.strerror or type(e).__name__}); check its "
+        f"permissions or pass another --data"
+    )
+
+
 def _read_text_files(files: list[Path], max_bytes: int) -> np.ndarray:
     chunks, total = [np.zeros(0, np.uint8)], 0
     for path in files:
-        data = path.read_bytes()
+        if not path.is_file():
+            raise ConfigError(
+                f"--data {str(path)!r} is not a regular file; give a text file, a directory, or "
+                f"a .npy/.bin file of token ids"
+            )
+        try:
+            with open(path, "rb") as f:
+                data = f.read(max_bytes - total)
+        except OSError as e:
+            raise _unreadable(path, e) from None
         chunks.append(np.frombuffer(data, np.uint8))
         total += len(data)
         if total >= max_bytes:
             break
-    return np.concatenate(chunks).astype(np.int32)[:max_bytes]
+    return np.concatenate(chunks).astype(np.int32)
+
+
+def _token_ids(ids: np.ndarray, path: Path) -> np.ndarray:
+    """int32 token ids from a loaded array, refusing anything a cast would change."""
+    if ids.dtype.kind not in "iu":
+        hint = " (convert with ids.astype(np.int32) if they are whole numbers)"
+        raise ConfigError(
+            f"--data {str(path)!r} holds {ids.dtype} values; token ids must be integers"
+            f"{hint if ids.dtype.kind == 'f' else ''}"
+        )
+    if ids.ndim != 1:
+        raise ConfigError(
+            f"--data {str(path)!r} holds an array of shape {ids.shape}; token ids must be one "
+            f"flat sequence (save ids.reshape(-1) to train on the rows one after another)"
+        )
+    if ids.size and ids.dtype.kind == "i" and ids.min() < 0:
+        raise ConfigError(
+            f"--data {str(path)!r} holds negative token ids (smallest {ids.min()}); token ids "
+            f"must be >= 0"
+        )
+    if ids.size and ids.max() > _MAX_ID:
+        raise ConfigError(
+            f"--data {str(path)!r} holds token id {ids.max()}, above the largest supported id "
+            f"{_MAX_ID} (2**31 - 1); token ids must fit in int32"
+        )
+    return ids.astype(np.int32)
+
+
+def _load_npy(p: Path) -> np.ndarray:
+    try:
+        with open(p, "rb") as f:
+            magic = f.read(6)
+        if magic == b"\x93NUMPY":
+            ids = np.load(p, allow_pickle=False)
+    except OSError as e:
+        if e.strerror:  # the OS refused to read it
+            raise _unreadable(p, e) from None
+        raise _not_npy(p, e) from None
+    except (ValueError, EOFError) as e:  # pickled objects, a bad header, truncated data
+        raise _not_npy(p, e) from None
+    if magic != b"\x93NUMPY":  # np.load would try pickle, or open a .npz archive
+        raise _not_npy(p, "it does not start with the .npy magic bytes")
+    return _token_ids(ids, p)
+
+
+def _not_npy(p: Path, why) -> ConfigError:
+    return ConfigError(
+        f"--data {str(p)!r} is not a readable .npy array of token ids ({why}); write it with "
+        f"np.save(path, ids) where ids is a 1-D integer array"
+    )
+
+
+def _load_bin(p: Path) -> np.ndarray:
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise _unreadable(p, e) from None
+    if len(raw) % 2:
+        raise ConfigError(
+            f"--data {str(p)!r} has {len(raw)} bytes, an odd number; a .bin file holds "
+            f"little-endian uint16 token ids (2 bytes each)"
+        )
+    return np.frombuffer(raw, "<u2").astype(np.int32)
 
 
 def load_data(path: str | None = None, max_bytes: int = 8 << 20) -> TokenData:
-    """Built-in stdlib text (path None), text file(s)/directory, or token ids (.npy / .bin)."""
+    """Built-in stdlib text (path None), text file(s)/directory, or token ids.
+
+    Token ids come from a .npy file (a 1-D integer array with ids in [0, 2**31)) or a .bin file
+    (little-endian uint16). Text is read as bytes (ids 0-255, any encoding), at most
+    `max_bytes` of it. Anything else raises ConfigError naming the file and the fix.
+    """
     if path is None:
         return TokenData(_read_text_files(stdlib_text_files(), max_bytes), BYTE_VOCAB, "stdlib")
+    if not isinstance(path, (str, Path)) or not str(path):
+        raise ConfigError(f"--data must name a file or directory, got {path!r}")
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"--data {path!r} does not exist; give a text file, a directory, or "
                           f"a .npy/.bin file of token ids")
-    if p.suffix == ".npy":
-        tokens = np.load(p).reshape(-1).astype(np.int32)
-        return _checked(TokenData(tokens, int(tokens.max(initial=0)) + 1, str(p)))
-    if p.suffix == ".bin":
-        tokens = np.fromfile(p, dtype=np.uint16).astype(np.int32)
+    suffix = p.suffix.lower()
+    if suffix in (".npy", ".bin"):
+        if not p.is_file():
+            raise ConfigError(
+                f"--data {str(p)!r} is not a regular file; a {suffix} path must be a file of "
+                f"token ids"
+            )
+        tokens = _load_npy(p) if suffix == ".npy" else _load_bin(p)
         return _checked(TokenData(tokens, int(tokens.max(initial=0)) + 1, str(p)))
     if p.is_dir():
-        files = sorted(
-            f for f in p.rglob("*") if f.is_file() and (f.suffix in _TEXT_SUFFIXES or not f.suffix)
-        )
+        try:
+            files = sorted(
+                f
+                for f in p.rglob("*")
+                if f.is_file() and (f.suffix in _TEXT_SUFFIXES or not f.suffix)
+            )
+        except OSError as e:
+            raise _unreadable(p, e) from None
+        if not files:
+            raise ConfigError(
+                f"--data {str(p)!r} is a directory with no text files (suffixes "
+                f"{sorted(_TEXT_SUFFIXES)} or none); point it at text or token ids"
+            )
     else:
         files = [p]
     return _checked(TokenData(_read_text_files(files, max_bytes), BYTE_VOCAB, str(p)))

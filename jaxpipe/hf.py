@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import operator
 import os
 import re
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from jaxpipe.config import ConfigError, ModelConfig
@@ -93,6 +95,10 @@ def _reject(hf: dict, field: str, ok) -> None:
 
 def config_from_hf(hf: dict) -> ModelConfig:
     """A `ModelConfig` from a Hugging Face config.json dict; raises ConfigError naming the field."""
+    if not isinstance(hf, dict):
+        raise ConfigError(
+            f"config.json holds a JSON {type(hf).__name__}, not an object of model settings"
+        )
     try:
         return _config_from_hf(hf)
     except KeyError as e:
@@ -100,6 +106,39 @@ def config_from_hf(hf: dict) -> ModelConfig:
             f"config.json lacks the field {e.args[0]!r} that model_type {hf.get('model_type')!r} "
             f"needs"
         ) from None
+    except (TypeError, AttributeError) as e:  # a field of the wrong JSON type
+        raise ConfigError(f"config.json has a field of an unexpected type ({e})") from None
+
+
+def _int(hf: dict, field: str, default=None):
+    """An integer field (absent: `default`); ConfigError naming the field otherwise."""
+    value = hf[field] if default is None else hf.get(field, default)
+    if value is None and default is not None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"config.json field {field}={value!r} must be a positive integer")
+    return value
+
+
+def _bool(hf: dict, field: str, default: bool) -> bool:
+    value = hf.get(field)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ConfigError(f"config.json field {field}={value!r} must be true or false")
+    return value
+
+
+def _float(hf: dict, field: str, default: float) -> float:
+    value = hf.get(field, default)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigError(f"config.json field {field}={value!r} must be a finite number > 0")
+    return float(value)
 
 
 def _config_from_hf(hf: dict) -> ModelConfig:
@@ -109,20 +148,21 @@ def _config_from_hf(hf: dict) -> ModelConfig:
         _reject(hf, "scale_attn_weights", lambda v: v is True)
         _reject(hf, "scale_attn_by_inverse_layer_idx", lambda v: not v)
         _reject(hf, "add_cross_attention", lambda v: not v)
+        d = _int(hf, "n_embd")
         return ModelConfig(
-            name=hf.get("_name_or_path") or "gpt2",
+            name=str(hf.get("_name_or_path") or "gpt2"),
             style="gpt2",
-            vocab_size=hf["vocab_size"],
-            num_layers=hf["n_layer"],
-            d_model=hf["n_embd"],
-            num_heads=hf["n_head"],
-            d_ff=hf.get("n_inner") or 4 * hf["n_embd"],
-            max_seq_len=hf.get("n_positions", hf.get("n_ctx", 1024)),
-            tie_embeddings=hf.get("tie_word_embeddings", True),
-            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            vocab_size=_int(hf, "vocab_size"),
+            num_layers=_int(hf, "n_layer"),
+            d_model=d,
+            num_heads=_int(hf, "n_head"),
+            d_ff=_int(hf, "n_inner", 4 * d),
+            max_seq_len=_int(hf, "n_positions", _int(hf, "n_ctx", 1024)),
+            tie_embeddings=_bool(hf, "tie_word_embeddings", True),
+            norm_eps=_float(hf, "layer_norm_epsilon", 1e-5),
         )
     if kind == "llama":
-        d, heads = hf["hidden_size"], hf["num_attention_heads"]
+        d, heads = _int(hf, "hidden_size"), _int(hf, "num_attention_heads")
         _reject(hf, "hidden_act", lambda v: v == "silu")
         _reject(hf, "attention_bias", lambda v: not v)
         _reject(hf, "mlp_bias", lambda v: not v)
@@ -132,18 +172,18 @@ def _config_from_hf(hf: dict) -> ModelConfig:
         _reject(hf, "head_dim", lambda v: v is None or v * heads == d)
         theta = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10000.0))
         return ModelConfig(
-            name=hf.get("_name_or_path") or "llama",
+            name=str(hf.get("_name_or_path") or "llama"),
             style="llama",
-            vocab_size=hf["vocab_size"],
-            num_layers=hf["num_hidden_layers"],
+            vocab_size=_int(hf, "vocab_size"),
+            num_layers=_int(hf, "num_hidden_layers"),
             d_model=d,
             num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads,
-            d_ff=hf["intermediate_size"],
-            max_seq_len=hf.get("max_position_embeddings", 2048),
-            tie_embeddings=hf.get("tie_word_embeddings", False),
-            rope_theta=float(theta),
-            norm_eps=hf.get("rms_norm_eps", 1e-6),
+            num_kv_heads=_int(hf, "num_key_value_heads", heads),
+            d_ff=_int(hf, "intermediate_size"),
+            max_seq_len=_int(hf, "max_position_embeddings", 2048),
+            tie_embeddings=_bool(hf, "tie_word_embeddings", False),
+            rope_theta=_float({"rope_theta": theta}, "rope_theta", 10000.0),
+            norm_eps=_float(hf, "rms_norm_eps", 1e-6),
         )
     raise ConfigError(
         f"config.json model_type {kind!r} is not supported; jaxpipe.hf reads 'gpt2' and 'llama'"
@@ -249,6 +289,11 @@ def params_from_hf(cfg: ModelConfig, tensors: dict) -> dict:
             )
         used.add(name)
         t = np.asarray(tensors[name], dtype=np.float32)
+        if not np.isfinite(t).all():
+            raise ConfigError(
+                f"tensor {name!r} holds NaN or infinite values; the checkpoint is corrupt "
+                f"(download it again)"
+            )
         t = t.T if transpose else t
         want = _get(shapes, path if layer is None else ("blocks", *path)).shape[layer is not None :]
         if t.shape != tuple(want):
@@ -301,7 +346,37 @@ def params_to_hf(cfg: ModelConfig, params) -> dict[str, np.ndarray]:
 # files
 
 
+def _read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read {path} ({e.strerror or e})") from None
+    except (ValueError, RecursionError) as e:  # bad JSON or not UTF-8
+        raise ConfigError(f"{path} is not valid JSON ({e}); restore the file") from None
+
+
 def _read_tensors(path: str) -> dict:
+    """The tensors of one safetensors file; ConfigError naming the file when it is unreadable."""
+    try:
+        return _parse_tensors(path)
+    except ConfigError:
+        raise
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path} is missing; the checkpoint is incomplete (download every shard listed in "
+            f"{INDEX_NAME})"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {path} ({e.strerror or e})") from None
+    except (SafetensorError, ValueError, KeyError, TypeError, EOFError) as e:
+        raise ConfigError(
+            f"{path} is not a valid safetensors file ({type(e).__name__}: {e}); it may be "
+            f"truncated or corrupt: download it again"
+        ) from None
+
+
+def _parse_tensors(path: str) -> dict:
     try:
         return load_file(path)
     except TypeError:  # numpy has no bfloat16: parse the file, converting via ml_dtypes
@@ -322,6 +397,27 @@ def _read_tensors(path: str) -> dict:
     return out
 
 
+def _shards(path: str, index: str) -> list[str]:
+    """The shard files an index names; ConfigError when the index is malformed."""
+    weight_map = _read_json(index)
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(v, str) for v in weight_map.values()
+    ):
+        raise ConfigError(
+            f"{index} has no \"weight_map\" object of tensor name -> shard file; restore the "
+            f"file"
+        )
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        if os.path.basename(shard) != shard or shard in ("", ".", ".."):
+            raise ConfigError(
+                f"{index} names shard {shard!r}, which is not a file name in {path}; shards must "
+                f"lie next to the index"
+            )
+    return shards
+
+
 def load_hf(path: str) -> tuple[ModelConfig, dict]:
     """Reads a local Hugging Face GPT-2 / Llama checkpoint directory.
 
@@ -330,27 +426,36 @@ def load_hf(path: str) -> tuple[ModelConfig, dict]:
         model.safetensors.index.json plus the shards it names.
     Returns:
       (ModelConfig, canonical float32 params) ready for `Pipeline.place` or `model` functions.
+    Raises:
+      ConfigError naming the file and what is wrong with it (malformed JSON, an unsupported
+      model, a missing, truncated or corrupt safetensors file, non-finite weights, ...).
     """
     cfg_path = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(cfg_path):
         raise ConfigError(f"no {CONFIG_NAME} in {path!r}; pass a Hugging Face model directory")
-    with open(cfg_path) as f:
-        cfg = config_from_hf(json.load(f))
+    try:
+        cfg = config_from_hf(_read_json(cfg_path))
+    except ConfigError as e:
+        msg = str(e)
+        if msg.startswith(CONFIG_NAME):
+            msg = cfg_path + msg[len(CONFIG_NAME) :]
+        raise ConfigError(msg if cfg_path in msg else f"{cfg_path}: {msg}") from None
     single, index = os.path.join(path, WEIGHTS_NAME), os.path.join(path, INDEX_NAME)
     if os.path.isfile(single):
         tensors = _read_tensors(single)
     elif os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
         tensors = {}
-        for shard in sorted(set(weight_map.values())):
+        for shard in _shards(path, index):
             tensors.update(_read_tensors(os.path.join(path, shard)))
     else:
         raise ConfigError(
             f"no {WEIGHTS_NAME} or {INDEX_NAME} in {path!r}; only safetensors checkpoints are "
             f"read (convert pytorch_model.bin with Transformers' save_pretrained)"
         )
-    return cfg, params_from_hf(cfg, tensors)
+    try:
+        return cfg, params_from_hf(cfg, tensors)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def save_hf(

@@ -13,7 +13,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxpipe.config import ALLOCATION_GUARD_PARAMS, ConfigError, ModelConfig
+from jaxpipe.config import (
+    ALLOCATION_GUARD_PARAMS,
+    ConfigError,
+    ModelConfig,
+    check_seed,
+    is_int,
+)
 
 _INIT_STD = 0.02
 
@@ -234,8 +240,10 @@ def init_params(cfg: ModelConfig, seed: int | jax.Array = 0, allow_large: bool =
             f"model {cfg.name!r} has {cfg.num_params() / 1e9:.1f}B parameters; refusing to "
             f"allocate it (use it with the planner, or pass allow_large=True)"
         )
-    key = jax.random.key(seed) if isinstance(seed, int) else seed
-    return _init(cfg, key)
+    if is_int(seed):
+        check_seed(seed, "seed=")
+        seed = jax.random.key(seed)
+    return _init(cfg, seed)
 
 
 @functools.partial(jax.jit, static_argnums=0)

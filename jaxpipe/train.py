@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,14 @@ import optax
 
 from jaxpipe import model as M
 from jaxpipe import placement
-from jaxpipe.config import ConfigError, ModelConfig, PipelineConfig
+from jaxpipe.config import (
+    ConfigError,
+    ModelConfig,
+    PipelineConfig,
+    check_float,
+    check_seed,
+    is_int,
+)
 from jaxpipe.data import TokenData
 from jaxpipe.layout import StageLayout
 from jaxpipe.mesh import make_mesh
@@ -40,17 +48,28 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite steps before stopping (0: stop at once)
 
     def __post_init__(self):
-        if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
+        if (
+            isinstance(self.learning_rate, bool)
+            or not isinstance(self.learning_rate, numbers.Real)
+            or not math.isfinite(self.learning_rate)
+            or self.learning_rate <= 0
+        ):
             raise ConfigError(
                 f"learning_rate must be finite and > 0, got {self.learning_rate}; pass a value "
                 f"such as --learning_rate 3e-3"
             )
-        for field in ("steps", "batch_size", "seq_len", "log_every", "eval_batches"):
-            if getattr(self, field) < 1:
-                raise ConfigError(f"{field} must be >= 1, got {getattr(self, field)}")
-        for field in ("warmup_steps", "max_bad_steps"):
-            if getattr(self, field) < 0:
-                raise ConfigError(f"{field} must be >= 0, got {getattr(self, field)}")
+        lows = {"steps": 1, "batch_size": 1, "seq_len": 1, "log_every": 1, "eval_batches": 1,
+                "warmup_steps": 0, "max_bad_steps": 0}
+        for field, low in lows.items():
+            value = getattr(self, field)
+            if not is_int(value):
+                raise ConfigError(f"{field} must be an integer, got {value!r}")
+            if value < low:
+                raise ConfigError(f"{field} must be >= {low}, got {value}")
+        check_float("min_lr_ratio", self.min_lr_ratio, 0.0)
+        check_float("weight_decay", self.weight_decay, 0.0)
+        check_float("grad_clip", self.grad_clip, 0.0, low_ok=False)
+        check_seed(self.seed)
 
 
 @flax.struct.dataclass
@@ -62,12 +81,12 @@ class TrainState:
 
 
 def lr_schedule(tcfg: TrainConfig) -> optax.Schedule:
-    warmup = min(tcfg.warmup_steps, max(tcfg.steps - 1, 0))
+    warmup = max(min(tcfg.warmup_steps, tcfg.steps - 1), 1)
     return optax.warmup_cosine_decay_schedule(
         0.0,
         tcfg.learning_rate,
-        warmup_steps=max(warmup, 1),
-        decay_steps=max(tcfg.steps, warmup + 1),
+        warmup_steps=warmup,
+        decay_steps=max(tcfg.steps, warmup + 1),  # optax needs a decay after the warmup
         end_value=tcfg.learning_rate * tcfg.min_lr_ratio,
     )
 
