@@ -87,10 +87,11 @@ def main(argv):
     from jaxpipe.checkpoint import load_params
     from jaxpipe.config import ConfigError
     from jaxpipe.data import decode, encode
+    from jaxpipe.workdir import check_run_dir
 
     del argv
     try:
-        cfg, params = load_params(_F.workdir, _F.step)
+        cfg, params = load_params(check_run_dir(_F.workdir), _F.step)
         ids = generate(cfg, params, encode(_F.prompt), _F.max_new_tokens, _F.temperature, _F.seed)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
