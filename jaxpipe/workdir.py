@@ -100,6 +100,18 @@ def _check_contents(p: Path) -> None:
         entries = sorted(e.name for e in p.iterdir())
     except OSError as e:
         raise _fail(f"cannot list --workdir {p}: {e.strerror}") from None
+    for name in (LOCK_NAME, *RUN_FILES):
+        f = p / name
+        if f.is_symlink() and not f.exists():
+            raise _fail(f"{f} is a dangling symlink", "remove it or pass another --workdir")
+        if f.exists() and not f.is_file():
+            raise _fail(f"{f} is not a regular file", "remove it or pass another --workdir")
+        if f.exists() and not os.access(f, os.R_OK | os.W_OK):
+            raise _fail(f"{f} is not writable by this user",
+                        "fix its permissions or pass another --workdir")
+    ckpt = p / CKPT_DIR
+    if ckpt.exists() and not ckpt.is_dir():
+        raise _fail(f"{ckpt} is not a directory", "remove it or pass another --workdir")
     if entries and not is_run_dir(p):
         shown = ", ".join(repr(n) for n in entries[:3]) + (", ..." if len(entries) > 3 else "")
         raise _fail(
@@ -107,18 +119,6 @@ def _check_contents(p: Path) -> None:
             f"a run would overwrite them",
             "pass a new or empty directory, or a previous run's workdir to resume it",
         )
-    for name in RUN_FILES:
-        f = p / name
-        if f.is_symlink() and not f.exists():
-            raise _fail(f"{f} is a dangling symlink; remove it", "or pass another --workdir")
-        if f.exists() and not f.is_file():
-            raise _fail(f"{f} is not a regular file; remove it", "or pass another --workdir")
-        if f.exists() and not os.access(f, os.R_OK | os.W_OK):
-            raise _fail(f"{f} is not writable by this user; fix its permissions",
-                        "or pass another --workdir")
-    ckpt = p / CKPT_DIR
-    if ckpt.exists() and not ckpt.is_dir():
-        raise _fail(f"{ckpt} is not a directory; remove it", "or pass another --workdir")
 
 
 def check_workdir(path: str | Path) -> Path:
@@ -127,10 +127,10 @@ def check_workdir(path: str | Path) -> Path:
     Cheap (no JAX work): call it before device set-up and planning. Raises ConfigError.
     """
     p = _check_name(path)
-    _check_kind(p)
     try:
+        _check_kind(p)
         p.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
+    except OSError as e:  # e.g. a name too long, a parent that cannot be listed, a full disk
         raise _fail(f"cannot create --workdir {p}: {e.strerror}") from None
     if not os.access(p, os.R_OK | os.W_OK | os.X_OK):
         raise _fail(f"--workdir {p} is not writable by this user",
