@@ -117,8 +117,7 @@ def _run(argv, initial, held):
     if jax.config.jax_platforms == "cpu":
         jax.config.update("jax_num_cpu_devices", max(n_dev, 1))
     initialize_distributed(_F.coordinator, _F.num_processes, _F.process_id)
-    if (lock := hold_workdir(workdir)) is not None:
-        held.callback(lock.release)
+    held.enter_context(hold_workdir(workdir))  # process 0 locks it; all agree on the outcome
 
     from jaxpipe import PipelineConfig, TrainConfig, Trainer, get_preset
     from jaxpipe.checkpoint import train_resumable

@@ -17,6 +17,7 @@ from jaxpipe.pipeline import Pipeline
 from jaxpipe.report import Plan
 from jaxpipe.schedule import ScheduleTable, build_table
 from jaxpipe.train import TrainConfig, Trainer, TrainState, train
+from jaxpipe.workdir import WorkdirBusy, check_workdir, hold_workdir, lock_workdir
 
 __all__ = [
     "Checkpoints",
@@ -43,4 +44,8 @@ __all__ = [
     "Trainer",
     "TrainState",
     "train",
+    "WorkdirBusy",
+    "check_workdir",
+    "hold_workdir",
+    "lock_workdir",
 ]

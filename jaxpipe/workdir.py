@@ -17,6 +17,7 @@ collective, so either all of them train or all of them stop with the same error.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -24,6 +25,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -288,19 +290,25 @@ def _broadcast_text(text: str, size: int = 2048) -> str:
     return got[4 : 4 + n].tobytes().decode("utf-8", "replace")
 
 
-def hold_workdir(workdir: str | Path) -> WorkdirLock | None:
-    """Locks the workdir for a run of any number of processes: process 0 holds the lock
-    (returned; None elsewhere), and all processes raise the same ConfigError if it could not.
-    A collective when there are several processes: call it in every process."""
+@contextlib.contextmanager
+def hold_workdir(workdir: str | Path) -> Iterator[WorkdirLock | None]:
+    """Holds the workdir for a run of any number of processes, until the block ends: process 0
+    holds the lock (yielded; None elsewhere), and every process raises the same ConfigError on
+    entry if it could not. A collective when there are several processes: enter it in each."""
     if jax.process_count() == 1:
-        return lock_workdir(workdir)
-    lock, error = None, ""
-    if jax.process_index() == 0:
-        try:
-            lock = lock_workdir(workdir)
-        except ConfigError as e:
-            error = str(e)
-    error = _broadcast_text(error)
-    if error:
-        raise ConfigError(error if jax.process_index() == 0 else f"process 0: {error}")
-    return lock
+        lock = lock_workdir(workdir)
+    else:
+        lock, error = None, ""
+        if jax.process_index() == 0:
+            try:
+                lock = lock_workdir(workdir)
+            except ConfigError as e:
+                error = str(e)
+        error = _broadcast_text(error)
+        if error:
+            raise ConfigError(error if jax.process_index() == 0 else f"process 0: {error}")
+    try:
+        yield lock
+    finally:
+        if lock is not None:
+            lock.release()

@@ -192,7 +192,12 @@ def test_lock_records_holder_and_refuses_a_second_holder(tmp_path):
             W.lock_workdir(tmp_path)  # a second open file: flock refuses it as for a process
         assert lock.held
     assert (tmp_path / W.LOCK_NAME).read_text() == ""  # released: marked as ended
-    W.lock_workdir(tmp_path).release()
+    with W.hold_workdir(tmp_path) as lock:  # the form runs use (one process here)
+        assert lock.held
+        with pytest.raises(W.WorkdirBusy, match="wait for it to finish, stop it, or pass"):
+            with W.hold_workdir(tmp_path):
+                pass
+    assert not lock.held
 
 
 def test_lock_left_by_a_dead_process_is_taken_over(tmp_path, capsys):
