@@ -20,6 +20,9 @@ loss.png and WORKDIR/checkpoints/<step> every --checkpoint_every steps (the last
 checkpoint, at any pipeline shape; its losses equal those of an uninterrupted run. With
 several processes (experiments/launch_local.py) process 0 writes these files, all processes
 save and restore the checkpoints together, and a run resumes with any number of processes.
+The workdir is checked before any device set-up (a file, an unwritable path or a directory of
+unrelated files is refused) and locked for the whole run (WORKDIR/.jaxpipe.lock, held by process
+0): a second run on it stops at once, naming the first one's pid and host.
 
 A bad flag prints `error: <what to change>` and exits with status 2; training stopped by
 non-finite losses prints `error: ...` and exits with status 3.
