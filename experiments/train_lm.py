@@ -20,6 +20,9 @@ loss.png and WORKDIR/checkpoints/<step> every --checkpoint_every steps (the last
 checkpoint, at any pipeline shape; its losses equal those of an uninterrupted run. With
 several processes (experiments/launch_local.py) process 0 writes these files, all processes
 save and restore the checkpoints together, and a run resumes with any number of processes.
+The workdir is checked before any device set-up (a file, an unwritable path or a directory of
+unrelated files is refused) and locked for the whole run (WORKDIR/.jaxpipe.lock, held by process
+0): a second run on it stops at once, naming the first one's pid and host.
 
 A bad flag prints `error: <what to change>` and exits with status 2; training stopped by
 non-finite losses prints `error: ...` and exits with status 3.
@@ -27,11 +30,11 @@ non-finite losses prints `error: ...` and exits with status 3.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import sys
-from pathlib import Path
 
 from absl import app, flags, logging
 
@@ -95,7 +98,12 @@ def main(argv, initial=None):
 
 def run(argv, initial=None):
     """The training job; `initial()`, when given, returns (ModelConfig, canonical params) to
-    start from instead of the --model preset and the seed."""
+    start from instead of the --model preset and the seed. The workdir is locked throughout."""
+    with contextlib.ExitStack() as held:
+        _run(argv, initial, held)
+
+
+def _run(argv, initial, held):
     if len(argv) > 1:
         from jaxpipe.config import ConfigError
 
@@ -103,12 +111,16 @@ def run(argv, initial=None):
     import jax
 
     from jaxpipe.mesh import initialize_distributed
+    from jaxpipe.workdir import check_same_model, check_workdir, hold_workdir, write_text
+
+    workdir = check_workdir(_F.workdir)  # before any device set-up or planning
 
     num_processes = _F.num_processes or int(os.environ.get("JAXPIPE_NUM_PROCESSES") or 1)
     n_dev = _F.devices or _F.data_parallel * _F.num_stages * _F.tensor_parallel // num_processes
     if jax.config.jax_platforms == "cpu":
         jax.config.update("jax_num_cpu_devices", max(n_dev, 1))
     initialize_distributed(_F.coordinator, _F.num_processes, _F.process_id)
+    held.enter_context(hold_workdir(workdir))  # process 0 locks it; all agree on the outcome
 
     from jaxpipe import PipelineConfig, TrainConfig, Trainer, get_preset
     from jaxpipe.checkpoint import train_resumable
@@ -120,6 +132,7 @@ def run(argv, initial=None):
         init_params = None
     else:
         model, init_params = initial()
+    check_same_model(workdir, model)
     pcfg = PipelineConfig(
         num_stages=_F.num_stages,
         num_microbatches=_F.num_microbatches,
@@ -143,18 +156,18 @@ def run(argv, initial=None):
     )
     print(f"process {jax.process_index()}/{jax.process_count()} devices: {jax.devices()}")
     data = load_data(_F.data)
+    data.check(tcfg.seq_len)
     inside = pcfg.embed_head == "inside"
     plan = make_plan(model, pcfg, _F.partition, batch_size=tcfg.batch_size, seq_len=tcfg.seq_len,
                      device=_F.device_profile, embed_in_first=inside, head_in_last=inside)
     print(plan.table())
-    workdir = Path(_F.workdir)
     if _F.check_balance:
         _check_balance(model, pcfg, tcfg, plan)
     trainer = Trainer.create(model, pcfg, tcfg, layout=plan.layout)
     if jax.process_index() == 0:  # one process writes the workdir's files
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "plan.json").write_text(plan.to_json())
-        (workdir / "config.json").write_text(
+        write_text(workdir / "plan.json", plan.to_json())
+        write_text(
+            workdir / "config.json",
             json.dumps(
                 {
                     "model": dataclasses.asdict(model),

@@ -18,6 +18,7 @@ from jaxpipe.report import Plan
 from jaxpipe.sampling import generate
 from jaxpipe.schedule import ScheduleTable, build_table
 from jaxpipe.train import TrainConfig, Trainer, TrainState, train
+from jaxpipe.workdir import WorkdirBusy, check_workdir, hold_workdir, lock_workdir
 
 __all__ = [
     "Checkpoints",
@@ -45,4 +46,8 @@ __all__ = [
     "Trainer",
     "TrainState",
     "train",
+    "WorkdirBusy",
+    "check_workdir",
+    "hold_workdir",
+    "lock_workdir",
 ]

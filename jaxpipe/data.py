@@ -40,14 +40,24 @@ class TokenData:
     def split(self) -> int:
         return int(len(self.tokens) * (1 - self.eval_fraction))
 
-    def batch(self, step: int, batch_size: int, seq_len: int, seed: int, split: str = "train"):
-        """Windows [batch_size, seq_len + 1] for `step`; a pure function of its arguments."""
+    def check(self, seq_len: int) -> None:
+        """Raises ConfigError unless both splits hold a window of seq_len + 1 tokens (call it
+        before training: the eval split is first read after the last step)."""
+        for split in ("train", "eval"):
+            self._bounds(split, seq_len)
+
+    def _bounds(self, split: str, seq_len: int) -> tuple[int, int]:
         lo, hi = (0, self.split) if split == "train" else (self.split, len(self.tokens))
         if hi - lo < seq_len + 2:
             raise ConfigError(
                 f"{split} data from {self.source} has {hi - lo} tokens, fewer than seq_len + 2 ="
                 f" {seq_len + 2}; use more data or a shorter --seq_len"
             )
+        return lo, hi
+
+    def batch(self, step: int, batch_size: int, seq_len: int, seed: int, split: str = "train"):
+        """Windows [batch_size, seq_len + 1] for `step`; a pure function of its arguments."""
+        lo, hi = self._bounds(split, seq_len)
         rng = np.random.default_rng([seed, step, 0 if split == "train" else 1])
         starts = rng.integers(lo, hi - seq_len - 1, size=batch_size)
         return np.stack([self.tokens[s : s + seq_len + 1] for s in starts]).astype(np.int32)
@@ -174,6 +184,7 @@ def load_data(path: str | None = None, max_bytes: int = 8 << 20) -> TokenData:
     if not isinstance(path, (str, Path)) or not str(path):
         raise ConfigError(f"--data must name a file or directory, got {path!r}")
     p = Path(path)
+    _check_kind(p)
     if not p.exists():
         raise ConfigError(f"--data {path!r} does not exist; give a text file, a directory, or "
                           f"a .npy/.bin file of token ids")
@@ -203,6 +214,13 @@ def load_data(path: str | None = None, max_bytes: int = 8 << 20) -> TokenData:
     else:
         files = [p]
     return _checked(TokenData(_read_text_files(files, max_bytes), BYTE_VOCAB, str(p)))
+
+
+def _check_kind(p: Path) -> None:
+    """Only regular files and directories: a FIFO or device would block or never end."""
+    if p.exists() and not (p.is_file() or p.is_dir()):
+        raise ConfigError(f"--data {str(p)!r} is not a regular file or a directory (a FIFO, "
+                          f"socket or device); save the tokens or text to a file first")
 
 
 def _checked(data: TokenData) -> TokenData:

@@ -11,29 +11,55 @@ benchmarks). Greedy output is the same token for token.
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxpipe import model as M
-from jaxpipe.config import ConfigError, ModelConfig
+from jaxpipe.config import ConfigError, ModelConfig, check_seed, is_int
 
 
-def _check(cfg: ModelConfig, n: int, max_new_tokens: int, temperature: float, top_k: int):
+def check_sampling(max_new_tokens, temperature, seed, top_k=0) -> None:
+    """ConfigError naming the setting when a sampling option cannot work."""
+    if not is_int(max_new_tokens) or max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, numbers.Real)
+        or not math.isfinite(temperature)
+        or temperature < 0
+    ):
+        raise ConfigError(f"temperature must be finite and >= 0 (0: greedy), got {temperature!r}")
+    check_seed(seed)
+    if not is_int(top_k) or top_k < 0:
+        raise ConfigError(f"top_k must be >= 0 (0: no limit), got {top_k!r}")
+
+
+def check_prompt(cfg: ModelConfig, prompt_ids, max_new_tokens: int, top_k: int = 0) -> int:
+    """How many ids follow the prompt (max_new_tokens, capped at the model's positions), or
+    ConfigError when the prompt or top_k cannot work with this model."""
+    n = len(prompt_ids)
     if n < 1 or n >= cfg.max_seq_len:
         raise ConfigError(
             f"the prompt is {n} tokens; it must be 1 to {cfg.max_seq_len - 1} (the model has "
             f"{cfg.max_seq_len} positions); shorten --prompt"
         )
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
-    if not np.isfinite(temperature) or temperature < 0:
-        raise ConfigError(f"temperature must be finite and >= 0 (0: greedy), got {temperature}")
-    if not isinstance(top_k, (int, np.integer)) or not 0 <= top_k <= cfg.vocab_size:
+    top = int(np.max(prompt_ids))
+    if top >= cfg.vocab_size or int(np.min(prompt_ids)) < 0:
         raise ConfigError(
-            f"top_k must be 0 (off) to the vocabulary size {cfg.vocab_size}, got {top_k}"
+            f"the prompt holds token id {top} but the model's vocabulary has ids 0 to "
+            f"{cfg.vocab_size - 1}; --prompt is encoded as UTF-8 bytes, so use characters whose "
+            f"bytes are below {cfg.vocab_size}"
         )
+    if top_k > cfg.vocab_size:
+        raise ConfigError(
+            f"top_k {top_k} exceeds the model's vocabulary of {cfg.vocab_size} ids; pass "
+            f"--top_k <= {cfg.vocab_size}, or 0 for no limit"
+        )
+    return min(max_new_tokens, cfg.max_seq_len - n)
 
 
 def _pick(logits_V, temperature, top_k, key):
@@ -90,10 +116,11 @@ def generate(
       top_k: sample among the k most likely tokens only (0: all).
       seed: the sampling seed; token i draws from fold_in(key(seed), i).
     """
-    prompt = np.asarray(prompt_ids, np.int32).reshape(-1)
+    prompt = np.asarray(prompt_ids, np.int64).reshape(-1)
+    check_sampling(max_new_tokens, temperature, seed, top_k)
     n = len(prompt)
-    _check(cfg, n, max_new_tokens, temperature, top_k)
-    end = min(cfg.max_seq_len, n + max_new_tokens)
+    end = n + check_prompt(cfg, prompt, max_new_tokens, top_k)
+    prompt = prompt.astype(np.int32)
     logits, cache = _prefill(cfg, params, jnp.asarray(prompt)[None])
     buf = jnp.zeros((cfg.max_seq_len,), jnp.int32)
     out = _decode(
@@ -134,10 +161,11 @@ def generate_uncached(
 ) -> np.ndarray:
     """`generate` without a cache: every token re-runs the model over all max_seq_len positions
     (causal attention keeps the unused tail out of the result)."""
-    prompt = np.asarray(prompt_ids, np.int32).reshape(-1)
+    prompt = np.asarray(prompt_ids, np.int64).reshape(-1)
+    check_sampling(max_new_tokens, temperature, seed, top_k)
     n = len(prompt)
-    _check(cfg, n, max_new_tokens, temperature, top_k)
-    end = min(cfg.max_seq_len, n + max_new_tokens)
+    end = n + check_prompt(cfg, prompt, max_new_tokens, top_k)
+    prompt = prompt.astype(np.int32)
     buf = np.zeros((1, cfg.max_seq_len), np.int32)
     buf[0, :n] = prompt
     out = _uncached(

@@ -231,6 +231,7 @@ def train(
             f"data has token ids up to {data.vocab_size - 1} but the model's vocab_size is "
             f"{pipe.model.vocab_size}; pass --vocab_size >= {data.vocab_size}"
         )
+    data.check(tcfg.seq_len)  # the eval split too: it is first read after the last step
     workdir = Path(workdir) if workdir and jax.process_index() == 0 else None  # process 0 writes
     if workdir:
         workdir.mkdir(parents=True, exist_ok=True)

@@ -479,19 +479,21 @@ def test_sample_corrupt_explicit_step(sample_workdir, sample_main, tmp_path):
 
 def test_top_k_one_is_greedy_and_top_k_vocab_is_plain_sampling(sample_workdir):
     from experiments import sample
+    from jaxpipe import sampling
 
     cfg, params = sample.load(str(sample_workdir), None)
     prompt = np.array([1, 2, 3])
-    greedy = sample.generate(cfg, params, prompt, 8, temperature=0.0)
-    hot = sample.generate(cfg, params, prompt, 8, temperature=5.0, seed=3)
+    greedy = sampling.generate(cfg, params, prompt, 8, temperature=0.0)
+    compiled = sampling._decode._cache_size()
+    hot = sampling.generate(cfg, params, prompt, 8, temperature=5.0, seed=3)
     assert not np.array_equal(hot, greedy)  # a hot sample wanders off the greedy path
     np.testing.assert_array_equal(
-        sample.generate(cfg, params, prompt, 8, temperature=5.0, seed=3, top_k=1), greedy
+        sampling.generate(cfg, params, prompt, 8, temperature=5.0, seed=3, top_k=1), greedy
     )
     np.testing.assert_array_equal(
-        sample.generate(cfg, params, prompt, 8, temperature=5.0, seed=3, top_k=100), hot
+        sampling.generate(cfg, params, prompt, 8, temperature=5.0, seed=3, top_k=100), hot
     )
-    assert sample._sampler(cfg)._cache_size() == 1  # top_k does not recompile
+    assert sampling._decode._cache_size() == compiled  # top_k and temperature do not recompile
 
 
 def test_sample_caps_tokens_with_a_warning(sample_workdir, sample_main):

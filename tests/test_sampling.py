@@ -74,12 +74,14 @@ def test_pick_top_k_only_draws_among_the_k_largest():
     [
         (dict(prompt_ids=[], max_new_tokens=4), "the prompt is 0 tokens"),
         (dict(prompt_ids=[1] * 32, max_new_tokens=4), "the prompt is 32 tokens"),
-        (dict(prompt_ids=[1], max_new_tokens=0), "max_new_tokens must be a positive"),
-        (dict(prompt_ids=[1], max_new_tokens=-5), "max_new_tokens must be a positive"),
+        (dict(prompt_ids=[1], max_new_tokens=0), "max_new_tokens must be >= 1"),
+        (dict(prompt_ids=[1], max_new_tokens=-5), "max_new_tokens must be >= 1"),
+        (dict(prompt_ids=[1], max_new_tokens=4, seed=-1), "seed must be an integer from 0"),
+        (dict(prompt_ids=[300], max_new_tokens=4), "the prompt holds token id 300"),
         (dict(prompt_ids=[1], max_new_tokens=4, temperature=float("nan")), "temperature"),
         (dict(prompt_ids=[1], max_new_tokens=4, temperature=-1.0), "temperature"),
-        (dict(prompt_ids=[1], max_new_tokens=4, top_k=-1), "top_k must be 0"),
-        (dict(prompt_ids=[1], max_new_tokens=4, top_k=257), "top_k must be 0"),
+        (dict(prompt_ids=[1], max_new_tokens=4, top_k=-1), "top_k must be >= 0"),
+        (dict(prompt_ids=[1], max_new_tokens=4, top_k=257), "top_k 257 exceeds"),
     ],
 )
 def test_bad_generation_arguments(kwargs, match):
