@@ -120,7 +120,6 @@ def _run(argv, initial, held):
     if jax.config.jax_platforms == "cpu":
         jax.config.update("jax_num_cpu_devices", max(n_dev, 1))
     initialize_distributed(_F.coordinator, _F.num_processes, _F.process_id)
-    held.enter_context(hold_workdir(workdir))  # process 0 locks it; all agree on the outcome
 
     from jaxpipe import PipelineConfig, TrainConfig, Trainer, get_preset
     from jaxpipe.checkpoint import train_resumable
@@ -132,7 +131,6 @@ def _run(argv, initial, held):
         init_params = None
     else:
         model, init_params = initial()
-    check_same_model(workdir, model)
     pcfg = PipelineConfig(
         num_stages=_F.num_stages,
         num_microbatches=_F.num_microbatches,
@@ -154,6 +152,9 @@ def _run(argv, initial, held):
         log_every=_F.log_every,
         max_bad_steps=0 if _F.stop_on_nonfinite else _F.max_bad_steps,
     )
+    # Configs are checked before the workdir is touched; then process 0 locks it (all agree).
+    held.enter_context(hold_workdir(workdir))
+    check_same_model(workdir, model)
     print(f"process {jax.process_index()}/{jax.process_count()} devices: {jax.devices()}")
     data = load_data(_F.data)
     data.check(tcfg.seq_len)

@@ -259,7 +259,7 @@ def test_data_that_is_not_a_file(tmp_path):
         with pytest.raises(ConfigError, match="is not a regular file or a directory"):
             load_data(str(path))
     _touch(tmp_path / "d" / "ids.bin")  # a directory without text files
-    with pytest.raises(ConfigError, match="holds no tokens"):
+    with pytest.raises(ConfigError, match="is a directory with no text files"):
         load_data(str(tmp_path / "d"))
 
 
