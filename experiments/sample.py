@@ -22,13 +22,16 @@ import numpy as np
 from absl import app, flags, logging
 
 _F = flags.FLAGS
-flags.DEFINE_string("workdir", "runs/train_lm", "Training workdir holding checkpoints/.")
+# --workdir and --seed mean the same as train_lm.py's (same defaults): either definition may
+# stand when both scripts are imported into one process (the tests do).
+flags.DEFINE_string("workdir", "runs/train_lm", "Training workdir holding checkpoints/.",
+                    allow_override=True)
 flags.DEFINE_string("prompt", "def ", "Text to continue.")
 flags.DEFINE_integer("max_new_tokens", 64, "Bytes to generate (capped, with a warning, by the "
                      "model's positions).")
 flags.DEFINE_float("temperature", 0.8, "0: greedy; > 0: sampling temperature.")
 flags.DEFINE_integer("top_k", 0, "Sample from the k most likely tokens only (0: all).")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_integer("seed", 0, "Sampling seed.", allow_override=True)
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest good one).")
 
 
