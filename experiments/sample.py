@@ -20,7 +20,7 @@ import os
 import sys
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 _F = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/train_lm", "Training workdir holding checkpoints/.")
@@ -99,4 +99,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before jaxpipe imports jax
+    from jaxpipe.cli import run_app
+
+    run_app(main)
