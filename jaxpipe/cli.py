@@ -31,7 +31,11 @@ def fail(message: str) -> NoReturn:
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with the shared contract: a parse error is one `error:` line and status 2
-    (plain argparse prints the whole usage block and `prog: error: ...` first)."""
+    (plain argparse prints the whole usage block and `prog: error: ...` first). Flags are
+    spelled in full, as absl wants them: `--stage` is not taken for `--stages`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         fail(f"{message}; see {self.prog} --help")
