@@ -417,11 +417,23 @@ def test_reachable_coordinator_passes_the_check():
             r"initialization timeout \(JAXPIPE_INIT_TIMEOUT\) must be > 0 seconds, got 0",
         ),
         (
+            lambda: initialize_distributed("127.0.0.1:1234", 2, 1, heartbeat_timeout_s=0),
+            r"heartbeat timeout \(JAXPIPE_HEARTBEAT_TIMEOUT\) must be > 0 seconds, got 0",
+        ),
+        (
             lambda: initialize_distributed("127.0.0.1:1234", 2, 2),
             r"process_id 2 must be in \[0, 2\)",
         ),
     ],
-    ids=["no port", "port out of range", "no host", "unknown host", "zero timeout", "bad id"],
+    ids=[
+        "no port",
+        "port out of range",
+        "no host",
+        "unknown host",
+        "zero timeout",
+        "zero heartbeat",
+        "bad id",
+    ],
 )
 def test_coordinator_settings_are_checked(call, pattern):
     with pytest.raises(ConfigError, match=pattern):
