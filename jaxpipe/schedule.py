@@ -351,8 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", type=int, default=4)
     parser.add_argument("--microbatches", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--ascii", action="store_true", help="print the grid (default when "
-                        f"neither --png nor --trace is given and it has <= {MAX_GRID_TICKS} ticks)")
+    parser.add_argument(
+        "--ascii",
+        action="store_true",
+        help=f"print the grid (the default without --png / --trace, up to {MAX_GRID_TICKS} ticks)",
+    )
     parser.add_argument("--png", help=f"write a Gantt chart here (*.png, <= {MAX_CHART_OPS} ops)")
     parser.add_argument("--trace", help="write a Chrome-trace JSON (Perfetto) here")
     args = parser.parse_args(argv)
@@ -385,8 +388,8 @@ def _run_cli(args) -> None:
         print(viz.ascii_chart(table))
     elif not (args.png or args.trace):
         print(f"grid of {table.num_ticks} ticks not printed (over {MAX_GRID_TICKS}); pass --ascii")
-    for flag, path, write in (("--png", args.png, viz.gantt_png), ("--trace", args.trace,
-                                                                     viz.chrome_trace)):
+    outputs = (("--png", args.png, viz.gantt_png), ("--trace", args.trace, viz.chrome_trace))
+    for flag, path, write in outputs:
         if path is None:
             continue
         try:
