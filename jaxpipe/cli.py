@@ -41,13 +41,23 @@ class ArgumentParser(argparse.ArgumentParser):
         fail(f"{message}; see {self.prog} --help")
 
 
+PIPE_CLOSED = 141  # the shell's status of a process ended by SIGPIPE
+
+
 def guard(body: Callable[[], int | None]) -> int:
-    """Runs a CLI body; a `ConfigError` becomes `error: ...` and status 2, else its status."""
+    """Runs a CLI body; a `ConfigError` becomes `error: ...` and status 2, else its status.
+
+    Output piped into a reader that stops early (`| head`) ends the tool quietly with status
+    141, as SIGPIPE ends other command-line tools, instead of a BrokenPipeError traceback.
+    """
     try:
         return body() or 0
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return USAGE_ERROR
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return PIPE_CLOSED
 
 
 def parse_absl_flags(argv: list[str]) -> list[str]:

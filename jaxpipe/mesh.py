@@ -178,12 +178,20 @@ def initialize_distributed(
         if process_id != 0:
             wait_for_coordinator(coordinator, init_timeout_s)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator,
-        num_processes=num_processes,
-        process_id=process_id,
-        heartbeat_timeout_seconds=heartbeat_timeout_s,
-        initialization_timeout=int(math.ceil(init_timeout_s)),
-        shutdown_timeout_seconds=max(10, heartbeat_timeout_s),
-    )
+    try:
+        jax.distributed.initialize(
+            coordinator,
+            num_processes=num_processes,
+            process_id=process_id,
+            heartbeat_timeout_seconds=heartbeat_timeout_s,
+            initialization_timeout=int(math.ceil(init_timeout_s)),
+            shutdown_timeout_seconds=max(10, heartbeat_timeout_s),
+        )
+    except ValueError as e:  # raised before connecting: JAX's cluster detection found nothing
+        if not auto:
+            raise
+        raise ConfigError(
+            f"--coordinator auto: JAX detected no cluster environment here ({e}); pass "
+            f"--coordinator host:port --num_processes N --process_id I instead"
+        ) from None
     return True

@@ -333,6 +333,11 @@ def test_guard_maps_config_error_to_2(capsys):
     assert cli.guard(lambda: None) == 0 and cli.guard(lambda: 3) == 3
 
 
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAXPIPE_", "SLURM_"))}
+    return {**env, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", **extra}
+
+
 def _script(*args, env=None, timeout=120):
     return subprocess.run(
         [sys.executable, *args],
@@ -340,7 +345,7 @@ def _script(*args, env=None, timeout=120):
         text=True,
         timeout=timeout,
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", **(env or {})},
+        env=_env(**(env or {})),
     )
 
 
@@ -393,6 +398,32 @@ def test_unreachable_coordinator_from_train_lm_exits_2_in_seconds():
     )
     assert "Check failure" not in out.stderr
     assert time.monotonic() - start < 30
+
+
+def test_auto_coordinator_outside_a_cluster_exits_2():
+    out = _script("experiments/train_lm.py", "--model=tiny", "--coordinator=auto")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1].startswith(
+        "error: --coordinator auto: JAX detected no cluster environment here"
+    )
+    assert "Traceback" not in out.stderr
+
+
+def test_output_closed_early_is_quiet():
+    # `python -m jaxpipe.schedule ... | head -1`: the reader goes away mid-grid.
+    argv = ["-m", "jaxpipe.schedule", "--stages", "8", "--microbatches", "2000", "--ascii"]
+    proc = subprocess.Popen(
+        [sys.executable, *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        env=_env(),
+    )
+    assert proc.stdout.readline().startswith(b"1f1b: S=8 M=2000")
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == cli.PIPE_CLOSED
+    assert "Traceback" not in err and "BrokenPipeError" not in err
 
 
 def test_reachable_coordinator_passes_the_check():
