@@ -5,6 +5,8 @@ JAXPIPE_PROCESS_ID, and `--devices=D`; together they form one mesh of N x D devi
 through gloo collectives. Process 0's output is streamed here; the others' goes to
 LOG_DIR/process_<i>.log. If any process exits non-zero, the rest are killed and this script
 exits with that code (the bounded-time guarantee does not depend on JAX noticing the loss).
+Ctrl-C sends SIGTERM to every process, gives them 30 s to save and exit, kills the rest, and
+exits with status 130. Bad launcher flags print `error: ...` and exit with status 2.
 
 Run (pipe = 4 spanning 2 processes of 2 devices each; about 1 minute on 2 cores):
 
@@ -32,6 +34,7 @@ from jaxpipe.config import ConfigError
 
 TRAIN_LM = Path(__file__).resolve().parent / "train_lm.py"
 MAX_PROCESSES = 64  # one Python + JAX runtime each, on this one machine
+INTERRUPT_GRACE_S = 30.0  # on Ctrl-C, time the processes get to save and exit after SIGTERM
 
 
 def free_port() -> int:
@@ -107,6 +110,14 @@ def launch(
                 code = 124
                 break
             time.sleep(0.2)
+    except KeyboardInterrupt:
+        print(
+            f"interrupted; stopping all processes (SIGTERM, then SIGKILL after "
+            f"{INTERRUPT_GRACE_S:.0f}s; Ctrl-C again to kill them now)",
+            file=sys.stderr,
+            flush=True,
+        )
+        grace_s, code = max(grace_s, INTERRUPT_GRACE_S), 130
     finally:
         _stop(procs, grace_s)
         for f in logs:
@@ -138,16 +149,24 @@ def check_launch(
 
 
 def _stop(procs, grace_s: float) -> None:
+    """SIGTERM to the processes still running; SIGKILL to those alive after `grace_s` (or at
+    once on Ctrl-C)."""
     for p in procs:
         if p.poll() is None:
             p.terminate()
     end = time.monotonic() + grace_s
+    try:
+        for p in procs:
+            try:
+                p.wait(timeout=max(end - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                p.kill()
+    except KeyboardInterrupt:
+        pass
     for p in procs:
-        try:
-            p.wait(timeout=max(end - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
+        if p.poll() is None:
             p.kill()
-            p.wait()
+        p.wait()
 
 
 def main(argv: list[str] | None = None) -> int:

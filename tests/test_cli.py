@@ -8,6 +8,7 @@ flag parsing happens before `main`.
 import importlib.util
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -257,6 +258,45 @@ def test_unwritable_png_is_refused_before_any_work(tmp_path, capsys, monkeypatch
     code, out, err = _call(schedule_cli.main, ["--png", str(tmp_path / "g.png")], capsys)
     assert code == 2 and err.startswith("error: --png") and "is not writable" in err
     assert out == ""
+
+
+def test_launcher_ctrl_c_stops_processes_cleanly(tmp_path):
+    script = tmp_path / "wait.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "def on_term(*_):\n"
+        "    time.sleep(1)  # a save in progress\n"
+        "    open(sys.argv[1] + os.environ['JAXPIPE_PROCESS_ID'], 'w').write('saved')\n"
+        "    sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, on_term)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    launcher = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "experiments" / "launch_local.py"),
+            "--num_processes=2",
+            f"--script={script}",
+            f"--log_dir={tmp_path / 'logs'}",
+            "--",
+            str(tmp_path / "saved_"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+    assert launcher.stdout.readline() == "ready\n"
+    deadline = time.monotonic() + 30
+    while "ready" not in (tmp_path / "logs" / "process_1.log").read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    launcher.send_signal(signal.SIGINT)
+    assert launcher.wait(timeout=30) == 130
+    err = launcher.stderr.read()
+    assert "interrupted; stopping all processes" in err and "Traceback" not in err
+    assert all((tmp_path / f"saved_{i}").read_text() == "saved" for i in range(2))
 
 
 # -- the table-size bound in the library ----------------------------------------------------
