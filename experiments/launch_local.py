@@ -34,6 +34,7 @@ from jaxpipe.config import ConfigError
 
 TRAIN_LM = Path(__file__).resolve().parent / "train_lm.py"
 MAX_PROCESSES = 64  # one Python + JAX runtime each, on this one machine
+MAX_DEVICES_PER_PROCESS = 256  # forced CPU devices; XLA's start-up grows with their number
 INTERRUPT_GRACE_S = 30.0  # on Ctrl-C, time the processes get to save and exit after SIGTERM
 
 
@@ -138,8 +139,11 @@ def check_launch(
         raise ConfigError(
             f"--num_processes must be 1 to {MAX_PROCESSES}, got {num_processes}"
         )
-    if devices_per_process < 1:
-        raise ConfigError(f"--devices_per_process must be >= 1, got {devices_per_process}")
+    if not 1 <= devices_per_process <= MAX_DEVICES_PER_PROCESS:
+        raise ConfigError(
+            f"--devices_per_process must be 1 to {MAX_DEVICES_PER_PROCESS}, got "
+            f"{devices_per_process}"
+        )
     if not Path(script).is_file():
         raise ConfigError(f"--script {str(script)!r} is not a file; give a Python script")
     if log_dir is not None and Path(log_dir).exists() and not Path(log_dir).is_dir():

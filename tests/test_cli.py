@@ -183,7 +183,12 @@ CASES = {
     "launch zero devices": (
         "launch",
         "--devices_per_process 0",
-        r"--devices_per_process must be >= 1, got 0",
+        r"--devices_per_process must be 1 to 256, got 0",
+    ),
+    "launch huge device count": (
+        "launch",
+        "--devices_per_process 99999999999",
+        r"--devices_per_process must be 1 to 256, got 99999999999",
     ),
     "launch missing script": (
         "launch",
