@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from jaxpipe.config import ConfigError, ModelConfig, PipelineConfig
+from jaxpipe.config import ConfigError, ModelConfig, PipelineConfig, check_tensor_parallel
 from jaxpipe.costs import DeviceProfile, ModelCosts, get_profile, microbatch_size, model_costs
 from jaxpipe.layout import StageLayout
 from jaxpipe.report import Plan, StageReport
@@ -228,6 +228,7 @@ def make_plan(
     if method not in METHODS:
         raise ConfigError(f"unknown partition method {method!r}; choose one of {METHODS}")
     pipe_cfg.check_layers(model_cfg.num_layers)
+    check_tensor_parallel(model_cfg, pipe_cfg.tensor_parallel)  # the trainer's own check
     profile = get_profile(device, model_cfg, microbatch_size(pipe_cfg, batch_size), seq_len)
     costs = model_costs(model_cfg, pipe_cfg, batch_size=batch_size, seq_len=seq_len)
     times = None

@@ -19,7 +19,6 @@ from jaxpipe.config import (
     SCHEDULES,
     ConfigError,
     PipelineConfig,
-    check_tensor_parallel,
     get_preset,
 )
 from jaxpipe.costs import DEVICES
@@ -82,7 +81,6 @@ def run(args: argparse.Namespace):
         data_parallel=args.data_parallel,
         tensor_parallel=args.tensor_parallel,
     )
-    check_tensor_parallel(model_cfg, pipe_cfg.tensor_parallel)
     batch = args.microbatches * args.data_parallel if args.batch_size is None else args.batch_size
     seq_len = model_cfg.max_seq_len if args.seq_len is None else args.seq_len
     if seq_len < 1:

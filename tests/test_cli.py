@@ -23,6 +23,7 @@ from jaxpipe import plan as plan_cli
 from jaxpipe import schedule as schedule_cli
 from jaxpipe.config import ConfigError, PipelineConfig, check_tensor_parallel, get_preset
 from jaxpipe.mesh import initialize_distributed, split_address, wait_for_coordinator
+from jaxpipe.partition import make_plan
 from jaxpipe.schedule import MAX_TABLE_CELLS, build_table, full_table, ring_table, table_cells
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -343,6 +344,10 @@ def test_planner_and_trainer_share_the_tensor_parallel_check(capsys):
         check_tensor_parallel(get_preset("tiny"), 3)
     code, _, err = _call(plan_cli.main, ["--model", "tiny", "--tensor_parallel", "3"], capsys)
     assert code == 2 and err.strip() == f"error: {raised.value}"
+    with pytest.raises(ConfigError, match=re.escape(str(raised.value))):  # before any work
+        make_plan(
+            get_preset("tiny"), PipelineConfig(tensor_parallel=3), "cost", batch_size=1, seq_len=8
+        )
     PipelineConfig(tensor_parallel=3)  # the config alone is fine; the model decides
 
 
