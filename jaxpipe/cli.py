@@ -2,9 +2,10 @@
 
 A flag that does not parse (`--num_stages abc`, an unknown flag, a stray argument) and a value
 that cannot work (a `ConfigError`) both print `error: <what to change>` on stderr and exit with
-status 2. `--help` prints the usage and exits 0. The scripts in `experiments/` are absl apps
-(`run_app(main)` instead of `app.run(main)`); `python -m jaxpipe.plan` and `jaxpipe.schedule`
-parse with `ArgumentParser` and run their body under `guard`.
+status 2. `--help` prints the usage and exits 0. The absl scripts in `experiments/` start with
+`run_app(main)` instead of `app.run(main)`; `python -m jaxpipe.plan`, `python -m
+jaxpipe.schedule`, `launch_local.py` and the `bench_*.py` scripts parse with `ArgumentParser`
+and run their body under `guard`.
 """
 
 from __future__ import annotations
