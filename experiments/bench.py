@@ -23,7 +23,7 @@ import os
 import statistics
 import time
 
-from absl import app, flags
+from absl import flags
 
 flags.DEFINE_string("json", None, "Write the results here as well as to stdout.")
 flags.DEFINE_integer("rounds", 7, "Alternating timing rounds.")
@@ -156,8 +156,9 @@ if __name__ == "__main__":
 
     jax.config.update("jax_num_cpu_devices", 8)
     from jaxpipe import model as M
+    from jaxpipe.cli import run_app
     from jaxpipe.config import PipelineConfig, get_preset
     from jaxpipe.mesh import make_mesh
     from jaxpipe.pipeline import Pipeline, compiler_options
 
-    app.run(main)
+    run_app(main)

@@ -20,11 +20,12 @@ calibrated on the model's own block and head, 0.126, 0.079, 0.036 for `profile`;
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
+import sys
 import time
 
+from jaxpipe import cli
 from jaxpipe.config import PipelineConfig, get_preset
 from jaxpipe.measure import measure_layer_times, measure_stage_times
 from jaxpipe.partition import build_plan, make_plan
@@ -91,13 +92,13 @@ BENCHES = {
 }
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> int:
+    ap = cli.ArgumentParser(prog="bench_partition.py")
     ap.add_argument("--only", choices=list(BENCHES), default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     names = [args.only] if args.only else list(BENCHES)
-    print(json.dumps({n: BENCHES[n]() for n in names}, indent=2))
+    return cli.guard(lambda: print(json.dumps({n: BENCHES[n]() for n in names}, indent=2)))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

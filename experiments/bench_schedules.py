@@ -23,6 +23,8 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from jaxpipe import cli  # noqa: E402 (after JAX_PLATFORMS is set)
+
 
 def bubble_checks(S: int, M: int) -> dict:
     from jaxpipe.schedule import full_table
@@ -40,7 +42,7 @@ def bubble_checks(S: int, M: int) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(prog="bench_schedules.py", description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="small")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--stages", type=int, default=4)
@@ -106,16 +108,16 @@ def measure(args) -> dict:
     }
 
 
-def main() -> None:
-    args = parser().parse_args()
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     import jax
 
     from jaxpipe.mesh import force_cpu_devices
 
     if jax.config.jax_platforms == "cpu":
         force_cpu_devices(args.stages)
-    print(json.dumps(measure(args), indent=1))
+    return cli.guard(lambda: print(json.dumps(measure(args), indent=1)))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -16,8 +16,10 @@ Checkpoints land in --workdir as for train_lm.py; export the result with
 
 from __future__ import annotations
 
+import os
+
 import train_lm
-from absl import app, flags
+from absl import flags
 
 flags.DEFINE_string("hf_checkpoint", None, "Hugging Face checkpoint directory to start from.")
 flags.mark_flag_as_required("hf_checkpoint")
@@ -46,4 +48,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before jaxpipe imports jax
+    from jaxpipe.cli import run_app
+
+    run_app(main)

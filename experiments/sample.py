@@ -19,7 +19,7 @@ import os
 import sys
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 _F = flags.FLAGS
 # --workdir and --seed mean the same as train_lm.py's (same defaults): either definition may
@@ -96,4 +96,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before jaxpipe imports jax
+    from jaxpipe.cli import run_app
+
+    run_app(main)

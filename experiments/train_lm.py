@@ -36,7 +36,7 @@ import json
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 _F = flags.FLAGS
 flags.DEFINE_string("model", "small", "Model preset (see jaxpipe.config.PRESETS).")
@@ -221,4 +221,7 @@ def _check_balance(model, pcfg, tcfg, plan):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before jaxpipe imports jax
+    from jaxpipe.cli import run_app
+
+    run_app(main)

@@ -197,6 +197,26 @@ def get_preset(name: str, **overrides) -> ModelConfig:
     return PRESETS[name].replace(**overrides)
 
 
+def check_tensor_parallel(cfg: ModelConfig, tensor: int) -> None:
+    """Raises naming the fix when heads, kv heads or MLP units do not split over `tensor`.
+
+    The one check for both the planner and the trainer (each device holds whole heads).
+    """
+    if tensor == 1:
+        return
+    for what, n in (
+        ("num_heads", cfg.num_heads),
+        ("num_kv_heads", cfg.kv_heads),
+        ("MLP hidden size d_ff", cfg.ff_dim),
+    ):
+        if n % tensor:
+            divisors = [t for t in range(1, n + 1) if n % t == 0]
+            raise ConfigError(
+                f"tensor_parallel={tensor} must divide {what}={n} of model {cfg.name!r} (each "
+                f"device holds whole heads / kv groups); use --tensor_parallel in {divisors}"
+            )
+
+
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     """How the block stack is pipelined.

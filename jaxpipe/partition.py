@@ -23,7 +23,7 @@ import math
 import numpy as np
 
 from jaxpipe import schedule
-from jaxpipe.config import ConfigError, ModelConfig, PipelineConfig
+from jaxpipe.config import ConfigError, ModelConfig, PipelineConfig, check_tensor_parallel
 from jaxpipe.costmodel import CostModel
 from jaxpipe.costs import DeviceProfile, get_profile, microbatch_size, model_costs
 from jaxpipe.layout import StageLayout
@@ -187,6 +187,7 @@ def make_plan(
     if method not in METHODS:
         raise ConfigError(f"unknown partition method {method!r}; choose one of {METHODS}")
     pipe_cfg.check_layers(model_cfg.num_layers)
+    check_tensor_parallel(model_cfg, pipe_cfg.tensor_parallel)  # the trainer's own check
     profile = get_profile(device, model_cfg, microbatch_size(pipe_cfg, batch_size), seq_len)
     costs = model_costs(model_cfg, pipe_cfg, batch_size=batch_size, seq_len=seq_len)
     times = None

@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxpipe.config import ConfigError, ModelConfig
+from jaxpipe.config import ModelConfig, check_tensor_parallel
 
 # (module, param) -> spec of the param's own dims (after the stack dims).
 _COLUMN = {"kernel": (None, "tensor"), "bias": ("tensor",)}
@@ -38,23 +38,6 @@ BLOCK_RULES: dict[str, dict[str, tuple]] = {
 
 BATCH_SPEC = P("data")
 ACTIVATION_SPEC = P("data", None, None)  # [B, T, D] inside a stage: batch on `data`
-
-
-def check_tensor_parallel(cfg: ModelConfig, tensor: int) -> None:
-    """Raises naming the fix when heads, kv heads or MLP units do not split over `tensor`."""
-    if tensor == 1:
-        return
-    for what, n in (
-        ("num_heads", cfg.num_heads),
-        ("num_kv_heads", cfg.kv_heads),
-        ("MLP hidden size d_ff", cfg.ff_dim),
-    ):
-        if n % tensor:
-            divisors = [t for t in range(1, n + 1) if n % t == 0]
-            raise ConfigError(
-                f"tensor_parallel={tensor} must divide {what}={n} of model {cfg.name!r} (each "
-                f"device holds whole heads / kv groups); use --tensor_parallel in {divisors}"
-            )
 
 
 def _key(entry) -> str | None:

@@ -12,13 +12,23 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxpipe.config import PRESETS, REMAT_MODES, SCHEDULES, ConfigError, PipelineConfig, get_preset
+from jaxpipe import cli
+from jaxpipe.config import (
+    PRESETS,
+    REMAT_MODES,
+    SCHEDULES,
+    ConfigError,
+    PipelineConfig,
+    get_preset,
+)
 from jaxpipe.costs import DEVICES
 from jaxpipe.partition import METHODS, make_plan
 
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m jaxpipe.plan", description=__doc__.split("\n")[0])
+    ap = cli.ArgumentParser(prog="python -m jaxpipe.plan", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="small", help=f"preset: {', '.join(PRESETS)}")
     ap.add_argument("--stages", type=int, default=4)
     ap.add_argument("--microbatches", type=int, default=8)
@@ -44,15 +54,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument(
         "--dtype",
         default=None,
-        help="compute dtype to cost (default: bfloat16 on accelerators, else model's)",
+        help=f"compute dtype to cost, one of {COMPUTE_DTYPES} (default: bfloat16 on "
+        "accelerators, else the model's)",
     )
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     return ap.parse_args(argv)
 
 
+def compute_dtype(name: str) -> str:
+    """`name` if the model can compute in it, else a ConfigError naming the choices."""
+    if name not in COMPUTE_DTYPES:
+        raise ConfigError(f"--dtype {name!r} is not a compute dtype; use one of {COMPUTE_DTYPES}")
+    return name
+
+
 def run(args: argparse.Namespace):
-    dtype = args.dtype or ("bfloat16" if args.device != "cpu" else None)
-    model_cfg = get_preset(args.model, dtype=dtype)
+    dtype = args.dtype if args.dtype is not None else ("bfloat16" if args.device != "cpu" else None)
+    model_cfg = get_preset(args.model, dtype=None if dtype is None else compute_dtype(dtype))
     schedule = args.schedule or ("circular" if args.repeats > 1 else "gpipe")
     pipe_cfg = PipelineConfig(
         num_stages=args.stages,
@@ -63,22 +81,23 @@ def run(args: argparse.Namespace):
         data_parallel=args.data_parallel,
         tensor_parallel=args.tensor_parallel,
     )
-    batch = args.batch_size or args.microbatches * args.data_parallel
-    seq_len = args.seq_len or model_cfg.max_seq_len
+    batch = args.microbatches * args.data_parallel if args.batch_size is None else args.batch_size
+    seq_len = model_cfg.max_seq_len if args.seq_len is None else args.seq_len
+    if seq_len < 1:
+        raise ConfigError(f"--seq_len must be >= 1, got {seq_len}")
     return make_plan(
         model_cfg, pipe_cfg, args.method, batch_size=batch, seq_len=seq_len, device=args.device
     )
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def body() -> None:
         plan = run(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(plan.to_json() if args.json else plan.table())
-    return 0
+        print(plan.to_json() if args.json else plan.table())
+
+    return cli.guard(body)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,20 @@ CLI: python -m jaxpipe.schedule --schedule 1f1b --stages 4 --microbatches 8 --as
 from __future__ import annotations
 
 import dataclasses
+import sys
+from pathlib import Path
 
 import numpy as np
 
+from jaxpipe import cli
 from jaxpipe.config import SCHEDULES, ConfigError
 
 IDLE, FWD, BWD = 0, 1, 2
+# Tables are built cell by cell in Python (about 5 us per cell on one 2-core host core: a table
+# at this bound takes about 5 s with its validation); bigger ones are refused, not built.
+MAX_TABLE_CELLS = 1_000_000
+MAX_CHART_OPS = 2_048  # the CLI's --png: matplotlib draws about 200 boxes a second
+MAX_GRID_TICKS = 400  # the CLI prints longer grids only when asked (--ascii)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -75,6 +83,7 @@ def ring_table(name: str, num_stages: int, num_microbatches: int, num_repeats: i
     with micro-batch >= M are idle.
     """
     S, M, R = num_stages, num_microbatches, num_repeats
+    check_size(name, S, M, R, ring=True)
     period = max(M, S) if R > 1 else M
     T = R * period + S - 1
     op = np.full((T, S), IDLE, np.int8)
@@ -275,13 +284,35 @@ def stash_bound(schedule: str, num_stages: int, num_microbatches: int, num_repea
 
 
 def _check_shape(schedule, S, M, R):
+    if min(S, M, R) < 1:
+        raise ConfigError(f"stages, micro-batches and repeats must be >= 1, got {S}, {M}, {R}")
     if schedule in ("gpipe", "1f1b") and R != 1:
         raise ConfigError(
             f"schedule {schedule!r} runs each stage once (num_repeats=1), got {R}; use "
             f"{'circular' if schedule == 'gpipe' else 'interleaved_1f1b'} for repeats"
         )
+    check_size(schedule, S, M, R, ring=False)
+
+
+def table_cells(S: int, M: int, R: int, ring: bool) -> int:
+    """Ticks x stages of a table: exact for a ring table, the least possible for a forward +
+    backward one (2 R M ops per stage plus the fill and the drain)."""
+    if ring:
+        return S * (R * (max(M, S) if R > 1 else M) + S - 1)
+    return S * (2 * R * M + 2 * (S - 1))
+
+
+def check_size(schedule: str, S: int, M: int, R: int, ring: bool) -> None:
+    """Refuses tables above `MAX_TABLE_CELLS` instead of spending minutes building them."""
     if min(S, M, R) < 1:
         raise ConfigError(f"stages, micro-batches and repeats must be >= 1, got {S}, {M}, {R}")
+    cells = table_cells(S, M, R, ring)
+    if cells > MAX_TABLE_CELLS:
+        raise ConfigError(
+            f"schedule {schedule!r} with {S} stages, {M} micro-batches and {R} repeats needs a "
+            f"table of {cells:,} (tick, stage) cells, over the limit of {MAX_TABLE_CELLS:,} "
+            f"(about 5 s to build); use fewer stages, micro-batches or repeats"
+        )
 
 
 def in_flight(table: ScheduleTable) -> np.ndarray:
@@ -339,35 +370,61 @@ def _fail(table: ScheduleTable, t: int, s: int, why: str):
     )
 
 
-def main(argv=None) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Print, chart or trace a schedule table.")
+def main(argv: list[str] | None = None) -> int:
+    parser = cli.ArgumentParser(
+        prog="python -m jaxpipe.schedule", description="Print, chart or trace a schedule table."
+    )
     parser.add_argument("--schedule", default="1f1b", choices=SCHEDULES)
     parser.add_argument("--stages", type=int, default=4)
     parser.add_argument("--microbatches", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--ascii", action="store_true", help="print the grid")
-    parser.add_argument("--png", help="write a Gantt chart here")
+    parser.add_argument(
+        "--ascii",
+        action="store_true",
+        help=f"print the grid (the default without --png / --trace, up to {MAX_GRID_TICKS} ticks)",
+    )
+    parser.add_argument("--png", help=f"write a Gantt chart here (*.png, <= {MAX_CHART_OPS} ops)")
     parser.add_argument("--trace", help="write a Chrome-trace JSON (Perfetto) here")
     args = parser.parse_args(argv)
-    table = full_table(args.schedule, args.stages, args.microbatches, args.repeats)
+    return cli.guard(lambda: _run_cli(args))
+
+
+def _run_cli(args) -> None:
+    from jaxpipe import viz  # viz draws tables, so it imports this module
+
+    S, M, R = args.stages, args.microbatches, args.repeats
+    _check_shape(args.schedule, S, M, R)
+    if args.png is not None:
+        cli.writable_file(args.png, "--png")
+        if Path(args.png).suffix.lower() != ".png":
+            raise ConfigError(f"--png {args.png!r} must name a .png file")
+        if 2 * S * M * R > MAX_CHART_OPS:
+            raise ConfigError(
+                f"--png draws one box per op, at most {MAX_CHART_OPS:,} (about 10 s); this table "
+                f"has {2 * S * M * R:,}; use --trace and open it in Perfetto"
+            )
+    if args.trace is not None:
+        cli.writable_file(args.trace, "--trace")
+    table = full_table(args.schedule, S, M, R)
     print(
         f"{table.name}: S={table.num_stages} M={table.num_microbatches} R={table.num_repeats} "
         f"ticks={table.num_ticks} bubble={table.bubble_fraction():.4f} "
         f"max stashed={int(in_flight(table).max())}"
     )
-    from jaxpipe import viz
-
-    if args.ascii or not (args.png or args.trace):
+    if args.ascii or (not (args.png or args.trace) and table.num_ticks <= MAX_GRID_TICKS):
         print(viz.ascii_chart(table))
-    if args.png:
-        viz.gantt_png(table, args.png)
-        print(f"wrote {args.png}")
-    if args.trace:
-        viz.chrome_trace(table, args.trace)
-        print(f"wrote {args.trace}")
+    elif not (args.png or args.trace):
+        print(f"grid of {table.num_ticks} ticks not printed (over {MAX_GRID_TICKS}); pass --ascii")
+    outputs = (("--png", args.png, viz.gantt_png), ("--trace", args.trace, viz.chrome_trace))
+    for flag, path, write in outputs:
+        if path is None:
+            continue
+        try:
+            write(table, path)
+        except OSError as e:
+            raise ConfigError(f"cannot write {flag} {path!r}: {e.strerror or e}") from None
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
