@@ -1,5 +1,13 @@
 """jaxpipe: pipeline parallelism for Flax transformers on JAX."""
 
+import warnings
+
+# `python -m jaxpipe.schedule` runs a module this package has already imported; runpy's warning
+# about it says nothing to a user of the command.
+warnings.filterwarnings(
+    "ignore", message=r"'jaxpipe\.\w+' found in sys\.modules", category=RuntimeWarning
+)
+
 from jaxpipe.checkpoint import Checkpoints, load_params, train_resumable
 from jaxpipe.config import (
     PRESETS,
