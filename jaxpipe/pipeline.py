@@ -129,10 +129,14 @@ class Pipeline:
     def blocks_forward(self, blocks_SRJ, x_BTD):
         """Runs the whole block stack, pipelined, on activations of shape [B, T, D]."""
         x_MBTD = self.microbatch(x_BTD)
+        # The input is the same on every stage; its gradient is then summed over `pipe`. With
+        # one stage that sum over a size-1 axis breaks XLA's partitioner when the batch is
+        # split over `data`, so a single stage takes the input as its own (a size-1 split).
+        x_spec = P("pipe") if self.config.num_stages == 1 else P()
         y_SMBTD = jax.shard_map(
             self._stage_program,
             mesh=self.mesh,
-            in_specs=(P("pipe"), P()),
+            in_specs=(P("pipe"), x_spec),
             out_specs=P("pipe"),
             axis_names={"pipe"},
         )(blocks_SRJ, x_MBTD)
@@ -241,7 +245,9 @@ class Pipeline:
             outer = jax.tree.map(lambda a: jax.lax.pcast(a, "pipe", to="varying"), outer)
             Mb, B, T1 = tokens_MBT1.shape
             x_MBTD = jnp.zeros((Mb, B, T1 - 1, cfg.d_model), send_dtype)
-        buf_MBTD = jax.lax.pcast(x_MBTD.astype(send_dtype), "pipe", to="varying")
+        buf_MBTD = x_MBTD.astype(send_dtype)
+        if inside or S > 1:  # else the input came in split over `pipe` (blocks_forward)
+            buf_MBTD = jax.lax.pcast(buf_MBTD, "pipe", to="varying")
         fill = jnp.nan if self.poison_bubbles else 0.0
         recv_BTD = jnp.full_like(buf_MBTD[0], fill)
         loss = jax.lax.pcast(jnp.zeros((), jnp.float32), "pipe", to="varying")

@@ -63,6 +63,15 @@ def test_2x2x2_one_f_one_b_matches_reference(style, schedule, R):
     _check_against_reference(cfg, pipe, batch=8)
 
 
+@needs_devices(8)
+@pytest.mark.parametrize("D,Tp,schedule", [(8, 1, "gpipe"), (4, 2, "gpipe"), (2, 1, "1f1b")])
+def test_one_stage_data_parallel_matches_reference(D, Tp, schedule):
+    """One stage with the batch split over `data` (plain data parallelism): the input's gradient
+    over a size-1 `pipe` axis once broke XLA's partitioner."""
+    cfg, pipe = _pipe("gpt2", D=D, S=1, Tp=Tp, Mb=1, schedule=schedule)
+    _check_against_reference(cfg, pipe, batch=8)
+
+
 def test_placement_rules():
     cfg = get_preset("tiny-llama", num_layers=2)
     specs = placement.param_specs(M.abstract_params(cfg), stack_spec=(None,))
