@@ -260,12 +260,13 @@ def _read_cache(cache: Path, tok: HFTokenizer) -> np.ndarray | None:
         return None
     try:
         ids = np.load(cache, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        why = str(e) or type(e).__name__
+    else:
         if ids.dtype == np.int32 and ids.ndim == 1 and len(ids):
             if 0 <= ids.min() and ids.max() < tok.vocab_size:
                 return ids
-        why = f"{ids.dtype} array of shape {ids.shape} and ids up to {ids.max(initial=-1)}"
-    except (OSError, ValueError, EOFError) as e:
-        why = str(e) or type(e).__name__
+        why = f"a {ids.dtype} array of shape {ids.shape}, not ids 0 to {tok.vocab_size - 1}"
     print(f"warning: the token cache {cache} is unusable ({why}); tokenizing again",
           file=sys.stderr, flush=True)
     return None

@@ -212,11 +212,14 @@ def test_corrupt_cache_is_rebuilt(bpe, tmp_path, capsys):
     data_file.write_text(corpus(2))
     first = T.tokenize_data(data_file, tok).tokens
     (cache,) = tmp_path.glob("*.npy")
-    for spoil in (b"garbage", np.save):
-        if spoil is np.save:
-            np.save(cache, np.full(10, 10**6, np.int32))  # ids the tokenizer cannot produce
-        else:
-            cache.write_bytes(spoil)
+    spoilers = [
+        lambda: cache.write_bytes(b"garbage"),
+        lambda: np.save(cache, np.full(10, 10**6, np.int32)),  # ids the tokenizer cannot produce
+        lambda: np.save(cache, np.array(["a", "b"])),
+        lambda: cache.write_bytes(cache.read_bytes()[:-8]),  # truncated
+    ]
+    for spoil in spoilers:
+        spoil()
         capsys.readouterr()
         np.testing.assert_array_equal(T.tokenize_data(data_file, tok).tokens, first)
         assert re.search(r"warning: the token cache .* is unusable", capsys.readouterr().err)
@@ -266,6 +269,9 @@ def test_directory_and_ids_and_bad_text(bpe, tmp_path):
     with pytest.raises(ConfigError, match=r"holds no tokens"):
         T.tokenize_data(tmp_path / "empty.txt", tok)
     assert T.tokenize_data(tmp_path / "cut.txt", T.ByteTokenizer()).tokens.max() == 0xE6
+    builtin = T.tokenize_data(None, tok, max_bytes=20_000)  # the stdlib text, not cached
+    assert builtin.source == "stdlib" and builtin.tokenizer == str(bpe)
+    assert 0 < len(builtin.tokens) < 20_000 and builtin.tokens.max() < tok.vocab_size
 
 
 def test_a_workdir_keeps_its_tokenizer(bpe, tmp_path):
