@@ -307,7 +307,7 @@ def test_a_workdir_keeps_its_tokenizer(bpe, tmp_path):
 def _finetune(hf_path: Path, workdir: Path, *extra: str):
     cmd = [
         sys.executable, str(ROOT / "experiments" / "finetune.py"), f"--hf_checkpoint={hf_path}",
-        "--num_stages=2", "--num_microbatches=2", "--batch_size=4", "--seq_len=16", "--steps=2",
+        "--num_stages=1", "--num_microbatches=1", "--batch_size=4", "--seq_len=16", "--steps=2",
         "--log_every=1", "--seed=5", "--learning_rate=1e-3", f"--workdir={workdir}", *extra,
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
