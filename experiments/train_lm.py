@@ -80,14 +80,14 @@ flags.DEFINE_integer("max_bad_steps", 5, "Consecutive non-finite steps skipped b
 flags.DEFINE_bool("stop_on_nonfinite", False, "Stop at the first non-finite step.")
 
 
-def main(argv, initial=None):
+def main(argv, initial=None, load=None):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before jax is imported
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     from jaxpipe.config import ConfigError
     from jaxpipe.train import NonFiniteError
 
     try:
-        run(argv, initial)
+        run(argv, initial, load)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -96,14 +96,15 @@ def main(argv, initial=None):
         sys.exit(3)
 
 
-def run(argv, initial=None):
+def run(argv, initial=None, load=None):
     """The training job; `initial()`, when given, returns (ModelConfig, canonical params) to
-    start from instead of the --model preset and the seed. The workdir is locked throughout."""
+    start from instead of the --model preset and the seed; `load(path)`, when given, reads
+    --data instead of `load_data`. The workdir is locked throughout."""
     with contextlib.ExitStack() as held:
-        _run(argv, initial, held)
+        _run(argv, initial, load, held)
 
 
-def _run(argv, initial, held):
+def _run(argv, initial, load, held):
     if len(argv) > 1:
         from jaxpipe.config import ConfigError
 
@@ -125,6 +126,7 @@ def _run(argv, initial, held):
     from jaxpipe.checkpoint import train_resumable
     from jaxpipe.data import load_data
     from jaxpipe.partition import make_plan
+    from jaxpipe.tokenizer import check_same_tokenizer, save_tokenizer
 
     if initial is None:
         model = get_preset(_F.model, num_layers=_F.num_layers, vocab_size=_F.vocab_size)
@@ -156,8 +158,9 @@ def _run(argv, initial, held):
     held.enter_context(hold_workdir(workdir))
     check_same_model(workdir, model)
     print(f"process {jax.process_index()}/{jax.process_count()} devices: {jax.devices()}")
-    data = load_data(_F.data)
+    data = (load or load_data)(_F.data)
     data.check(tcfg.seq_len)
+    check_same_tokenizer(workdir, data.tokenizer)
     inside = pcfg.embed_head == "inside"
     plan = make_plan(model, pcfg, _F.partition, batch_size=tcfg.batch_size, seq_len=tcfg.seq_len,
                      device=_F.device_profile, embed_in_first=inside, head_in_last=inside)
@@ -175,6 +178,7 @@ def _run(argv, initial, held):
                     "pipeline": dataclasses.asdict(pcfg),
                     "train": dataclasses.asdict(tcfg),
                     "data": data.source,
+                    "tokenizer": save_tokenizer(workdir, data.tokenizer),
                     "layout": trainer.pipe.layout.describe(),
                 },
                 indent=2,

@@ -29,12 +29,14 @@ def decode(ids) -> str:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class TokenData:
-    """A flat stream of token ids with a held-out tail for evaluation."""
+    """A flat stream of token ids with a held-out tail for evaluation; `tokenizer` is the
+    tokenizer.json the ids belong to (None: bytes, or ids of an unnamed tokenizer)."""
 
     tokens: np.ndarray
     vocab_size: int
     source: str
     eval_fraction: float = 0.02
+    tokenizer: str | None = None
 
     @property
     def split(self) -> int:
@@ -89,8 +91,10 @@ def _unreadable(path: Path, e: OSError) -> ConfigError:
     )
 
 
-def _read_text_files(files: list[Path], max_bytes: int) -> np.ndarray:
-    chunks, total = [np.zeros(0, np.uint8)], 0
+def read_files(files: list[Path], max_bytes: int) -> list[bytes]:
+    """The bytes of each file in turn, at most `max_bytes` in all (the last one read may be cut
+    short; files past the limit are left out)."""
+    chunks, total = [], 0
     for path in files:
         if not path.is_file():
             raise ConfigError(
@@ -102,11 +106,16 @@ def _read_text_files(files: list[Path], max_bytes: int) -> np.ndarray:
                 data = f.read(max_bytes - total)
         except OSError as e:
             raise _unreadable(path, e) from None
-        chunks.append(np.frombuffer(data, np.uint8))
+        chunks.append(data)
         total += len(data)
         if total >= max_bytes:
             break
-    return np.concatenate(chunks).astype(np.int32)
+    return chunks
+
+
+def _read_text_files(files: list[Path], max_bytes: int) -> np.ndarray:
+    chunks = [np.frombuffer(c, np.uint8) for c in read_files(files, max_bytes)]
+    return np.concatenate([np.zeros(0, np.uint8), *chunks]).astype(np.int32)
 
 
 def _token_ids(ids: np.ndarray, path: Path) -> np.ndarray:
@@ -181,39 +190,57 @@ def load_data(path: str | None = None, max_bytes: int = 8 << 20) -> TokenData:
     """
     if path is None:
         return TokenData(_read_text_files(stdlib_text_files(), max_bytes), BYTE_VOCAB, "stdlib")
+    p = data_path(path)
+    if is_ids_file(p):
+        return load_ids(p)
+    return _checked(TokenData(_read_text_files(text_files(p), max_bytes), BYTE_VOCAB, str(p)))
+
+
+def data_path(path: str | Path) -> Path:
+    """The --data path, refused unless it is an existing regular file or directory."""
     if not isinstance(path, (str, Path)) or not str(path):
         raise ConfigError(f"--data must name a file or directory, got {path!r}")
     p = Path(path)
     _check_kind(p)
     if not p.exists():
-        raise ConfigError(f"--data {path!r} does not exist; give a text file, a directory, or "
-                          f"a .npy/.bin file of token ids")
+        raise ConfigError(f"--data {str(path)!r} does not exist; give a text file, a directory, "
+                          f"or a .npy/.bin file of token ids")
+    return p
+
+
+def is_ids_file(p: Path) -> bool:
+    """Whether a --data path holds token ids (.npy / .bin, in any case) rather than text."""
+    return p.suffix.lower() in (".npy", ".bin")
+
+
+def load_ids(p: Path) -> TokenData:
+    """Token ids from a .npy or .bin file."""
     suffix = p.suffix.lower()
-    if suffix in (".npy", ".bin"):
-        if not p.is_file():
-            raise ConfigError(
-                f"--data {str(p)!r} is not a regular file; a {suffix} path must be a file of "
-                f"token ids"
-            )
-        tokens = _load_npy(p) if suffix == ".npy" else _load_bin(p)
-        return _checked(TokenData(tokens, int(tokens.max(initial=0)) + 1, str(p)))
-    if p.is_dir():
-        try:
-            files = sorted(
-                f
-                for f in p.rglob("*")
-                if f.is_file() and (f.suffix in _TEXT_SUFFIXES or not f.suffix)
-            )
-        except OSError as e:
-            raise _unreadable(p, e) from None
-        if not files:
-            raise ConfigError(
-                f"--data {str(p)!r} is a directory with no text files (suffixes "
-                f"{sorted(_TEXT_SUFFIXES)} or none); point it at text or token ids"
-            )
-    else:
-        files = [p]
-    return _checked(TokenData(_read_text_files(files, max_bytes), BYTE_VOCAB, str(p)))
+    if not p.is_file():
+        raise ConfigError(
+            f"--data {str(p)!r} is not a regular file; a {suffix} path must be a file of "
+            f"token ids"
+        )
+    tokens = _load_npy(p) if suffix == ".npy" else _load_bin(p)
+    return _checked(TokenData(tokens, int(tokens.max(initial=0)) + 1, str(p)))
+
+
+def text_files(p: Path) -> list[Path]:
+    """The text files a --data path names: itself, or a directory's text files in order."""
+    if not p.is_dir():
+        return [p]
+    try:
+        files = sorted(
+            f for f in p.rglob("*") if f.is_file() and (f.suffix in _TEXT_SUFFIXES or not f.suffix)
+        )
+    except OSError as e:
+        raise _unreadable(p, e) from None
+    if not files:
+        raise ConfigError(
+            f"--data {str(p)!r} is a directory with no text files (suffixes "
+            f"{sorted(_TEXT_SUFFIXES)} or none); point it at text or token ids"
+        )
+    return files
 
 
 def _check_kind(p: Path) -> None:

@@ -37,7 +37,8 @@ from jaxpipe.config import ConfigError, ModelConfig
 
 LOCK_NAME = ".jaxpipe.lock"
 # Files a run writes directly in its workdir (checkpoints/ aside): each must be a writable file.
-RUN_FILES = ("config.json", "plan.json", "metrics.jsonl", "summary.json", "loss.png")
+RUN_FILES = ("config.json", "plan.json", "metrics.jsonl", "summary.json", "loss.png",
+             "tokenizer.json")
 _PSEUDO_FS = ("proc", "sys")  # kernel file systems: no ordinary files can be created there
 
 
