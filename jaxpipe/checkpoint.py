@@ -35,8 +35,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
+import re
 import shutil
+import sys
 import zlib
 from pathlib import Path
 
@@ -176,13 +179,43 @@ def _agree(ok: bool) -> bool:
     return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
 
 
-def _reason(e: BaseException, limit: int = 300) -> str:
-    """`Type: first line of the message`, at most `limit` characters (TensorStore errors carry
-    a spec of dozens of lines)."""
-    first = (str(e).strip().splitlines() or [""])[0]
+def _reason(e: BaseException, limit: int = 200) -> str:
+    """One line: `Type: message`, a TensorStore error as `CODE reading <file>` (its message
+    carries a JSON spec of dozens of lines), at most `limit` characters."""
+    text = str(e).strip()
+    code = re.match(r"([A-Z_]{4,}): ", text)
+    files = re.findall(r'local file "([^"]+)"', text)
+    if code and files:
+        return f"{code.group(1)} reading {files[-1]}"
+    first = (text.splitlines() or [""])[0]
     if len(first) > limit:
         first = first[: limit - 3] + "..."
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def _abandoned_read(exc: BaseException | None) -> bool:
+    """The noise of TensorStore reads still in flight when orbax gave up on a checkpoint."""
+    return (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed") or (
+        isinstance(exc, ValueError) and "tensorstore_spec" in str(exc)
+    )
+
+
+@functools.cache
+def _quiet_abandoned_reads() -> None:
+    """When orbax fails to restore a corrupt checkpoint, the reads of its other arrays end on
+    a closed event loop and print a traceback each (or log their whole TensorStore spec): one
+    warning names the checkpoint instead. Other unraisable errors and logs pass through."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _abandoned_read(unraisable.exc_value):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(
+        lambda r: not (r.exc_info and _abandoned_read(r.exc_info[1]))
+        and "tensorstore_spec" not in r.getMessage()
+    )
 
 
 def _io_error(e: BaseException) -> OSError | None:
@@ -235,6 +268,7 @@ class Checkpoints:
             raise ConfigError(
                 f"checkpoint_every and keep_checkpoints must be >= 1, got {every} and {keep}"
             )
+        _quiet_abandoned_reads()
         self.directory = Path(workdir).absolute() / CKPT_DIR
         self.every = every
         self.read_only = read_only
