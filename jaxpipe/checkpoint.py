@@ -326,7 +326,7 @@ class Checkpoints:
             return False
         if int(state.bad_steps):  # never replace a good checkpoint by one taken mid-trouble
             return False
-        if step in self.manager.all_steps() or self.failure:
+        if step in self.manager.all_steps() or not self.wait():  # the previous save first
             return False
         tree = canonical_state(trainer, state)
         meta = {
@@ -363,6 +363,8 @@ class Checkpoints:
         if self.failure is None and not self.read_only:
             try:
                 self.manager.check_for_errors()
+                if not self.manager.is_saving_in_progress():
+                    self.manager.wait_until_finished()  # at once; raises a failed save's error
             except Exception as e:  # noqa: BLE001
                 self._failed(e)
         return self.failure is None
@@ -395,6 +397,8 @@ class Checkpoints:
             raise CorruptCheckpoint(f"metadata unreadable ({_reason(e)})") from e
         if not isinstance(meta, dict) or meta.get("format") != FORMAT or "fingerprint" not in meta:
             raise CorruptCheckpoint("metadata missing or of an unknown format")
+        if meta.get("step") != step:
+            raise CorruptCheckpoint(f"its metadata is of step {meta.get('step')!r}, not {step}")
         try:
             ModelConfig(**meta["model"])
             if not isinstance(meta["fingerprint"], dict) or not isinstance(meta["seed"], int):
@@ -403,8 +407,16 @@ class Checkpoints:
             raise CorruptCheckpoint(f"metadata malformed ({_reason(e)})") from e
         return meta
 
-    def restore_tree(self, step: int, target: dict, model: ModelConfig, seed: int | None):
-        """(meta, verified canonical tree) of one step; ConfigError on a model/seed mismatch."""
+    def restore_tree(
+        self,
+        step: int,
+        target: dict,
+        model: ModelConfig,
+        seed: int | None,
+        tcfg: TrainConfig | None = None,
+    ):
+        """(meta, verified canonical tree) of one step; ConfigError when the model, the seed or
+        (given `tcfg`) the batch shape differ: the step is a position in the data stream."""
         check_readable(self.path(step))
         meta = self.read_meta(step)
         check_model(ModelConfig(**meta["model"]), model, str(self.path(step)))
@@ -414,6 +426,14 @@ class Checkpoints:
                 f"uses seed {seed}; the data order would differ. Pass --seed {meta['seed']} or "
                 f"use another --workdir"
             )
+        saved = meta.get("train") if isinstance(meta.get("train"), dict) else {}
+        for field in ("batch_size", "seq_len") if tcfg is not None else ():
+            if field in saved and saved[field] != getattr(tcfg, field):
+                raise ConfigError(
+                    f"checkpoint {self.path(step)} was trained with --{field} {saved[field]} but "
+                    f"this run uses {getattr(tcfg, field)}; its step would point elsewhere in the "
+                    f"data. Pass --{field} {saved[field]} or use another --workdir"
+                )
         try:
             tree = self.manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
@@ -499,7 +519,12 @@ class Checkpoints:
         target = abstract_canonical(
             trainer.pipe.model, trainer.tx, NamedSharding(trainer.pipe.mesh, P())
         )
-        one = lambda s: self.restore_tree(s, target, trainer.pipe.model, trainer.tcfg.seed)[1]
+        tcfg = trainer.tcfg
+        one = lambda s: self.restore_tree(s, target, trainer.pipe.model, tcfg.seed, tcfg)[1]
+        if step is not None and step not in self.steps():
+            raise ConfigError(
+                f"no checkpoint of step {step} in {self.directory}; its steps are {self.steps()}"
+            )
         if step is not None:
             tree, error = self.try_step(one, step)
             if error is not None:
@@ -666,8 +691,8 @@ def load_params(workdir: str | Path, step: int | None = None, device=None):
         found = ckpts.newest_good(one)
         if found is None:
             raise ConfigError(
-                f"no checkpoint in {ckpts.directory} can be used (steps {steps}: see the "
-                f"warnings above)"
+                f"every checkpoint in {ckpts.directory} is corrupt or unreadable (steps "
+                f"{steps}; see the warnings above)"
             )
         return found
     finally:
