@@ -388,6 +388,8 @@ class Checkpoints:
         )
 
     def read_meta(self, step: int) -> dict:
+        """The step's metadata, after checking that every file of the step can be read."""
+        check_readable(self.path(step))
         try:
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
             meta = meta["meta"]
@@ -417,7 +419,6 @@ class Checkpoints:
     ):
         """(meta, verified canonical tree) of one step; ConfigError when the model, the seed or
         (given `tcfg`) the batch shape differ: the step is a position in the data stream."""
-        check_readable(self.path(step))
         meta = self.read_meta(step)
         check_model(ModelConfig(**meta["model"]), model, str(self.path(step)))
         if seed is not None and meta["seed"] != seed:
@@ -476,7 +477,7 @@ class Checkpoints:
         if code == 0:
             return found, None
         if code == 2:
-            return None, f"unreadable, left untouched ({error})"
+            return None, f"left untouched ({error})"
         return None, error or "it failed to load or to verify in another process"
 
     def newest_good(self, restore_one):
@@ -486,7 +487,7 @@ class Checkpoints:
             found, error = self.try_step(restore_one, step)
             if error is None:
                 return found
-            kind = "unreadable" if error.startswith("unreadable") else "corrupt"
+            kind = "unreadable" if error.startswith("left untouched") else "corrupt"
             print(f"warning: skipping {kind} checkpoint {self.path(step)}: {error}", flush=True)
         return None
 
@@ -663,7 +664,10 @@ def load_params(workdir: str | Path, step: int | None = None, device=None):
     alone, so with several processes any of them may call it (a checkpoint saved by several
     processes loads in one).
     """
-    ckpts = Checkpoints(workdir, read_only=True)
+    try:
+        ckpts = Checkpoints(workdir, read_only=True)
+    except CheckpointIOError as e:  # nothing to read: a bad --workdir for a reader
+        raise ConfigError(str(e)) from e
     sharding = SingleDeviceSharding(device or jax.local_devices()[0])
 
     def one(s):
@@ -674,7 +678,13 @@ def load_params(workdir: str | Path, step: int | None = None, device=None):
         return model, ckpts.restore_tree(s, target, model, None)[1]["params"]
 
     try:
-        steps = ckpts.steps()
+        try:
+            steps = ckpts.steps()
+        except OSError as e:
+            raise ConfigError(
+                f"cannot list the checkpoints in {ckpts.directory} ({_reason(e)}); make it "
+                f"readable or use another --workdir"
+            ) from e
         if not steps:
             raise ConfigError(
                 f"no checkpoint in {ckpts.directory}; train with --workdir {workdir} first"

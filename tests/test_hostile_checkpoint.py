@@ -259,6 +259,18 @@ def test_empty_step_directory_is_corrupt(work, trainer, capsys):
     print(out)
 
 
+def test_checkpoint_directory_unreadable(base, monkeypatch):
+    def refuse(directory, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(directory))
+
+    monkeypatch.setattr(C.ocp, "CheckpointManager", refuse)
+    expected = f"cannot open the checkpoint directory {base / 'checkpoints'} (PermissionError: "
+    with pytest.raises(CheckpointIOError, match=expected.replace("(", r"\(")):
+        Checkpoints(base)
+    with pytest.raises(ConfigError, match="make it readable and writable, or use another"):
+        load_params(base)  # sample.py: exit 2
+
+
 def test_checkpoint_directory_is_a_file(tmp_path, trainer):
     (tmp_path / "checkpoints").write_text("not a directory")
     with pytest.raises(ConfigError, match="checkpoints is a file, not a directory of checkpoints"):
