@@ -179,6 +179,12 @@ def _agree(ok: bool) -> bool:
     return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
 
 
+def _barrier(name: str) -> None:
+    """Every process waits here for the others (nothing with one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
 def _reason(e: BaseException, limit: int = 200) -> str:
     """One line: `Type: message`, a TensorStore error as `CODE reading <file>` (its message
     carries a JSON spec of dozens of lines), at most `limit` characters."""
@@ -497,22 +503,22 @@ class Checkpoints:
         n = 1
         while aside.exists():
             aside, n = self.directory / CORRUPT_DIR / f"{step}.{n}", n + 1
+        _barrier(f"jaxpipe_move_aside_{step}")  # no process still lists (stats) the step
         if jax.process_index() == 0:
             aside.parent.mkdir(exist_ok=True)
             os.rename(self.path(step), aside)
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices(f"jaxpipe_move_aside_{step}")
+        _barrier(f"jaxpipe_moved_aside_{step}")
         self.manager.reload()
         return aside
 
     def remove_unfinished(self) -> list[Path]:
         """Removes orbax's temporary directories of saves that never committed (process 0)."""
         found = [p for p in self.directory.iterdir() if TMP_MARK in p.name and p.is_dir()]
+        _barrier("jaxpipe_remove_unfinished")
         if jax.process_index() == 0:
             for p in found:
                 shutil.rmtree(p)
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices("jaxpipe_remove_unfinished")
+        _barrier("jaxpipe_removed_unfinished")
         return found
 
     def restore(self, trainer: Trainer, step: int | None = None) -> TrainState | None:
@@ -640,8 +646,7 @@ def _interrupted(ckpts: Checkpoints, trainer: Trainer, stop: StopTraining) -> Ex
     ckpts.save(trainer, stop.state, force=True)
     if agree_max(0 if ckpts.wait() else SAVE_FAILED) == SAVE_FAILED:
         return ckpts.save_error()
-    if jax.process_count() > 1:  # every process stays until the checkpoint is committed
-        multihost_utils.sync_global_devices("jaxpipe_interrupted")
+    _barrier("jaxpipe_interrupted")  # every process stays until the checkpoint is committed
     steps = ckpts.committed_on_disk()
     if step in steps:
         saved = f"saved checkpoint {ckpts.path(step)}"

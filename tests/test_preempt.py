@@ -184,6 +184,21 @@ def test_train_lm_sigterm_saves_and_exits_143(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_train_lm_signal_before_training(tmp_path, sig):
+    # Right after start-up, while planning and compiling: no traceback, nothing half-written.
+    code, out, err = _interrupt(tmp_path, tmp_path / "run", sig, after_line="process 0/1")
+    assert "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    if sig == signal.SIGTERM and not lines:  # before training: the default action, at once
+        assert code == -signal.SIGTERM
+    else:
+        assert code == 128 + sig, err[-3000:]
+        assert len(lines) == 1, err
+        assert lines[0].startswith(("stopped by", "interrupted (SIGINT) before training started"))
+
+
+@pytest.mark.slow
 def test_train_lm_both_signals_then_resume_bitwise(tmp_path):
     full = tmp_path / "full"
     done = _train_lm(tmp_path, full)
