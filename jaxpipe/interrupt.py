@@ -1,7 +1,8 @@
 """SIGINT and SIGTERM during training: every process stops after the same step.
 
 `Interrupts` catches both signals while it is entered (in the main thread; elsewhere it catches
-nothing) and remembers the first one; later ones are ignored while the run saves and exits.
+nothing) and remembers the first one; later ones are ignored while the run saves and exits. A
+signal the process ignores (`nohup`, SIGINT of a background job) stays ignored.
 `Agreement` turns each process's local stop code (0: go on; a signal number; `SAVE_FAILED`)
 into one code that every process reads after the same step. With one process that is the local
 code at once. With several, each step dispatches a max-reduction of the codes over all devices
@@ -56,7 +57,8 @@ class Interrupts:
     def __enter__(self) -> Interrupts:
         if threading.current_thread() is threading.main_thread():
             for s in SIGNALS:
-                self._previous[s] = signal.signal(s, self._handle)
+                if signal.getsignal(s) is not signal.SIG_IGN:  # nohup, a background job
+                    self._previous[s] = signal.signal(s, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -76,6 +76,16 @@ def test_signal_while_a_save_is_in_flight(trainer, full, tmp_path):
     assert {r["step"]: r["loss"] for r in resumed["history"]} == {s: full[s] for s in (4, 5, 6)}
 
 
+def test_ignored_signal_stays_ignored(trainer, full, tmp_path):
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as under nohup / in background
+    try:
+        summary = train_resumable(trainer, DATA, tmp_path, every=3,
+                                  on_step=_signal_at(signal.SIGINT, 2))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert {r["step"]: r["loss"] for r in summary["history"]} == full
+
+
 def test_signal_before_the_first_step(trainer, tmp_path, monkeypatch):
     # Received while restoring (or compiling): the run stops after its first step and saves it.
     restore = Checkpoints.restore
