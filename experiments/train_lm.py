@@ -25,7 +25,13 @@ unrelated files is refused) and locked for the whole run (WORKDIR/.jaxpipe.lock,
 0): a second run on it stops at once, naming the first one's pid and host.
 
 A bad flag prints `error: <what to change>` and exits with status 2; training stopped by
-non-finite losses prints `error: ...` and exits with status 3.
+non-finite losses prints `error: ...` and exits with status 3; a checkpoint that cannot be read
+(permissions, I/O errors; it is left untouched) or a save that fails prints `error: ...` naming
+the path and the reason and exits with status 4, the checkpoints saved before it intact.
+SIGINT or SIGTERM during training stops every process after the same step, saves a checkpoint
+there, prints one line (`stopped by SIGTERM after step 37: saved checkpoint ...`) and exits with
+status 130 (SIGINT) or 143 (SIGTERM); rerunning the command resumes from it exactly. SIGINT
+before training starts prints one line and exits with status 130, saving nothing.
 """
 
 from __future__ import annotations
@@ -83,7 +89,13 @@ flags.DEFINE_bool("stop_on_nonfinite", False, "Stop at the first non-finite step
 def main(argv, initial=None, load=None):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before jax is imported
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    # A failed save is reported in one `error:` line; orbax's threads also log its traceback.
+    logging.get_absl_logger().addFilter(
+        lambda r: not (r.exc_info and f"{os.sep}orbax{os.sep}" in r.pathname)
+    )
+    from jaxpipe.checkpoint import CheckpointIOError, Interrupted
     from jaxpipe.config import ConfigError
+    from jaxpipe.interrupt import exit_code
     from jaxpipe.train import NonFiniteError
 
     try:
@@ -94,6 +106,19 @@ def main(argv, initial=None, load=None):
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
+    except CheckpointIOError as e:
+        _exit_now(f"error: {e}", 4)  # orbax's threads of a failed save would block exit
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        sys.exit(exit_code(e.signum))
+    except KeyboardInterrupt:
+        _exit_now("interrupted (SIGINT) before training started; nothing was saved", 130)
+
+
+def _exit_now(message: str, code: int) -> None:
+    print(message, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
 
 
 def run(argv, initial=None, load=None):
@@ -194,7 +219,10 @@ def _run(argv, initial, load, held):
                               keep=_F.keep_checkpoints, resume=_F.resume,
                               init_params=init_params)
     if not summary["history"]:
-        print(f"done: already at step {summary['steps']}; eval {summary['eval_loss']:.3f}")
+        print(
+            f"done: the checkpoint is at step {summary['start_step']}, at or past --steps "
+            f"{summary['steps']}; nothing was trained (eval {summary['eval_loss']:.3f})"
+        )
         return
     print(
         f"done: {summary['steps']} steps in {summary['wall_s']:.0f}s; loss "

@@ -6,26 +6,40 @@ small JSON: model config, seed, pipeline and train configs, and a CRC32 fingerpr
 saved array). The step is the data position: batches are a pure function of (step, seed), so
 storing the seed and checking it on restore is enough to resume the data stream exactly.
 
-Restoring verifies the fingerprint; a checkpoint that fails to load or to verify is skipped
-with a warning naming it, and the previous one is tried. A checkpoint of another model shape
-raises `ConfigError` naming both shapes.
+Restoring verifies the fingerprint; a checkpoint proven corrupt (its metadata or arrays do not
+parse, or they fail the fingerprint) is skipped with a warning naming it, and the previous one is
+tried; `train_resumable` then moves it aside to `checkpoints/corrupt/<step>` (never deletes it).
+A checkpoint that cannot be read for another reason (a permission or I/O error: every file is
+opened before it is restored) is not corrupt and is never touched: training refuses to start
+with `CheckpointIOError` naming it (a reader such as `load_params` skips it with a warning).
+A checkpoint of another model shape raises `ConfigError` naming both shapes. A save that fails
+(in orbax's background threads too) stops training with `CheckpointIOError` naming the path and
+the reason, within a step; the checkpoints saved before it are untouched. Orbax's temporary
+directories of a save that never finished (the process was killed) are removed when training
+resumes: they hold nothing committed.
 
 Several processes (`jax.distributed`, one mesh over all of them) share one checkpoint
 directory, which every process must see (a shared file system, or one machine). Saving,
 restoring and listing are then collective: every process calls them in the same order.
 Each process writes its share of the arrays; process 0 alone creates the directory, writes the
-JSON metadata, commits a step and deletes old or corrupt steps. Process 0 lists the steps and
-broadcasts the list, and a checkpoint counts as good only if it verified on every process, so
-that all processes restore the same step and keep issuing the same collectives. The restored
-arrays are global (replicated over the whole mesh) and then placed in the pipeline layout. A
-checkpoint saved by N processes restores in any number of processes, at any pipeline shape.
-`load_params` is the exception: it reads in the calling process alone.
+JSON metadata, commits a step, deletes old steps and moves corrupt ones aside. Process 0 lists
+the steps and broadcasts the list, and a checkpoint counts as good only if it verified on every
+process, so that all processes restore the same step and keep issuing the same collectives (a
+checkpoint unreadable in any process stops every process). The restored arrays are global
+(replicated over the whole mesh) and then placed in the pipeline layout. A checkpoint saved by
+N processes restores in any number of processes, at any pipeline shape. `load_params` is the
+exception: it reads in the calling process alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
+import os
+import re
+import shutil
+import sys
 import zlib
 from pathlib import Path
 
@@ -33,16 +47,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxpipe import model as M
 from jaxpipe.config import RUNTIME_FIELDS, ConfigError, ModelConfig
 from jaxpipe.data import TokenData
-from jaxpipe.train import NonFiniteError, TrainConfig, Trainer, TrainState, make_optimizer, train
+from jaxpipe.interrupt import SAVE_FAILED, Agreement, Interrupts, agree_max, signal_name
+from jaxpipe.train import (
+    NonFiniteError,
+    StopTraining,
+    TrainConfig,
+    Trainer,
+    TrainState,
+    make_optimizer,
+    train,
+)
 
 FORMAT = 1
 CKPT_DIR = "checkpoints"
+CORRUPT_DIR = "corrupt"  # CKPT_DIR/corrupt/<step>: corrupt checkpoints moved aside
+TMP_MARK = ".orbax-checkpoint-tmp"  # in the names of orbax's not yet committed directories
 
 
 def _is_params(x) -> bool:
@@ -128,16 +154,105 @@ def check_model(saved: ModelConfig, wanted: ModelConfig, where: str) -> None:
 
 
 class CorruptCheckpoint(Exception):
-    pass
+    """A checkpoint proven corrupt: its files are readable but do not parse or verify."""
+
+
+class UnreadableCheckpoint(Exception):
+    """A checkpoint whose files cannot be read (permissions, I/O errors): not proven corrupt."""
+
+
+class CheckpointIOError(RuntimeError):
+    """Checkpoints cannot be read or saved for a reason outside the run (permissions, I/O)."""
+
+
+class Interrupted(RuntimeError):
+    """Training stopped by SIGINT or SIGTERM, after saving a checkpoint at the agreed step."""
+
+    def __init__(self, message: str, signum: int, step: int):
+        super().__init__(message)
+        self.signum, self.step = signum, step
 
 
 def _agree(ok: bool) -> bool:
     """True when `ok` holds in every process (a collective when there are several)."""
     if jax.process_count() == 1:
         return ok
-    from jax.experimental import multihost_utils
-
     return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
+
+
+def _barrier(name: str) -> None:
+    """Every process waits here for the others (nothing with one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _reason(e: BaseException, limit: int = 200) -> str:
+    """One line: `Type: message`, a TensorStore error as `CODE reading <file>` (its message
+    carries a JSON spec of dozens of lines), at most `limit` characters."""
+    text = str(e).strip()
+    code = re.match(r"([A-Z_]{4,}): ", text)
+    files = re.findall(r'local file "([^"]+)"', text)
+    if code and files:
+        return f"{code.group(1)} reading {files[-1]}"
+    first = (text.splitlines() or [""])[0]
+    if len(first) > limit:
+        first = first[: limit - 3] + "..."
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def _abandoned_read(exc: BaseException | None) -> bool:
+    """The noise of TensorStore reads still in flight when orbax gave up on a checkpoint."""
+    return (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed") or (
+        isinstance(exc, ValueError) and "tensorstore_spec" in str(exc)
+    )
+
+
+@functools.cache
+def _quiet_abandoned_reads() -> None:
+    """When orbax fails to restore a corrupt checkpoint, the reads of its other arrays end on
+    a closed event loop and print a traceback each (or log their whole TensorStore spec): one
+    warning names the checkpoint instead. Other unraisable errors and logs pass through."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _abandoned_read(unraisable.exc_value):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(
+        lambda r: not (r.exc_info and _abandoned_read(r.exc_info[1]))
+        and "tensorstore_spec" not in r.getMessage()
+    )
+
+
+def _io_error(e: BaseException) -> OSError | None:
+    """The OSError (other than a missing file) in e's chain of causes, if any."""
+    while e is not None:
+        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def check_readable(step_dir: Path) -> None:
+    """Opens every file of a checkpoint (reading a byte); UnreadableCheckpoint on an OSError.
+
+    A permission or I/O error must not be mistaken for corruption: orbax reports an unreadable
+    directory as a pytree structure mismatch, indistinguishable from a damaged checkpoint.
+    """
+
+    def fail(e: OSError):
+        raise UnreadableCheckpoint(_reason(e)) from e
+
+    try:
+        if not step_dir.is_dir():
+            raise NotADirectoryError(20, "not a directory", str(step_dir))
+        for root, _, files in os.walk(step_dir, onerror=fail):
+            for name in files:
+                with open(os.path.join(root, name), "rb") as f:
+                    f.read(1)
+    except OSError as e:
+        fail(e)
 
 
 class Checkpoints:
@@ -160,6 +275,7 @@ class Checkpoints:
             raise ConfigError(
                 f"checkpoint_every and keep_checkpoints must be >= 1, got {every} and {keep}"
             )
+        _quiet_abandoned_reads()
         self.directory = Path(workdir).absolute() / CKPT_DIR
         self.every = every
         self.read_only = read_only
@@ -182,9 +298,23 @@ class Checkpoints:
                 enable_async_checkpointing=async_save,
                 single_host_load_and_broadcast=True,
             )
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "meta")
-        )
+        if self.directory.exists() and not self.directory.is_dir():
+            raise ConfigError(
+                f"{self.directory} is a file, not a directory of checkpoints; move it away or "
+                f"use another --workdir"
+            )
+        try:
+            self.manager = ocp.CheckpointManager(
+                self.directory, options=options, item_names=("state", "meta")
+            )
+        except OSError as e:
+            raise CheckpointIOError(
+                f"cannot open the checkpoint directory {self.directory} ({_reason(e)}); make it "
+                f"readable and writable, or use another --workdir"
+            ) from e
+        self.failure: str | None = None  # why the newest save failed, once known
+        self._saving: int | None = None  # step of the newest save started
+        self._saved: list[int] = []  # steps this object saved
 
     def steps(self) -> list[int]:
         """The committed steps, read from disk (the same list in every process)."""
@@ -203,7 +333,7 @@ class Checkpoints:
             return False
         if int(state.bad_steps):  # never replace a good checkpoint by one taken mid-trouble
             return False
-        if step in self.manager.all_steps():
+        if step in self.manager.all_steps() or not self.wait():  # the previous save first
             return False
         tree = canonical_state(trainer, state)
         meta = {
@@ -215,26 +345,87 @@ class Checkpoints:
             "train": dataclasses.asdict(trainer.tcfg),
             "fingerprint": fingerprint(tree),
         }
-        return self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)
-            ),
-            force=True,
+        self._saving = step
+        try:
+            saved = self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)
+                ),
+                force=True,
+            )
+        except Exception as e:  # noqa: BLE001 - a synchronous save, or the previous async one
+            self._failed(e)
+            return False
+        self._saved.append(step)
+        return saved
+
+    def _failed(self, e: BaseException) -> None:
+        if self.failure is None:
+            where = self.path(self._saving) if self._saving is not None else self.directory
+            self.failure = f"could not save checkpoint {where} ({_reason(e)})"
+
+    def check(self) -> bool:
+        """False once a save failed (a background save's error is picked up here, at once)."""
+        if self.failure is None and not self.read_only:
+            try:
+                self.manager.check_for_errors()
+                if not self.manager.is_saving_in_progress():
+                    self.manager.wait_until_finished()  # at once; raises a failed save's error
+            except Exception as e:  # noqa: BLE001
+                self._failed(e)
+        return self.failure is None
+
+    def committed_on_disk(self) -> list[int]:
+        """The committed steps as this process sees the directory (no collective)."""
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return []
+        return sorted(int(n) for n in names if n.isdigit() and (self.directory / n).is_dir())
+
+    def save_error(self, other: bool = False) -> CheckpointIOError:
+        """The error that ends a run whose save failed (here, or in another process)."""
+        steps = self.committed_on_disk()
+        newest = f"the newest saved checkpoint is {self.path(steps[-1])}" if steps else "none"
+        what = self.failure or "a checkpoint save failed in another process"
+        return CheckpointIOError(
+            f"{what}; {newest}. Make {self.directory} writable (or free space) and rerun the "
+            f"same command to resume"
         )
 
     def read_meta(self, step: int) -> dict:
+        """The step's metadata, after checking that every file of the step can be read."""
+        check_readable(self.path(step))
         try:
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
             meta = meta["meta"]
-        except Exception as e:  # noqa: BLE001 - any failure means an unreadable checkpoint
-            raise CorruptCheckpoint(f"metadata unreadable ({type(e).__name__}: {e})") from e
+        except Exception as e:  # noqa: BLE001 - an I/O error, or a corrupt checkpoint
+            if _io_error(e):
+                raise UnreadableCheckpoint(_reason(_io_error(e))) from e
+            raise CorruptCheckpoint(f"metadata unreadable ({_reason(e)})") from e
         if not isinstance(meta, dict) or meta.get("format") != FORMAT or "fingerprint" not in meta:
             raise CorruptCheckpoint("metadata missing or of an unknown format")
+        if meta.get("step") != step:
+            raise CorruptCheckpoint(f"its metadata is of step {meta.get('step')!r}, not {step}")
+        try:
+            ModelConfig(**meta["model"])
+            if not isinstance(meta["fingerprint"], dict) or not isinstance(meta["seed"], int):
+                raise TypeError("fingerprint or seed of the wrong type")
+        except Exception as e:  # noqa: BLE001 - ConfigError, TypeError, KeyError
+            raise CorruptCheckpoint(f"metadata malformed ({_reason(e)})") from e
         return meta
 
-    def restore_tree(self, step: int, target: dict, model: ModelConfig, seed: int | None):
-        """(meta, verified canonical tree) of one step; ConfigError on a model/seed mismatch."""
+    def restore_tree(
+        self,
+        step: int,
+        target: dict,
+        model: ModelConfig,
+        seed: int | None,
+        tcfg: TrainConfig | None = None,
+    ):
+        """(meta, verified canonical tree) of one step; ConfigError when the model, the seed or
+        (given `tcfg`) the batch shape differ: the step is a position in the data stream."""
         meta = self.read_meta(step)
         check_model(ModelConfig(**meta["model"]), model, str(self.path(step)))
         if seed is not None and meta["seed"] != seed:
@@ -243,12 +434,22 @@ class Checkpoints:
                 f"uses seed {seed}; the data order would differ. Pass --seed {meta['seed']} or "
                 f"use another --workdir"
             )
+        saved = meta.get("train") if isinstance(meta.get("train"), dict) else {}
+        for field in ("batch_size", "seq_len") if tcfg is not None else ():
+            if field in saved and saved[field] != getattr(tcfg, field):
+                raise ConfigError(
+                    f"checkpoint {self.path(step)} was trained with --{field} {saved[field]} but "
+                    f"this run uses {getattr(tcfg, field)}; its step would point elsewhere in the "
+                    f"data. Pass --{field} {saved[field]} or use another --workdir"
+                )
         try:
             tree = self.manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
             )["state"]
         except Exception as e:  # noqa: BLE001
-            raise CorruptCheckpoint(f"arrays unreadable ({type(e).__name__}: {e})") from e
+            if _io_error(e):
+                raise UnreadableCheckpoint(_reason(_io_error(e))) from e
+            raise CorruptCheckpoint(f"arrays unreadable ({_reason(e)})") from e
         got = fingerprint(tree)
         if got != meta["fingerprint"]:
             bad = sorted(
@@ -259,28 +460,85 @@ class Checkpoints:
             raise CorruptCheckpoint(f"fingerprint mismatch in {len(bad)} arrays, e.g. {bad[0]}")
         return meta, tree
 
+    def unreadable_error(self, step: int, reason: str) -> CheckpointIOError:
+        return CheckpointIOError(
+            f"cannot read checkpoint {self.path(step)} ({reason}); it was left untouched. Fix "
+            f"its permissions or storage and rerun, or move it out of {self.directory} to "
+            f"resume from an older checkpoint"
+        )
+
+    def try_step(self, restore_one, step: int):
+        """(found, None) or (None, why) for one step, the same in every process unless
+        read-only; CheckpointIOError when it cannot be read (in any process)."""
+        found, error, code = None, None, 0
+        try:
+            found = restore_one(step)
+        except CorruptCheckpoint as e:
+            error, code = str(e), 1
+        except UnreadableCheckpoint as e:
+            error, code = str(e), 2
+        if not self.read_only:
+            code = agree_max(code)
+        if code == 2 and not self.read_only:
+            raise self.unreadable_error(step, error or "unreadable in another process")
+        if code == 0:
+            return found, None
+        if code == 2:
+            return None, f"left untouched ({error})"
+        return None, error or "it failed to load or to verify in another process"
+
     def newest_good(self, restore_one):
         """restore_one(step) for the newest step where it succeeds (in every process, unless
         read-only); None when it fails on every step."""
         for step in reversed(self.steps()):
-            try:
-                found, error = restore_one(step), None
-            except CorruptCheckpoint as e:
-                found, error = None, str(e)
-            ok = error is None if self.read_only else _agree(error is None)
-            if ok:
+            found, error = self.try_step(restore_one, step)
+            if error is None:
                 return found
-            error = error or "it failed to load or to verify in another process"
-            print(f"warning: skipping corrupt checkpoint {self.path(step)}: {error}", flush=True)
+            kind = "unreadable" if error.startswith("left untouched") else "corrupt"
+            print(f"warning: skipping {kind} checkpoint {self.path(step)}: {error}", flush=True)
         return None
+
+    def move_aside(self, step: int) -> Path:
+        """Moves a corrupt step to CKPT_DIR/corrupt/<step> (process 0; a collective)."""
+        aside = self.directory / CORRUPT_DIR / str(step)
+        n = 1
+        while aside.exists():
+            aside, n = self.directory / CORRUPT_DIR / f"{step}.{n}", n + 1
+        _barrier(f"jaxpipe_move_aside_{step}")  # no process still lists (stats) the step
+        if jax.process_index() == 0:
+            aside.parent.mkdir(exist_ok=True)
+            os.rename(self.path(step), aside)
+        _barrier(f"jaxpipe_moved_aside_{step}")
+        self.manager.reload()
+        return aside
+
+    def remove_unfinished(self) -> list[Path]:
+        """Removes orbax's temporary directories of saves that never committed (process 0)."""
+        found = [p for p in self.directory.iterdir() if TMP_MARK in p.name and p.is_dir()]
+        _barrier("jaxpipe_remove_unfinished")
+        if jax.process_index() == 0:
+            for p in found:
+                shutil.rmtree(p)
+        _barrier("jaxpipe_removed_unfinished")
+        return found
 
     def restore(self, trainer: Trainer, step: int | None = None) -> TrainState | None:
         """The newest verified checkpoint (or `step`) placed for `trainer`; None when none."""
         target = abstract_canonical(
             trainer.pipe.model, trainer.tx, NamedSharding(trainer.pipe.mesh, P())
         )
-        one = lambda s: self.restore_tree(s, target, trainer.pipe.model, trainer.tcfg.seed)[1]
-        tree = one(step) if step is not None else self.newest_good(one)
+        tcfg = trainer.tcfg
+        one = lambda s: self.restore_tree(s, target, trainer.pipe.model, tcfg.seed, tcfg)[1]
+        if step is not None and step not in self.steps():
+            raise ConfigError(
+                f"no checkpoint of step {step} in {self.directory}; its steps are {self.steps()}"
+            )
+        if step is not None:
+            tree, error = self.try_step(one, step)
+            if error is not None:
+                raise ConfigError(f"checkpoint {self.path(step)} is corrupt: {error}")
+        else:
+            tree = self.newest_good(one)
         if tree is None and self.steps():
             raise ConfigError(
                 f"every checkpoint in {self.directory} is corrupt (steps {self.steps()}); "
@@ -288,18 +546,31 @@ class Checkpoints:
             )
         return None if tree is None else place_state(trainer, tree)
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
+    def wait(self) -> bool:
+        """Waits for the save in flight; False when a save failed."""
+        if self.failure is None:
+            try:
+                self.manager.wait_until_finished()
+            except Exception as e:  # noqa: BLE001
+                self._failed(e)
+        return self.failure is None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for the save in flight and closes; CheckpointIOError when a save failed (then
+        orbax's threads may still wait on the failed save: exit with os._exit)."""
+        if self.wait():
+            self.manager.close()
+        else:
+            raise self.save_error()
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self.close()
+        elif self.wait():  # an error is on its way out already: do not replace it
+            self.manager.close()
 
 
 def train_resumable(
@@ -318,23 +589,33 @@ def train_resumable(
     Saves every `every` steps and at the last step; with resume=False an existing checkpoint
     is an error rather than silently mixed with the new run's. A fresh run starts from
     `init_params` (canonical; e.g. a Hugging Face checkpoint) or from the seed.
+
+    SIGINT or SIGTERM (caught while this runs, in the main thread) stops every process after
+    the same step, saves a checkpoint there and raises `Interrupted`; a failed save stops every
+    process with `CheckpointIOError`. Both leave orbax's threads of a failed save waiting: a
+    script should end with `os._exit` after reporting it.
     """
-    with Checkpoints(workdir, every, keep, async_save) as ckpts:
+    with Interrupts() as interrupts, Checkpoints(workdir, every, keep, async_save) as ckpts:
         if not resume and ckpts.steps():
             raise ConfigError(
                 f"{ckpts.directory} already holds checkpoints {ckpts.steps()}; resume from them "
                 f"(--resume), or use another --workdir"
             )
+        unfinished = ckpts.remove_unfinished()
+        if unfinished and jax.process_index() == 0:
+            names = ", ".join(p.name for p in unfinished)
+            print(f"removed unfinished checkpoint saves in {ckpts.directory}: {names}", flush=True)
         state = ckpts.restore(trainer) if resume else None
         step = 0 if state is None else int(state.step)
         if state is None and init_params is not None:
             state = trainer.init_state(init_params)
         if state is not None and jax.process_index() == 0:
             print(f"resuming from step {step} ({ckpts.path(step)})", flush=True)
-        for newer in [s for s in ckpts.steps() if s > step]:  # skipped as corrupt: replace them
+        for newer in [s for s in ckpts.steps() if s > step]:  # skipped as corrupt
+            aside = ckpts.move_aside(newer)
             if jax.process_index() == 0:
-                print(f"deleting corrupt checkpoint {ckpts.path(newer)}", flush=True)
-            ckpts.manager.delete(newer)  # every process calls it; process 0 deletes
+                print(f"moved corrupt checkpoint {ckpts.path(newer)} to {aside}", flush=True)
+        agreement = Agreement()
 
         def hook(s):
             nonlocal step
@@ -344,13 +625,41 @@ def train_resumable(
             if on_step is not None:
                 on_step(s)
 
+        def poll(s):
+            return agreement(SAVE_FAILED if not ckpts.check() else interrupts.signum)
+
         try:
-            return train(trainer, data, workdir, state, on_step=hook)
+            return train(trainer, data, workdir, state, on_step=hook, poll=poll)
         except NonFiniteError as e:
             ckpts.wait()
             steps = ckpts.steps()
             where = f"{ckpts.path(steps[-1])}" if steps else "none saved yet"
             raise NonFiniteError(f"{e} Last good checkpoint: {where}.") from None
+        except StopTraining as stop:
+            if stop.code == SAVE_FAILED:
+                raise ckpts.save_error() from None
+            raise _interrupted(ckpts, trainer, stop) from None
+
+
+def _interrupted(ckpts: Checkpoints, trainer: Trainer, stop: StopTraining) -> Exception:
+    """Saves the state every process stopped at; the exception that reports it."""
+    step, name = int(stop.state.step), signal_name(stop.code)
+    ckpts.save(trainer, stop.state, force=True)
+    if agree_max(0 if ckpts.wait() else SAVE_FAILED) == SAVE_FAILED:
+        return ckpts.save_error()
+    _barrier("jaxpipe_interrupted")  # every process stays until the checkpoint is committed
+    steps = ckpts.committed_on_disk()
+    if step in steps:
+        saved = f"saved checkpoint {ckpts.path(step)}"
+    else:  # a step with non-finite trouble pending is never saved
+        saved = "not saved (non-finite steps pending); newest checkpoint " + (
+            str(ckpts.path(steps[-1])) if steps else "none"
+        )
+    return Interrupted(
+        f"stopped by {name} after step {step}: {saved}; rerun the same command to resume",
+        stop.code,
+        step,
+    )
 
 
 def load_params(workdir: str | Path, step: int | None = None, device=None):
@@ -361,7 +670,10 @@ def load_params(workdir: str | Path, step: int | None = None, device=None):
     alone, so with several processes any of them may call it (a checkpoint saved by several
     processes loads in one).
     """
-    ckpts = Checkpoints(workdir, read_only=True)
+    try:
+        ckpts = Checkpoints(workdir, read_only=True)
+    except CheckpointIOError as e:  # nothing to read: a bad --workdir for a reader
+        raise ConfigError(str(e)) from e
     sharding = SingleDeviceSharding(device or jax.local_devices()[0])
 
     def one(s):
@@ -372,14 +684,32 @@ def load_params(workdir: str | Path, step: int | None = None, device=None):
         return model, ckpts.restore_tree(s, target, model, None)[1]["params"]
 
     try:
-        steps = ckpts.steps()
+        try:
+            steps = ckpts.steps()
+        except OSError as e:
+            raise ConfigError(
+                f"cannot list the checkpoints in {ckpts.directory} ({_reason(e)}); make it "
+                f"readable or use another --workdir"
+            ) from e
         if not steps:
             raise ConfigError(
                 f"no checkpoint in {ckpts.directory}; train with --workdir {workdir} first"
             )
-        found = one(step) if step is not None else ckpts.newest_good(one)
+        if step is not None and step not in steps:
+            raise ConfigError(
+                f"no checkpoint of step {step} in {ckpts.directory}; its steps are {steps}"
+            )
+        if step is not None:
+            found, error = ckpts.try_step(one, step)
+            if error is not None:
+                raise ConfigError(f"checkpoint {ckpts.path(step)} cannot be used: {error}")
+            return found
+        found = ckpts.newest_good(one)
         if found is None:
-            raise ConfigError(f"every checkpoint in {ckpts.directory} is corrupt (steps {steps})")
+            raise ConfigError(
+                f"every checkpoint in {ckpts.directory} is corrupt or unreadable (steps "
+                f"{steps}; see the warnings above)"
+            )
         return found
     finally:
         ckpts.close()

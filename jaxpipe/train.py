@@ -203,6 +203,14 @@ class NonFiniteError(RuntimeError):
     pass
 
 
+class StopTraining(Exception):
+    """`train` stopped after a step because `poll` returned a non-zero code; holds the state."""
+
+    def __init__(self, code: int, state: TrainState):
+        super().__init__(f"training stopped after step {int(state.step)} (code {code})")
+        self.code, self.state = code, state
+
+
 def _log(msg: str) -> None:
     if jax.process_index() == 0:
         print(msg, flush=True)
@@ -219,11 +227,13 @@ def train(
     workdir: str | Path | None = None,
     state: TrainState | None = None,
     on_step=None,
+    poll=None,
 ) -> dict:
     """Runs the loop from `state` (fresh when None) to tcfg.steps; returns a summary dict.
 
     Metrics are fetched one step late so that dispatch stays asynchronous. `on_step(state)` is
-    called after each step (for checkpointing).
+    called after each step (for checkpointing), then `poll(step)`: a non-zero code stops the
+    loop there (its metrics recorded) with `StopTraining(code, state)`.
     """
     tcfg, pipe = trainer.tcfg, trainer.pipe
     if data.vocab_size > pipe.model.vocab_size:
@@ -293,6 +303,10 @@ def train(
             pending = (step, metrics)
             if on_step is not None:
                 on_step(state)
+            code = poll(step + 1) if poll is not None else 0
+            if code:
+                record(*pending)
+                raise StopTraining(code, state)
         if pending is not None:
             record(*pending)
     finally:

@@ -116,7 +116,7 @@ def _flip_bytes_of_largest_array_file(step_dir: Path) -> None:
 @pytest.mark.slow
 def test_checkpoints_across_processes_resume_exactly(tmp_path):
     # 2 processes x 2 devices, pipe = 4 spanning them, save checkpoints 2 and 4 together. The
-    # newest is then corrupted: the relaunch must skip it in both processes, delete it, resume
+    # newest is then corrupted: the relaunch must skip it in both processes, move it aside, resume
     # from step 2 and retrace steps 3-4 exactly like one uninterrupted process. The checkpoint
     # it writes must then restore in one process at another pipeline shape.
     import jax
@@ -135,7 +135,7 @@ def test_checkpoints_across_processes_resume_exactly(tmp_path):
     skipped = f"warning: skipping corrupt checkpoint {ckpt_dir / '4'}"
     assert skipped in stdout and skipped in logs  # verified, and rejected, in both processes
     assert f"resuming from step 2 ({ckpt_dir / '2'})" in stdout
-    assert f"deleting corrupt checkpoint {ckpt_dir / '4'}" in stdout
+    assert f"moved corrupt checkpoint {ckpt_dir / '4'} to {ckpt_dir / 'corrupt' / '4'}" in stdout
     assert "resuming from" not in logs  # process 0 alone reports
     rows = _metrics(run)  # steps 1-4 of the first launch, 3-4 of the resumed one
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 3, 4]
