@@ -86,6 +86,9 @@ flags.DEFINE_integer("max_bad_steps", 5, "Consecutive non-finite steps skipped b
 flags.DEFINE_bool("stop_on_nonfinite", False, "Stop at the first non-finite step.")
 
 
+MAX_CPU_DEVICES = 1024  # forced CPU devices per process (XLA's CPU client fails far above)
+
+
 def main(argv, initial=None, load=None):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before jax is imported
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
@@ -141,24 +144,9 @@ def _run(argv, initial, load, held):
 
     workdir = check_workdir(_F.workdir)  # before any device set-up or planning
 
-    num_processes = _F.num_processes or int(os.environ.get("JAXPIPE_NUM_PROCESSES") or 1)
-    n_dev = _F.devices or _F.data_parallel * _F.num_stages * _F.tensor_parallel // num_processes
-    if jax.config.jax_platforms == "cpu":
-        jax.config.update("jax_num_cpu_devices", max(n_dev, 1))
-    initialize_distributed(_F.coordinator, _F.num_processes, _F.process_id)
+    from jaxpipe.config import ConfigError, PipelineConfig
 
-    from jaxpipe import PipelineConfig, TrainConfig, Trainer, get_preset
-    from jaxpipe.checkpoint import train_resumable
-    from jaxpipe.data import load_data
-    from jaxpipe.partition import make_plan
-    from jaxpipe.tokenizer import check_same_tokenizer, save_tokenizer
-
-    if initial is None:
-        model = get_preset(_F.model, num_layers=_F.num_layers, vocab_size=_F.vocab_size)
-        init_params = None
-    else:
-        model, init_params = initial()
-    pcfg = PipelineConfig(
+    pcfg = PipelineConfig(  # checked before any device is set up
         num_stages=_F.num_stages,
         num_microbatches=_F.num_microbatches,
         num_repeats=_F.num_repeats,
@@ -169,6 +157,31 @@ def _run(argv, initial, load, held):
         tensor_parallel=_F.tensor_parallel,
         embed_head=_F.embed_head,
     )
+    if _F.devices is not None and _F.devices < 1:
+        raise ConfigError(f"--devices must be >= 1, got {_F.devices}; or leave it out")
+    num_processes = _F.num_processes or int(os.environ.get("JAXPIPE_NUM_PROCESSES") or 1)
+    n_dev = _F.devices or max(pcfg.num_devices // num_processes, 1)
+    if jax.config.jax_platforms == "cpu":
+        if n_dev > MAX_CPU_DEVICES:
+            raise ConfigError(
+                f"this run would force {n_dev:,} CPU devices (data x pipe x tensor = "
+                f"{pcfg.num_devices:,} over {num_processes} process(es)); at most "
+                f"{MAX_CPU_DEVICES} per process are supported: use fewer stages, data or tensor"
+            )
+        jax.config.update("jax_num_cpu_devices", n_dev)
+    initialize_distributed(_F.coordinator, _F.num_processes, _F.process_id)
+
+    from jaxpipe import TrainConfig, Trainer, get_preset
+    from jaxpipe.checkpoint import train_resumable
+    from jaxpipe.data import load_data
+    from jaxpipe.partition import make_plan
+    from jaxpipe.tokenizer import check_same_tokenizer, save_tokenizer
+
+    if initial is None:
+        model = get_preset(_F.model, num_layers=_F.num_layers, vocab_size=_F.vocab_size)
+        init_params = None
+    else:
+        model, init_params = initial()
     tcfg = TrainConfig(
         steps=_F.steps,
         batch_size=_F.batch_size,

@@ -607,10 +607,10 @@ def train_resumable(
             print(f"removed unfinished checkpoint saves in {ckpts.directory}: {names}", flush=True)
         state = ckpts.restore(trainer) if resume else None
         step = 0 if state is None else int(state.step)
-        if state is None and init_params is not None:
-            state = trainer.init_state(init_params)
         if state is not None and jax.process_index() == 0:
             print(f"resuming from step {step} ({ckpts.path(step)})", flush=True)
+        if state is None and init_params is not None:
+            state = trainer.init_state(init_params)  # a fresh run from given parameters
         for newer in [s for s in ckpts.steps() if s > step]:  # skipped as corrupt
             aside = ckpts.move_aside(newer)
             if jax.process_index() == 0:

@@ -371,3 +371,24 @@ def test_two_process_run_refused_when_process_0_cannot_lock(tmp_path):
     assert f"error: --workdir {workdir} {busy}" in done.stderr
     assert f"error: process 0: --workdir {workdir} {busy}" in others  # agreed, not hung
     assert sorted(p.name for p in workdir.iterdir()) == [W.LOCK_NAME]
+
+
+@pytest.mark.parametrize(
+    "args,pattern",
+    [
+        (["--devices=0"], r"--devices must be >= 1, got 0"),
+        (["--num_stages=99999999999999999999"], r"would force .* CPU devices .* at most 1024"),
+        (["--num_stages=0"], r"num_stages must be a positive integer"),
+    ],
+)
+def test_train_lm_device_counts_are_checked_before_device_setup(
+    args, pattern, tmp_path, no_planning
+):
+    flags.FLAGS.unparse_flags()
+    no_devices = [f for f in TINY_FLAGS if not f.startswith("--devices")]
+    flags.FLAGS(["train_lm.py", *no_devices, f"--workdir={tmp_path / 'run'}", *args])
+    try:
+        with pytest.raises(ConfigError, match=pattern):
+            train_lm.run(["train_lm.py"])
+    finally:
+        flags.FLAGS.unparse_flags()
