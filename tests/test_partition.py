@@ -325,11 +325,21 @@ def test_cpu_profile_is_calibrated_on_the_models_own_layers(monkeypatch):
     assert calls == [(tiny, 2, 16)]
     assert costs.get_profile("cpu", tiny, 2, 16) is profile  # measured once per shape
     assert 0 < profile.peak_flops < np.inf and 0 < profile.head_flops < np.inf
-    # The roofline of one block is then its measured time, up to timing noise.
+    # The roofline of one block is then its measured time, up to timing noise. Another test
+    # process may share the cores during either timing, so a few fresh calibrate-then-measure
+    # pairs are tried; one of them must agree within 2x.
     pcfg = PipelineConfig(1, 1)
-    block = costs.model_costs(tiny, pcfg, batch_size=2, seq_len=16).block.time(profile)
-    measured = measure.measure_layer_times(tiny, pcfg, batch_size=2, seq_len=16)["block"]
-    assert 0.5 < block / measured < 2.0
+    block_cost = costs.model_costs(tiny, pcfg, batch_size=2, seq_len=16).block
+    ratios = []
+    for attempt in range(3):
+        if attempt:
+            monkeypatch.setattr(costs, "_CPU_PROFILE", {})
+            profile = costs.get_profile("cpu", tiny, 2, 16)
+        measured = measure.measure_layer_times(tiny, pcfg, batch_size=2, seq_len=16)["block"]
+        ratios.append(block_cost.time(profile) / measured)
+        if 0.5 < ratios[-1] < 2.0:
+            break
+    assert 0.5 < ratios[-1] < 2.0, ratios
 
 
 def test_cpu_profile_of_a_model_too_large_to_run_here_uses_generic_kernels(monkeypatch):
