@@ -34,9 +34,17 @@ Keys: torch_ratio_{unpipelined,gpipe,1f1b} = jaxpipe tokens/s / torch tokens/s (
 faster); jaxpipe / torch -> variant -> tokens_per_s, cpu_s_per_step, step_s; loss (the checked
 losses); config.
 
-Measured under load (the 2 cores shared with other jobs, load average ~5), one run of the
-command above, medians of 5 rounds:
-  (figures in the closing note of the change that added this script)
+Measured under load (2 cores shared with other jobs; load average ~3-4 during the run, so the
+absolute figures are low and noisy), one run of the command above, medians of 5 rounds, torch
+2.13, jax 0.10.2:
+                 jaxpipe tok/s  CPU s/step   torch tok/s  CPU s/step   ratio
+  unpipelined        2,362        1.87          1,710        2.55       1.38
+  gpipe              2,057        2.18          3,208        1.42       0.64
+  1f1b               2,255        2.10          3,939        1.31       0.57
+The unpipelined torch figure is the one most hurt by load: its two OpenMP threads spin while
+they wait for a core (2.55 CPU s per step; on one thread the same step takes ~1.0 CPU s). CPU
+seconds per step are the steadier comparison: jaxpipe needs ~1.9 of them per 4,096-token step,
+torch ~1.0-1.4.
 """
 
 from __future__ import annotations
