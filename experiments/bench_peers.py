@@ -11,10 +11,12 @@ to --rtol relative, and exits 1 with `error: ...` otherwise.
 
 A step is forward + backward (loss and every parameter's gradient, no optimizer):
   jaxpipe unpipelined  `jax.jit(jax.value_and_grad(model.reference_loss))` on one CPU device
-                       (plain jit, XLA's default options).
+                       (plain jit, XLA's default options; with --remat layer each block of its
+                       layer scan is under `jax.checkpoint`).
   jaxpipe gpipe/1f1b   `Pipeline.jit(pipe.value_and_grad)` with S=4 stages and M=16 micro-batches
                        on 4 forced CPU devices in this process (embedding and head outside the
-                       pipeline, jaxpipe's default; --embed_head inside moves them into it).
+                       pipeline, jaxpipe's default; --embed_head inside moves them into it;
+                       --remat layer sets PipelineConfig.remat="layer").
   torch unpipelined    forward, `F.cross_entropy`, `.backward()` in this process on
                        --torch_threads intra-op threads (default: every core).
   torch gpipe/1f1b     `ScheduleGPipe` / `Schedule1F1B` with M=16, one gloo process per stage
@@ -44,7 +46,11 @@ absolute figures are low and noisy), one run of the command above, medians of 5 
 The unpipelined torch figure is the one most hurt by load: its two OpenMP threads spin while
 they wait for a core (2.55 CPU s per step; on one thread the same step takes ~1.0 CPU s). CPU
 seconds per step are the steadier comparison: jaxpipe needs ~1.9 of them per 4,096-token step,
-torch ~1.0-1.4.
+torch ~1.0-1.4. With --remat layer (next run, load average ~5) jaxpipe recomputes each block
+instead of stacking its residuals in the layer / tick loop, which on CPU costs less:
+  unpipelined        2,826        1.46          1,164        3.34       2.43
+  gpipe              2,494        1.61          3,542        1.31       0.70
+  1f1b               2,957        1.37          4,536        1.21       0.65
 """
 
 from __future__ import annotations
@@ -92,6 +98,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rtol", type=float, default=1e-5, help="allowed relative loss difference")
     p.add_argument("--embed_head", default="outside", choices=("outside", "inside"))
+    p.add_argument("--remat", default="none", choices=("none", "layer"),
+                   help="jaxpipe side: recompute each block in the backward (PipelineConfig.remat; "
+                        "the unpipelined step checkpoints each block of its layer scan)")
     p.add_argument("--torch_threads", type=int, default=os.cpu_count() or 1,
                    help="intra-op threads of the unpipelined torch step")
     p.add_argument("--stage_threads", type=int, default=1,
@@ -193,16 +202,25 @@ def _timed(fn):
     return run
 
 
+def _unpipelined_loss(cfg, remat: str, params, tokens_BT1):
+    """`model.reference_loss`, with each block checkpointed when remat is "layer"."""
+    if remat == "none":
+        return M.reference_loss(cfg, params, tokens_BT1)
+    x_BTD = M.embed_apply(cfg, params, tokens_BT1[:, :-1])
+    x_BTD = M.stack_forward(cfg, params["blocks"], x_BTD, remat=True)
+    return M.cross_entropy(M.head_apply(cfg, params, x_BTD), tokens_BT1[:, 1:])
+
+
 def jax_steps(cfg, params, tokens, args) -> dict:
     """variant -> timed jaxpipe step."""
     dev0 = jax.devices()[0]
     p0, t0 = jax.device_put(params, dev0), jax.device_put(tokens, dev0)
-    ref = jax.jit(jax.value_and_grad(functools.partial(M.reference_loss, cfg)))
+    ref = jax.jit(jax.value_and_grad(functools.partial(_unpipelined_loss, cfg, args.remat)))
     ref = ref.lower(p0, t0).compile()
     steps = {"unpipelined": _timed(lambda: float(jax.block_until_ready(ref(p0, t0))[0]))}
     for schedule in ("gpipe", "1f1b"):
         pcfg = PipelineConfig(num_stages=args.stages, num_microbatches=args.microbatches,
-                              schedule=schedule, embed_head=args.embed_head)
+                              schedule=schedule, embed_head=args.embed_head, remat=args.remat)
         pipe = Pipeline.create(cfg, pcfg, make_mesh(pcfg, jax.devices()[: args.stages]))
         placed = pipe.place(params)
         toks = jax.device_put(tokens, pipe.batch_sharding())
