@@ -62,6 +62,14 @@ def check_prompt(cfg: ModelConfig, prompt_ids, max_new_tokens: int, top_k: int =
     return min(max_new_tokens, cfg.max_seq_len - n)
 
 
+def _checked_prompt(cfg, prompt_ids, max_new_tokens, temperature, top_k, seed):
+    """(prompt as int32 ids, position after the last generated token), or ConfigError."""
+    prompt = np.asarray(prompt_ids, np.int64).reshape(-1)
+    check_sampling(max_new_tokens, temperature, seed, top_k)
+    end = len(prompt) + check_prompt(cfg, prompt, max_new_tokens, top_k)
+    return prompt.astype(np.int32), end
+
+
 def _pick(logits_V, temperature, top_k, key):
     """Greedy at temperature 0; else a sample of softmax(logits / temperature) over the top_k
     logits (all of them when top_k is 0)."""
@@ -116,11 +124,8 @@ def generate(
       top_k: sample among the k most likely tokens only (0: all).
       seed: the sampling seed; token i draws from fold_in(key(seed), i).
     """
-    prompt = np.asarray(prompt_ids, np.int64).reshape(-1)
-    check_sampling(max_new_tokens, temperature, seed, top_k)
+    prompt, end = _checked_prompt(cfg, prompt_ids, max_new_tokens, temperature, top_k, seed)
     n = len(prompt)
-    end = n + check_prompt(cfg, prompt, max_new_tokens, top_k)
-    prompt = prompt.astype(np.int32)
     logits, cache = _prefill(cfg, params, jnp.asarray(prompt)[None])
     buf = jnp.zeros((cfg.max_seq_len,), jnp.int32)
     out = _decode(
@@ -161,11 +166,8 @@ def generate_uncached(
 ) -> np.ndarray:
     """`generate` without a cache: every token re-runs the model over all max_seq_len positions
     (causal attention keeps the unused tail out of the result)."""
-    prompt = np.asarray(prompt_ids, np.int64).reshape(-1)
-    check_sampling(max_new_tokens, temperature, seed, top_k)
+    prompt, end = _checked_prompt(cfg, prompt_ids, max_new_tokens, temperature, top_k, seed)
     n = len(prompt)
-    end = n + check_prompt(cfg, prompt, max_new_tokens, top_k)
-    prompt = prompt.astype(np.int32)
     buf = np.zeros((1, cfg.max_seq_len), np.int32)
     buf[0, :n] = prompt
     out = _uncached(
