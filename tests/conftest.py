@@ -12,3 +12,27 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 def needs_devices(n: int):
     return pytest.mark.skipif(len(jax.devices()) < n, reason=f"needs {n} devices")
+
+
+@pytest.fixture
+def sample_main(capsys):
+    """experiments/sample.py's main with flags, in this process: (exit status, stdout, stderr).
+    Flags start from their defaults on each call; arguments not spelled --flag are passed as
+    positional ones."""
+    from absl import flags
+
+    from experiments import sample
+
+    def run(*args):
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["sample.py", *[a for a in args if a.startswith("--")]])
+        try:
+            sample.main(["sample.py", *[a for a in args if not a.startswith("--")]])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    yield run
+    flags.FLAGS.unparse_flags()

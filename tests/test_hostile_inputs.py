@@ -15,7 +15,6 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from absl import flags
 
 from jaxpipe import hf
 from jaxpipe import model as M
@@ -420,25 +419,6 @@ def sample_workdir(tmp_path_factory):
         for step in (2, 4):
             c.save(trainer, state.replace(step=state.step + step), force=True)
     return workdir
-
-
-@pytest.fixture
-def sample_main(capsys):
-    """Runs sample.py's main with flags, in this process; returns (exit status, stdout, stderr)."""
-    from experiments import sample
-
-    def run(*args):
-        flags.FLAGS(["sample.py", *[a for a in args if a.startswith("--")]])
-        try:
-            sample.main(["sample.py", *[a for a in args if not a.startswith("--")]])
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    yield run
-    flags.FLAGS.unparse_flags()
 
 
 SAMPLE_CASES = [

@@ -18,7 +18,6 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from absl import flags
 
 from jaxpipe import hf, sampling
 from jaxpipe import model as M
@@ -343,25 +342,6 @@ def test_finetune_tokenizes_text_with_the_checkpoints_tokenizer(hf_dir, finetune
     assert (workdir / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
     saved = json.loads((workdir / "config.json").read_text())
     assert saved["tokenizer"] == {"source": str(hf_dir / "tokenizer.json"), "sha256": tok.sha256}
-
-
-@pytest.fixture
-def sample_main(capsys):
-    from experiments import sample
-
-    def run(*args):
-        flags.FLAGS.unparse_flags()  # each call starts from the defaults
-        flags.FLAGS(["sample.py", *args])
-        try:
-            sample.main(["sample.py"])
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    yield run
-    flags.FLAGS.unparse_flags()
 
 
 def test_sample_encodes_and_decodes_with_the_runs_tokenizer(finetuned, sample_main):
