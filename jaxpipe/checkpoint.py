@@ -498,6 +498,21 @@ class Checkpoints:
             print(f"warning: skipping {kind} checkpoint {self.path(step)}: {error}", flush=True)
         return None
 
+    def pick(self, restore_one, step: int | None):
+        """restore_one(step) of the given step (ConfigError when it is missing or fails), or of
+        the newest step where it succeeds (None when none does)."""
+        if step is None:
+            return self.newest_good(restore_one)
+        steps = self.steps()
+        if step not in steps:
+            raise ConfigError(
+                f"no checkpoint of step {step} in {self.directory}; its steps are {steps}"
+            )
+        found, error = self.try_step(restore_one, step)
+        if error is not None:
+            raise ConfigError(f"checkpoint {self.path(step)} cannot be used: {error}")
+        return found
+
     def move_aside(self, step: int) -> Path:
         """Moves a corrupt step to CKPT_DIR/corrupt/<step> (process 0; a collective)."""
         aside = self.directory / CORRUPT_DIR / str(step)
@@ -529,16 +544,7 @@ class Checkpoints:
         )
         tcfg = trainer.tcfg
         one = lambda s: self.restore_tree(s, target, trainer.pipe.model, tcfg.seed, tcfg)[1]
-        if step is not None and step not in self.steps():
-            raise ConfigError(
-                f"no checkpoint of step {step} in {self.directory}; its steps are {self.steps()}"
-            )
-        if step is not None:
-            tree, error = self.try_step(one, step)
-            if error is not None:
-                raise ConfigError(f"checkpoint {self.path(step)} is corrupt: {error}")
-        else:
-            tree = self.newest_good(one)
+        tree = self.pick(one, step)
         if tree is None and self.steps():
             raise ConfigError(
                 f"every checkpoint in {self.directory} is corrupt (steps {self.steps()}); "
@@ -695,16 +701,7 @@ def load_params(workdir: str | Path, step: int | None = None, device=None):
             raise ConfigError(
                 f"no checkpoint in {ckpts.directory}; train with --workdir {workdir} first"
             )
-        if step is not None and step not in steps:
-            raise ConfigError(
-                f"no checkpoint of step {step} in {ckpts.directory}; its steps are {steps}"
-            )
-        if step is not None:
-            found, error = ckpts.try_step(one, step)
-            if error is not None:
-                raise ConfigError(f"checkpoint {ckpts.path(step)} cannot be used: {error}")
-            return found
-        found = ckpts.newest_good(one)
+        found = ckpts.pick(one, step)
         if found is None:
             raise ConfigError(
                 f"every checkpoint in {ckpts.directory} is corrupt or unreadable (steps "

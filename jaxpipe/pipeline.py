@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxpipe import model as M
-from jaxpipe import placement
+from jaxpipe import onef1b, placement
 from jaxpipe.config import ConfigError, ModelConfig, PipelineConfig
 from jaxpipe.layout import StageLayout
 from jaxpipe.schedule import BWD, ScheduleTable, build_table, ring_table
@@ -166,8 +166,6 @@ class Pipeline:
     def value_and_grad(self, params, tokens_BT1):
         """(loss, grads) with grads in the same pipeline layout as params."""
         if self.config.schedule in ("1f1b", "interleaved_1f1b"):
-            from jaxpipe import onef1b
-
             return onef1b.value_and_grad(self, params, tokens_BT1)
         return jax.value_and_grad(self.loss)(params, tokens_BT1)
 
