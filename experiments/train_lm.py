@@ -67,6 +67,9 @@ flags.DEFINE_string("embed_head", "outside", "outside | inside (embedding in the
 flags.DEFINE_bool("check_balance", False, "Measure each stage's time, compare with the plan, "
                   "warn above 1.2x imbalance and print the suggested re-partition.")
 flags.DEFINE_string("boundary_dtype", None, "dtype of activations sent between stages.")
+flags.DEFINE_bool("zero1", False, "Split the AdamW moments over `data` (ZeRO-1).")
+flags.DEFINE_bool("fsdp", False, "Also split block parameters over `data`; gathered once per "
+                  "step per stage.")
 flags.DEFINE_string("workdir", "runs/train_lm", "Where config, metrics and plots go.")
 flags.DEFINE_string("data", None, "Text file/directory or .npy/.bin token ids (default: stdlib).")
 flags.DEFINE_integer("seed", 0, "Seed for parameters and data order.")
@@ -156,6 +159,8 @@ def _run(argv, initial, load, held):
         data_parallel=_F.data_parallel,
         tensor_parallel=_F.tensor_parallel,
         embed_head=_F.embed_head,
+        zero1=_F.zero1,
+        fsdp=_F.fsdp,
     )
     if _F.devices is not None and _F.devices < 1:
         raise ConfigError(f"--devices must be >= 1, got {_F.devices}; or leave it out")

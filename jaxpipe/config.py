@@ -230,6 +230,10 @@ class PipelineConfig:
     data_parallel / tensor_parallel: sizes of the `data` and `tensor` mesh axes.
     embed_head: "outside" (embedding and head run on the whole mesh before and after the
         pipeline) or "inside" (the first stage embeds, the last applies the head and the loss).
+    zero1: split the AdamW moments over `data` (ZeRO stage 1): gradients are reduce-scattered
+        and the updated parameters all-gathered; results equal the replicated optimizer's.
+    fsdp: also split the block parameters over `data`; each stage gathers its blocks once per
+        step, before the tick loop (implies the moments' split).
     """
 
     num_stages: int = 1
@@ -241,8 +245,13 @@ class PipelineConfig:
     data_parallel: int = 1
     tensor_parallel: int = 1
     embed_head: str = "outside"
+    zero1: bool = False
+    fsdp: bool = False
 
     def __post_init__(self):
+        for field in ("zero1", "fsdp"):
+            if not isinstance(getattr(self, field), bool):
+                raise ConfigError(f"{field} must be True or False, got {getattr(self, field)!r}")
         if self.embed_head not in ("outside", "inside"):
             raise ConfigError(
                 f"embed_head must be 'outside' or 'inside' (embedding in the first stage, head "
@@ -273,6 +282,11 @@ class PipelineConfig:
     @property
     def num_devices(self) -> int:
         return self.data_parallel * self.num_stages * self.tensor_parallel
+
+    @property
+    def shard_moments(self) -> bool:
+        """Whether the optimizer moments are split over `data` (ZeRO-1, or FSDP)."""
+        return self.zero1 or self.fsdp
 
     @property
     def num_virtual_stages(self) -> int:

@@ -6,6 +6,18 @@ import dataclasses
 
 from jaxpipe.config import ModelConfig
 from jaxpipe.costs import DeviceProfile, ModelCosts
+from jaxpipe.placement import vocab_split
+
+
+def outer_params(cfg: ModelConfig, tp: int, head_in_last: bool = True) -> tuple[float, float]:
+    """Per-device parameters of the embedding and of the head with `tensor` = tp: the token
+    table and an untied head kernel split their vocabulary over tp when it divides. A tied
+    head inside the last stage holds its own copy of the table."""
+    v = tp if vocab_split(cfg.vocab_size, tp) else 1
+    table = cfg.vocab_size * cfg.d_model
+    embed = cfg.embed_params() - table + table / v
+    head = cfg.head_params() - (0 if cfg.tied else table) + table / v
+    return embed, head if head_in_last or not cfg.tied else head - table / v
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,17 +52,14 @@ class CostModel:
         times = times or {
             k: getattr(costs, k).time(profile, head=k == "head") for k in ("block", "embed", "head")
         }
-        # Tied embeddings: the last stage needs its own copy of the table for the head.
-        head_params = model_cfg.head_params() / tp
-        if model_cfg.tied and flags.get("head_in_last", True):
-            head_params += model_cfg.vocab_size * model_cfg.d_model / tp
+        embed_params, head_params = outer_params(model_cfg, tp, flags.get("head_in_last", True))
         return cls(
             block_time=times["block"],
             embed_time=times["embed"],
             head_time=times["head"],
             transfer_time=2 * costs.boundary_bytes / profile.link_bandwidth,
             block_params=model_cfg.block_params() / tp,
-            embed_params=model_cfg.embed_params(),
+            embed_params=embed_params,
             head_params=head_params,
             block_act=costs.block.activation_bytes,
             embed_act=costs.embed.activation_bytes,

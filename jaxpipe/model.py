@@ -12,6 +12,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxpipe.config import (
     ALLOCATION_GUARD_PARAMS,
@@ -212,9 +213,13 @@ def head_apply(cfg: ModelConfig, params, x_BTD):
 
 
 def cross_entropy(logits_BTV, targets_BT):
-    """Mean next-token cross-entropy in float32."""
-    logp = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, targets_BT[..., None], axis=-1))
+    """Mean next-token cross-entropy in float32: log-sum-exp minus the target's logit, picked by
+    a masked sum. No [B, T, V] log-probabilities are formed, and with the vocabulary split over
+    devices each device reduces its own slice (one all-reduce of [B, T] partial results)."""
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    hit_BTV = jnp.arange(logits_BTV.shape[-1]) == targets_BT[..., None]
+    return jnp.mean(lse_BT - jnp.sum(jnp.where(hit_BTV, logits_BTV, 0.0), axis=-1))
 
 
 def stack_forward(cfg: ModelConfig, blocks, x_BTD, remat: bool = False):
@@ -248,12 +253,30 @@ def init_params(cfg: ModelConfig, seed: int | jax.Array = 0, allow_large: bool =
 
 @functools.partial(jax.jit, static_argnums=0)
 def _init(cfg: ModelConfig, key: jax.Array):
+    return init_arranged(cfg, key, np.arange(cfg.num_layers))
+
+
+def init_arranged(cfg: ModelConfig, key: jax.Array, layer_index: np.ndarray):
+    """The parameters `init_params` makes from `key`, with the block stack arranged by
+    `layer_index` (canonical layer numbers of any shape, -1 for a zero padding slot): the leaves
+    of "blocks" get `layer_index.shape` as their leading dims. Each layer's values come from its
+    own key, so a layer is the same wherever it is placed; traced under `jit` with sharded
+    outputs, each device computes only its own layers (random bits are partitionable)."""
     k_embed, k_blocks, k_head = jax.random.split(key, 3)
     tokens = jnp.zeros((1, 2), jnp.int32)
     x = jnp.zeros((1, 2, cfg.d_model), jnp.float32)
     embed = Embed(cfg).init(k_embed, tokens)["params"]
-    layer_keys = jax.random.split(k_blocks, cfg.num_layers)
+    index = np.asarray(layer_index)
+    layer_keys = jax.random.split(k_blocks, cfg.num_layers)[np.maximum(index, 0).reshape(-1)]
     blocks = jax.vmap(lambda k: Block(cfg).init(k, x)["params"])(layer_keys)
+    pad = (index < 0).reshape(-1)
+
+    def arrange(a):
+        if pad.any():
+            a = jnp.where(pad.reshape(pad.shape + (1,) * (a.ndim - 1)), jnp.zeros((), a.dtype), a)
+        return a.reshape(index.shape + a.shape[1:])
+
+    blocks = jax.tree.map(arrange, blocks)
     table = embed["tok"] if cfg.tied else None
     head = Head(cfg).init(k_head, x, table)["params"]
     return {"embed": embed, "blocks": blocks, "head": head}

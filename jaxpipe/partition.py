@@ -7,12 +7,14 @@ device exactly (`split.min_max_split`); `memory` does the same subject to every 
 in memory; `profile` feeds the same optimiser with measured single-layer times.
 
 Memory per device: every device holds R x J block slots (SPMD pads all stages to the largest,
-J layers) of parameters, gradients and AdamW's two fp32 moments (16 bytes per fp32 parameter),
-plus the activations the schedule keeps in flight (only stage inputs, per layer or per stage,
-under remat). How many micro-batches a stage holds at its peak, the bubble and the step time
-are read off the table the executor runs (`schedule.executor_table`): the peak count of
-forwards awaiting their backward, its idle share of cells, and its tick-synchronous simulation
-(`simulate.simulate(lockstep=True)`) fed with each virtual stage's forward and backward time.
+J layers) of parameters, gradients and AdamW's two fp32 moments (16 bytes per fp32 parameter;
+`static_bytes`: the moments split over `data` with ZeRO-1, and the block values too with FSDP,
+which then holds one gathered copy for the step), plus the activations the schedule keeps in
+flight (only stage inputs, per layer or per stage, under remat). How many micro-batches a
+stage holds at its peak, the bubble and the step time are read off the table the executor runs
+(`schedule.executor_table`): the peak count of forwards awaiting their backward, its idle share
+of cells, and its tick-synchronous simulation (`simulate.simulate(lockstep=True)`) fed with
+each virtual stage's forward and backward time.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 
 from jaxpipe import schedule
 from jaxpipe.config import ConfigError, ModelConfig, PipelineConfig, check_tensor_parallel
-from jaxpipe.costmodel import CostModel
+from jaxpipe.costmodel import CostModel, outer_params
 from jaxpipe.costs import DeviceProfile, get_profile, microbatch_size, model_costs
 from jaxpipe.layout import StageLayout
 from jaxpipe.measure import measure_layer_times
@@ -33,7 +35,16 @@ from jaxpipe.simulate import simulate
 from jaxpipe.split import min_max_split, spread, uniform_sizes
 
 METHODS = ("uniform", "cost", "memory", "profile")
-STATIC_BYTES_PER_PARAM = 16  # fp32 parameter + gradient + two AdamW moments
+
+
+def static_bytes(pipe_cfg: PipelineConfig, blocks: bool = True) -> float:
+    """Bytes per fp32 parameter held through a step: its value, its gradient and AdamW's two
+    moments (16 when nothing is split over `data`). ZeRO-1 and FSDP split the moments over
+    `data`; FSDP splits block values (`blocks`) too, and holds one gathered copy for the step."""
+    D = pipe_cfg.data_parallel
+    moments = 8 / D if pipe_cfg.shard_moments else 8
+    value = 4 / D + 4 * (D > 1) if blocks and pipe_cfg.fsdp else 4
+    return value + 4 + moments
 
 
 @functools.lru_cache(maxsize=64)
@@ -61,7 +72,9 @@ def stage_memory(cm: CostModel, pipe_cfg: PipelineConfig, s: int, layers: int, s
     S, R = pipe_cfg.num_stages, pipe_cfg.num_repeats
     first = s == 0 or not cm.embed_in_first
     last = s == S - 1 or not cm.head_in_last
-    params = R * slots * cm.block_params + first * cm.embed_params + last * cm.head_params
+    outer = first * cm.embed_params + last * cm.head_params
+    static = static_bytes(pipe_cfg) * R * slots * cm.block_params
+    static += static_bytes(pipe_cfg, blocks=False) * outer
     layers = np.asarray(layers)
     if pipe_cfg.remat == "layer":
         act = layers * cm.boundary_bytes
@@ -71,7 +84,7 @@ def stage_memory(cm: CostModel, pipe_cfg: PipelineConfig, s: int, layers: int, s
         act = layers * cm.block_act
         act += (s == 0) * cm.embed_act * cm.embed_in_first
         act += (s == S - 1) * cm.head_act * cm.head_in_last
-    return STATIC_BYTES_PER_PARAM * params + in_flight(pipe_cfg, s) * act + cm.temp_bytes
+    return static + in_flight(pipe_cfg, s) * act + cm.temp_bytes
 
 
 def device_counts(
@@ -240,12 +253,9 @@ def build_plan(
     for s, ranges in enumerate(layout.stage_ranges()):
         layers = sum(b - a for a, b in ranges)
         params = layers * model_cfg.block_params() / pipe_cfg.tensor_parallel
-        params += (s == 0 or not cm.embed_in_first) * model_cfg.embed_params()
-        params += (
-            (s == S - 1 or not cm.head_in_last)
-            * model_cfg.head_params()
-            / (pipe_cfg.tensor_parallel)
-        )
+        embed, head = outer_params(model_cfg, pipe_cfg.tensor_parallel, head_in_last=False)
+        params += (s == 0 or not cm.embed_in_first) * embed
+        params += (s == S - 1 or not cm.head_in_last) * head
         stages.append(
             StageReport(
                 ranges=tuple(ranges),
@@ -270,7 +280,7 @@ def build_plan(
         vstage_times=tuple(float(t) for t in vtime),
         cost_model=cm,
         bottleneck_ratio=max(times) / (sum(times) / S),
-        padding_bytes=layout.padding_slots * cm.block_params * STATIC_BYTES_PER_PARAM,
+        padding_bytes=layout.padding_slots * cm.block_params * static_bytes(pipe_cfg),
         bubble_fraction=table.bubble_fraction(),
         step_time_s=sim.step_time + outside,
     )

@@ -94,6 +94,12 @@ class Pipeline:
 
     # -- parameters ----------------------------------------------------------------------------
 
+    def init_params(self, key: jax.Array):
+        """The params `model.init_params` makes from `key`, built directly in the pipeline
+        layout (equal to `to_pipeline` of them); under `jit` with the param shardings as output
+        shardings each device computes only its own shards."""
+        return M.init_arranged(self.model, key, self.layout.layer_index_SRJ)
+
     def to_pipeline(self, params):
         """Canonical params -> params whose blocks are in the `[S, R, J, ...]` view."""
         return {**params, "blocks": self.layout.to_pipeline(params["blocks"])}
@@ -102,8 +108,18 @@ class Pipeline:
         return {**params, "blocks": self.layout.to_canonical(params["blocks"])}
 
     def param_shardings(self, params):
-        """Blocks on `pipe` (stage axis) and `tensor` (Megatron split); see `placement.py`."""
-        return placement.param_shardings(self.mesh, params, self.model)
+        """Where params are kept: blocks on `pipe` (stage axis) and `tensor` (Megatron split),
+        and with `fsdp` on `data` too; see `placement.py`."""
+        return placement.param_shardings(self.mesh, params, self.model, fsdp=self.config.fsdp)
+
+    def gather(self, params):
+        """Params as the stages compute with them: with `fsdp`, each stage's blocks gathered
+        over `data` once here, before the tick loop (their gradient is reduce-scattered back);
+        otherwise params unchanged."""
+        if not self.config.fsdp:
+            return params
+        sh = placement.param_shardings(self.mesh, params, self.model)
+        return jax.lax.with_sharding_constraint(params, sh)
 
     def batch_sharding(self):
         return placement.batch_sharding(self.mesh)
@@ -144,12 +160,14 @@ class Pipeline:
 
     def logits(self, params, tokens_BT):
         """Vocabulary logits [B, T, V] with blocks pipelined; params in the pipeline layout."""
+        params = self.gather(params)
         x_BTD = M.embed_apply(self.model, params, tokens_BT)
         x_BTD = self.blocks_forward(params["blocks"], x_BTD)
         return M.head_apply(self.model, params, x_BTD)
 
     def loss(self, params, tokens_BT1):
         """Next-token loss on tokens [B, T+1]; params in the pipeline layout."""
+        params = self.gather(params)
         if self.config.embed_head == "outside":
             return M.cross_entropy(self.logits(params, tokens_BT1[:, :-1]), tokens_BT1[:, 1:])
         if tokens_BT1.shape[1] - 1 > self.model.max_seq_len:
@@ -166,7 +184,7 @@ class Pipeline:
     def value_and_grad(self, params, tokens_BT1):
         """(loss, grads) with grads in the same pipeline layout as params."""
         if self.config.schedule in ("1f1b", "interleaved_1f1b"):
-            return onef1b.value_and_grad(self, params, tokens_BT1)
+            return onef1b.value_and_grad(self, self.gather(params), tokens_BT1)
         return jax.value_and_grad(self.loss)(params, tokens_BT1)
 
     # -- the per-stage program -----------------------------------------------------------------

@@ -6,12 +6,22 @@ parallelism splits over `tensor`:
 
 - column split (output dim): q, k, v, mlp up, mlp gate kernels and their biases;
 - row split (input dim): attn o and mlp down kernels (their biases stay replicated);
-- norms, the embedding and the head are replicated.
+- norms are replicated.
 
 So each device holds whole heads (and whole kv groups with grouped-query attention) and a slice
 of the MLP hidden units; one all-reduce over `tensor` after o and one after down combine them.
 `tensor` is an Auto mesh axis inside the pipe-manual `shard_map`, so GSPMD partitions the
 matmuls from these input shardings.
+
+The embedding and the head are vocabulary-parallel (Megatron-style): the token table `[V, D]`
+and an untied head's output kernel `[D, V]` split their vocabulary dim over `tensor` when V
+divides by it (else they are replicated); each device looks up the tokens of its slice and
+computes the logits of its slice, and the loss takes a log-sum-exp over the split vocabulary
+(`model.cross_entropy` is written so that GSPMD never gathers the logits). Learned positions
+and norms stay replicated.
+
+Over `data`, `over_data` adds the axis to one more dim of a spec: ZeRO-1 (`zero1`) splits the
+AdamW moments that way, FSDP (`fsdp`) the block parameters too (see `train.py`).
 """
 
 from __future__ import annotations
@@ -34,6 +44,12 @@ BLOCK_RULES: dict[str, dict[str, tuple]] = {
     "up": _COLUMN,
     "gate": _COLUMN,
     "down": _ROW,
+}
+
+# Vocabulary-parallel leaves: (module, param) -> spec, applied when V divides by `tensor`.
+VOCAB_RULES: dict[tuple[str, str], tuple] = {
+    ("embed", "tok"): ("tensor", None),
+    ("head", "kernel"): (None, "tensor"),  # the untied head's Dense "out"
 }
 
 BATCH_SPEC = P("data")
@@ -67,26 +83,74 @@ def block_specs(blocks, stack_spec: tuple = ("pipe", None, None)):
     )
 
 
-def param_specs(params, stack_spec: tuple = ("pipe", None, None)):
-    """Specs for {"embed", "blocks", "head"}: blocks by the rules above, the rest replicated."""
+def vocab_split(vocab_size: int, tensor: int) -> bool:
+    """Whether the embedding and the head split their vocabulary over `tensor`."""
+    return vocab_size % tensor == 0
+
+
+def _outer_spec(part: str, path, leaf, split: bool) -> P:
+    rule = VOCAB_RULES.get((part, _key(path[-1])))
+    return P(*rule) if split and rule is not None and np.ndim(leaf) == len(rule) else P()
+
+
+def param_specs(params, stack_spec: tuple = ("pipe", None, None), tensor: int = 1):
+    """Specs for {"embed", "blocks", "head"}: blocks by the rules above; the token table and an
+    untied head kernel vocabulary-parallel when V divides by `tensor`; the rest replicated."""
+    split = vocab_split(params["embed"]["tok"].shape[0], tensor)
+    outer = lambda part: jax.tree_util.tree_map_with_path(
+        lambda path, leaf: _outer_spec(part, path, leaf, split), params[part]
+    )
     return {
-        "embed": jax.tree.map(lambda _: P(), params["embed"]),
+        "embed": outer("embed"),
         "blocks": block_specs(params["blocks"], stack_spec),
-        "head": jax.tree.map(lambda _: P(), params["head"]),
+        "head": outer("head"),
     }
 
 
+def over_data(spec: P, shape: tuple, data: int) -> P:
+    """`spec` with `data` added on the largest dim it leaves unsplit that `data` divides (the
+    first such dim on ties); `spec` itself when there is none or `data` is 1."""
+    dims = list(spec) + [None] * (len(shape) - len(spec))
+    pairs = enumerate(zip(shape, dims, strict=True))
+    free = [i for i, (n, ax) in pairs if ax is None and n % data == 0]
+    if data == 1 or not free or "data" in dims:
+        return spec
+    best = max(free, key=lambda i: (shape[i], -i))
+    dims[best] = "data"
+    return P(*dims)
+
+
 def param_shardings(
-    mesh: Mesh, params, cfg: ModelConfig | None = None, stack_spec: tuple = ("pipe", None, None)
+    mesh: Mesh,
+    params,
+    cfg: ModelConfig | None = None,
+    stack_spec: tuple = ("pipe", None, None),
+    fsdp: bool = False,
 ):
-    """NamedShardings for `param_specs` on `mesh`; checks the model splits over `tensor`."""
+    """NamedShardings for `param_specs` on `mesh` (block leaves also split over `data` with
+    `fsdp`); checks the model splits over `tensor`."""
+    tensor = mesh.shape.get("tensor", 1)
     if cfg is not None:
-        check_tensor_parallel(cfg, mesh.shape.get("tensor", 1))
+        check_tensor_parallel(cfg, tensor)
+    specs = param_specs(params, stack_spec, tensor)
+    if fsdp:
+        data = mesh.shape.get("data", 1)
+        specs["blocks"] = jax.tree.map(
+            lambda spec, leaf: over_data(spec, np.shape(leaf), data),
+            specs["blocks"],
+            params["blocks"],
+            is_leaf=lambda x: isinstance(x, P),
+        )
     return jax.tree.map(
-        lambda spec: NamedSharding(mesh, spec),
-        param_specs(params, stack_spec),
-        is_leaf=lambda x: isinstance(x, P),
+        lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, P)
     )
+
+
+def data_sharded(sharding: NamedSharding, leaf) -> NamedSharding:
+    """`sharding` of an array like `leaf` with `over_data` applied (ZeRO-1: how an optimizer
+    moment is split)."""
+    data = sharding.mesh.shape.get("data", 1)
+    return NamedSharding(sharding.mesh, over_data(sharding.spec, np.shape(leaf), data))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

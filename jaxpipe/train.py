@@ -144,25 +144,45 @@ class Trainer:
         return cls(Pipeline.create(model, pcfg, mesh, layout), tcfg)
 
     def state_shardings(self, params):
-        """Shardings of a TrainState: optimizer moments follow their parameters."""
+        """Shardings of a TrainState: optimizer moments follow their parameters, split over
+        `data` as well with ZeRO-1 or FSDP (`placement.over_data`)."""
         param_sh = self.pipe.param_shardings(params)
+        self.moment_shardings = param_sh
+        if self.pipe.config.shard_moments:
+            self.moment_shardings = jax.tree.map(placement.data_sharded, param_sh, params)
         replicated = jax.sharding.NamedSharding(self.pipe.mesh, jax.sharding.PartitionSpec())
         opt_sh = optax.tree_map_params(
             self.tx,
             lambda _, sh: sh,
             jax.eval_shape(self.tx.init, params),
-            param_sh,
+            self.moment_shardings,
             transform_non_params=lambda _: replicated,
         )
         return TrainState(replicated, param_sh, opt_sh, replicated)
 
+    def _fresh_state(self, key) -> TrainState:
+        params = self.pipe.init_params(key)
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(zero, params, self.tx.init(params), zero)
+
+    def abstract_state(self) -> TrainState:
+        """Shapes and shardings of a TrainState, with nothing allocated."""
+        shapes = jax.eval_shape(self._fresh_state, jax.random.key(self.tcfg.seed))
+        return jax.tree.map(
+            lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+            shapes,
+            self.shardings,
+        )
+
     def init_state(self, params=None) -> TrainState:
-        """Canonical params (initialised from the seed when None) placed in pipeline layout."""
-        if params is None:  # jitted: eager Flax init dispatches hundreds of tiny ops
-            params = jax.jit(M.init_params, static_argnums=(0, 1))(
-                self.pipe.model, self.tcfg.seed
-            )
+        """A TrainState in pipeline layout. From the seed (params None) it is built by one
+        program whose outputs carry the state's shardings: every device computes only its own
+        shards, so no device or host ever holds the whole model. Given canonical params, they
+        are placed in the pipeline layout."""
         sh = self.shardings
+        if params is None:
+            init = self.pipe.jit(self._fresh_state, out_shardings=sh)
+            return init(jax.random.key(self.tcfg.seed))
         params = jax.jit(self.pipe.to_pipeline, out_shardings=sh.params)(params)
         opt_state = jax.jit(self.tx.init, out_shardings=sh.opt_state)(params)
         zero = lambda: jax.device_put(jnp.zeros((), jnp.int32), sh.step)
@@ -170,6 +190,8 @@ class Trainer:
 
     def _step(self, state: TrainState, tokens_BT1):
         loss, grads = self.pipe.value_and_grad(state.params, tokens_BT1)
+        if self.pipe.config.shard_moments:  # reduce-scatter: each device reduces its own part
+            grads = jax.lax.with_sharding_constraint(grads, self.moment_shardings)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
