@@ -22,6 +22,7 @@ import importlib.util
 import json
 import os
 import re
+import tempfile
 import time
 
 import jax
@@ -31,7 +32,14 @@ from jax.experimental import topologies
 from jaxpipe import model as M
 from jaxpipe.config import ConfigError, ModelConfig, PipelineConfig
 from jaxpipe.costs import PROFILES, DeviceProfile
-from jaxpipe.hlo import permute_overlap
+from jaxpipe.hlo import (
+    SIZE,
+    dump_options,
+    largest_buffers,
+    optimized_hlo,
+    permute_overlap,
+    size_bytes,
+)
 from jaxpipe.mesh import force_cpu_devices
 from jaxpipe.partition import make_plan
 from jaxpipe.train import TrainConfig, Trainer
@@ -151,12 +159,10 @@ def abstract_inputs(trainer: Trainer, batch_size: int, seq_len: int):
     return state, batch
 
 
-_SIZE = r"([\d.]+)([KMGTP]?)i?B?"
 _OOM_PATTERNS = (
-    ("HLO temporaries", re.compile(rf"temporaries \({_SIZE}\) exceeds available HBM \({_SIZE}\)")),
-    ("total", re.compile(rf"Used {_SIZE} of {_SIZE} hbm")),
+    ("HLO temporaries", re.compile(rf"temporaries \({SIZE}\) exceeds available HBM \({SIZE}\)")),
+    ("total", re.compile(rf"Used {SIZE} of {SIZE} hbm")),
 )
-_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
 
 
 def parse_oom(message: str) -> dict | None:
@@ -168,7 +174,7 @@ def parse_oom(message: str) -> dict | None:
     for what, pattern in _OOM_PATTERNS:
         m = pattern.search(message)
         if m:
-            num = [float(m.group(i)) * _UNITS[m.group(i + 1)] for i in (1, 3)]
+            num = [size_bytes(m.group(i), m.group(i + 1)) for i in (1, 3)]
             oom.update(what=what, required=num[0], available=num[1])
             break
     return oom
@@ -179,19 +185,25 @@ def _first_line(error) -> str:
     return lines[0].strip() if lines else type(error).__name__
 
 
-def _hlo_text(compiled) -> str | None:
-    """The optimised HLO of a compiled program, or None where the backend cannot print it."""
-    for get in (
-        lambda: compiled.as_text(),
-        lambda: compiled.runtime_executable().hlo_modules()[0].to_string(),
-    ):
+def _compile(lowered, platform: str):
+    """(compiled or None, oom or None, optimised HLO text or None, largest buffers or None).
+
+    A TPU compile dumps its HLO and memory report to a temporary directory and they are read
+    from there: libtpu's HLO can be newer than what jaxlib parses back (`as_text()` then fails
+    a RET_CHECK), and the dump is written even when the program runs out of memory. The CPU
+    compiler's own HLO prints directly."""
+    with tempfile.TemporaryDirectory(prefix="jaxpipe-aot-") as dump:
+        options = dump_options(dump) if platform == "tpu" else None
         try:
-            text = get()
-        except Exception:  # noqa: BLE001 - printing is optional; some backends refuse it
-            continue
-        if text:
-            return text
-    return None
+            compiled, oom = lowered.compile(compiler_options=options), None
+        except jax.errors.JaxRuntimeError as e:
+            oom = parse_oom(str(e))
+            if oom is None:
+                raise
+            compiled = None
+        if platform == "tpu":
+            return compiled, oom, optimized_hlo(dump), largest_buffers(dump)
+    return compiled, oom, None if compiled is None else compiled.as_text(), None
 
 
 MEMORY_FIELDS = ("arguments", "outputs", "aliased", "temporaries", "code", "total")
@@ -206,6 +218,8 @@ class AotReport:
     code; None when the compile ran out of memory, then `oom` holds the compiler's figures
     (what it measured, required, available). flops: XLA's cost analysis of the program, per
     device; it counts a loop body once, so the executor's tick loop is under-counted.
+    largest_buffers: the biggest allocations of the compiler's memory-usage report (TPU only),
+    with the shapes of the values sharing each; there even when the step does not fit.
     permute_overlap: per ppermute start/done pair, the compute and matmul instructions the
     scheduler put between them (`hlo.permute_overlap`); None when the HLO cannot be printed.
     """
@@ -229,6 +243,7 @@ class AotReport:
     fits: bool
     predicted_bytes: float  # the planner's largest per-stage memory estimate
     flops: float | None
+    largest_buffers: list | None
     permute_overlap: list | None
     compile_s: float
 
@@ -254,12 +269,15 @@ class AotReport:
             "per device (compiler):",
         ]
         if self.memory is not None:
-            rows += [f"  {k:<13}{_size(self.memory[k]):>12}" for k in MEMORY_FIELDS]
+            rows += [f"  {k:<13} {_size(self.memory[k]):>12}" for k in MEMORY_FIELDS]
         else:
             o = self.oom
             need = "?" if o["required"] is None else _size(o["required"])
             have = "?" if o["available"] is None else _size(o["available"])
             rows.append(f"  out of memory: {o['what'] or 'memory'} {need} > available {have}")
+        if self.largest_buffers:
+            rows.append("largest buffers (compiler's memory-usage report):")
+            rows += [f"  {_size(b['bytes']):>12}  {b['shapes']}" for b in self.largest_buffers]
         rows += [
             f"HBM per device {_size(self.hbm_bytes)} ({self.hbm_source})",
             f"fits: {'yes' if self.fits else 'no'}",
@@ -333,16 +351,9 @@ def compile_step(
     trainer = Trainer.create(model, pcfg, tcfg, layout=plan.layout, devices=topo.devices)
     state, batch = abstract_inputs(trainer, batch_size, seq_len)
     t0 = time.perf_counter()
-    lowered = trainer.step_fn.lower(state, batch)
-    try:
-        compiled, oom = lowered.compile(), None
-    except jax.errors.JaxRuntimeError as e:
-        oom = parse_oom(str(e))
-        if oom is None:
-            raise
-        compiled = None
+    compiled, oom, text, largest = _compile(trainer.step_fn.lower(state, batch), topo.platform)
     compile_s = time.perf_counter() - t0
-    memory = flops = overlap = None
+    memory = flops = None
     hbm, hbm_source = topo.hbm_bytes, topo.hbm_source
     if compiled is not None:
         m = compiled.memory_analysis()
@@ -358,8 +369,6 @@ def compile_step(
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         flops = float(cost["flops"]) if cost and "flops" in cost else None
-        text = _hlo_text(compiled)
-        overlap = None if text is None else permute_overlap(text)
     elif oom["available"] is not None:
         hbm, hbm_source = oom["available"], "compiler"
     fits = memory is not None and (topo.platform == "tpu" or memory["total"] <= hbm)
@@ -383,6 +392,7 @@ def compile_step(
         fits=fits,
         predicted_bytes=max(st.memory_bytes for st in plan.stages),
         flops=flops,
-        permute_overlap=overlap,
+        largest_buffers=largest,
+        permute_overlap=None if text is None else permute_overlap(text),
         compile_s=compile_s,
     )

@@ -94,12 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="with --aot: a TPU slice such as v5p:4x4x4 (needs the tpu extra) or cpu:N",
     )
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
-    args = ap.parse_args(argv)
-    if args.aot and args.topology is None:
-        ap.error("--aot needs --topology, e.g. --topology v5p:4x4x4 or --topology cpu:8")
-    if args.topology is not None and not args.aot:
-        ap.error("--topology is for compiling the step; add --aot")
-    return args
+    return ap.parse_args(argv)
 
 
 def compute_dtype(name: str) -> str:
@@ -146,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> None:
+        if args.aot and args.topology is None:
+            raise ConfigError("--aot needs --topology, e.g. --topology v5p:4x4x4 or cpu:8")
+        if args.topology is not None and not args.aot:
+            raise ConfigError("--topology is for compiling the training step; add --aot")
         if args.aot:
             aot.prepare_host(args.topology)  # before JAX starts
         result = run(args)
