@@ -31,7 +31,7 @@ from jax.experimental import topologies
 
 from jaxpipe import model as M
 from jaxpipe.config import ConfigError, ModelConfig, PipelineConfig
-from jaxpipe.costs import PROFILES, DeviceProfile
+from jaxpipe.costs import PROFILES, DeviceProfile, host_memory
 from jaxpipe.hlo import (
     SIZE,
     dump_options,
@@ -118,10 +118,7 @@ def get_topology(name: str) -> Topology:
                 f"force them before JAX starts with jaxpipe.mesh.force_cpu_devices({size}) "
                 f"(python -m jaxpipe.plan --aot does so itself)"
             )
-        try:
-            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError, AttributeError):
-            ram = float("nan")
+        ram = host_memory()
         return Topology(name, "cpu", tuple(have[:size]), ram / size, f"host RAM / {size}")
     if importlib.util.find_spec("libtpu") is None:
         raise ConfigError(
