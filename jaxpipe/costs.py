@@ -167,6 +167,14 @@ def _model_rates(cfg: ModelConfig, b: int, T: int, reps: int = 7) -> tuple[float
     return block, head
 
 
+def host_memory() -> float:
+    """This host's physical memory in bytes (16 GiB where the system does not say)."""
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return float(16 * GiB)
+
+
 def calibrate_cpu(
     model_cfg: ModelConfig | None = None,
     microbatch: int | None = None,
@@ -192,11 +200,7 @@ def calibrate_cpu(
         flops, head_flops = _block_rate(2, 128, 512, 2048, 8), _softmax_rate(256, 512, 32000)
     buf = _cpu_array((16 * 2**20,))
     bandwidth = buf.nbytes / best_time(jax.jit(jnp.sum), buf)
-    try:
-        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        mem = 16 * GiB
-    profile = DeviceProfile("cpu", flops, bandwidth, float(mem), bandwidth, head_flops)
+    profile = DeviceProfile("cpu", flops, bandwidth, host_memory(), bandwidth, head_flops)
     _CPU_PROFILE[key] = profile
     return profile
 

@@ -5,6 +5,14 @@
 
 Runs on a CPU host in well under a minute for the 175B preset (three single-layer compiles from
 abstract shapes); prints the per-stage table, or the plan as JSON with --json.
+
+With --aot --topology v5p:4x4x4 (or cpu:N) it compiles the whole training step for that
+topology instead, from abstract shapes, and prints the compiler's per-device memory next to the
+planner's prediction (`jaxpipe.aot`):
+
+    python -m jaxpipe.plan --aot --model llama-3-70b --topology v5p:4x4x4 --data 4 --pipe 8 \\
+        --tensor 2 --schedule 1f1b --microbatches 16 --global_batch 256 --seq_len 4096 \\
+        --remat layer [--json]
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxpipe import cli
+from jaxpipe import aot, cli
 from jaxpipe.config import (
     PRESETS,
     REMAT_MODES,
@@ -30,7 +38,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 def parse_args(argv=None) -> argparse.Namespace:
     ap = cli.ArgumentParser(prog="python -m jaxpipe.plan", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="small", help=f"preset: {', '.join(PRESETS)}")
-    ap.add_argument("--stages", type=int, default=4)
+    ap.add_argument("--stages", "--pipe", dest="stages", type=int, default=4)
     ap.add_argument("--microbatches", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument(
@@ -40,24 +48,52 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="default: gpipe, or circular when --repeats > 1",
     )
     ap.add_argument("--remat", default="none", choices=REMAT_MODES)
-    ap.add_argument("--data_parallel", type=int, default=1)
-    ap.add_argument("--tensor_parallel", type=int, default=1)
+    ap.add_argument("--data_parallel", "--data", dest="data_parallel", type=int, default=1)
+    ap.add_argument("--tensor_parallel", "--tensor", dest="tensor_parallel", type=int, default=1)
+    ap.add_argument(
+        "--embed_head",
+        default=None,
+        choices=("outside", "inside"),
+        help="where the embedding and head run (PipelineConfig.embed_head); default: charged "
+        "to the first and last stage by the planner, the trainer's default (outside) with --aot",
+    )
     ap.add_argument(
         "--batch_size",
+        "--global_batch",
+        dest="batch_size",
         type=int,
         default=None,
         help="global batch; default microbatches x data_parallel",
     )
     ap.add_argument("--seq_len", type=int, default=None, help="default: the model's max_seq_len")
-    ap.add_argument("--device", default="cpu", help=f"one of {', '.join(DEVICES)}")
-    ap.add_argument("--method", default="cost", help=f"one of {', '.join(METHODS)}")
+    ap.add_argument(
+        "--device",
+        default=None,
+        help=f"one of {', '.join(DEVICES)} (default: cpu, or the --topology's chip with --aot)",
+    )
+    ap.add_argument(
+        "--method",
+        default=None,
+        help=f"one of {', '.join(METHODS)} (default: cost, or uniform with --aot: the "
+        "trainer's default layout)",
+    )
     ap.add_argument(
         "--dtype",
         default=None,
         help=f"compute dtype to cost, one of {COMPUTE_DTYPES} (default: bfloat16 on "
         "accelerators, else the model's)",
     )
-    ap.add_argument("--json", action="store_true", help="print the plan as JSON")
+    ap.add_argument(
+        "--aot",
+        action="store_true",
+        help="compile the whole training step for --topology and report its memory",
+    )
+    ap.add_argument(
+        "--topology",
+        default=None,
+        help="with --aot: a TPU slice such as v5p:4x4x4 (needs the tpu extra) or cpu:N",
+    )
+    ap.add_argument("--json", action="store_true", help="print the result as JSON")
     return ap.parse_args(argv)
 
 
@@ -69,9 +105,13 @@ def compute_dtype(name: str) -> str:
 
 
 def run(args: argparse.Namespace):
-    dtype = args.dtype if args.dtype is not None else ("bfloat16" if args.device != "cpu" else None)
+    """The plan, or with --aot the compiled step's `aot.AotReport`."""
+    device = args.device or (aot.profile_name(args.topology) if args.aot else "cpu")
+    method = args.method or ("uniform" if args.aot else "cost")
+    dtype = args.dtype if args.dtype is not None else ("bfloat16" if device != "cpu" else None)
     model_cfg = get_preset(args.model, dtype=None if dtype is None else compute_dtype(dtype))
     schedule = args.schedule or ("circular" if args.repeats > 1 else "gpipe")
+    embed_head = {} if args.embed_head is None else {"embed_head": args.embed_head}
     pipe_cfg = PipelineConfig(
         num_stages=args.stages,
         num_microbatches=args.microbatches,
@@ -80,13 +120,20 @@ def run(args: argparse.Namespace):
         remat=args.remat,
         data_parallel=args.data_parallel,
         tensor_parallel=args.tensor_parallel,
+        **embed_head,
     )
     batch = args.microbatches * args.data_parallel if args.batch_size is None else args.batch_size
     seq_len = model_cfg.max_seq_len if args.seq_len is None else args.seq_len
     if seq_len < 1:
         raise ConfigError(f"--seq_len must be >= 1, got {seq_len}")
+    if args.aot:
+        return aot.compile_step(model_cfg, pipe_cfg, batch_size=batch, seq_len=seq_len,
+                                topology=args.topology, method=method, device=device)
+    inside = {} if args.embed_head is None else {
+        "embed_in_first": args.embed_head == "inside", "head_in_last": args.embed_head == "inside"
+    }
     return make_plan(
-        model_cfg, pipe_cfg, args.method, batch_size=batch, seq_len=seq_len, device=args.device
+        model_cfg, pipe_cfg, method, batch_size=batch, seq_len=seq_len, device=device, **inside
     )
 
 
@@ -94,8 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> None:
-        plan = run(args)
-        print(plan.to_json() if args.json else plan.table())
+        if args.aot and args.topology is None:
+            raise ConfigError("--aot needs --topology, e.g. --topology v5p:4x4x4 or cpu:8")
+        if args.topology is not None and not args.aot:
+            raise ConfigError("--topology is for compiling the training step; add --aot")
+        if args.aot:
+            aot.prepare_host(args.topology)  # before JAX starts
+        result = run(args)
+        print(result.to_json() if args.json else result.table())
 
     return cli.guard(body)
 

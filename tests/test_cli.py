@@ -157,7 +157,7 @@ CASES = {
         "--model tiny --data_parallel 0",
         r"data_parallel must be a positive integer, got 0",
     ),
-    "plan stages not a number": ("plan", "--stages abc", r"argument --stages: invalid int"),
+    "plan stages not a number": ("plan", "--stages abc", r"argument --stages/--pipe: invalid int"),
     "plan unknown flag": ("plan", "--model tiny --bogus", r"unrecognized arguments: --bogus"),
     "plan huge stage count": (
         "plan",

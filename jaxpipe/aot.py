@@ -1,0 +1,395 @@
+"""Ahead-of-time compilation of the real training step for a device topology, nothing allocated.
+
+`compile_step` builds the `Trainer` (the jitted forward + backward + AdamW step running the
+pipeline executor) on the devices of a topology, lowers it from abstract shapes (the train
+state from `jax.eval_shape` with the trainer's own shardings attached, the token batch with the
+pipeline's batch sharding) and compiles it. Nothing runs and no array is created, so a
+70B-parameter step for a TPU pod compiles on a CPU host. The compiler's per-device memory
+(arguments, outputs, temporaries, aliased) says whether the step fits, next to the planner's
+prediction for the same configuration.
+
+Topologies: `<generation>:<chips>` such as `v5p:4x4x4` (64 chips) compile for TPU through
+libtpu's compile-only devices (`pip install 'jaxpipe[tpu]'`; no TPU needed); `cpu:N` compiles
+for the first N of this process's CPU devices (force them before JAX starts:
+`prepare_host`, or `jaxpipe.mesh.force_cpu_devices`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import importlib.util
+import json
+import os
+import re
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import topologies
+
+from jaxpipe import model as M
+from jaxpipe.config import ConfigError, ModelConfig, PipelineConfig
+from jaxpipe.costs import PROFILES, DeviceProfile, host_memory
+from jaxpipe.hlo import (
+    SIZE,
+    dump_options,
+    largest_buffers,
+    optimized_hlo,
+    permute_overlap,
+    size_bytes,
+)
+from jaxpipe.mesh import force_cpu_devices
+from jaxpipe.partition import make_plan
+from jaxpipe.train import TrainConfig, Trainer
+
+TPU_GENERATIONS = ("v4", "v5e", "v5p", "v6e")
+# HBM per chip from the device profiles' spec-sheet figures (v4 32 GiB, v5e 16, v5p 95, v6e 32).
+# Compile-only devices report no memory (`memory_stats` needs an attached chip), so this table
+# is the capacity unless the compiler names its own in an out-of-memory error.
+CHIP_HBM_BYTES = {gen: PROFILES[f"tpu-{gen}"].hbm_bytes for gen in TPU_GENERATIONS}
+TPU_EXTRA = "pip install 'jaxpipe[tpu]'"
+_TOPOLOGY = re.compile(r"^(?:cpu:(\d+)|(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2}))$")
+# libtpu on a host with no TPU chip only compiles. Its lock against a second process using the
+# chips is then moot (without ALLOW_MULTIPLE_LIBTPU_LOAD two compiling processes fail with
+# "libtpu multi-process lockfile"), and naming the host a one-host slice stops libtpu from
+# warning that it cannot read TPU metadata. Set only where unset and no chip is attached.
+_COMPILE_ONLY_ENV = {
+    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+    "TPU_HOST_BOUNDS": "1,1,1",
+    "TPU_WORKER_HOSTNAMES": "localhost",
+}
+
+
+def parse_topology(name: str) -> tuple[str, str | int]:
+    """`cpu:N` -> ("cpu", N); `v5p:4x4x4` -> ("v5p", "4x4x4"); else a ConfigError."""
+    m = _TOPOLOGY.match(name) if isinstance(name, str) else None
+    if m is None or (m.group(1) is not None and int(m.group(1)) < 1):
+        raise ConfigError(
+            f"unknown topology {name!r}; use <generation>:<chips> with generation one of "
+            f"{TPU_GENERATIONS} (e.g. v5p:4x4x4, v5e:4x4), or cpu:N for N CPU devices"
+        )
+    if m.group(1) is not None:
+        return "cpu", int(m.group(1))
+    return m.group(2), m.group(3)
+
+
+def profile_name(topology: str) -> str:
+    """The planner's device profile for a topology: `tpu-v5p` for `v5p:...`, `cpu` for `cpu:N`."""
+    kind, _ = parse_topology(topology)
+    return "cpu" if kind == "cpu" else f"tpu-{kind}"
+
+
+def prepare_host(topology: str) -> None:
+    """Call before JAX starts: N CPU devices for `cpu:N`, and the host CPU as JAX's platform
+    (unless JAX_PLATFORMS names one), so that no attached accelerator is opened."""
+    kind, n = parse_topology(topology)
+    if not os.environ.get("JAX_PLATFORMS"):
+        jax.config.update("jax_platforms", "cpu")
+    if kind == "cpu":
+        try:
+            force_cpu_devices(n)
+        except RuntimeError:  # JAX already started; `get_topology` checks the device count
+            pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    name: str
+    platform: str  # "tpu" or "cpu"
+    devices: tuple
+    hbm_bytes: float  # per device: the chip's HBM over its devices, or host RAM / N on CPU
+    hbm_source: str
+
+
+def _chip_attached() -> bool:
+    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def get_topology(name: str) -> Topology:
+    """The devices of a topology string (see the module docstring); raises naming the fix."""
+    kind, size = parse_topology(name)
+    if kind == "cpu":
+        have = jax.devices("cpu")
+        if len(have) < size:
+            raise ConfigError(
+                f"topology {name} needs {size} CPU devices but this process has {len(have)}; "
+                f"force them before JAX starts with jaxpipe.mesh.force_cpu_devices({size}) "
+                f"(python -m jaxpipe.plan --aot does so itself)"
+            )
+        ram = host_memory()
+        return Topology(name, "cpu", tuple(have[:size]), ram / size, f"host RAM / {size}")
+    if importlib.util.find_spec("libtpu") is None:
+        raise ConfigError(
+            f"compiling for TPU topology {name} needs libtpu, which is not installed; "
+            f"install it with {TPU_EXTRA}"
+        )
+    if not _chip_attached():
+        for var, value in _COMPILE_ONLY_ENV.items():
+            os.environ.setdefault(var, value)
+    try:
+        devices = topologies.get_topology_desc(name, "tpu").devices
+    except jax.errors.JaxRuntimeError as e:
+        raise ConfigError(f"libtpu rejects topology {name!r}: {_first_line(e)}") from None
+    per_chip: dict[tuple, int] = {}
+    for d in devices:
+        key = tuple(getattr(d, "coords", (d.id,)))
+        per_chip[key] = per_chip.get(key, 0) + 1
+    share = max(per_chip.values())
+    hbm = CHIP_HBM_BYTES[kind] / share
+    source = "spec sheet" + (f", chip / {share} devices" if share > 1 else "")
+    return Topology(name, "tpu", tuple(devices), hbm, source)
+
+
+def abstract_inputs(trainer: Trainer, batch_size: int, seq_len: int):
+    """(train state, token batch) as ShapeDtypeStructs carrying the trainer's shardings."""
+    shapes = jax.eval_shape(trainer.init_state, M.abstract_params(trainer.pipe.model))
+    state = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        shapes,
+        trainer.shardings,
+    )
+    batch = jax.ShapeDtypeStruct(
+        (batch_size, seq_len + 1), jnp.int32, sharding=trainer.pipe.batch_sharding()
+    )
+    return state, batch
+
+
+_OOM_PATTERNS = (
+    ("HLO temporaries", re.compile(rf"temporaries \({SIZE}\) exceeds available HBM \({SIZE}\)")),
+    ("total", re.compile(rf"Used {SIZE} of {SIZE} hbm")),
+)
+
+
+def parse_oom(message: str) -> dict | None:
+    """A compiler out-of-memory message -> {"what", "required", "available" (bytes),
+    "message"}; None if `message` is not one."""
+    if "RESOURCE_EXHAUSTED" not in message and "HbmOom" not in message:
+        return None
+    oom = {"what": None, "required": None, "available": None, "message": _first_line(message)}
+    for what, pattern in _OOM_PATTERNS:
+        m = pattern.search(message)
+        if m:
+            num = [size_bytes(m.group(i), m.group(i + 1)) for i in (1, 3)]
+            oom.update(what=what, required=num[0], available=num[1])
+            break
+    return oom
+
+
+def _first_line(error) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[0].strip() if lines else type(error).__name__
+
+
+def _compile(lowered, platform: str):
+    """(compiled or None, oom or None, optimised HLO text or None, largest buffers or None).
+
+    A TPU compile dumps its HLO and memory report to a temporary directory and they are read
+    from there: libtpu's HLO can be newer than what jaxlib parses back (`as_text()` then fails
+    a RET_CHECK), and the dump is written even when the program runs out of memory. The CPU
+    compiler's own HLO prints directly."""
+    with tempfile.TemporaryDirectory(prefix="jaxpipe-aot-") as dump:
+        options = dump_options(dump) if platform == "tpu" else None
+        try:
+            compiled, oom = lowered.compile(compiler_options=options), None
+        except jax.errors.JaxRuntimeError as e:
+            oom = parse_oom(str(e))
+            if oom is None:
+                raise
+            compiled = None
+        if platform == "tpu":
+            return compiled, oom, optimized_hlo(dump), largest_buffers(dump)
+    return compiled, oom, None if compiled is None else compiled.as_text(), None
+
+
+MEMORY_FIELDS = ("arguments", "outputs", "aliased", "temporaries", "code", "total")
+
+
+@dataclasses.dataclass(frozen=True)
+class AotReport:
+    """What the compiler says about one training step on one topology (bytes per device).
+
+    memory: arguments, outputs, aliased (outputs reusing donated argument buffers),
+    temporaries, code (the program) and total = arguments + outputs - aliased + temporaries +
+    code; None when the compile ran out of memory, then `oom` holds the compiler's figures
+    (what it measured, required, available). flops: XLA's cost analysis of the program, per
+    device; it counts a loop body once, so the executor's tick loop is under-counted.
+    largest_buffers: the biggest allocations of the compiler's memory-usage report (TPU only),
+    with the shapes of the values sharing each; there even when the step does not fit.
+    permute_overlap: per ppermute start/done pair, the compute and matmul instructions the
+    scheduler put between them (`hlo.permute_overlap`); None when the HLO cannot be printed.
+    """
+
+    model: str
+    topology: str
+    device_kind: str
+    num_devices: int
+    mesh: tuple[int, int, int]  # data, pipe, tensor
+    schedule: str
+    num_microbatches: int
+    remat: str
+    batch_size: int
+    seq_len: int
+    dtype: str
+    layout: tuple[int, ...]
+    memory: dict | None
+    oom: dict | None
+    hbm_bytes: float
+    hbm_source: str
+    fits: bool
+    predicted_bytes: float  # the planner's largest per-stage memory estimate
+    flops: float | None
+    largest_buffers: list | None
+    permute_overlap: list | None
+    compile_s: float
+
+    @property
+    def ratio(self) -> float | None:
+        """Compiled total / the planner's prediction."""
+        return None if self.memory is None else self.memory["total"] / self.predicted_bytes
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "mesh": list(self.mesh), "layout": list(self.layout),
+                "ratio": self.ratio}
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def table(self) -> str:
+        d, p, t = self.mesh
+        rows = [
+            f"aot: {self.model} on {self.topology} ({self.num_devices} x {self.device_kind}), "
+            f"data {d} x pipe {p} x tensor {t}, schedule {self.schedule}, "
+            f"M={self.num_microbatches}, remat {self.remat}, batch {self.batch_size} x seq "
+            f"{self.seq_len}, {self.dtype}",
+            "per device (compiler):",
+        ]
+        if self.memory is not None:
+            rows += [f"  {k:<13} {_size(self.memory[k]):>12}" for k in MEMORY_FIELDS]
+        else:
+            o = self.oom
+            need = "?" if o["required"] is None else _size(o["required"])
+            have = "?" if o["available"] is None else _size(o["available"])
+            rows.append(f"  out of memory: {o['what'] or 'memory'} {need} > available {have}")
+        if self.largest_buffers:
+            rows.append("largest buffers (compiler's memory-usage report):")
+            rows += [f"  {_size(b['bytes']):>12}  {b['shapes']}" for b in self.largest_buffers]
+        rows += [
+            f"HBM per device {_size(self.hbm_bytes)} ({self.hbm_source})",
+            f"fits: {'yes' if self.fits else 'no'}",
+            f"planner predicted {_size(self.predicted_bytes)} per device"
+            + ("" if self.ratio is None else f"; compiled / predicted {self.ratio:.2f}"),
+        ]
+        if self.flops is not None:
+            rows.append(f"XLA flops per device {self.flops:.3e} (loop bodies counted once)")
+        if self.permute_overlap is None:
+            rows.append("ppermute overlap: HLO not readable")
+        elif not self.permute_overlap:
+            rows.append("ppermute overlap: none (no asynchronous collective-permute)")
+        else:
+            compute = [o["compute"] for o in self.permute_overlap]
+            matmul = [o["matmul"] for o in self.permute_overlap]
+            rows.append(
+                f"ppermute overlap: compute ops between start and done {compute}, of which "
+                f"matmuls {matmul}"
+            )
+        rows.append(f"compile {self.compile_s:.1f} s")
+        return "\n".join(rows)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _size(n: float) -> str:
+    for unit, k in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= k:
+            return f"{n / k:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def compile_step(
+    model: ModelConfig,
+    pcfg: PipelineConfig,
+    *,
+    batch_size: int,
+    seq_len: int,
+    topology: str,
+    method: str = "uniform",
+    device: str | DeviceProfile | None = None,
+) -> AotReport:
+    """Compiles the training step of `model` pipelined by `pcfg` for `topology`, abstractly.
+
+    Args:
+      model, pcfg: the model (its `dtype` is the compute dtype) and the pipeline shape; the
+        mesh product data x pipe x tensor must equal the topology's device count.
+      batch_size, seq_len: the global batch and the sequence length of a step.
+      topology: `v5p:4x4x4`-style TPU slice (needs libtpu) or `cpu:N`.
+      method: the planner's partition method; its layout is the one compiled.
+      device: the planner's device profile (default: the topology's, see `profile_name`).
+    Returns:
+      An `AotReport`. A compile that runs out of device memory is reported (fits False, the
+      compiler's figures in `oom`), not raised.
+    """
+    topo = get_topology(topology)
+    if pcfg.num_devices != len(topo.devices):
+        raise ConfigError(
+            f"data x pipe x tensor = {pcfg.data_parallel} x {pcfg.num_stages} x "
+            f"{pcfg.tensor_parallel} = {pcfg.num_devices} devices, but topology {topology} has "
+            f"{len(topo.devices)}; make the product {len(topo.devices)}"
+        )
+    inside = pcfg.embed_head == "inside"
+    plan = make_plan(
+        model, pcfg, method, batch_size=batch_size, seq_len=seq_len,
+        device=profile_name(topology) if device is None else device,
+        embed_in_first=inside, head_in_last=inside,
+    )
+    tcfg = TrainConfig(batch_size=batch_size, seq_len=seq_len)
+    trainer = Trainer.create(model, pcfg, tcfg, layout=plan.layout, devices=topo.devices)
+    state, batch = abstract_inputs(trainer, batch_size, seq_len)
+    t0 = time.perf_counter()
+    compiled, oom, text, largest = _compile(trainer.step_fn.lower(state, batch), topo.platform)
+    compile_s = time.perf_counter() - t0
+    memory = flops = None
+    hbm, hbm_source = topo.hbm_bytes, topo.hbm_source
+    if compiled is not None:
+        m = compiled.memory_analysis()
+        memory = {
+            "arguments": m.argument_size_in_bytes,
+            "outputs": m.output_size_in_bytes,
+            "aliased": m.alias_size_in_bytes,
+            "temporaries": m.temp_size_in_bytes,
+            "code": m.generated_code_size_in_bytes,
+        }
+        memory["total"] = (memory["arguments"] + memory["outputs"] - memory["aliased"]
+                           + memory["temporaries"] + memory["code"])
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        flops = float(cost["flops"]) if cost and "flops" in cost else None
+    elif oom["available"] is not None:
+        hbm, hbm_source = oom["available"], "compiler"
+    fits = memory is not None and (topo.platform == "tpu" or memory["total"] <= hbm)
+    return AotReport(
+        model=model.name,
+        topology=topology,
+        device_kind=topo.devices[0].device_kind,
+        num_devices=len(topo.devices),
+        mesh=(pcfg.data_parallel, pcfg.num_stages, pcfg.tensor_parallel),
+        schedule=pcfg.schedule,
+        num_microbatches=pcfg.num_microbatches,
+        remat=pcfg.remat,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        dtype=model.dtype,
+        layout=tuple(plan.layout.layer_counts),
+        memory=memory,
+        oom=oom,
+        hbm_bytes=float(hbm),
+        hbm_source=hbm_source,
+        fits=fits,
+        predicted_bytes=max(st.memory_bytes for st in plan.stages),
+        flops=flops,
+        largest_buffers=largest,
+        permute_overlap=None if text is None else permute_overlap(text),
+        compile_s=compile_s,
+    )

@@ -1,0 +1,234 @@
+"""Ahead-of-time compilation of the training step: TPU topologies via libtpu, forced CPU devices."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxpipe import aot
+from jaxpipe import plan as plan_cli
+from jaxpipe.config import ConfigError, PipelineConfig, get_preset
+from jaxpipe.hlo import permute_overlap
+from jaxpipe.train import TrainConfig, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason=f"libtpu is not installed; {aot.TPU_EXTRA} (the tpu extra) runs these tests",
+)
+TINY = get_preset("tiny").replace(num_layers=2)  # one layer a stage: the quickest compile
+
+
+def shard_bytes(tree) -> int:
+    """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (the largest
+    shard; every device holds the same amount here)."""
+    leaves = jax.tree.leaves(tree)
+    return sum(
+        math.prod(a.sharding.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize for a in leaves
+    )
+
+
+def check_memory(report):
+    m = report.memory
+    assert all(m[k] >= 0 for k in aot.MEMORY_FIELDS)
+    assert m["arguments"] > 0 and m["temporaries"] > 0
+    assert m["aliased"] <= m["arguments"]  # the donated state
+    assert m["total"] == m["arguments"] + m["outputs"] - m["aliased"] + m["temporaries"] + m[
+        "code"
+    ]
+    assert m["total"] >= m["arguments"]
+    assert report.predicted_bytes > 0
+    assert report.ratio == pytest.approx(m["total"] / report.predicted_bytes)
+
+
+@needs_libtpu
+def test_tiny_step_compiles_for_a_v5p_slice():
+    model = TINY.replace(dtype="bfloat16")
+    pcfg = PipelineConfig(num_stages=2, num_microbatches=4, data_parallel=2)
+    report = aot.compile_step(model, pcfg, batch_size=8, seq_len=64, topology="v5p:2x2x1")
+    assert report.num_devices == 4 and report.device_kind.startswith("TPU v5")
+    assert report.fits and report.oom is None
+    check_memory(report)
+    assert report.hbm_bytes == aot.CHIP_HBM_BYTES["v5p"]
+    assert report.flops > 0
+    assert report.largest_buffers and all(
+        0 < b["bytes"] <= report.memory["total"] for b in report.largest_buffers
+    )
+    # The forward ring and the backward ring each send with ppermute.
+    assert report.permute_overlap is not None and len(report.permute_overlap) >= 2
+    assert all(o["compute"] is None or o["compute"] >= o["matmul"] >= 0
+               for o in report.permute_overlap)
+    out = json.loads(report.to_json())
+    assert out["memory"] == report.memory and out["fits"] is True
+    assert "fits: yes" in report.table()
+
+
+def test_tiny_step_compiles_for_eight_cpu_devices():
+    pcfg = PipelineConfig(num_stages=2, num_microbatches=1, data_parallel=4)
+    # The planner's profile sets stage times, not the memory it predicts: a named one spares
+    # the CPU calibration.
+    report = aot.compile_step(
+        TINY, pcfg, batch_size=4, seq_len=8, topology="cpu:8", device="tpu-v5p"
+    )
+    assert report.num_devices == 8 and report.fits
+    check_memory(report)
+    # The arguments are exactly this device's shards of the train state and the batch.
+    trainer = Trainer.create(TINY, pcfg, TrainConfig(batch_size=4, seq_len=8),
+                             devices=jax.devices("cpu")[:8])
+    state, batch = aot.abstract_inputs(trainer, 4, 8)
+    assert report.memory["arguments"] == shard_bytes((state, batch))
+    assert report.memory["aliased"] == shard_bytes(state)
+
+
+def test_oom_messages_parse():
+    short = (
+        "RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total "
+        "memory required for HLO temporaries (324.53G) exceeds available HBM (95.73G). HLO "
+        "module: jit__step.\nSee https://openxla.org/xla/errors/error_1000 for more details."
+    )
+    oom = aot.parse_oom(short)
+    assert oom["what"] == "HLO temporaries"
+    assert oom["required"] == pytest.approx(324.53 * 2**30)
+    assert oom["available"] == pytest.approx(95.73 * 2**30)
+    assert oom["message"].startswith("RESOURCE_EXHAUSTED") and "\n" not in oom["message"]
+    full = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory "
+            "space hbm. Used 120.50G of 95.74G hbm. Exceeded hbm capacity by 24.76G.")
+    oom = aot.parse_oom(full)
+    assert oom["what"] == "total" and oom["required"] == pytest.approx(120.5 * 2**30)
+    assert aot.parse_oom("INVALID_ARGUMENT: something else") is None
+
+
+HLO = """\
+HloModule m, is_scheduled=true
+
+%fused_dot (p0: f32[4,4], p1: f32[4,4]) -> f32[4,4] {
+  %p0 = f32[4,4]{1,0} parameter(0)
+  %p1 = f32[4,4]{1,0} parameter(1)
+  ROOT %d = f32[4,4]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%fused_add (p0: f32[4,4]) -> f32[4,4] {
+  %p0 = f32[4,4]{1,0} parameter(0)
+  ROOT %a = f32[4,4]{1,0} add(%p0, %p0)
+}
+
+ENTRY %main (x: f32[4,4]) -> f32[4,4] {
+  %x = f32[4,4]{1,0} parameter(0)
+  %cps = (f32[4,4]{1,0:S(1)}, f32[4,4]{1,0}, u32[]{:S(2)}) collective-permute-start(%x), \
+channel_id=1, source_target_pairs={{0,1},{1,0}}
+  %f1 = f32[4,4]{1,0} fusion(%x, %x), kind=kOutput, calls=%fused_dot
+  %f2 = f32[4,4]{1,0} fusion(%f1), kind=kLoop, calls=%fused_add
+  %b = f32[4,4]{1,0} bitcast(%f2)
+  %cpd = f32[4,4]{1,0} collective-permute-done(%cps)
+  %cps.1 = (f32[4,4]{1,0}, f32[4,4]{1,0}, u32[]) collective-permute-start(%cpd), \
+source_target_pairs={{0,1},{1,0}}
+  %cpd.1 = f32[4,4]{1,0} collective-permute-done(%cps.1)
+  ROOT %r = f32[4,4]{1,0} add(%cpd.1, %b)
+}
+"""
+
+
+def test_permute_overlap_counts_compute_between_start_and_done():
+    text = HLO.replace("\\\n", "")
+    assert permute_overlap(text) == [
+        {"computation": "main", "compute": 2, "matmul": 1},
+        {"computation": "main", "compute": 0, "matmul": 0},
+    ]
+
+
+def test_topology_names():
+    assert aot.parse_topology("v5p:4x4x4") == ("v5p", "4x4x4")
+    assert aot.parse_topology("v5e:2x2") == ("v5e", "2x2")
+    assert aot.parse_topology("cpu:16") == ("cpu", 16)
+    assert aot.profile_name("v6e:4x4") == "tpu-v6e" and aot.profile_name("cpu:2") == "cpu"
+    for bad in ("v7:2x2x1", "cpu:0", "cpu", "v5p", "tpu:4", "v5p:4x4x4x4"):
+        with pytest.raises(ConfigError, match="unknown topology"):
+            aot.parse_topology(bad)
+
+
+AOT_ARGS = ["--aot", "--model", "tiny", "--microbatches", "2", "--seq_len", "16"]
+
+
+def test_cli_errors(capsys, monkeypatch):
+    jax.devices()  # JAX has started: the CLI cannot force another CPU device count
+    cases = [
+        (["--aot"], "--aot needs --topology"),
+        (["--topology", "cpu:8"], "add --aot"),
+        ([*AOT_ARGS, "--topology", "v9:2x2"], "unknown topology 'v9:2x2'"),
+        ([*AOT_ARGS, "--topology", "cpu:8", "--pipe", "2"],
+         "= 2 devices, but topology cpu:8 has 8; make the product 8"),
+        ([*AOT_ARGS, "--topology", "cpu:16", "--pipe", "2"],
+         "needs 16 CPU devices but this process has 8"),
+    ]
+    if importlib.util.find_spec("libtpu") is not None:
+        cases.append(([*AOT_ARGS, "--topology", "v5p:3x3x3"], "libtpu rejects topology"))
+    for argv, message in cases:
+        assert plan_cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err, err
+        assert err.count("\n") == 1
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "libtpu" else find_spec(name, *a))
+    assert plan_cli.main([*AOT_ARGS, "--topology", "v5p:2x2x1", "--pipe", "2"]) == 2
+    assert "pip install 'jaxpipe[tpu]'" in capsys.readouterr().err
+
+
+@needs_libtpu
+def test_too_big_model_reports_does_not_fit(capsys):
+    """llama-1b's parameters and AdamW state (19 GiB) alone exceed a v5e chip's 16 GiB."""
+    argv = ["--aot", "--model", "llama-1b", "--topology", "v5e:1x1", "--pipe", "1",
+            "--microbatches", "1", "--global_batch", "1", "--seq_len", "16", "--json"]
+    assert plan_cli.main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fits"] is False and out["memory"] is None
+    assert out["oom"]["required"] > out["oom"]["available"] > 10 * 2**30
+    assert out["hbm_bytes"] == out["oom"]["available"] and out["hbm_source"] == "compiler"
+    assert out["predicted_bytes"] > 16 * 2**30
+    # The compiler's memory report is read even though the program does not fit; its largest
+    # allocation holds at least an fp32 vocabulary x d_model table (the embedding gradient).
+    assert out["largest_buffers"][0]["bytes"] >= 128256 * 2048 * 4
+    assert isinstance(out["permute_overlap"], list)  # the HLO is read as well
+
+
+@pytest.mark.slow
+@needs_libtpu
+def test_llama_1b_fits_a_v5p_slice():
+    model = get_preset("llama-1b", dtype="bfloat16")
+    pcfg = PipelineConfig(num_stages=2, num_microbatches=4, schedule="1f1b", remat="layer",
+                          tensor_parallel=2)
+    report = aot.compile_step(model, pcfg, batch_size=8, seq_len=2048, topology="v5p:2x2x1")
+    assert report.fits and report.memory["total"] < aot.CHIP_HBM_BYTES["v5p"]
+    check_memory(report)
+    # The arguments are the shards the trainer's shardings give each device (TPU tiling pads
+    # a little).
+    params = model.num_params()
+    assert report.memory["arguments"] > 12 * params / 4  # fp32 params + AdamW moments, sharded
+    assert report.permute_overlap  # 1F1B sends activations forward and gradients back
+
+
+@pytest.mark.slow
+def test_cli_compiles_for_sixteen_forced_cpu_devices():
+    cmd = [sys.executable, "-m", "jaxpipe.plan", "--aot", "--topology", "cpu:16",
+           "--model", "llama-1b", "--data", "2", "--pipe", "4", "--tensor", "2",
+           "--microbatches", "4", "--global_batch", "8", "--seq_len", "128", "--json"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout)
+    assert out["num_devices"] == 16 and out["mesh"] == [2, 4, 2]
+    # 16 CPU devices share this host's memory: each gets a sixteenth.
+    assert out["hbm_source"] == "host RAM / 16"
+    assert out["fits"] == (out["memory"]["total"] <= out["hbm_bytes"])
+    cfg = get_preset("llama-1b")
+    # Embedding and head are replicated: their fp32 values and two AdamW moments at least.
+    assert out["memory"]["arguments"] > 12 * (cfg.embed_params() + cfg.head_params())
+    assert out["memory"]["total"] >= out["memory"]["arguments"] > 0
+    assert out["predicted_bytes"] > 0
