@@ -2,9 +2,20 @@
 
 A checkpoint holds two items: `state` (canonical params, the optimizer state with its moment
 trees converted to the canonical layout, the step and the non-finite counter) and `meta` (a
-small JSON: model config, seed, pipeline and train configs, and a CRC32 fingerprint of every
-saved array). The step is the data position: batches are a pure function of (step, seed), so
+small JSON: model config, seed, pipeline and train configs, and a fingerprint of every saved
+array). The step is the data position: batches are a pure function of (step, seed), so
 storing the seed and checking it on restore is enough to resume the data stream exactly.
+
+No array is ever gathered whole, to a host or to a device. The canonical state is split the way
+the trainer splits the state (`canonical_shardings`: its `tensor`, `data` or other splits of
+each leaf, and the layers of block leaves over the stack axes where L divides evenly); each
+process writes the shards its devices hold. The fingerprint (format 2, `fingerprint.py`) is a
+64-bit digest per array that each device computes over its own shard, the partial digests
+combined on the devices; it does not depend on the split, so it verifies at any mesh shape and
+process count. A restore reads each shard on the devices that hold it in the restoring trainer's
+canonical split, verifies the digests the same way, and moves the shards into the pipeline
+layout on the devices. Checkpoints of format 1 (a CRC32 of each whole array) still restore:
+verifying them gathers each array to every host, one at a time; the next save writes format 2.
 
 Restoring verifies the fingerprint; a checkpoint proven corrupt (its metadata or arrays do not
 parse, or they fail the fingerprint) is skipped with a warning naming it, and the previous one is
@@ -23,12 +34,13 @@ directory, which every process must see (a shared file system, or one machine). 
 restoring and listing are then collective: every process calls them in the same order.
 Each process writes its share of the arrays; process 0 alone creates the directory, writes the
 JSON metadata, commits a step, deletes old steps and moves corrupt ones aside. Process 0 lists
-the steps and broadcasts the list, and a checkpoint counts as good only if it verified on every
-process, so that all processes restore the same step and keep issuing the same collectives (a
-checkpoint unreadable in any process stops every process). The restored arrays are global
-(replicated over the whole mesh) and then placed in the pipeline layout. A checkpoint saved by
-N processes restores in any number of processes, at any pipeline shape. `load_params` is the
-exception: it reads in the calling process alone.
+the steps and broadcasts the list. Each process reads the metadata and its own shards alone
+(no barrier to leave the others waiting when its read fails), then the processes agree on the
+outcome before the digests are combined; a checkpoint counts as good only if it read and
+verified in every process, so that all processes restore the same step and keep issuing the
+same collectives (a checkpoint unreadable in any process stops every process). A checkpoint
+saved by N processes restores in any number of processes, at any pipeline shape.
+`load_params` is the exception: it reads in the calling process alone, onto one device.
 """
 
 from __future__ import annotations
@@ -226,13 +238,6 @@ class Interrupted(RuntimeError):
     def __init__(self, message: str, signum: int, step: int):
         super().__init__(message)
         self.signum, self.step = signum, step
-
-
-def _agree(ok: bool) -> bool:
-    """True when `ok` holds in every process (a collective when there are several)."""
-    if jax.process_count() == 1:
-        return ok
-    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
 
 
 def _barrier(name: str) -> None:

@@ -61,13 +61,15 @@ def _digest(x: jax.Array, seed: int) -> jax.Array:
     return jnp.sum(_fmix(position ^ w), dtype=jnp.uint32)
 
 
-def _digests(leaves: list) -> jax.Array:
-    return jnp.stack([jnp.stack([_digest(x, s) for s in SEEDS]) for x in leaves])
+def _both(x: jax.Array) -> jax.Array:
+    return jnp.stack([_digest(x, seed) for seed in SEEDS])
 
 
 @functools.lru_cache(maxsize=16)
 def _digester(replicated: jax.sharding.Sharding):
-    return jax.jit(_digests, out_shardings=replicated)
+    """One program per leaf shape, dtype and sharding (the moments share the params'), so
+    a larger model compiles no more of them."""
+    return jax.jit(_both, out_shardings=replicated)
 
 
 def _replicated(leaf: jax.Array) -> jax.sharding.Sharding:
@@ -81,14 +83,15 @@ def _replicated(leaf: jax.Array) -> jax.sharding.Sharding:
 
 
 def digests(leaves: list) -> np.ndarray:
-    """[len(leaves), 2] uint32 digests of arrays on one mesh (a collective across processes:
+    """[len(leaves), 2] uint32 digests of arrays (a collective across processes:
     every process calls it with the same global arrays); the partial sums of each device's
     shards are combined on the devices and only the result comes to the host."""
     if not leaves:
         return np.zeros((0, 2), np.uint32)
     leaves = [x if isinstance(x, jax.Array) else jnp.asarray(x) for x in leaves]
-    out = _digester(_replicated(leaves[0]))(leaves)
-    return np.asarray(out.addressable_data(0))
+    # One leaf at a time: with dozens of these collective programs in flight at once, the CPU
+    # runtime aborted the process now and then.
+    return np.stack([np.asarray(_digester(_replicated(x))(x).addressable_data(0)) for x in leaves])
 
 
 def fingerprint(tree) -> dict[str, list]:
