@@ -341,3 +341,22 @@ def test_format_1_checkpoint_still_verifies(work, trainer, capsys):
         assert int(c.restore(trainer).step) == 3
     out = capsys.readouterr().out
     assert f"corrupt checkpoint {ck / '6'}: fingerprint mismatch in 1 arrays, e.g. {key}" in out
+
+
+def test_a_failed_read_in_another_process_is_agreed(work, trainer, monkeypatch, capsys):
+    """Each process reads alone, then all agree: here every read succeeds in this process and
+    the agreement reports a failure elsewhere (what another process posts)."""
+    monkeypatch.setattr(C, "agree_max", lambda code: max(code, 1))  # corrupt elsewhere
+    with Checkpoints(work) as c, pytest.raises(ConfigError, match="every checkpoint in"):
+        c.restore(trainer)
+    out = capsys.readouterr().out
+    for step in (6, 3):
+        step_dir = work / "checkpoints" / str(step)
+        assert f"skipping corrupt checkpoint {step_dir}: it failed to load in another" in out
+    monkeypatch.setattr(C, "agree_max", lambda code: max(code, 2))  # unreadable elsewhere
+    with Checkpoints(work) as c, pytest.raises(CheckpointIOError) as e:
+        c.restore(trainer)
+    assert str(e.value).startswith(
+        f"cannot read checkpoint {work / 'checkpoints' / '6'} (unreadable in another process); "
+        "it was left untouched"
+    )
