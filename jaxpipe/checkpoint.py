@@ -78,11 +78,11 @@ from jaxpipe.train import (
 )
 
 FORMAT = 2  # 2: digests of sharded arrays (fingerprint.py); 1: CRC32 of whole arrays
-CKPT_DIR = "checkpoints"
 FINGERPRINTS = {1: crc32_fingerprint, 2: fingerprint}  # how each format fingerprints arrays
+CKPT_DIR = "checkpoints"
 CORRUPT_DIR = "corrupt"  # CKPT_DIR/corrupt/<step>: corrupt checkpoints moved aside
 TMP_MARK = ".orbax-checkpoint-tmp"  # in the names of orbax's not yet committed directories
-ITEMS = ("state", "meta")
+ITEMS = ("state", "meta")  # the orbax items of a step
 
 
 def _is_params(x) -> bool:

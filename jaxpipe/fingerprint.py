@@ -9,8 +9,9 @@ A sum does not depend on how the array is split: each device sums the elements o
 (XLA's partitioned reduction counts a replicated shard once) and one all-reduce of two words per
 array adds the partial sums. So the digest is computed where each shard lives, no host or device
 ever gathers an array, and a checkpoint saved at one mesh shape or process count verifies at any
-other. Changing one element always changes the digest (the term is a bijection of the element's
-bits); any other change goes unnoticed with probability about 2**-64.
+other. Changing one 32-bit word of an array always changes the digest (its term is a bijection
+of the word); other changes that are not crafted to cancel go unnoticed with a probability of
+about 2**-64. Unlike a CRC the digest is not cryptographic, nor proof against deliberate edits.
 
 `crc32_fingerprint` is the previous fingerprint (a CRC32 of every whole array, gathered to each
 host): it verifies checkpoints of format 1.
