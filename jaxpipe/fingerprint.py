@@ -11,7 +11,7 @@ array adds the partial sums. So the digest is computed where each shard lives, n
 ever gathers an array, and a checkpoint saved at one mesh shape or process count verifies at any
 other. Changing one 32-bit word of an array always changes the digest (its term is a bijection
 of the word); other changes that are not crafted to cancel go unnoticed with a probability of
-about 2**-64. Unlike a CRC the digest is not cryptographic, nor proof against deliberate edits.
+about 2**-64. Like a CRC, it is no proof against deliberate edits.
 
 `crc32_fingerprint` is the previous fingerprint (a CRC32 of every whole array, gathered to each
 host): it verifies checkpoints of format 1.
