@@ -2,9 +2,20 @@
 
 A checkpoint holds two items: `state` (canonical params, the optimizer state with its moment
 trees converted to the canonical layout, the step and the non-finite counter) and `meta` (a
-small JSON: model config, seed, pipeline and train configs, and a CRC32 fingerprint of every
-saved array). The step is the data position: batches are a pure function of (step, seed), so
+small JSON: model config, seed, pipeline and train configs, and a fingerprint of every saved
+array). The step is the data position: batches are a pure function of (step, seed), so
 storing the seed and checking it on restore is enough to resume the data stream exactly.
+
+No array is ever gathered whole, to a host or to a device. The canonical state is split the way
+the trainer splits the state (`canonical_shardings`: its `tensor`, `data` or other splits of
+each leaf, and the layers of block leaves over the stack axes where L divides evenly); each
+process writes the shards its devices hold. The fingerprint (format 2, `fingerprint.py`) is a
+64-bit digest per array that each device computes over its own shard, the partial digests
+combined on the devices; it does not depend on the split, so it verifies at any mesh shape and
+process count. A restore reads each shard on the devices that hold it in the restoring trainer's
+canonical split, verifies the digests the same way, and moves the shards into the pipeline
+layout on the devices. Checkpoints of format 1 (a CRC32 of each whole array) still restore:
+verifying them gathers each array to every host, one at a time; the next save writes format 2.
 
 Restoring verifies the fingerprint; a checkpoint proven corrupt (its metadata or arrays do not
 parse, or they fail the fingerprint) is skipped with a warning naming it, and the previous one is
@@ -23,12 +34,13 @@ directory, which every process must see (a shared file system, or one machine). 
 restoring and listing are then collective: every process calls them in the same order.
 Each process writes its share of the arrays; process 0 alone creates the directory, writes the
 JSON metadata, commits a step, deletes old steps and moves corrupt ones aside. Process 0 lists
-the steps and broadcasts the list, and a checkpoint counts as good only if it verified on every
-process, so that all processes restore the same step and keep issuing the same collectives (a
-checkpoint unreadable in any process stops every process). The restored arrays are global
-(replicated over the whole mesh) and then placed in the pipeline layout. A checkpoint saved by
-N processes restores in any number of processes, at any pipeline shape. `load_params` is the
-exception: it reads in the calling process alone.
+the steps and broadcasts the list. Each process reads the metadata and its own shards alone
+(no barrier to leave the others waiting when its read fails), then the processes agree on the
+outcome before the digests are combined; a checkpoint counts as good only if it read and
+verified in every process, so that all processes restore the same step and keep issuing the
+same collectives (a checkpoint unreadable in any process stops every process). A checkpoint
+saved by N processes restores in any number of processes, at any pipeline shape.
+`load_params` is the exception: it reads in the calling process alone, onto one device.
 """
 
 from __future__ import annotations
@@ -40,7 +52,6 @@ import os
 import re
 import shutil
 import sys
-import zlib
 from pathlib import Path
 
 import jax
@@ -54,6 +65,7 @@ from jax.sharding import PartitionSpec as P
 from jaxpipe import model as M
 from jaxpipe.config import RUNTIME_FIELDS, ConfigError, ModelConfig
 from jaxpipe.data import TokenData
+from jaxpipe.fingerprint import crc32_fingerprint, fingerprint, mismatches
 from jaxpipe.interrupt import SAVE_FAILED, Agreement, Interrupts, agree_max, signal_name
 from jaxpipe.train import (
     NonFiniteError,
@@ -65,10 +77,12 @@ from jaxpipe.train import (
     train,
 )
 
-FORMAT = 1
+FORMAT = 2  # 2: digests of sharded arrays (fingerprint.py); 1: CRC32 of whole arrays
+FINGERPRINTS = {1: crc32_fingerprint, 2: fingerprint}  # how each format fingerprints arrays
 CKPT_DIR = "checkpoints"
 CORRUPT_DIR = "corrupt"  # CKPT_DIR/corrupt/<step>: corrupt checkpoints moved aside
 TMP_MARK = ".orbax-checkpoint-tmp"  # in the names of orbax's not yet committed directories
+ITEMS = ("state", "meta")  # the orbax items of a step
 
 
 def _is_params(x) -> bool:
@@ -80,32 +94,90 @@ def _map_params(fn, tree):
     return jax.tree.map(lambda x: fn(x) if _is_params(x) else x, tree, is_leaf=_is_params)
 
 
+def _layers_spec(sharding, ndim: int, num_layers: int):
+    """The canonical `[L, ...]` sharding of a block leaf from its `[S, R, J, ...]` one: the
+    mesh axes of the stack dims go on L when L divides over them (else those of S alone, else
+    none); the leaf's own dims keep theirs."""
+    if not isinstance(sharding, NamedSharding):
+        return None
+    mesh = sharding.mesh
+    entries = tuple(sharding.spec) + (None,) * (ndim + 2 - len(sharding.spec))
+    names = lambda e: () if e is None else (e if isinstance(e, tuple) else (e,))
+    lead = None
+    for axes in ([a for e in entries[:3] for a in names(e)], list(names(entries[0]))):
+        size = int(np.prod([mesh.shape[a] for a in axes]))
+        if axes and num_layers % size == 0:
+            lead = axes[0] if len(axes) == 1 else tuple(axes)
+            break
+    return NamedSharding(mesh, P(lead, *entries[3:]))
+
+
+def canonical_shardings(trainer: Trainer) -> dict:
+    """Shardings of `canonical_state`, from the trainer's: block leaves split like the trainer
+    splits them (`tensor` dims on `tensor`, layers on the stack axes where L divides evenly),
+    every other leaf exactly as the trainer places it. Saves write, and restores read, each
+    shard on the devices that hold it."""
+    sh = trainer.shardings
+    abstract = abstract_canonical(trainer.pipe.model, trainer.tx, None)
+    tree = {"params": sh.params, "opt_state": sh.opt_state, "step": sh.step,
+            "bad_steps": sh.bad_steps}
+    replicated = NamedSharding(trainer.pipe.mesh, P())
+    L = trainer.pipe.model.num_layers
+
+    def canonical(params, shapes):
+        blocks = jax.tree.map(
+            lambda s, a: _layers_spec(s, a.ndim, L) or replicated, params["blocks"],
+            shapes["blocks"],
+        )
+        return {**params, "blocks": blocks}
+
+    def walk(shardings, shapes):
+        if _is_params(shardings):
+            return canonical(shardings, shapes)
+        return shardings
+
+    return jax.tree.map(walk, tree, abstract, is_leaf=lambda x: _is_params(x) or _is_sharding(x))
+
+
+def _is_sharding(x) -> bool:
+    return isinstance(x, jax.sharding.Sharding)
+
+
+def _frozen(tree) -> tuple:
+    """A hashable form of a tree of shardings (its structure and leaves)."""
+    leaves, treedef = jax.tree.flatten(tree, is_leaf=_is_sharding)
+    return treedef, tuple(leaves)
+
+
 @functools.lru_cache(maxsize=32)
-def _canonicalizer(pipe):
-    """One compiled conversion per pipeline (saves must not recompile)."""
-    replicated = NamedSharding(pipe.mesh, P())
+def _converter(pipe, to_canonical: bool, treedef, shardings: tuple):
+    """One compiled conversion per pipeline and placement (saves must not recompile)."""
+    out = jax.tree.unflatten(treedef, shardings)
+    if to_canonical:
 
-    @jax.jit
-    def convert(state):
-        tree = {
-            "params": state.params,
-            "opt_state": state.opt_state,
-            "step": state.step,
-            "bad_steps": state.bad_steps,
-        }
-        tree = _map_params(pipe.to_canonical, tree)
-        return jax.lax.with_sharding_constraint(tree, replicated)
+        def convert(state):
+            tree = {"params": state.params, "opt_state": state.opt_state, "step": state.step,
+                    "bad_steps": state.bad_steps}
+            return _map_params(pipe.to_canonical, tree)
 
-    return convert
+    else:
+
+        def convert(tree):
+            tree = _map_params(pipe.to_pipeline, tree)
+            return TrainState(tree["step"], tree["params"], tree["opt_state"], tree["bad_steps"])
+
+    return jax.jit(convert, out_shardings=out)
 
 
 def canonical_state(trainer: Trainer, state: TrainState) -> dict:
-    """The train state as a shape-independent tree (params and moments in `[L, ...]` layout)."""
-    return _canonicalizer(trainer.pipe)(state)
+    """The train state as a shape-independent tree (params and moments in `[L, ...]` layout),
+    sharded by `canonical_shardings` (no array is gathered)."""
+    return _converter(trainer.pipe, True, *_frozen(canonical_shardings(trainer)))(state)
 
 
 def abstract_canonical(model: ModelConfig, tx, sharding) -> dict:
-    """Shapes of `canonical_state` for a model and optimizer, placed on `sharding` at restore."""
+    """Shapes of `canonical_state` for a model and optimizer, placed at restore on `sharding`:
+    one sharding for every leaf, or a tree of them (`canonical_shardings`)."""
     params = M.abstract_params(model)
     tree = {
         "params": params,
@@ -113,23 +185,18 @@ def abstract_canonical(model: ModelConfig, tx, sharding) -> dict:
         "step": jax.ShapeDtypeStruct((), jnp.int32),
         "bad_steps": jax.ShapeDtypeStruct((), jnp.int32),
     }
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
+    if sharding is None or _is_sharding(sharding):
+        sharding = jax.tree.map(lambda _: sharding, tree)
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sharding,
+        is_leaf=_is_sharding,
+    )
 
 
 def place_state(trainer: Trainer, tree: dict) -> TrainState:
-    """A canonical tree -> TrainState in this trainer's pipeline layout and shardings."""
-    tree = _map_params(trainer.pipe.to_pipeline, tree)
-    state = TrainState(tree["step"], tree["params"], tree["opt_state"], tree["bad_steps"])
-    return jax.device_put(state, trainer.shardings)
-
-
-def fingerprint(tree) -> dict[str, list]:
-    """Shape, dtype and CRC32 of every leaf, keyed by its path."""
-    out = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        a = np.ascontiguousarray(jax.device_get(leaf))
-        out[jax.tree_util.keystr(path)] = [list(a.shape), str(a.dtype), zlib.crc32(a.tobytes())]
-    return out
+    """A canonical tree -> TrainState in this trainer's pipeline layout and shardings, each
+    shard computed on its own devices."""
+    return _converter(trainer.pipe, False, *_frozen(trainer.shardings))(tree)
 
 
 def describe_model(cfg: ModelConfig) -> str:
@@ -171,13 +238,6 @@ class Interrupted(RuntimeError):
     def __init__(self, message: str, signum: int, step: int):
         super().__init__(message)
         self.signum, self.step = signum, step
-
-
-def _agree(ok: bool) -> bool:
-    """True when `ok` holds in every process (a collective when there are several)."""
-    if jax.process_count() == 1:
-        return ok
-    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
 
 
 def _barrier(name: str) -> None:
@@ -279,25 +339,25 @@ class Checkpoints:
         self.directory = Path(workdir).absolute() / CKPT_DIR
         self.every = every
         self.read_only = read_only
-        if read_only:  # this process alone: no barriers, no broadcast of the step list
-            me = jax.process_index()
-            options = ocp.CheckpointManagerOptions(
-                create=False,
-                enable_async_checkpointing=False,
-                multiprocessing_options=ocp.options.MultiprocessingOptions(
-                    primary_host=me, active_processes={me}
-                ),
-            )
-        else:
-            # Process 0 lists the steps and broadcasts them: a step that process 0 deletes
-            # (or commits) while another process lists the directory cannot make the
-            # processes disagree about which steps exist.
-            options = ocp.CheckpointManagerOptions(
-                max_to_keep=keep,
-                create=True,
-                enable_async_checkpointing=async_save,
-                single_host_load_and_broadcast=True,
-            )
+        # Reads run in each process alone (no orbax barrier): a read that fails in one process
+        # cannot leave the others waiting; the processes then agree on the outcome.
+        me = jax.process_index()
+        local = ocp.CheckpointManagerOptions(
+            create=False,
+            enable_async_checkpointing=False,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                primary_host=me, active_processes={me}
+            ),
+        )
+        # Process 0 lists the steps and broadcasts them: a step that process 0 deletes (or
+        # commits) while another process lists the directory cannot make the processes
+        # disagree about which steps exist.
+        shared = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            create=True,
+            enable_async_checkpointing=async_save,
+            single_host_load_and_broadcast=True,
+        )
         if self.directory.exists() and not self.directory.is_dir():
             raise ConfigError(
                 f"{self.directory} is a file, not a directory of checkpoints; move it away or "
@@ -305,7 +365,12 @@ class Checkpoints:
             )
         try:
             self.manager = ocp.CheckpointManager(
-                self.directory, options=options, item_names=("state", "meta")
+                self.directory, options=local if read_only else shared, item_names=ITEMS
+            )
+            self.reader = (
+                self.manager
+                if read_only
+                else ocp.CheckpointManager(self.directory, options=local, item_names=ITEMS)
             )
         except OSError as e:
             raise CheckpointIOError(
@@ -398,13 +463,17 @@ class Checkpoints:
         """The step's metadata, after checking that every file of the step can be read."""
         check_readable(self.path(step))
         try:
-            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            meta = self.reader.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
             meta = meta["meta"]
         except Exception as e:  # noqa: BLE001 - an I/O error, or a corrupt checkpoint
             if _io_error(e):
                 raise UnreadableCheckpoint(_reason(_io_error(e))) from e
             raise CorruptCheckpoint(f"metadata unreadable ({_reason(e)})") from e
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT or "fingerprint" not in meta:
+        if (
+            not isinstance(meta, dict)
+            or meta.get("format") not in FINGERPRINTS
+            or "fingerprint" not in meta
+        ):
             raise CorruptCheckpoint("metadata missing or of an unknown format")
         if meta.get("step") != step:
             raise CorruptCheckpoint(f"its metadata is of step {meta.get('step')!r}, not {step}")
@@ -426,7 +495,7 @@ class Checkpoints:
     ):
         """(meta, verified canonical tree) of one step; ConfigError when the model, the seed or
         (given `tcfg`) the batch shape differ: the step is a position in the data stream."""
-        meta = self.read_meta(step)
+        meta = self._everywhere(self.read_meta, step)
         check_model(ModelConfig(**meta["model"]), model, str(self.path(step)))
         if seed is not None and meta["seed"] != seed:
             raise ConfigError(
@@ -442,23 +511,42 @@ class Checkpoints:
                     f"this run uses {getattr(tcfg, field)}; its step would point elsewhere in the "
                     f"data. Pass --{field} {saved[field]} or use another --workdir"
                 )
+        tree = self._everywhere(self._read_arrays, step, target)
+        bad = mismatches(FINGERPRINTS[meta["format"]](tree), meta["fingerprint"])
+        if bad:
+            raise CorruptCheckpoint(f"fingerprint mismatch in {len(bad)} arrays, e.g. {bad[0]}")
+        return meta, tree
+
+    def _read_arrays(self, step: int, target: dict) -> dict:
+        """The step's arrays, each process reading the shards of `target`'s shardings that its
+        devices hold."""
         try:
-            tree = self.manager.restore(
+            return self.reader.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
             )["state"]
         except Exception as e:  # noqa: BLE001
             if _io_error(e):
                 raise UnreadableCheckpoint(_reason(_io_error(e))) from e
             raise CorruptCheckpoint(f"arrays unreadable ({_reason(e)})") from e
-        got = fingerprint(tree)
-        if got != meta["fingerprint"]:
-            bad = sorted(
-                k
-                for k in set(got) | set(meta["fingerprint"])
-                if got.get(k) != meta["fingerprint"].get(k)
-            )
-            raise CorruptCheckpoint(f"fingerprint mismatch in {len(bad)} arrays, e.g. {bad[0]}")
-        return meta, tree
+
+    def _everywhere(self, read, *args):
+        """read(*args) in this process; when it fails in any process every process raises
+        (the same kind of failure), so that all go on together. Not a collective read-only."""
+        code, error, found = 0, None, None
+        try:
+            found = read(*args)
+        except CorruptCheckpoint as e:
+            code, error = 1, e
+        except UnreadableCheckpoint as e:
+            code, error = 2, e
+        agreed = code if self.read_only else agree_max(code)
+        if agreed == code and error is not None:
+            raise error
+        if agreed == 2:
+            raise UnreadableCheckpoint("unreadable in another process")
+        if agreed == 1:
+            raise CorruptCheckpoint("it failed to load in another process")
+        return found
 
     def unreadable_error(self, step: int, reason: str) -> CheckpointIOError:
         return CheckpointIOError(
@@ -539,9 +627,7 @@ class Checkpoints:
 
     def restore(self, trainer: Trainer, step: int | None = None) -> TrainState | None:
         """The newest verified checkpoint (or `step`) placed for `trainer`; None when none."""
-        target = abstract_canonical(
-            trainer.pipe.model, trainer.tx, NamedSharding(trainer.pipe.mesh, P())
-        )
+        target = abstract_canonical(trainer.pipe.model, trainer.tx, canonical_shardings(trainer))
         tcfg = trainer.tcfg
         one = lambda s: self.restore_tree(s, target, trainer.pipe.model, tcfg.seed, tcfg)[1]
         tree = self.pick(one, step)
@@ -565,9 +651,14 @@ class Checkpoints:
         """Waits for the save in flight and closes; CheckpointIOError when a save failed (then
         orbax's threads may still wait on the failed save: exit with os._exit)."""
         if self.wait():
-            self.manager.close()
+            self._close()
         else:
             raise self.save_error()
+
+    def _close(self) -> None:
+        self.manager.close()
+        if self.reader is not self.manager:
+            self.reader.close()
 
     def __enter__(self):
         return self
@@ -576,7 +667,7 @@ class Checkpoints:
         if exc_type is None:
             self.close()
         elif self.wait():  # an error is on its way out already: do not replace it
-            self.manager.close()
+            self._close()
 
 
 def train_resumable(

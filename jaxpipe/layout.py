@@ -3,7 +3,9 @@
 Virtual stage v = r * S + s (repeat r on stage s) holds a contiguous run of layers; virtual
 stages are visited in order, so layer order is preserved for every S, R and partition. The
 pipeline view of a stacked leaf is `[S, R, J, ...]` where J is the largest virtual stage's layer
-count; slots past a virtual stage's count are padding (zeros, skipped by the executor).
+count; slots past a virtual stage's count are padding (zeros, skipped by the executor). When
+every virtual stage holds J layers the two views are a reshape and a transpose of each other
+(sharded arrays then move without gathers); otherwise a gather by `layer_index_SRJ`.
 """
 
 from __future__ import annotations
@@ -74,6 +76,11 @@ class StageLayout:
         return index
 
     @property
+    def is_even(self) -> bool:
+        """Every virtual stage holds the same number of layers (no padding slots)."""
+        return len(set(self.layer_counts)) == 1
+
+    @property
     def padding_slots(self) -> int:
         return self.num_stages * self.num_repeats * self.slots - self.num_layers
 
@@ -101,9 +108,12 @@ class StageLayout:
         index = self.layer_index_SRJ
         gather = jnp.asarray(np.maximum(index, 0))
         pad = jnp.asarray(index < 0)
+        S, R, J = index.shape
 
         def one(leaf):
             self.check_matches(leaf.shape[0])
+            if self.is_even:  # layer (r * S + s) * J + j: a reshape, no gather
+                return jnp.asarray(leaf).reshape(R, S, J, *leaf.shape[1:]).swapaxes(0, 1)
             out = leaf[gather]
             mask = pad.reshape(pad.shape + (1,) * (leaf.ndim - 1))
             return jnp.where(mask, jnp.zeros((), leaf.dtype), out)
@@ -112,6 +122,10 @@ class StageLayout:
 
     def to_canonical(self, blocks_SRJ):
         """Pipeline `[S, R, J, ...]` leaves -> canonical `[L, ...]` leaves (padding dropped)."""
+        if self.is_even:
+            return jax.tree.map(
+                lambda a: jnp.asarray(a).swapaxes(0, 1).reshape((-1,) + a.shape[3:]), blocks_SRJ
+            )
         flat = self.layer_index_SRJ.reshape(-1)
         take = jnp.asarray(np.argsort(np.where(flat < 0, np.iinfo(np.int32).max, flat))[
             : self.num_layers

@@ -8,11 +8,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxpipe import model as M
-from jaxpipe.checkpoint import Checkpoints, canonical_state, load_params, train_resumable
+from jaxpipe.checkpoint import (
+    Checkpoints,
+    _converter,
+    _frozen,
+    abstract_canonical,
+    canonical_shardings,
+    canonical_state,
+    load_params,
+    train_resumable,
+)
 from jaxpipe.config import ConfigError, PipelineConfig, get_preset
 from jaxpipe.data import TokenData
+from jaxpipe.fingerprint import crc32_fingerprint, fingerprint
 from jaxpipe.train import NonFiniteError, TrainConfig, Trainer, train
 
 MODEL = get_preset("tiny", num_layers=8, max_seq_len=16)  # fills S=4 x R=2 and S=8
@@ -21,15 +33,16 @@ TCFG = TrainConfig(steps=6, batch_size=8, seq_len=8, warmup_steps=2, log_every=1
 DATA = TokenData(np.random.default_rng(0).integers(0, 256, 4096).astype(np.int32), 256, "random")
 
 
-def _trainer(S, R=1, data=1, Mb=2, model=MODEL, tcfg=TCFG):
+def _trainer(S, R=1, data=1, Mb=2, model=MODEL, tcfg=TCFG, tensor=1):
     pcfg = PipelineConfig(
         num_stages=S,
         num_repeats=R,
         num_microbatches=Mb,
         data_parallel=data,
+        tensor_parallel=tensor,
         schedule="circular" if R > 1 else "gpipe",
     )
-    return Trainer.create(model, pcfg, tcfg, devices=jax.devices()[: S * data])
+    return Trainer.create(model, pcfg, tcfg, devices=jax.devices()[: S * data * tensor])
 
 
 def _fake_state(trainer, step):
@@ -275,3 +288,113 @@ def test_sample_greedy_matches_reference_and_compiles_once(tmp_path, small):
     assert sampling._decode._cache_size() == compiled  # no recompile per prompt or token
     with pytest.raises(ConfigError, match="shorten --prompt"):
         sampling.generate(cfg, params, [1] * cfg.max_seq_len, 4)
+
+
+def _transfers(monkeypatch) -> list[tuple]:
+    """Records (shape, device count) of every jax.Array that jax.device_get or np.asarray
+    brings to the host from now on."""
+    seen = []
+    array_type = type(jnp.zeros(1))
+    to_numpy, device_get = array_type.__array__, jax.device_get
+
+    def record(x):
+        if isinstance(x, jax.Array):
+            seen.append((tuple(x.shape), len(x.sharding.device_set)))
+
+    def as_numpy(self, *args, **kwargs):
+        record(self)
+        return to_numpy(self, *args, **kwargs)
+
+    def get(tree):
+        jax.tree.map(record, tree)
+        return device_get(tree)
+
+    monkeypatch.setattr(array_type, "__array__", as_numpy)
+    monkeypatch.setattr(jax, "device_get", get)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def cube():
+    """A 2 stages x 2 data x 2 tensor trainer on the 8 devices and a state of step 3."""
+    trainer = _trainer(2, data=2, tensor=2)
+    return trainer, _fake_state(trainer, 3)
+
+
+def test_save_never_gathers_a_whole_array(tmp_path, monkeypatch, cube):
+    trainer, state = cube
+    tree = canonical_state(trainer, state)
+    up = tree["opt_state"][1][0].mu["blocks"]["mlp"]["up"]["kernel"]  # [L, D, F]
+    assert up.sharding.spec == P("pipe", None, "tensor")  # the trainer's split, in [L, ...]
+    assert {s.data.shape for s in up.addressable_shards} == {(4, 32, 32)}  # of (8, 32, 64)
+    split = {  # global shapes of the leaves no single device holds whole
+        tuple(a.shape)
+        for a in jax.tree.leaves(tree)
+        if max(s.data.size for s in a.addressable_shards) < a.size
+    }
+    assert (8, 32, 64) in split
+    seen = _transfers(monkeypatch)
+    with Checkpoints(tmp_path, async_save=False) as c:
+        assert c.save(trainer, state, force=True)
+    assert (tmp_path / "checkpoints" / "3").is_dir()
+    gathered = [(shape, n) for shape, n in seen if n > 1 and shape in split]
+    assert not gathered, gathered
+    crc32_fingerprint(tree)  # the format-1 fingerprint gathers: what the check above catches
+    assert any(n > 1 and shape in split for shape, n in seen)
+
+
+def test_fingerprint_is_the_same_at_every_sharding():
+    mesh = jax.make_mesh((2, 2, 2), ("a", "b", "c"))
+    x = np.random.default_rng(0).standard_normal((8, 4, 8)).astype(np.float32)
+    specs = [P(), P("a"), P("a", "b", "c"), P(None, ("a", "b")), P("c", None, ("a", "b"))]
+    placed = [jax.device_put(x, NamedSharding(mesh, spec)) for spec in specs]
+    prints = [fingerprint({"x": a}) for a in [*placed, jnp.asarray(x), x]]
+    assert all(p == prints[0] for p in prints)
+    assert prints[0]["['x']"][:2] == [[8, 4, 8], "float32"]
+    one_ulp = x.copy()
+    one_ulp[5, 3, 1] = np.nextafter(x[5, 3, 1], np.inf)
+    swapped = x.copy()
+    swapped[0, 0, 0], swapped[7, 3, 7] = x[7, 3, 7], x[0, 0, 0]
+    moved = np.roll(x, 1, axis=2)  # the same values elsewhere
+    others = [fingerprint({"x": jax.device_put(y, placed[2].sharding)}) for y in
+              (one_ulp, swapped, moved)]
+    assert len({o["['x']"][2] for o in [prints[0], *others]}) == 4
+    small = {"b": jnp.ones(3, jnp.bfloat16), "i": jnp.int32(7), "e": jnp.zeros((0, 2))}
+    got = fingerprint(small)
+    assert got["['e']"] == [[0, 2], "float32", "0" * 16]
+    assert got["['b']"] != fingerprint({**small, "b": jnp.ones(3, jnp.bfloat16) * 2})["['b']"]
+    assert got["['i']"] != fingerprint({**small, "i": jnp.int32(8)})["['i']"]
+
+
+def test_save_at_one_mesh_restore_at_others(tmp_path, cube):
+    """Saved at 2 stages x 2 data x 2 tensor; restored, each shard read where it is placed, at
+    4 stages x 2 tensor and on one device; then one flipped array file is found at any shape."""
+    first, state = cube
+    expected = _host(first, state)
+    with Checkpoints(tmp_path) as c:
+        c.save(first, state, force=True)
+    four = _trainer(4, tensor=2)
+    for trainer in (four, _trainer(1)):
+        with Checkpoints(tmp_path) as c:
+            shardings = canonical_shardings(trainer)
+            target = abstract_canonical(trainer.pipe.model, trainer.tx, shardings)
+            _, tree = c.restore_tree(3, target, trainer.pipe.model, TCFG.seed, TCFG)
+            restored = c.restore(trainer)
+        for a, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True):
+            assert a.sharding == sharding
+        _assert_equal(_host(trainer, restored), expected)
+        assert jax.tree.leaves(restored) and all(
+            a.sharding == s
+            for a, s in zip(jax.tree.leaves(restored), jax.tree.leaves(trainer.shardings),
+                            strict=True)
+        )
+    target = abstract_canonical(four.pipe.model, four.tx, canonical_shardings(four))
+    up = target["params"]["blocks"]["mlp"]["up"]["kernel"]
+    assert up.sharding.spec == P("pipe", None, "tensor")  # 8 layers over 4 stages
+    # Stage s holds layers 2s, 2s+1 in both layouts: placing moves no data between devices.
+    placing = _converter(four.pipe, False, *_frozen(four.shardings)).lower(target).compile()
+    assert "all-gather" not in placing.as_text() and "all-to-all" not in placing.as_text()
+    _flip_bytes(tmp_path / "checkpoints" / "3")
+    for trainer in (four, first):
+        with Checkpoints(tmp_path) as c, pytest.raises(ConfigError, match="every checkpoint"):
+            c.restore(trainer)

@@ -22,11 +22,13 @@ import jaxpipe.checkpoint as C
 from jaxpipe.checkpoint import (
     CheckpointIOError,
     Checkpoints,
+    canonical_state,
     load_params,
     train_resumable,
 )
 from jaxpipe.config import ConfigError, PipelineConfig, get_preset
 from jaxpipe.data import TokenData
+from jaxpipe.fingerprint import crc32_fingerprint
 from jaxpipe.train import TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -316,3 +318,45 @@ def test_load_params_of_a_corrupt_step_is_an_error(work):
     _flip(work / "checkpoints" / "6")
     with pytest.raises(ConfigError, match=r"checkpoints/6 cannot be used: fingerprint mismatch"):
         load_params(work, step=6)
+
+
+def test_format_1_checkpoint_still_verifies(work, trainer, capsys):
+    """Format 1 stored a CRC32 of each whole array: such a checkpoint restores (each array is
+    gathered to verify it), and a changed array is still found."""
+    ck = work / "checkpoints"
+    with Checkpoints(work) as c:
+        expected = canonical_state(trainer, c.restore(trainer))
+    crcs = crc32_fingerprint(expected)
+    _edit_meta(ck, 6, lambda m: {**m, "format": 1, "fingerprint": crcs})
+    with Checkpoints(work) as c:
+        state = c.restore(trainer)
+    assert int(state.step) == 6 and "warning" not in capsys.readouterr().out
+    for a, b in zip(jax.tree.leaves(canonical_state(trainer, state)), jax.tree.leaves(expected),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    key = "['params']['blocks']['mlp']['up']['kernel']"
+    wrong = {**crcs, key: [*crcs[key][:2], crcs[key][2] ^ 1]}
+    _edit_meta(ck, 6, lambda m: {**m, "fingerprint": wrong})
+    with Checkpoints(work) as c:
+        assert int(c.restore(trainer).step) == 3
+    out = capsys.readouterr().out
+    assert f"corrupt checkpoint {ck / '6'}: fingerprint mismatch in 1 arrays, e.g. {key}" in out
+
+
+def test_a_failed_read_in_another_process_is_agreed(work, trainer, monkeypatch, capsys):
+    """Each process reads alone, then all agree: here every read succeeds in this process and
+    the agreement reports a failure elsewhere (what another process posts)."""
+    monkeypatch.setattr(C, "agree_max", lambda code: max(code, 1))  # corrupt elsewhere
+    with Checkpoints(work) as c, pytest.raises(ConfigError, match="every checkpoint in"):
+        c.restore(trainer)
+    out = capsys.readouterr().out
+    for step in (6, 3):
+        step_dir = work / "checkpoints" / str(step)
+        assert f"skipping corrupt checkpoint {step_dir}: it failed to load in another" in out
+    monkeypatch.setattr(C, "agree_max", lambda code: max(code, 2))  # unreadable elsewhere
+    with Checkpoints(work) as c, pytest.raises(CheckpointIOError) as e:
+        c.restore(trainer)
+    assert str(e.value).startswith(
+        f"cannot read checkpoint {work / 'checkpoints' / '6'} (unreadable in another process); "
+        "it was left untouched"
+    )

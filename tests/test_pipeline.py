@@ -130,6 +130,21 @@ def test_layout_round_trip_and_no_dropped_layers():
         np.testing.assert_array_equal(back["w"], blocks["w"])
 
 
+def test_pipeline_view_holds_the_indexed_layers():
+    # Even layouts move by reshape and transpose, uneven ones by a gather: both must put layer
+    # layer_index_SRJ[s, r, j] in slot (s, r, j), padding slots zero.
+    for L, S, R in [(8, 2, 2), (12, 3, 2), (8, 8, 1), (6, 2, 1), (7, 2, 2), (9, 4, 1)]:
+        layout = StageLayout.uniform(L, S, R)
+        assert layout.is_even == (L % (S * R) == 0)
+        x = jnp.arange(L * 3, dtype=jnp.float32).reshape(L, 3) + 1
+        view = np.asarray(layout.to_pipeline({"w": x})["w"])
+        index = layout.layer_index_SRJ
+        assert view.shape == (*index.shape, 3)
+        np.testing.assert_array_equal(view[index >= 0], np.asarray(x)[index[index >= 0]])
+        assert not view[index < 0].any()
+        np.testing.assert_array_equal(layout.to_canonical({"w": view})["w"], x)
+
+
 def test_pipeline_layout_puts_layer_on_its_stage():
     layout = StageLayout.uniform(8, 2, 2)  # circular: layer l on stage (l // 2) mod 2
     for s in range(2):
