@@ -10,8 +10,10 @@ loss run inside the last virtual stage's forward, so its backward has its loss g
 hand; the embedding runs outside, and its gradient comes from the returned d(input).
 Idle ticks and padded slots are skipped with `lax.cond`, so they cost no FLOPs.
 
-Config: any `remat` other than "none" stashes only each stage input and recomputes the stage's
-forward in its backward. `boundary_dtype` and `Pipeline.poison_bubbles` are not used here.
+Config: remat="layer" runs each layer under `jax.checkpoint`, so a forward stashes only each
+layer's input and the backward recomputes one layer at a time; remat="stage" stashes only each
+stage input and recomputes the stage's forward in its backward. `boundary_dtype` and
+`Pipeline.poison_bubbles` are not used here.
 """
 
 from __future__ import annotations
@@ -41,13 +43,16 @@ class _StageVjp:
     stashed and the backward runs the forward again.
     """
 
-    def __init__(self, cfg, num_slots: int, min_count: int, recompute: bool = False):
-        self.cfg, self.J, self.min_count, self.recompute = cfg, num_slots, min_count, recompute
+    def __init__(self, cfg, num_slots: int, min_count: int, remat: str = "none"):
+        self.cfg, self.J, self.min_count = cfg, num_slots, min_count
+        self.recompute, self.remat_layer = remat == "stage", remat == "layer"
         self.scanned = min_count == num_slots
         self.meta = None  # (treedef, weight position or -1 per residual leaf)
 
     def layers(self, w, count, h):
         layer = lambda p, h: M.block_apply(self.cfg, p, h)
+        if self.remat_layer:
+            layer = jax.checkpoint(layer)
         if self.scanned:
             return jax.lax.scan(lambda h, p: (layer(p, h), None), h, w)[0]
         for j, p in enumerate(w):
@@ -133,8 +138,7 @@ def _stage_program(pipe, w_1RJ, head_params, x_MBTD, t_MBT):
     act_w_ok, grad_w_ok = jnp.asarray(plan.act_write >= 0), jnp.asarray(plan.grad_write >= 0)
     head_w, res_slot = c(plan.head_write), c(plan.res_slot)
     counts_SR = jnp.asarray(layout.counts_SR)
-    recompute = pipe.config.remat != "none"
-    stage = _StageVjp(cfg, layout.slots, min(layout.layer_counts), recompute)
+    stage = _StageVjp(cfg, layout.slots, min(layout.layer_counts), pipe.config.remat)
     vary = lambda tree: _tree(_varying, tree)
 
     s = jax.lax.axis_index("pipe")

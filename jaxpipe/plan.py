@@ -66,6 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="global batch; default microbatches x data_parallel",
     )
     ap.add_argument("--seq_len", type=int, default=None, help="default: the model's max_seq_len")
+    ap.add_argument("--zero1", action="store_true", help="AdamW moments split over `data`")
+    ap.add_argument(
+        "--fsdp", action="store_true", help="block parameters split over `data` too"
+    )
     ap.add_argument(
         "--device",
         default=None,
@@ -120,6 +124,8 @@ def run(args: argparse.Namespace):
         remat=args.remat,
         data_parallel=args.data_parallel,
         tensor_parallel=args.tensor_parallel,
+        zero1=args.zero1,
+        fsdp=args.fsdp,
         **embed_head,
     )
     batch = args.microbatches * args.data_parallel if args.batch_size is None else args.batch_size

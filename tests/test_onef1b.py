@@ -184,3 +184,24 @@ def test_stage_stashes_no_weights_scanned_or_unrolled(counts):
     assert padded or not stashed
     jaxpr = str(jax.make_jaxpr(lambda w, h: stage.forward(w, min(counts), h))(w_J, h))
     assert ("scan[" in jaxpr) == stage.scanned
+
+
+def test_layer_remat_stashes_only_layer_inputs():
+    """remat="layer": a forward stashes each layer's input (J x [B, T, D]), not its internals
+    (attention probabilities, MLP hidden units)."""
+    from jaxpipe.onef1b import _StageVjp
+
+    cfg = get_preset("tiny", num_layers=3)
+    w_J = M.init_params(cfg, 0)["blocks"]
+    h = jnp.ones((2, SEQ, cfg.d_model))
+    stashed = {}
+    for remat in ("none", "layer"):
+        stage = _StageVjp(cfg, 3, 3, remat)
+        kept = jax.jit(lambda w, h, stage=stage: stage.forward(w, 3, h)[1])(w_J, h)
+        stashed[remat] = sum(k.size for k in kept)
+    assert stashed["layer"] <= 3 * h.size < stashed["none"], stashed
+
+
+@needs_devices(2)
+def test_1f1b_layer_remat_matches_reference():
+    _check("1f1b", 2, 4, remat="layer")
