@@ -262,9 +262,10 @@ def _residual_bytes(fn, *args) -> float:
     return float(sum(a.size * a.dtype.itemsize for a, _ in saved_residuals(fn, *args)))
 
 
-def _layer_cost(make, b: int, params: int) -> LayerCost:
+def _layer_cost(make, b: int, params: int, device=None) -> LayerCost:
     """Costs fwd+bwd of `fn(diff, aux)` where `make(b) -> (fn, diff, aux)` builds abstract args
-    at micro-batch b; activations = residual bytes at 2b minus at b (what grows with the batch)."""
+    at micro-batch b; activations = residual bytes at 2b minus at b (what grows with the batch).
+    Compiled for `device` (e.g. a compile-only TPU chip), or for the host's default device."""
     fn, diff, aux = make(b)
 
     def fwd_bwd(diff, aux, cot):
@@ -272,7 +273,11 @@ def _layer_cost(make, b: int, params: int) -> LayerCost:
         return vjp(cot)
 
     cot = jax.eval_shape(fn, diff, aux)
-    compiled = jax.jit(fwd_bwd).lower(diff, aux, cot).compile()
+    args = (diff, aux, cot)
+    if device is not None:
+        on = jax.sharding.SingleDeviceSharding(device)
+        args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on), args)
+    compiled = jax.jit(fwd_bwd).lower(*args).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     mem = compiled.memory_analysis()
@@ -296,9 +301,16 @@ def microbatch_size(pipe_cfg: PipelineConfig, batch_size: int) -> int:
 
 
 def model_costs(
-    model_cfg: ModelConfig, pipe_cfg: PipelineConfig, *, batch_size: int, seq_len: int
+    model_cfg: ModelConfig,
+    pipe_cfg: PipelineConfig,
+    *,
+    batch_size: int,
+    seq_len: int,
+    device=None,
 ) -> ModelCosts:
-    """Compiles one block, the embedding and the head + loss (fwd + bwd) from abstract shapes."""
+    """Compiles one block, the embedding and the head + loss (fwd + bwd) from abstract shapes,
+    for `device` (a compile-only TPU chip gives the target compiler's own temp bytes) or for the
+    host."""
     if seq_len > model_cfg.max_seq_len:
         raise ConfigError(
             f"seq_len {seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}"
@@ -326,7 +338,7 @@ def model_costs(
         p = {"embed": params["embed"] if cfg.tied else {}, "head": params["head"]}
         return fn, (p, x(b)), tokens(b)
 
-    block = _layer_cost(make_block, b, cfg.block_params()).scaled(tp)
-    embed = _layer_cost(make_embed, b, cfg.embed_params())
-    head = _layer_cost(make_head, b, cfg.head_params()).scaled(tp)
+    block = _layer_cost(make_block, b, cfg.block_params(), device).scaled(tp)
+    embed = _layer_cost(make_embed, b, cfg.embed_params(), device)
+    head = _layer_cost(make_head, b, cfg.head_params(), device).scaled(tp)
     return ModelCosts(block, embed, head, float(b * T * D * dt.itemsize), b, T)

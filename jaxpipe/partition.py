@@ -182,6 +182,7 @@ def make_plan(
     device: str | DeviceProfile = "cpu",
     embed_in_first: bool = True,
     head_in_last: bool = True,
+    compile_on=None,
 ) -> Plan:
     """Chooses each stage's layers; see the module docstring for the cost and memory model.
 
@@ -194,6 +195,9 @@ def make_plan(
       device: a profile name (see `costs.DEVICES`) or a `DeviceProfile`.
       embed_in_first / head_in_last: charge the embedding to the first stage and the head +
         loss to the last; when False they run outside the pipeline (added once per step).
+      compile_on: the device layers are compiled for when costed (e.g. one compile-only chip
+        of the target TPU, `topology.chip_device`: its compiler's memory figures, not the
+        host's); default: the host.
     Returns:
       A `Plan` whose `.layout` is a `StageLayout` for `Pipeline.create`.
     """
@@ -202,7 +206,9 @@ def make_plan(
     pipe_cfg.check_layers(model_cfg.num_layers)
     check_tensor_parallel(model_cfg, pipe_cfg.tensor_parallel)  # the trainer's own check
     profile = get_profile(device, model_cfg, microbatch_size(pipe_cfg, batch_size), seq_len)
-    costs = model_costs(model_cfg, pipe_cfg, batch_size=batch_size, seq_len=seq_len)
+    costs = model_costs(
+        model_cfg, pipe_cfg, batch_size=batch_size, seq_len=seq_len, device=compile_on
+    )
     times = None
     if method == "profile":
         times = measure_layer_times(model_cfg, pipe_cfg, batch_size=batch_size, seq_len=seq_len)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxpipe import aot, cli
+from jaxpipe import aot, cli, topology
 from jaxpipe.config import (
     PRESETS,
     REMAT_MODES,
@@ -110,7 +110,7 @@ def compute_dtype(name: str) -> str:
 
 def run(args: argparse.Namespace):
     """The plan, or with --aot the compiled step's `aot.AotReport`."""
-    device = args.device or (aot.profile_name(args.topology) if args.aot else "cpu")
+    device = args.device or (topology.profile_name(args.topology) if args.aot else "cpu")
     method = args.method or ("uniform" if args.aot else "cost")
     dtype = args.dtype if args.dtype is not None else ("bfloat16" if device != "cpu" else None)
     model_cfg = get_preset(args.model, dtype=None if dtype is None else compute_dtype(dtype))
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.topology is not None and not args.aot:
             raise ConfigError("--topology is for compiling the training step; add --aot")
         if args.aot:
-            aot.prepare_host(args.topology)  # before JAX starts
+            topology.prepare_host(args.topology)  # before JAX starts
         result = run(args)
         print(result.to_json() if args.json else result.table())
 

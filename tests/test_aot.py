@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxpipe import aot
+from jaxpipe import aot, topology
 from jaxpipe import plan as plan_cli
 from jaxpipe.config import ConfigError, PipelineConfig, get_preset
 from jaxpipe.hlo import permute_overlap
@@ -21,7 +21,7 @@ from jaxpipe.train import TrainConfig, Trainer
 ROOT = Path(__file__).resolve().parents[1]
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
-    reason=f"libtpu is not installed; {aot.TPU_EXTRA} (the tpu extra) runs these tests",
+    reason=f"libtpu is not installed; {topology.TPU_EXTRA} (the tpu extra) runs these tests",
 )
 TINY = get_preset("tiny").replace(num_layers=2)  # one layer a stage: the quickest compile
 
@@ -56,7 +56,7 @@ def test_tiny_step_compiles_for_a_v5p_slice():
     assert report.num_devices == 4 and report.device_kind.startswith("TPU v5")
     assert report.fits and report.oom is None
     check_memory(report)
-    assert report.hbm_bytes == aot.CHIP_HBM_BYTES["v5p"]
+    assert report.hbm_bytes == topology.CHIP_HBM_BYTES["v5p"]
     assert report.flops > 0
     assert report.largest_buffers and all(
         0 < b["bytes"] <= report.memory["total"] for b in report.largest_buffers
@@ -144,13 +144,13 @@ def test_permute_overlap_counts_compute_between_start_and_done():
 
 
 def test_topology_names():
-    assert aot.parse_topology("v5p:4x4x4") == ("v5p", "4x4x4")
-    assert aot.parse_topology("v5e:2x2") == ("v5e", "2x2")
-    assert aot.parse_topology("cpu:16") == ("cpu", 16)
-    assert aot.profile_name("v6e:4x4") == "tpu-v6e" and aot.profile_name("cpu:2") == "cpu"
+    assert topology.parse_topology("v5p:4x4x4") == ("v5p", "4x4x4")
+    assert topology.parse_topology("v5e:2x2") == ("v5e", "2x2")
+    assert topology.parse_topology("cpu:16") == ("cpu", 16)
+    assert topology.profile_name("v6e:4x4") == "tpu-v6e" and topology.profile_name("cpu:2") == "cpu"
     for bad in ("v7:2x2x1", "cpu:0", "cpu", "v5p", "tpu:4", "v5p:4x4x4x4"):
         with pytest.raises(ConfigError, match="unknown topology"):
-            aot.parse_topology(bad)
+            topology.parse_topology(bad)
 
 
 AOT_ARGS = ["--aot", "--model", "tiny", "--microbatches", "2", "--seq_len", "16"]
@@ -205,7 +205,7 @@ def test_llama_1b_fits_a_v5p_slice():
     pcfg = PipelineConfig(num_stages=2, num_microbatches=4, schedule="1f1b", remat="layer",
                           tensor_parallel=2)
     report = aot.compile_step(model, pcfg, batch_size=8, seq_len=2048, topology="v5p:2x2x1")
-    assert report.fits and report.memory["total"] < aot.CHIP_HBM_BYTES["v5p"]
+    assert report.fits and report.memory["total"] < topology.CHIP_HBM_BYTES["v5p"]
     check_memory(report)
     # The arguments are the shards the trainer's shardings give each device (TPU tiling pads
     # a little).

@@ -1,0 +1,120 @@
+"""Device topologies to compile for: `<generation>:<chips>` TPU slices through libtpu's
+compile-only devices (no TPU needed; `pip install 'jaxpipe[tpu]'`), or `cpu:N` forced CPU
+devices."""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import importlib.util
+import os
+import re
+
+import jax
+from jax.experimental import topologies
+
+from jaxpipe.config import ConfigError
+from jaxpipe.costs import PROFILES, host_memory
+from jaxpipe.mesh import force_cpu_devices
+
+TPU_GENERATIONS = ("v4", "v5e", "v5p", "v6e")
+# HBM per chip from the device profiles' spec-sheet figures (v4 32 GiB, v5e 16, v5p 95, v6e 32).
+# Compile-only devices report no memory (`memory_stats` needs an attached chip), so this table
+# is the capacity unless the compiler names its own in an out-of-memory error.
+CHIP_HBM_BYTES = {gen: PROFILES[f"tpu-{gen}"].hbm_bytes for gen in TPU_GENERATIONS}
+TPU_EXTRA = "pip install 'jaxpipe[tpu]'"
+_TOPOLOGY = re.compile(r"^(?:cpu:(\d+)|(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2}))$")
+# libtpu on a host with no TPU chip only compiles. Its lock against a second process using the
+# chips is then moot (without ALLOW_MULTIPLE_LIBTPU_LOAD two compiling processes fail with
+# "libtpu multi-process lockfile"), and naming the host a one-host slice stops libtpu from
+# warning that it cannot read TPU metadata. Set only where unset and no chip is attached.
+_COMPILE_ONLY_ENV = {
+    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+    "TPU_HOST_BOUNDS": "1,1,1",
+    "TPU_WORKER_HOSTNAMES": "localhost",
+}
+
+
+def parse_topology(name: str) -> tuple[str, str | int]:
+    """`cpu:N` -> ("cpu", N); `v5p:4x4x4` -> ("v5p", "4x4x4"); else a ConfigError."""
+    m = _TOPOLOGY.match(name) if isinstance(name, str) else None
+    if m is None or (m.group(1) is not None and int(m.group(1)) < 1):
+        raise ConfigError(
+            f"unknown topology {name!r}; use <generation>:<chips> with generation one of "
+            f"{TPU_GENERATIONS} (e.g. v5p:4x4x4, v5e:4x4), or cpu:N for N CPU devices"
+        )
+    if m.group(1) is not None:
+        return "cpu", int(m.group(1))
+    return m.group(2), m.group(3)
+
+
+def profile_name(topology: str) -> str:
+    """The planner's device profile for a topology: `tpu-v5p` for `v5p:...`, `cpu` for `cpu:N`."""
+    kind, _ = parse_topology(topology)
+    return "cpu" if kind == "cpu" else f"tpu-{kind}"
+
+
+def prepare_host(topology: str) -> None:
+    """Call before JAX starts: N CPU devices for `cpu:N`, and the host CPU as JAX's platform
+    (unless JAX_PLATFORMS names one), so that no attached accelerator is opened."""
+    kind, n = parse_topology(topology)
+    if not os.environ.get("JAX_PLATFORMS"):
+        jax.config.update("jax_platforms", "cpu")
+    if kind == "cpu":
+        try:
+            force_cpu_devices(n)
+        except RuntimeError:  # JAX already started; `get_topology` checks the device count
+            pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    name: str
+    platform: str  # "tpu" or "cpu"
+    devices: tuple
+    hbm_bytes: float  # per device: the chip's HBM over its devices, or host RAM / N on CPU
+    hbm_source: str
+
+
+def _chip_attached() -> bool:
+    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def get_topology(name: str) -> Topology:
+    """The devices of a topology string (see the module docstring); raises naming the fix."""
+    kind, size = parse_topology(name)
+    if kind == "cpu":
+        have = jax.devices("cpu")
+        if len(have) < size:
+            raise ConfigError(
+                f"topology {name} needs {size} CPU devices but this process has {len(have)}; "
+                f"force them before JAX starts with jaxpipe.mesh.force_cpu_devices({size}) "
+                f"(python -m jaxpipe.plan --aot does so itself)"
+            )
+        ram = host_memory()
+        return Topology(name, "cpu", tuple(have[:size]), ram / size, f"host RAM / {size}")
+    if importlib.util.find_spec("libtpu") is None:
+        raise ConfigError(
+            f"compiling for TPU topology {name} needs libtpu, which is not installed; "
+            f"install it with {TPU_EXTRA}"
+        )
+    if not _chip_attached():
+        for var, value in _COMPILE_ONLY_ENV.items():
+            os.environ.setdefault(var, value)
+    try:
+        devices = topologies.get_topology_desc(name, "tpu").devices
+    except jax.errors.JaxRuntimeError as e:
+        raise ConfigError(f"libtpu rejects topology {name!r}: {first_line(e)}") from None
+    per_chip: dict[tuple, int] = {}
+    for d in devices:
+        key = tuple(getattr(d, "coords", (d.id,)))
+        per_chip[key] = per_chip.get(key, 0) + 1
+    share = max(per_chip.values())
+    hbm = CHIP_HBM_BYTES[kind] / share
+    source = "spec sheet" + (f", chip / {share} devices" if share > 1 else "")
+    return Topology(name, "tpu", tuple(devices), hbm, source)
+
+
+def first_line(error) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[0].strip() if lines else type(error).__name__
