@@ -208,7 +208,7 @@ def _unpipelined_loss(cfg, remat: str, params, tokens_BT1):
         return M.reference_loss(cfg, params, tokens_BT1)
     x_BTD = M.embed_apply(cfg, params, tokens_BT1[:, :-1])
     x_BTD = M.stack_forward(cfg, params["blocks"], x_BTD, remat=True)
-    return M.cross_entropy(M.head_apply(cfg, params, x_BTD), tokens_BT1[:, 1:])
+    return M.head_loss(cfg, params, x_BTD, tokens_BT1[:, 1:])
 
 
 def jax_steps(cfg, params, tokens, args) -> dict:

@@ -78,7 +78,7 @@ def _compiled(args, cfg, params, tokens):
             if args.remat == "none":
                 return M.reference_loss(cfg, p, t)
             x = M.stack_forward(cfg, p["blocks"], M.embed_apply(cfg, p, t[:, :-1]), remat=True)
-            return M.cross_entropy(M.head_apply(cfg, p, x), t[:, 1:])
+            return M.head_loss(cfg, p, x, t[:, 1:])
 
         step = jax.jit(jax.value_and_grad(loss))
         return step.lower(params, tokens).compile(), (params, tokens)

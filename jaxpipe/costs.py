@@ -333,7 +333,7 @@ def model_costs(
     def make_head(b):
         def fn(d, tgt):
             p, h = d
-            return M.cross_entropy(M.head_apply(cfg, p, h), tgt)
+            return M.head_loss(cfg, p, h, tgt)
 
         p = {"embed": params["embed"] if cfg.tied else {}, "head": params["head"]}
         return fn, (p, x(b)), tokens(b)

@@ -222,6 +222,11 @@ def cross_entropy(logits_BTV, targets_BT):
     return jnp.mean(lse_BT - jnp.sum(jnp.where(hit_BTV, logits_BTV, 0.0), axis=-1))
 
 
+def head_loss(cfg: ModelConfig, params, x_BTD, targets_BT):
+    """The head and the cross-entropy of its logits against `targets_BT`."""
+    return cross_entropy(head_apply(cfg, params, x_BTD), targets_BT)
+
+
 def stack_forward(cfg: ModelConfig, blocks, x_BTD, remat: bool = False):
     """The reference: a scan over the stacked blocks."""
     fn = lambda p, x: block_apply(cfg, p, x)
@@ -235,7 +240,7 @@ def reference_loss(cfg: ModelConfig, params, tokens_BT1):
     """Unpipelined loss on tokens of shape [B, T+1] (inputs are [:, :-1], targets [:, 1:])."""
     x_BTD = embed_apply(cfg, params, tokens_BT1[:, :-1])
     x_BTD = stack_forward(cfg, params["blocks"], x_BTD)
-    return cross_entropy(head_apply(cfg, params, x_BTD), tokens_BT1[:, 1:])
+    return head_loss(cfg, params, x_BTD, tokens_BT1[:, 1:])
 
 
 def init_params(cfg: ModelConfig, seed: int | jax.Array = 0, allow_large: bool = False):

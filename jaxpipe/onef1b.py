@@ -102,12 +102,8 @@ def _varying(a):
 def value_and_grad(pipe, params, tokens_BT1):
     """(loss, grads) of `pipe` (a `Pipeline` with a forward + backward table); grads in the
     pipeline layout of params. Equal to `jax.value_and_grad(pipe.loss)` up to float rounding."""
-    cfg = pipe.model
     inputs_BT, targets_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
-    x_BTD, embed_vjp = jax.vjp(
-        lambda e: M.embed_apply(cfg, {"embed": e}, inputs_BT), params["embed"]
-    )
-    x_MBTD = pipe.microbatch(x_BTD)
+    x_MBTD, embed_vjp = jax.vjp(lambda e: pipe.embed(e, inputs_BT), params["embed"])
     t_MBT = pipe.microbatch(targets_BT)
     head_params = {"embed": params["embed"], "head": params["head"]}
     program = jax.shard_map(
@@ -118,7 +114,7 @@ def value_and_grad(pipe, params, tokens_BT1):
         axis_names={"pipe"},
     )
     loss, g_blocks, g_head, dx_SMBTD = program(params["blocks"], head_params, x_MBTD, t_MBT)
-    (g_embed,) = embed_vjp(pipe.unmicrobatch(dx_SMBTD[0]).astype(x_BTD.dtype))
+    (g_embed,) = embed_vjp(dx_SMBTD[0].astype(x_MBTD.dtype))
     g_embed = _tree(jnp.add, g_embed, g_head["embed"])
     return loss, {"embed": g_embed, "blocks": g_blocks, "head": g_head["head"]}
 
@@ -165,7 +161,7 @@ def _stage_program(pipe, w_1RJ, head_params, x_MBTD, t_MBT):
     zeros_res = [b[0] for b in state["res"]]
 
     def head_loss(hp, y_BTD, t_BT):
-        return M.cross_entropy(M.head_apply(cfg, hp, y_BTD), t_BT) / Mb
+        return M.head_loss(cfg, hp, y_BTD, t_BT) / Mb
 
     # Only the accumulators (head loss and gradient, weight gradients) pass through the
     # conditionals; every buffer write happens outside them as one in-place slot update, so no

@@ -144,7 +144,18 @@ class Pipeline:
 
     def blocks_forward(self, blocks_SRJ, x_BTD):
         """Runs the whole block stack, pipelined, on activations of shape [B, T, D]."""
-        x_MBTD = self.microbatch(x_BTD)
+        y_MBTD = self.microbatches_forward(blocks_SRJ, self.microbatch(x_BTD))
+        return self.unmicrobatch(y_MBTD.astype(x_BTD.dtype))
+
+    def embed(self, embed_params, tokens_BT):
+        """Embedded micro-batches [M, B/M, T, D], one micro-batch at a time: the embedding's
+        float32 lookups and, in the backward, the float32 gradient it scatters into the table
+        exist for one micro-batch at once, never for the whole batch."""
+        one = lambda t: M.embed_apply(self.model, {"embed": embed_params}, t)
+        return jax.lax.map(one, self.microbatch(tokens_BT))
+
+    def microbatches_forward(self, blocks_SRJ, x_MBTD):
+        """Runs the whole block stack, pipelined, on micro-batches [M, B/M, T, D]."""
         # The input is the same on every stage; its gradient is then summed over `pipe`. With
         # one stage that sum over a size-1 axis breaks XLA's partitioner when the batch is
         # split over `data`, so a single stage takes the input as its own (a size-1 split).
@@ -156,7 +167,7 @@ class Pipeline:
             out_specs=P("pipe"),
             axis_names={"pipe"},
         )(blocks_SRJ, x_MBTD)
-        return self.unmicrobatch(y_SMBTD[0].astype(x_BTD.dtype))
+        return y_SMBTD[0]
 
     def logits(self, params, tokens_BT):
         """Vocabulary logits [B, T, V] with blocks pipelined; params in the pipeline layout."""
@@ -169,7 +180,9 @@ class Pipeline:
         """Next-token loss on tokens [B, T+1]; params in the pipeline layout."""
         params = self.gather(params)
         if self.config.embed_head == "outside":
-            return M.cross_entropy(self.logits(params, tokens_BT1[:, :-1]), tokens_BT1[:, 1:])
+            x_MBTD = self.embed(params["embed"], tokens_BT1[:, :-1])
+            y_MBTD = self.microbatches_forward(params["blocks"], x_MBTD).astype(x_MBTD.dtype)
+            return self.head_loss(params, y_MBTD, self.microbatch(tokens_BT1[:, 1:]))
         if tokens_BT1.shape[1] - 1 > self.model.max_seq_len:
             M.embed_apply(self.model, params, tokens_BT1[:1, :-1])  # raises the length error
         outer = {k: v for k, v in params.items() if k != "blocks"}
@@ -180,6 +193,13 @@ class Pipeline:
             out_specs=P(),
             axis_names={"pipe"},
         )(params["blocks"], None, outer, self.microbatch(tokens_BT1))
+
+    def head_loss(self, params, y_MBTD, targets_MBT):
+        """Mean head + loss over micro-batches [M, B/M, ...], one at a time under
+        `jax.checkpoint`: only one micro-batch's logits [B/M, T, V] are ever alive, forward or
+        backward."""
+        one = jax.checkpoint(lambda y, t: M.head_loss(self.model, params, y, t))
+        return jnp.mean(jax.lax.map(lambda yt: one(*yt), (y_MBTD, targets_MBT)))
 
     def value_and_grad(self, params, tokens_BT1):
         """(loss, grads) with grads in the same pipeline layout as params."""
@@ -285,9 +305,7 @@ class Pipeline:
 
         def leave(m, r, busy, h_BTD):
             """Loss of a micro-batch leaving the last stage for the last time (head inside)."""
-            head_loss = lambda h: M.cross_entropy(
-                M.head_apply(cfg, outer, h), tokens_MBT1[m, :, 1:]
-            )
+            head_loss = lambda h: M.head_loss(cfg, outer, h, tokens_MBT1[m, :, 1:])
             done = busy & (s == S - 1) & (r == R - 1)
             zero = lambda h: jax.lax.pcast(jnp.zeros((), jnp.float32), "pipe", to="varying")
             return jax.lax.cond(done, head_loss, zero, h_BTD)

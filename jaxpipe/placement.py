@@ -17,7 +17,7 @@ The embedding and the head are vocabulary-parallel (Megatron-style): the token t
 and an untied head's output kernel `[D, V]` split their vocabulary dim over `tensor` when V
 divides by it (else they are replicated); each device looks up the tokens of its slice and
 computes the logits of its slice, and the loss takes a log-sum-exp over the split vocabulary
-(`model.cross_entropy` is written so that GSPMD never gathers the logits). Learned positions
+(each device reduces its own slice; the logits are never gathered). Learned positions
 and norms stay replicated.
 
 Over `data`, `over_data` adds the axis to one more dim of a spec: ZeRO-1 (`zero1`) splits the

@@ -30,7 +30,7 @@ def stage_program(cfg: ModelConfig, blocks: int, first: bool, last: bool):
         for j in range(blocks):
             h = M.block_apply(cfg, jax.tree.map(lambda a, j=j: a[j], p["blocks"]), h)
         if last:
-            return M.cross_entropy(M.head_apply(cfg, p, h), tgt)
+            return M.head_loss(cfg, p, h, tgt)
         return jnp.vdot(h.astype(jnp.float32), cot.astype(jnp.float32))
 
     return jax.jit(jax.grad(loss, argnums=(0, 1) if not first else 0))
