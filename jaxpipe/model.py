@@ -181,6 +181,18 @@ class Head(nn.Module):
 # Functional API used by the pipeline, the partitioner and the tests.
 
 
+def compute_weights(cfg: ModelConfig, block_params):
+    """Block params as the block computes with them: dense kernels and biases in the compute
+    dtype (the cast `nn.Dense(dtype=...)` makes anyway, so results are unchanged), norms in
+    float32."""
+    dt = jnp.dtype(cfg.dtype)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, a: a if any("norm" in str(getattr(e, "key", "")) for e in path)
+        else a.astype(dt),
+        block_params,
+    )
+
+
 def block_apply(cfg: ModelConfig, block_params, x_BTD):
     """One block on its own (unstacked) parameters."""
     return Block(cfg).apply({"params": block_params}, x_BTD)

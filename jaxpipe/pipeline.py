@@ -18,6 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -26,6 +27,16 @@ from jaxpipe import onef1b, placement
 from jaxpipe.config import ConfigError, ModelConfig, PipelineConfig
 from jaxpipe.layout import StageLayout
 from jaxpipe.schedule import BWD, ScheduleTable, build_table, ring_table
+
+# Residual policies of one iteration of the tick loop (one unit) by remat mode. Without remat it
+# keeps what the layers save but not the weight slice (in the compute dtype) the iteration
+# reads, which the backward slices again from the stage's stack: saving it would stack a copy
+# of the stage's weights per iteration. With remat it keeps only the unit's input.
+_UNIT_POLICY = {
+    "none": jax.checkpoint_policies.save_anything_except_these_names("weights"),
+    "layer": jax.checkpoint_policies.nothing_saveable,
+    "stage": jax.checkpoint_policies.nothing_saveable,
+}
 
 
 def compiler_options(devices) -> dict | None:
@@ -226,9 +237,7 @@ class Pipeline:
         idle_ticks = not self.forward_table.busy.all()
         J, J0 = self.layout.slots, min(self.layout.layer_counts)
         cfg, remat = self.model, self.config.remat
-        layer = lambda p, h: M.block_apply(cfg, p, h)
-        if remat == "layer":
-            layer = jax.checkpoint(layer)
+        layer = lambda p, h: M.block_apply(cfg, p, h)  # remat="layer": see `_UNIT_POLICY`
         if remat != "stage":
             weights = lambda w_RJ, r, j: jax.tree.map(lambda a: a[r, j], w_RJ)
             unit = lambda p, count, h: layer(p, h)
@@ -313,6 +322,16 @@ class Pipeline:
         def send(h_BTD):
             return jax.lax.ppermute(h_BTD.astype(send_dtype), "pipe", perm)
 
+        @functools.partial(jax.checkpoint, policy=_UNIT_POLICY[self.config.remat])
+        def run_unit(w_RJ, r, j, count, busy, h_BTD):
+            """The unit on its slice of the stage's weights, which the backward slices again
+            rather than stacking one copy per iteration; under remat, only `h_BTD` is saved."""
+            p = M.compute_weights(cfg, weights(w_RJ, r, j))
+            run = functools.partial(unit, checkpoint_name(p, "weights"), count)
+            if active is None:
+                return run(h_BTD)
+            return jax.lax.cond(active(busy, j, count), run, functools.partial(idle, busy), h_BTD)
+
         def step(carry, i):
             """Unit j of tick t: the first one takes the stage input, the last one sends."""
             buf_MBTD, recv_BTD, h_BTD, loss = carry
@@ -325,14 +344,7 @@ class Pipeline:
             )
             h_BTD = jnp.where(first, h_in.astype(act_dtype), h_BTD)
             h_BTD = placement.constrain_activation(h_BTD)  # batch on `data` inside the stage
-            count = counts_SR[s, r]
-            run = functools.partial(unit, weights(w_RJ, r, j), count)
-            if active is None:
-                h_BTD = run(h_BTD)
-            else:
-                h_BTD = jax.lax.cond(
-                    active(busy, j, count), run, functools.partial(idle, busy), h_BTD
-                )
+            h_BTD = run_unit(w_RJ, r, j, counts_SR[s, r], busy, h_BTD)
             if inside:
                 loss = loss + leave(m, r, busy & last, h_BTD)
             if U == 1:
