@@ -10,6 +10,8 @@ from typing import Literal
 BlockStyle = Literal["gpt2", "llama"]
 
 SCHEDULES = ("gpipe", "circular", "1f1b", "interleaved_1f1b")
+# Schedules whose table holds backward ops (run by `onef1b.py`; the others by the ring executor).
+FULL_TABLE_SCHEDULES = ("1f1b", "interleaved_1f1b")
 # Attention kernels (`jax.nn.dot_product_attention` implementations): "xla" runs everywhere,
 # "cudnn" is the fused cuDNN kernel (NVIDIA GPUs, bfloat16 or float16 compute).
 ATTENTION_KERNELS = ("xla", "cudnn")

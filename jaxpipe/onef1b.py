@@ -105,7 +105,11 @@ def value_and_grad(pipe, params, tokens_BT1):
     inputs_BT, targets_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
     x_MBTD, embed_vjp = jax.vjp(lambda e: pipe.embed(e, inputs_BT), params["embed"])
     t_MBT = pipe.microbatch(targets_BT)
-    head_params = {"embed": params["embed"], "head": params["head"]}
+    # The head reads the token table only when tied to it: an untied head's program does not
+    # carry the table (nor accumulate a zero gradient for it).
+    head_params = {"head": params["head"]}
+    if pipe.model.tied:
+        head_params["embed"] = params["embed"]
     program = jax.shard_map(
         lambda w, hp, x, t: _stage_program(pipe, w, hp, x, t),
         mesh=pipe.mesh,
@@ -115,7 +119,8 @@ def value_and_grad(pipe, params, tokens_BT1):
     )
     loss, g_blocks, g_head, dx_SMBTD = program(params["blocks"], head_params, x_MBTD, t_MBT)
     (g_embed,) = embed_vjp(dx_SMBTD[0].astype(x_MBTD.dtype))
-    g_embed = _tree(jnp.add, g_embed, g_head["embed"])
+    if pipe.model.tied:
+        g_embed = _tree(jnp.add, g_embed, g_head["embed"])
     return loss, {"embed": g_embed, "blocks": g_blocks, "head": g_head["head"]}
 
 

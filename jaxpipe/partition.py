@@ -25,7 +25,13 @@ import math
 import numpy as np
 
 from jaxpipe import schedule
-from jaxpipe.config import ConfigError, ModelConfig, PipelineConfig, check_tensor_parallel
+from jaxpipe.config import (
+    FULL_TABLE_SCHEDULES,
+    ConfigError,
+    ModelConfig,
+    PipelineConfig,
+    check_tensor_parallel,
+)
 from jaxpipe.costmodel import CostModel, outer_params
 from jaxpipe.costs import DeviceProfile, get_profile, microbatch_size, model_costs
 from jaxpipe.layout import StageLayout
@@ -40,11 +46,14 @@ METHODS = ("uniform", "cost", "memory", "profile")
 def static_bytes(pipe_cfg: PipelineConfig, blocks: bool = True) -> float:
     """Bytes per fp32 parameter held through a step: its value, its gradient and AdamW's two
     moments (16 when nothing is split over `data`). ZeRO-1 and FSDP split the moments over
-    `data`; FSDP splits block values (`blocks`) too, and holds one gathered copy for the step."""
+    `data`; FSDP splits block values (`blocks`) too, and holds one gathered copy for the step.
+    The 1F1B executors accumulate the head's gradient in every stage and then sum it over
+    `pipe`, so the embedding and head parameters (not `blocks`) hold two gradients there."""
     D = pipe_cfg.data_parallel
     moments = 8 / D if pipe_cfg.shard_moments else 8
     value = 4 / D + 4 * (D > 1) if blocks and pipe_cfg.fsdp else 4
-    return value + 4 + moments
+    grads = 8 if not blocks and pipe_cfg.schedule in FULL_TABLE_SCHEDULES else 4
+    return value + grads + moments
 
 
 @functools.lru_cache(maxsize=64)

@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxpipe import model as M
 from jaxpipe import onef1b, placement
-from jaxpipe.config import ConfigError, ModelConfig, PipelineConfig
+from jaxpipe.config import FULL_TABLE_SCHEDULES, ConfigError, ModelConfig, PipelineConfig
 from jaxpipe.layout import StageLayout
 from jaxpipe.schedule import BWD, ScheduleTable, build_table, ring_table
 
@@ -214,7 +214,7 @@ class Pipeline:
 
     def value_and_grad(self, params, tokens_BT1):
         """(loss, grads) with grads in the same pipeline layout as params."""
-        if self.config.schedule in ("1f1b", "interleaved_1f1b"):
+        if self.config.schedule in FULL_TABLE_SCHEDULES:
             return onef1b.value_and_grad(self, self.gather(params), tokens_BT1)
         return jax.value_and_grad(self.loss)(params, tokens_BT1)
 

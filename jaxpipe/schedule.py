@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxpipe import cli
-from jaxpipe.config import SCHEDULES, ConfigError
+from jaxpipe.config import FULL_TABLE_SCHEDULES, SCHEDULES, ConfigError
 
 IDLE, FWD, BWD = 0, 1, 2
 # Tables are built cell by cell in Python (about 5 us per cell on one 2-core host core: a table
@@ -104,7 +104,7 @@ def build_table(
         if schedule == "gpipe" and num_repeats != 1:
             raise ConfigError("schedule 'gpipe' takes num_repeats=1; use 'circular' for repeats")
         table = ring_table(schedule, num_stages, num_microbatches, num_repeats)
-    elif schedule in ("1f1b", "interleaved_1f1b"):
+    elif schedule in FULL_TABLE_SCHEDULES:
         return full_table(schedule, num_stages, num_microbatches, num_repeats)
     else:
         raise ConfigError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")

@@ -232,3 +232,26 @@ def test_cli_compiles_for_sixteen_forced_cpu_devices():
     assert out["memory"]["arguments"] > 12 * (cfg.embed_params() + cfg.head_params())
     assert out["memory"]["total"] >= out["memory"]["arguments"] > 0
     assert out["predicted_bytes"] > 0
+
+
+@pytest.mark.slow
+@needs_libtpu
+def test_zero1_compiled_for_tpu_splits_the_optimizer_and_matches_the_planner():
+    """llama-1b, data 4 x pipe 2 on v5p:2x2x2, compiled with the optimizer replicated and with
+    ZeRO-1: ZeRO-1's per-device optimizer bytes are <= 0.3 x the replicated ones, the planner's
+    prediction is within 20%, and no buffer is larger than one stage's parameters."""
+    model = get_preset("llama-1b", dtype="bfloat16")
+    reports = {}
+    for zero1 in (False, True):
+        pcfg = PipelineConfig(num_stages=2, num_microbatches=4, data_parallel=4,
+                              schedule="1f1b", remat="layer", zero1=zero1)
+        reports[zero1] = aot.compile_step(model, pcfg, batch_size=16, seq_len=2048,
+                                          topology="v5p:2x2x2")
+    params = 4 * (model.num_params() - model.num_layers // 2 * model.block_params())  # fp32
+    optimizer = {z: r.memory["arguments"] - params for z, r in reports.items()}
+    assert optimizer[True] <= 0.3 * optimizer[False], optimizer
+    for report in reports.values():
+        assert report.fits
+        assert 0.8 <= report.memory["total"] / report.predicted_bytes <= 1.2, report.to_json()
+        stage_bytes = 4 * model.num_layers // 2 * model.block_params()
+        assert max(b["bytes"] for b in report.largest_buffers) <= stage_bytes

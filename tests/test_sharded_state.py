@@ -143,3 +143,25 @@ def test_zero1_and_fsdp_must_be_booleans():
         PipelineConfig(fsdp="yes")
     with pytest.raises(ConfigError, match="zero1 must be True or False"):
         PipelineConfig(zero1=1)
+
+
+@needs_devices(8)
+def test_fsdp_checkpoint_restores_at_other_shapes_and_sharding_modes(tmp_path):
+    """Saved with FSDP at data 2 x pipe 2 x tensor 2; restored replicated at pipe 4 x tensor 2
+    and with ZeRO-1 at data 4 x pipe 2: the same canonical state, in each trainer's shardings."""
+    from jaxpipe.checkpoint import Checkpoints, canonical_state
+
+    first = _trainer(fsdp=True)
+    state, _ = _losses(first, steps=2)
+    want = jax.device_get(canonical_state(first, state))
+    with Checkpoints(tmp_path) as c:
+        c.save(first, state, force=True)
+    for trainer in (_trainer(D=1, S=4, Tp=2), _trainer(D=4, S=2, Tp=1, zero1=True)):
+        with Checkpoints(tmp_path) as c:
+            restored = c.restore(trainer)
+        got = jax.device_get(canonical_state(trainer, restored))
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(a, b)
+        for a, sh in zip(jax.tree.leaves(restored), jax.tree.leaves(trainer.shardings),
+                         strict=True):
+            assert a.sharding.is_equivalent_to(sh, a.ndim)
