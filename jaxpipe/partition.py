@@ -10,11 +10,11 @@ Memory per device: every device holds R x J block slots (SPMD pads all stages to
 J layers) of parameters, gradients and AdamW's two fp32 moments (16 bytes per fp32 parameter;
 `static_bytes`: the moments split over `data` with ZeRO-1, and the block values too with FSDP,
 which then holds one gathered copy for the step), plus the activations the schedule keeps in
-flight (only stage inputs, per layer or per stage, under remat). How many micro-batches a
-stage holds at its peak, the bubble and the step time are read off the table the executor runs
-(`schedule.executor_table`): the peak count of forwards awaiting their backward, its idle share
-of cells, and its tick-synchronous simulation (`simulate.simulate(lockstep=True)`) fed with
-each virtual stage's forward and backward time.
+flight (only stage inputs, per layer or per stage, under remat, split over `tensor`). How many
+micro-batches a stage holds at its peak, the bubble and the step time are read off the table the
+executor runs (`schedule.executor_table`): the peak count of forwards awaiting their backward,
+its idle share of cells, and its tick-synchronous simulation (`simulate.simulate(lockstep=True)`)
+fed with each virtual stage's forward and backward time.
 """
 
 from __future__ import annotations
@@ -85,10 +85,13 @@ def stage_memory(cm: CostModel, pipe_cfg: PipelineConfig, s: int, layers: int, s
     static = static_bytes(pipe_cfg) * R * slots * cm.block_params
     static += static_bytes(pipe_cfg, blocks=False) * outer
     layers = np.asarray(layers)
+    # Stashed layer or stage inputs: the compiler splits their buffers over `tensor` (their
+    # last dim, as the TPU compiler's memory reports of the 1F1B and GPipe steps show).
+    boundary = cm.boundary_bytes / pipe_cfg.tensor_parallel
     if pipe_cfg.remat == "layer":
-        act = layers * cm.boundary_bytes
+        act = layers * boundary
     elif pipe_cfg.remat == "stage":
-        act = R * cm.boundary_bytes
+        act = R * boundary
     else:
         act = layers * cm.block_act
         act += (s == 0) * cm.embed_act * cm.embed_in_first
