@@ -65,7 +65,11 @@ def test_init_builds_each_shard_in_place_and_equals_the_canonical_init():
 @needs_devices(8)
 @pytest.mark.parametrize(
     "kw,schedule",
-    [({"zero1": True}, "gpipe"), ({"fsdp": True}, "gpipe"), ({"fsdp": True}, "1f1b")],
+    [
+        pytest.param({"zero1": True}, "gpipe", marks=pytest.mark.slow),
+        ({"fsdp": True}, "gpipe"),
+        pytest.param({"fsdp": True}, "1f1b", marks=pytest.mark.slow),
+    ],
 )
 def test_zero1_and_fsdp_change_no_result(kw, schedule):
     _, want = _losses(_trainer(schedule=schedule))
@@ -145,6 +149,7 @@ def test_zero1_and_fsdp_must_be_booleans():
         PipelineConfig(zero1=1)
 
 
+@pytest.mark.slow
 @needs_devices(8)
 def test_fsdp_checkpoint_restores_at_other_shapes_and_sharding_modes(tmp_path):
     """Saved with FSDP at data 2 x pipe 2 x tensor 2; restored replicated at pipe 4 x tensor 2
