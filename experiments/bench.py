@@ -23,6 +23,7 @@ import os
 import statistics
 import time
 
+import bench_json
 from absl import flags
 
 flags.DEFINE_string("json", None, "Write the results here as well as to stdout.")
@@ -83,8 +84,6 @@ def _tokens(cfg, batch_size):
 
 def main(argv):
     del argv
-    import json
-
     cfg = get_preset("small", max_seq_len=_F.seq_len)
     dev0 = jax.devices()[0]
     params = jax.device_put(M.init_params(cfg, 0), dev0)
@@ -143,11 +142,7 @@ def main(argv):
         result["predict_error"] = part["predict_error"]["cost"]["max_rel_error"]
         result["plan_seconds"] = part["plan_seconds"]["seconds"]
         result["partition"] = part
-    text = json.dumps(result, indent=2)
-    print(text)
-    if _F.json:
-        with open(_F.json, "w") as f:
-            f.write(text + "\n")
+    bench_json.emit(result, _F.json)
 
 
 if __name__ == "__main__":

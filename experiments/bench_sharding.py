@@ -19,10 +19,10 @@ Step times alternate between the configurations compared and report medians.
 from __future__ import annotations
 
 import importlib.util
-import json
 import statistics
 import time
 
+import bench_json
 from absl import app, flags
 
 flags.DEFINE_string("json", None, "Write the results here as well as to stdout.")
@@ -111,11 +111,7 @@ def main(argv):
     elif _F.aot:
         result["aot_70b_seconds"] = None
         result["aot_70b"] = "skipped: libtpu is not installed (pip install 'jaxpipe[tpu]')"
-    text = json.dumps(result, indent=2)
-    print(text)
-    if _F.json:
-        with open(_F.json, "w") as f:
-            f.write(text + "\n")
+    bench_json.emit(result, _F.json)
 
 
 if __name__ == "__main__":

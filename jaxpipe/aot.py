@@ -25,7 +25,6 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxpipe import model as M
 from jaxpipe.config import ConfigError, ModelConfig, PipelineConfig
 from jaxpipe.costs import DeviceProfile
 from jaxpipe.hlo import (
@@ -43,12 +42,7 @@ from jaxpipe.train import TrainConfig, Trainer
 
 def abstract_inputs(trainer: Trainer, batch_size: int, seq_len: int):
     """(train state, token batch) as ShapeDtypeStructs carrying the trainer's shardings."""
-    shapes = jax.eval_shape(trainer.init_state, M.abstract_params(trainer.pipe.model))
-    state = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        shapes,
-        trainer.shardings,
-    )
+    state = trainer.abstract_state()
     batch = jax.ShapeDtypeStruct(
         (batch_size, seq_len + 1), jnp.int32, sharding=trainer.pipe.batch_sharding()
     )
