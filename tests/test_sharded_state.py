@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxpipe import model as M
 from jaxpipe import placement
+from jaxpipe.checkpoint import Checkpoints, canonical_state
 from jaxpipe.config import ConfigError, PipelineConfig, get_preset
 from jaxpipe.train import TrainConfig, Trainer
 from tests.conftest import needs_devices
@@ -154,8 +155,6 @@ def test_zero1_and_fsdp_must_be_booleans():
 def test_fsdp_checkpoint_restores_at_other_shapes_and_sharding_modes(tmp_path):
     """Saved with FSDP at data 2 x pipe 2 x tensor 2; restored replicated at pipe 4 x tensor 2
     and with ZeRO-1 at data 4 x pipe 2: the same canonical state, in each trainer's shardings."""
-    from jaxpipe.checkpoint import Checkpoints, canonical_state
-
     first = _trainer(fsdp=True)
     state, _ = _losses(first, steps=2)
     want = jax.device_get(canonical_state(first, state))
