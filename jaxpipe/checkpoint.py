@@ -63,6 +63,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxpipe import model as M
+from jaxpipe import placement
 from jaxpipe.config import RUNTIME_FIELDS, ConfigError, ModelConfig
 from jaxpipe.data import TokenData
 from jaxpipe.fingerprint import crc32_fingerprint, fingerprint, mismatches
@@ -115,7 +116,8 @@ def _layers_spec(sharding, ndim: int, num_layers: int):
 def canonical_shardings(trainer: Trainer) -> dict:
     """Shardings of `canonical_state`, from the trainer's: block leaves split like the trainer
     splits them (`tensor` dims on `tensor`, layers on the stack axes where L divides evenly),
-    every other leaf exactly as the trainer places it. Saves write, and restores read, each
+    every other leaf as the trainer places it (`placement.fit` where the pipeline layout pads
+    the vocabulary). Saves write, and restores read, each
     shard on the devices that hold it."""
     sh = trainer.shardings
     abstract = abstract_canonical(trainer.pipe.model, trainer.tx, None)
@@ -125,11 +127,15 @@ def canonical_shardings(trainer: Trainer) -> dict:
     L = trainer.pipe.model.num_layers
 
     def canonical(params, shapes):
+        fit = lambda part: jax.tree.map(
+            lambda s, a: placement.fit(s, a.shape), params[part], shapes[part],
+            is_leaf=_is_sharding,
+        )
         blocks = jax.tree.map(
             lambda s, a: _layers_spec(s, a.ndim, L) or replicated, params["blocks"],
             shapes["blocks"],
         )
-        return {**params, "blocks": blocks}
+        return {"embed": fit("embed"), "blocks": blocks, "head": fit("head")}
 
     def walk(shardings, shapes):
         if _is_params(shardings):

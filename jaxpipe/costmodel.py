@@ -6,18 +6,18 @@ import dataclasses
 
 from jaxpipe.config import ModelConfig
 from jaxpipe.costs import DeviceProfile, ModelCosts
-from jaxpipe.placement import vocab_split
+from jaxpipe.placement import vocab_rows
 
 
 def outer_params(cfg: ModelConfig, tp: int, head_in_last: bool = True) -> tuple[float, float]:
     """Per-device parameters of the embedding and of the head with `tensor` = tp: the token
-    table and an untied head kernel split their vocabulary over tp when it divides. A tied
-    head inside the last stage holds its own copy of the table."""
-    v = tp if vocab_split(cfg.vocab_size, tp) else 1
+    table and an untied head kernel split their (padded) vocabulary over tp. A tied head inside
+    the last stage holds its own copy of the table."""
     table = cfg.vocab_size * cfg.d_model
-    embed = cfg.embed_params() - table + table / v
-    head = cfg.head_params() - (0 if cfg.tied else table) + table / v
-    return embed, head if head_in_last or not cfg.tied else head - table / v
+    shard = vocab_rows(cfg.vocab_size, tp) * cfg.d_model / tp
+    embed = cfg.embed_params() - table + shard
+    head = cfg.head_params() - (0 if cfg.tied else table) + shard
+    return embed, head if head_in_last or not cfg.tied else head - shard
 
 
 @dataclasses.dataclass(frozen=True)

@@ -143,11 +143,13 @@ class Block(nn.Module):
 
 class Embed(nn.Module):
     cfg: ModelConfig
+    rows: int = 0  # rows of the token table: the vocabulary, padded (see `pad_vocab`); 0: V
 
     @nn.compact
     def __call__(self, tokens_BT, start=0):
         cfg = self.cfg
-        table = self.param("tok", nn.initializers.normal(_INIT_STD), (cfg.vocab_size, cfg.d_model))
+        shape = (self.rows or cfg.vocab_size, cfg.d_model)
+        table = self.param("tok", nn.initializers.normal(_INIT_STD), shape)
         x_BTD = jnp.take(table, tokens_BT, axis=0)
         if cfg.style == "gpt2":  # learned positions start, start + 1, ...
             pos = self.param("pos", nn.initializers.normal(0.01), (cfg.max_seq_len, cfg.d_model))
@@ -160,21 +162,64 @@ class Head(nn.Module):
     """Final norm and the projection to vocabulary logits (tied to the embedding or not)."""
 
     cfg: ModelConfig
+    rows: int = 0  # logits per token: the vocabulary, padded (see `pad_vocab`); 0: V
 
     @nn.compact
     def __call__(self, x_BTD, tok_table_VD=None):
         cfg = self.cfg
         h_BTD = _norm(cfg, "norm")(x_BTD).astype(jnp.dtype(cfg.dtype))
         if cfg.tied:
-            return jnp.einsum("btd,vd->btv", h_BTD, tok_table_VD.astype(h_BTD.dtype))
+            return _mask_padding(cfg, jnp.einsum("btd,vd->btv", h_BTD,
+                                                 tok_table_VD.astype(h_BTD.dtype)))
         out = nn.Dense(
-            cfg.vocab_size,
+            self.rows or cfg.vocab_size,
             use_bias=False,
             dtype=jnp.dtype(cfg.dtype),
             kernel_init=nn.initializers.normal(_INIT_STD),
             name="out",
         )
-        return out(h_BTD)
+        return _mask_padding(cfg, out(h_BTD))
+
+
+def _mask_padding(cfg: ModelConfig, logits_BTV):
+    """Logits of padded vocabulary entries (past `vocab_size`) set to -inf: they get no
+    probability, no share of the log-sum-exp and no gradient."""
+    if logits_BTV.shape[-1] == cfg.vocab_size:
+        return logits_BTV
+    real = jnp.arange(logits_BTV.shape[-1]) < cfg.vocab_size
+    return jnp.where(real, logits_BTV, -jnp.inf)
+
+
+def _vocab_leaves(cfg: ModelConfig, params, fn):
+    """`params` (or a tree of their shape, e.g. optimizer moments) with `fn(leaf, dim)` applied
+    to the token table and an untied head's kernel."""
+    embed = {**params["embed"], "tok": fn(params["embed"]["tok"], 0)}
+    head = params["head"]
+    if not cfg.tied:
+        head = {**head, "out": {**head["out"], "kernel": fn(head["out"]["kernel"], 1)}}
+    return {**params, "embed": embed, "head": head}
+
+
+def pad_vocab(cfg: ModelConfig, params, rows: int):
+    """Params with `rows` vocabulary entries (rows >= vocab_size): the token table and an untied
+    head kernel grown with zeros. Padded entries are never looked up and their logits are
+    masked, so they stay zero in training and change no result; they let the vocabulary split
+    evenly over devices."""
+    if rows == cfg.vocab_size:
+        return params
+
+    def grow(a, dim):
+        widths = [(0, 0)] * a.ndim
+        widths[dim] = (0, rows - a.shape[dim])
+        return jnp.pad(a, widths)
+
+    return _vocab_leaves(cfg, params, grow)
+
+
+def unpad_vocab(cfg: ModelConfig, params):
+    """The inverse of `pad_vocab`: params with exactly `vocab_size` vocabulary entries."""
+    cut = lambda a, dim: jax.lax.slice_in_dim(a, 0, cfg.vocab_size, axis=dim)
+    return _vocab_leaves(cfg, params, cut)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,7 +249,8 @@ def embed_apply(cfg: ModelConfig, params, tokens_BT, start=0):
             f"sequence length {tokens_BT.shape[1]} exceeds the model's max_seq_len "
             f"{cfg.max_seq_len}; shorten --seq_len or raise max_seq_len"
         )
-    return Embed(cfg).apply({"params": params["embed"]}, tokens_BT, start)
+    rows = params["embed"]["tok"].shape[0]
+    return Embed(cfg, rows).apply({"params": params["embed"]}, tokens_BT, start)
 
 
 def stack_decode(cfg: ModelConfig, blocks, x_BTD, cache, start):
@@ -220,8 +266,10 @@ def stack_decode(cfg: ModelConfig, blocks, x_BTD, cache, start):
 
 
 def head_apply(cfg: ModelConfig, params, x_BTD):
+    """Logits [B, T, rows]: one per vocabulary entry of the params (padded entries -inf)."""
     table = params["embed"]["tok"] if cfg.tied else None
-    return Head(cfg).apply({"params": params["head"]}, x_BTD, table)
+    rows = table.shape[0] if cfg.tied else params["head"]["out"]["kernel"].shape[-1]
+    return Head(cfg, rows).apply({"params": params["head"]}, x_BTD, table)
 
 
 def cross_entropy(logits_BTV, targets_BT):

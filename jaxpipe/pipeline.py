@@ -109,13 +109,23 @@ class Pipeline:
         """The params `model.init_params` makes from `key`, built directly in the pipeline
         layout (equal to `to_pipeline` of them); under `jit` with the param shardings as output
         shardings each device computes only its own shards."""
-        return M.init_arranged(self.model, key, self.layout.layer_index_SRJ)
+        params = M.init_arranged(self.model, key, self.layout.layer_index_SRJ)
+        return M.pad_vocab(self.model, params, self.vocab_rows)
+
+    @property
+    def vocab_rows(self) -> int:
+        """Vocabulary entries of the embedding and head in the pipeline layout: padded so they
+        split evenly over `tensor` (`placement.vocab_rows`)."""
+        return placement.vocab_rows(self.model.vocab_size, self.mesh.shape["tensor"])
 
     def to_pipeline(self, params):
-        """Canonical params -> params whose blocks are in the `[S, R, J, ...]` view."""
+        """Canonical params -> params whose blocks are in the `[S, R, J, ...]` view and whose
+        vocabulary is padded to `vocab_rows` (also takes trees of their shape: AdamW moments)."""
+        params = M.pad_vocab(self.model, params, self.vocab_rows)
         return {**params, "blocks": self.layout.to_pipeline(params["blocks"])}
 
     def to_canonical(self, params):
+        params = M.unpad_vocab(self.model, params)
         return {**params, "blocks": self.layout.to_canonical(params["blocks"])}
 
     def param_shardings(self, params):
@@ -185,7 +195,7 @@ class Pipeline:
         params = self.gather(params)
         x_BTD = M.embed_apply(self.model, params, tokens_BT)
         x_BTD = self.blocks_forward(params["blocks"], x_BTD)
-        return M.head_apply(self.model, params, x_BTD)
+        return M.head_apply(self.model, params, x_BTD)[..., : self.model.vocab_size]
 
     def loss(self, params, tokens_BT1):
         """Next-token loss on tokens [B, T+1]; params in the pipeline layout."""

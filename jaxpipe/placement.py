@@ -14,11 +14,12 @@ of the MLP hidden units; one all-reduce over `tensor` after o and one after down
 matmuls from these input shardings.
 
 The embedding and the head are vocabulary-parallel (Megatron-style): the token table `[V, D]`
-and an untied head's output kernel `[D, V]` split their vocabulary dim over `tensor` when V
-divides by it (else they are replicated); each device looks up the tokens of its slice and
-computes the logits of its slice, and the loss takes a log-sum-exp over the split vocabulary
-(each device reduces its own slice; the logits are never gathered). Learned positions
-and norms stay replicated.
+and an untied head's output kernel `[D, V]` split their vocabulary dim over `tensor`; a V that
+does not divide by `tensor` is padded in the pipeline layout (`vocab_rows`: zero rows whose
+logits are masked, dropped again in the canonical layout and in checkpoints); each device looks
+up the tokens of its slice and computes the logits of its slice, and the loss takes a
+log-sum-exp over the split vocabulary (each device reduces its own slice; the logits are never
+gathered). Learned positions and norms stay replicated.
 
 Over `data`, `over_data` adds the axis to one more dim of a spec: ZeRO-1 (`zero1`) splits the
 AdamW moments that way, FSDP (`fsdp`) the block parameters too (see `train.py`).
@@ -83,8 +84,21 @@ def block_specs(blocks, stack_spec: tuple = ("pipe", None, None)):
     )
 
 
+VOCAB_PAD_MULTIPLE = 128  # a padded vocabulary is a multiple of this times `tensor`
+
+
+def vocab_rows(vocab_size: int, tensor: int) -> int:
+    """Vocabulary entries the embedding and the head hold in the pipeline layout: V when it
+    divides by `tensor`, else V padded to a multiple of 128 x `tensor` (as Megatron pads; every
+    device's slice then stays a multiple of 128 lanes). See `model.pad_vocab`."""
+    if vocab_size % tensor == 0:
+        return vocab_size
+    step = VOCAB_PAD_MULTIPLE * tensor
+    return -(-vocab_size // step) * step
+
+
 def vocab_split(vocab_size: int, tensor: int) -> bool:
-    """Whether the embedding and the head split their vocabulary over `tensor`."""
+    """Whether a table of `vocab_size` entries splits its vocabulary over `tensor`."""
     return vocab_size % tensor == 0
 
 
@@ -144,6 +158,23 @@ def param_shardings(
     return jax.tree.map(
         lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, P)
     )
+
+
+def fit(sharding: NamedSharding, shape: tuple) -> NamedSharding:
+    """`sharding` made valid for an array of `shape`: the mesh axes of a dim they do not divide
+    move to the largest unsplit dim they do divide, or are dropped (that dim replicated). A
+    canonical `[V, D]` table whose V the pipeline layout pads keeps its split, on D."""
+    mesh = sharding.mesh
+    dims = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+    size = lambda e: int(np.prod([mesh.shape[a] for a in (e if isinstance(e, tuple) else (e,))]))
+    for i, e in enumerate(dims):
+        if e is None or shape[i] % size(e) == 0:
+            continue
+        dims[i] = None
+        free = [j for j, n in enumerate(shape) if dims[j] is None and j != i and n % size(e) == 0]
+        if free:
+            dims[max(free, key=lambda j: (shape[j], -j))] = e
+    return NamedSharding(mesh, P(*dims))
 
 
 def data_sharded(sharding: NamedSharding, leaf) -> NamedSharding:

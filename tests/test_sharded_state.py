@@ -13,6 +13,7 @@ from jaxpipe import model as M
 from jaxpipe import placement
 from jaxpipe.checkpoint import Checkpoints, canonical_state
 from jaxpipe.config import ConfigError, PipelineConfig, get_preset
+from jaxpipe.costmodel import outer_params
 from jaxpipe.train import TrainConfig, Trainer
 from tests.conftest import needs_devices
 
@@ -37,7 +38,8 @@ def _bytes_per_device(tree) -> int:
 
 
 def _losses(trainer, steps=3):
-    tokens = np.random.RandomState(0).randint(0, CFG.vocab_size, (8, 17)).astype(np.int32)
+    V = trainer.pipe.model.vocab_size
+    tokens = np.random.RandomState(0).randint(0, V, (8, 17)).astype(np.int32)
     state, out = trainer.init_state(), []
     for _ in range(steps):
         state, m = trainer.step_fn(state, trainer.put_batch(tokens))
@@ -126,7 +128,70 @@ def test_vocabulary_parallel_embedding_and_head_specs():
         assert all(s == P() for s in jax.tree.leaves(specs["head"]["norm"]))
     odd = get_preset("tiny", num_layers=2, vocab_size=255)
     specs = placement.param_specs(M.abstract_params(odd), (None,), tensor=2)
-    assert specs["embed"]["tok"] == P()  # 255 does not split in 2: replicated
+    assert specs["embed"]["tok"] == P()  # the canonical 255 rows do not split in 2 ...
+    assert placement.vocab_rows(255, 2) == 256  # ... so the pipeline layout pads them
+    assert placement.vocab_rows(50257, 8) == 51200  # GPT-2: 8 slices of 6,400 rows
+    assert placement.vocab_rows(128256, 8) == 128256  # divides: no padding
+    assert placement.vocab_rows(50257, 1) == 50257
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
+def test_padded_vocabulary_changes_no_loss_and_gets_no_gradient(preset):
+    cfg = get_preset(preset, num_layers=2, vocab_size=257, tie_embeddings=preset == "tiny")
+    params = M.init_params(cfg, 0)
+    padded = M.pad_vocab(cfg, params, 384)
+    assert padded["embed"]["tok"].shape == (384, cfg.d_model)
+    tokens = np.random.RandomState(0).randint(0, 257, (2, 9)).astype(np.int32)
+    loss, grads = jax.value_and_grad(M.reference_loss, argnums=1)(cfg, padded, tokens)
+    np.testing.assert_allclose(loss, M.reference_loss(cfg, params, tokens), rtol=1e-6)
+    assert not np.asarray(grads["embed"]["tok"][257:]).any()
+    if not cfg.tied:
+        assert not np.asarray(grads["head"]["out"]["kernel"][:, 257:]).any()
+    logits = M.head_apply(cfg, padded, jnp.ones((1, 1, cfg.d_model)))
+    assert np.isneginf(np.asarray(logits[..., 257:])).all()
+    back = M.unpad_vocab(cfg, padded)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    embed, _ = outer_params(get_preset("gpt3-175b"), 8)  # GPT-2's 50,257 padded to 51,200
+    assert embed == 2048 * 12288 + 51200 * 12288 / 8
+
+
+@pytest.mark.slow
+@needs_devices(8)
+@pytest.mark.parametrize("preset,schedule", [("tiny", "1f1b"), ("tiny-llama", "gpipe")])
+def test_indivisible_vocabulary_is_padded_split_and_changes_nothing(preset, schedule, tmp_path):
+    """V = 257 at tensor 2: the pipeline layout holds 512 rows split 256 per device; losses,
+    logits and the canonical state equal the unsplit run's; padded rows stay zero; a checkpoint
+    saved at tensor 2 restores at tensor 1 with the canonical 257 rows."""
+    cfg = get_preset(preset, num_layers=4, vocab_size=257, tie_embeddings=preset == "tiny")
+    runs = {}
+    for Tp in (1, 2):
+        trainer = _trainer(D=1, S=2, Tp=Tp, schedule=schedule, cfg=cfg)
+        state, losses = _losses(trainer, steps=2)
+        runs[Tp] = trainer, state, losses
+    trainer, state, losses = runs[2]
+    np.testing.assert_allclose(losses, runs[1][2], rtol=2e-5)
+    tables = [state.params["embed"]["tok"], state.opt_state[1][0].mu["embed"]["tok"]]
+    if not cfg.tied:
+        tables.append(state.params["head"]["out"]["kernel"].T)
+    for table in tables:
+        assert table.shape == (512, cfg.d_model)
+        assert [s.data.shape[0] for s in table.addressable_shards] == [256] * 4
+        assert not np.asarray(table[257:]).any()  # padding never trained
+    tokens = np.random.RandomState(1).randint(0, 257, (4, 16)).astype(np.int32)
+    logits = {Tp: np.asarray(jax.jit(t.pipe.logits)(s.params, tokens))
+              for Tp, (t, s, _) in runs.items()}
+    assert logits[2].shape == (4, 16, 257)
+    np.testing.assert_allclose(logits[2], logits[1], rtol=2e-4, atol=2e-5)
+    canonical = jax.device_get(canonical_state(trainer, state))
+    assert canonical["params"]["embed"]["tok"].shape == (257, cfg.d_model)
+    with Checkpoints(tmp_path) as c:
+        c.save(trainer, state, force=True)
+    with Checkpoints(tmp_path) as c:
+        restored = c.restore(runs[1][0])
+    got = jax.device_get(canonical_state(runs[1][0], restored))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(canonical), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 @needs_devices(8)
