@@ -236,6 +236,9 @@ class PipelineConfig:
         and the updated parameters all-gathered; results equal the replicated optimizer's.
     fsdp: also split the block parameters over `data`; each stage gathers its blocks once per
         step, before the tick loop (implies the moments' split).
+    overlap_sends: gpipe and circular only: each stage's output is sent during the next tick,
+        in one chunk per layer slot, so the transfer overlaps compute (the table's `hop` is 2:
+        S - 1 more ticks of fill and drain). Pays off where links are slow next to a tick.
     """
 
     num_stages: int = 1
@@ -249,9 +252,10 @@ class PipelineConfig:
     embed_head: str = "outside"
     zero1: bool = False
     fsdp: bool = False
+    overlap_sends: bool = False
 
     def __post_init__(self):
-        for field in ("zero1", "fsdp"):
+        for field in ("zero1", "fsdp", "overlap_sends"):
             if not isinstance(getattr(self, field), bool):
                 raise ConfigError(f"{field} must be True or False, got {getattr(self, field)!r}")
         if self.embed_head not in ("outside", "inside"):
@@ -278,12 +282,22 @@ class PipelineConfig:
             )
         if self.remat not in REMAT_MODES:
             raise ConfigError(f"unknown remat mode {self.remat!r}; choose one of {REMAT_MODES}")
+        if self.overlap_sends and self.schedule in FULL_TABLE_SCHEDULES:
+            raise ConfigError(
+                f"overlap_sends runs with schedule 'gpipe' or 'circular'; {self.schedule!r} "
+                f"sends within the tick, so drop --overlap_sends or pick one of those"
+            )
         if self.boundary_dtype is not None:
             check_float_dtype("boundary_dtype", self.boundary_dtype)
 
     @property
     def num_devices(self) -> int:
         return self.data_parallel * self.num_stages * self.tensor_parallel
+
+    @property
+    def hop(self) -> int:
+        """Ticks from a stage's op to the next stage's use of its output (`ScheduleTable.hop`)."""
+        return 2 if self.overlap_sends else 1
 
     @property
     def shard_moments(self) -> bool:

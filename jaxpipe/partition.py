@@ -60,7 +60,8 @@ def static_bytes(pipe_cfg: PipelineConfig, blocks: bool = True) -> float:
 def step_table(pipe_cfg: PipelineConfig) -> schedule.ScheduleTable:
     """The forward + backward table the executor runs for this pipeline shape."""
     return schedule.executor_table(
-        pipe_cfg.schedule, pipe_cfg.num_stages, pipe_cfg.num_microbatches, pipe_cfg.num_repeats
+        pipe_cfg.schedule, pipe_cfg.num_stages, pipe_cfg.num_microbatches, pipe_cfg.num_repeats,
+        pipe_cfg.hop,
     )
 
 

@@ -95,7 +95,8 @@ class Pipeline:
                 f"mesh has pipe={mesh.shape['pipe']} but num_stages={config.num_stages}"
             )
         table = build_table(
-            config.schedule, config.num_stages, config.num_microbatches, config.num_repeats
+            config.schedule, config.num_stages, config.num_microbatches, config.num_repeats,
+            config.hop,
         )
         return cls(model, config, layout, table, mesh, poison_bubbles)
 
@@ -282,9 +283,11 @@ class Pipeline:
         inside = outer is not None
         act_dtype = jnp.dtype(cfg.dtype) if inside else x_MBTD.dtype
         send_dtype = jnp.dtype(self.config.boundary_dtype or act_dtype)
-        # What the last stage sent at tick t - 1 arrives at stage 0 at tick t (t = 0..T).
-        arrive_micro = jnp.asarray(np.concatenate([[0], np.maximum(tab.micro[:, S - 1], 0)]))
-        arrive_ok = jnp.asarray(np.concatenate([[False], tab.busy[:, S - 1]]))
+        # What the last stage ran at tick t - hop is absorbed at stage 0 at tick t (t = 0..T).
+        hop = tab.hop
+        last_micro = np.maximum(tab.micro[:, S - 1], 0)
+        arrive_micro = jnp.asarray(np.concatenate([np.zeros(hop, np.int32), last_micro]))
+        arrive_ok = jnp.asarray(np.concatenate([np.zeros(hop, bool), tab.busy[:, S - 1]]))
         micro_TS = jnp.asarray(np.maximum(tab.micro, 0))
         repeat_TS = jnp.asarray(np.maximum(tab.repeat, 0))
         busy_TS = jnp.asarray(tab.busy)
@@ -348,25 +351,65 @@ class Pipeline:
             t, j = i // U, i % U
             first, last = j == 0, j == U - 1
             buf_MBTD = absorb(buf_MBTD, recv_BTD, t, first)
-            m, r, busy = micro_TS[t, s], repeat_TS[t, s], busy_TS[t, s]
-            h_in = jnp.where(
-                s == 0, enter(m, r, busy & first, buf_MBTD[m].astype(act_dtype)), recv_BTD
-            )
-            h_BTD = jnp.where(first, h_in.astype(act_dtype), h_BTD)
-            h_BTD = placement.constrain_activation(h_BTD)  # batch on `data` inside the stage
-            h_BTD = run_unit(w_RJ, r, j, counts_SR[s, r], busy, h_BTD)
-            if inside:
-                loss = loss + leave(m, r, busy & last, h_BTD)
+            h_BTD, loss = compute(buf_MBTD, recv_BTD, h_BTD, loss, t, j)
             if U == 1:
                 recv_BTD = send(h_BTD)
             else:  # the same branch on every stage, so the collective stays matched
                 recv_BTD = jax.lax.cond(last, send, lambda _: recv_BTD, h_BTD)
             return (buf_MBTD, recv_BTD, h_BTD, loss), None
 
+        def compute(buf_MBTD, recv_BTD, h_BTD, loss, t, j):
+            """Unit j of tick t on the stage input (at j = 0) or on the previous unit's output."""
+            first, last = j == 0, j == U - 1
+            m, r, busy = micro_TS[t, s], repeat_TS[t, s], busy_TS[t, s]
+            h_in = jnp.where(
+                s == 0, enter(m, r, busy & first, buf_MBTD[m].astype(act_dtype)), recv_BTD
+            )
+            h_BTD = jnp.where(first, h_in.astype(act_dtype), h_BTD) if U > 1 else h_in
+            h_BTD = placement.constrain_activation(h_BTD.astype(act_dtype))
+            h_BTD = run_unit(w_RJ, r, j, counts_SR[s, r], busy, h_BTD)
+            if inside:
+                loss = loss + leave(m, r, busy & last, h_BTD)
+            return h_BTD, loss
+
+        # hop 2: the output of tick t - 1 (`out`) goes to the next stage during tick t, one
+        # chunk of the sequence per unit, in a collective that no unit's compute waits for, so
+        # the scheduler can overlap the two. It arrives in `nxt` and is the input of tick t + 1.
+        chunk = -(-x_MBTD.shape[2] // U)  # sequence positions per unit (the last one padded)
+        Tp = chunk * U
+
+        def padded(h_BTD):
+            return jnp.pad(h_BTD.astype(send_dtype), ((0, 0), (0, Tp - h_BTD.shape[1]), (0, 0)))
+
+        def overlapped(carry, i):
+            buf_MBTD, recv_BTD, nxt_BTD, out_BTD, h_BTD, loss = carry
+            t, j = i // U, i % U
+            if U > 1:  # a new tick: what arrived is its input, the last output goes out
+                recv_BTD = jnp.where(j == 0, nxt_BTD[:, : recv_BTD.shape[1]], recv_BTD)
+                out_BTD = jnp.where(j == 0, padded(h_BTD), out_BTD)
+            else:
+                recv_BTD, out_BTD = nxt_BTD[:, : recv_BTD.shape[1]], padded(h_BTD)
+            buf_MBTD = absorb(buf_MBTD, recv_BTD, t, j == 0)
+            piece = jax.lax.dynamic_slice_in_dim(out_BTD, j * chunk, chunk, axis=1)
+            got = jax.lax.ppermute(piece, "pipe", perm)
+            nxt_BTD = jax.lax.dynamic_update_slice_in_dim(nxt_BTD, got, j * chunk, axis=1)
+            h_BTD, loss = compute(buf_MBTD, recv_BTD, h_BTD, loss, t, j)
+            return (buf_MBTD, recv_BTD, nxt_BTD, out_BTD, h_BTD, loss), None
+
         h_BTD = jnp.zeros_like(recv_BTD, dtype=act_dtype)
-        carry = (buf_MBTD, recv_BTD, h_BTD, loss)
-        carry, _ = jax.lax.scan(step, carry, jnp.arange(T * U))
-        buf_MBTD, recv_BTD, _, loss = carry
+        if hop == 1:
+            carry = (buf_MBTD, recv_BTD, h_BTD, loss)
+            carry, _ = jax.lax.scan(step, carry, jnp.arange(T * U))
+            buf_MBTD, recv_BTD, _, loss = carry
+        else:
+            nxt_BTD = padded(recv_BTD)
+            carry = (buf_MBTD, recv_BTD, nxt_BTD, jnp.zeros_like(nxt_BTD), h_BTD, loss)
+            carry, _ = jax.lax.scan(overlapped, carry, jnp.arange(T * U))
+            buf_MBTD, _, nxt_BTD, _, h_BTD, loss = carry
+            if not inside:  # the last two ticks' outputs of the last stage are still out
+                buf_MBTD = absorb(buf_MBTD, nxt_BTD[:, : recv_BTD.shape[1]], T)
+                recv_BTD = send(h_BTD)
+                T += 1
         if inside:
             return jax.lax.psum(loss, "pipe") / self.config.num_microbatches
         return absorb(buf_MBTD, recv_BTD, T)[None]

@@ -39,6 +39,9 @@ class ScheduleTable:
     op: np.ndarray
     micro: np.ndarray
     repeat: np.ndarray
+    # Ticks from a stage's op to the next stage's first use of its output: 1 when a tick ends
+    # with the send; 2 when each send is spread over the next tick, overlapping its compute.
+    hop: int = 1
 
     @property
     def num_ticks(self) -> int:
@@ -75,35 +78,49 @@ class ScheduleTable:
         )
 
 
-def ring_table(name: str, num_stages: int, num_microbatches: int, num_repeats: int):
-    """GPipe (R = 1) and circular GPipe (R > 1): stage s runs item i = t - s at tick t.
+def _ring_period(S: int, M: int, R: int, hop: int) -> int:
+    return max(M, hop * S) if R > 1 else M
 
-    Item i is micro-batch i mod M' of repeat i // M', where M' = max(M, S) when R > 1 so that a
-    micro-batch leaving the last stage is back on stage 0 before its next repeat is due; slots
-    with micro-batch >= M are idle.
+
+def ring_table(
+    name: str, num_stages: int, num_microbatches: int, num_repeats: int, hop: int = 1
+):
+    """GPipe (R = 1) and circular GPipe (R > 1): stage s runs item i = t - hop * s at tick t.
+
+    Item i is micro-batch i mod M' of repeat i // M', where M' = max(M, hop * S) when R > 1 so
+    that a micro-batch leaving the last stage is back on stage 0 before its next repeat is due;
+    slots with micro-batch >= M are idle. With hop = 2 a stage's output is sent during the next
+    tick, overlapping its compute, and used the tick after: S - 1 more ticks of fill and drain.
     """
     S, M, R = num_stages, num_microbatches, num_repeats
-    check_size(name, S, M, R, ring=True)
-    period = max(M, S) if R > 1 else M
-    T = R * period + S - 1
+    if hop not in (1, 2):
+        raise ConfigError(f"hop must be 1 or 2 ticks, got {hop!r}")
+    check_size(name, S, M, R, ring=True, hop=hop)
+    period = _ring_period(S, M, R, hop)
+    T = R * period + hop * (S - 1)
     op = np.full((T, S), IDLE, np.int8)
     micro = -np.ones((T, S), np.int32)
     repeat = -np.ones((T, S), np.int32)
     for t in range(T):
         for s in range(S):
-            i = t - s
+            i = t - hop * s
             if 0 <= i < R * period and i % period < M:
                 op[t, s], micro[t, s], repeat[t, s] = FWD, i % period, i // period
-    return ScheduleTable(name, S, M, R, op, micro, repeat)
+    return ScheduleTable(name, S, M, R, op, micro, repeat, hop)
 
 
 def build_table(
-    schedule: str, num_stages: int, num_microbatches: int, num_repeats: int = 1
+    schedule: str, num_stages: int, num_microbatches: int, num_repeats: int = 1, hop: int = 1
 ) -> ScheduleTable:
     if schedule in ("gpipe", "circular"):
         if schedule == "gpipe" and num_repeats != 1:
             raise ConfigError("schedule 'gpipe' takes num_repeats=1; use 'circular' for repeats")
-        table = ring_table(schedule, num_stages, num_microbatches, num_repeats)
+        table = ring_table(schedule, num_stages, num_microbatches, num_repeats, hop)
+    elif hop != 1:
+        raise ConfigError(
+            f"schedule {schedule!r} sends within the tick (hop 1); overlapped sends (hop 2) "
+            f"run with 'gpipe' or 'circular'"
+        )
     elif schedule in FULL_TABLE_SCHEDULES:
         return full_table(schedule, num_stages, num_microbatches, num_repeats)
     else:
@@ -116,10 +133,10 @@ def validate_ring(table: ScheduleTable) -> None:
     """Checks a forward-only table against what the ring executor assumes.
 
     Every (micro-batch, virtual stage) runs exactly once; stage s > 0 runs what stage s - 1 ran
-    the tick before; stage 0 starts repeat r + 1 of a micro-batch only after the last stage
-    finished its repeat r, and before the last stage's next write to that micro-batch's slot.
+    `hop` ticks before; stage 0 starts repeat r + 1 of a micro-batch only `hop` ticks or more
+    after the last stage finished its repeat r.
     """
-    S, M, R = table.num_stages, table.num_microbatches, table.num_repeats
+    S, M, R, hop = table.num_stages, table.num_microbatches, table.num_repeats, table.hop
     done = {}
     for t, s in zip(*np.nonzero(table.busy), strict=True):
         if table.op[t, s] != FWD:
@@ -129,15 +146,17 @@ def validate_ring(table: ScheduleTable) -> None:
             _fail(table, t, s, f"micro-batch {key[0]} virtual stage {key[1]} runs twice")
         done[key] = t
         if s > 0:
-            prev = (table.micro[t - 1, s - 1], table.repeat[t - 1, s - 1]) if t > 0 else (-1, -1)
+            a = t - hop
+            prev = (table.micro[a, s - 1], table.repeat[a, s - 1]) if a >= 0 else (-1, -1)
             if prev != (table.micro[t, s], table.repeat[t, s]):
-                _fail(table, t, s, "stage input is not what the previous stage sent last tick")
+                _fail(table, t, s, f"stage input is not what the previous stage sent {hop} "
+                      f"tick(s) before")
     missing = [(m, v) for m in range(M) for v in range(S * R) if (m, v) not in done]
     if missing:
         raise ConfigError(f"schedule {table.name!r} never runs (micro-batch, stage) {missing[:4]}")
     for m in range(M):
         for r in range(1, R):
-            if done[(m, r * S)] <= done[(m, r * S - 1)]:
+            if done[(m, r * S)] < done[(m, r * S - 1)] + hop:
                 t = done[(m, r * S)]
                 _fail(table, t, 0, f"micro-batch {m} repeat {r} starts before repeat {r - 1} ends")
 
@@ -246,7 +265,7 @@ def full_table(
 
 
 def executor_table(
-    schedule: str, num_stages: int, num_microbatches: int, num_repeats: int = 1
+    schedule: str, num_stages: int, num_microbatches: int, num_repeats: int = 1, hop: int = 1
 ) -> ScheduleTable:
     """The forward + backward table that jaxpipe's executor for `schedule` runs, tick by tick.
 
@@ -256,8 +275,9 @@ def executor_table(
     and how long a step takes follow from it, as for the other schedules).
     """
     if schedule not in ("gpipe", "circular"):
+        build_table(schedule, num_stages, 1, num_repeats, hop)  # refuses hop 2 clearly
         return full_table(schedule, num_stages, num_microbatches, num_repeats)
-    ring = build_table(schedule, num_stages, num_microbatches, num_repeats)
+    ring = build_table(schedule, num_stages, num_microbatches, num_repeats, hop)
     back = np.where(ring.op[::-1] == FWD, BWD, IDLE).astype(np.int8)
     table = ScheduleTable(
         schedule,
@@ -267,6 +287,7 @@ def executor_table(
         np.concatenate([ring.op, back]),
         np.concatenate([ring.micro, ring.micro[::-1]]),
         np.concatenate([ring.repeat, ring.repeat[::-1]]),
+        ring.hop,
     )
     validate(table)
     return table
@@ -294,19 +315,19 @@ def _check_shape(schedule, S, M, R):
     check_size(schedule, S, M, R, ring=False)
 
 
-def table_cells(S: int, M: int, R: int, ring: bool) -> int:
+def table_cells(S: int, M: int, R: int, ring: bool, hop: int = 1) -> int:
     """Ticks x stages of a table: exact for a ring table, the least possible for a forward +
     backward one (2 R M ops per stage plus the fill and the drain)."""
     if ring:
-        return S * (R * (max(M, S) if R > 1 else M) + S - 1)
+        return S * (R * _ring_period(S, M, R, hop) + hop * (S - 1))
     return S * (2 * R * M + 2 * (S - 1))
 
 
-def check_size(schedule: str, S: int, M: int, R: int, ring: bool) -> None:
+def check_size(schedule: str, S: int, M: int, R: int, ring: bool, hop: int = 1) -> None:
     """Refuses tables above `MAX_TABLE_CELLS` instead of spending minutes building them."""
     if min(S, M, R) < 1:
         raise ConfigError(f"stages, micro-batches and repeats must be >= 1, got {S}, {M}, {R}")
-    cells = table_cells(S, M, R, ring)
+    cells = table_cells(S, M, R, ring, hop)
     if cells > MAX_TABLE_CELLS:
         raise ConfigError(
             f"schedule {schedule!r} with {S} stages, {M} micro-batches and {R} repeats needs a "

@@ -79,7 +79,7 @@ def simulate(
                 v = np.maximum(table.repeat[t], 0) * S + np.arange(S)
                 cost = np.where(table.op[t] == FWD, tf[v], np.where(busy, tb[v], 0.0))
                 start[t, busy], end[t, busy] = clock, clock + cost[busy]
-                clock += cost.max() + link
+                clock += max(cost.max(), link) if table.hop > 1 else cost.max() + link
             continue
         for s in range(S):
             o = table.op[t, s]

@@ -203,3 +203,57 @@ def test_embed_and_head_inside_stages_match_reference(style, S, Mb, R, D, counts
     layout = StageLayout(S, R, counts)
     pipe = _pipeline(cfg, S, Mb, R, D, layout=layout, embed_head="inside")
     _check_against_reference(cfg, pipe, batch=2 * Mb * D)
+
+
+# Overlapped sends (hop 2): (style, S, Mb, R, remat, embed_head, layer counts or None).
+OVERLAP = [
+    ("gpt2", 2, 3, 1, "none", "outside", (1, 2)),  # uneven: 2 units a tick, chunked sends
+    pytest.param("llama", 3, 4, 2, "none", "outside", None, marks=pytest.mark.slow),  # circular
+    # one unit a tick, M < S
+    pytest.param("gpt2", 3, 2, 2, "stage", "outside", None, marks=pytest.mark.slow),
+    pytest.param("llama", 2, 4, 2, "none", "inside", (1, 2, 2, 1), marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("style,S,Mb,R,remat,embed_head,counts", OVERLAP)
+def test_overlapped_sends_match_reference(style, S, Mb, R, remat, embed_head, counts):
+    preset = "tiny" if style == "gpt2" else "tiny-llama"
+    layers = sum(counts) if counts else 2 * S * R
+    cfg = get_preset(preset, num_layers=layers, max_seq_len=SEQ)
+    layout = StageLayout(S, R, counts) if counts else None
+    pipe = _pipeline(cfg, S, Mb, R, layout=layout, remat=remat, embed_head=embed_head,
+                     overlap_sends=True)
+    assert pipe.table.hop == 2
+    _check_against_reference(cfg, pipe, batch=2 * Mb)
+
+
+def test_overlapped_sends_leave_no_permute_waiting_on_compute():
+    """Every collective-permute of the hop-2 step takes a value computed in an earlier loop
+    iteration: the send and the unit's compute of an iteration are independent."""
+    cfg = get_preset("tiny", num_layers=4, max_seq_len=SEQ)
+    pipe = _pipeline(cfg, 2, 2, 1, overlap_sends=True)
+    params = pipe.place(M.init_params(cfg, seed=3))
+    jaxpr = jax.make_jaxpr(pipe.loss)(params, _tokens(4))
+
+    def scans(eqns):
+        for e in eqns:
+            if e.primitive.name == "scan":
+                yield e
+            for sub in jax.extend.core.jaxprs_in_params(e.params):
+                yield from scans(sub.eqns)
+
+    body = next(e for e in scans(jaxpr.jaxpr.eqns)
+                if any(q.primitive.name == "ppermute" for q in e.params["jaxpr"].jaxpr.eqns))
+    eqns = body.params["jaxpr"].jaxpr.eqns
+    permute = next(q for q in eqns if q.primitive.name == "ppermute")
+    # What the permute reads, back to the loop's inputs: no block computation on the way.
+    producers = {v: q for q in eqns for v in q.outvars}
+    needed, todo = set(), list(permute.invars)
+    while todo:
+        v = todo.pop()
+        if isinstance(v, jax.extend.core.Literal) or v in needed or v not in producers:
+            continue
+        needed.add(v)
+        q = producers[v]
+        assert q.primitive.name not in ("dot_general", "cond", "checkpoint", "remat"), q
+        todo.extend(q.invars)
