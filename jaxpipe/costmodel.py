@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from jaxpipe.config import ModelConfig
 from jaxpipe.costs import DeviceProfile, ModelCosts
 from jaxpipe.placement import vocab_rows
@@ -36,6 +38,7 @@ class CostModel:
     head_act: float
     boundary_bytes: float  # one stage input
     temp_bytes: float  # working memory of the largest single layer program
+    compute_bytes: float = 4.0  # bytes of the compute dtype (the blocks' converted copy)
     embed_in_first: bool = True
     head_in_last: bool = True
 
@@ -66,6 +69,7 @@ class CostModel:
             head_act=costs.head.activation_bytes,
             boundary_bytes=costs.boundary_bytes,
             temp_bytes=max(costs.block.temp_bytes, costs.head.temp_bytes),
+            compute_bytes=float(np.dtype(model_cfg.dtype).itemsize),
             **flags,
         )
 
