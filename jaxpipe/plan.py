@@ -12,7 +12,7 @@ planner's prediction (`jaxpipe.aot`):
 
     python -m jaxpipe.plan --aot --model llama-3-70b --topology v5p:4x4x4 --data 4 --pipe 8 \\
         --tensor 2 --schedule 1f1b --microbatches 16 --global_batch 256 --seq_len 4096 \\
-        --remat layer [--json]
+        --remat layer [--attention splash] [--json]
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import sys
 
 from jaxpipe import aot, cli, topology
 from jaxpipe.config import (
+    ATTENTION_KERNELS,
     PRESETS,
     REMAT_MODES,
     SCHEDULES,
@@ -66,6 +67,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="global batch; default microbatches x data_parallel",
     )
     ap.add_argument("--seq_len", type=int, default=None, help="default: the model's max_seq_len")
+    ap.add_argument(
+        "--max_seq_len",
+        type=int,
+        default=None,
+        help="the model's longest sequence (ModelConfig.max_seq_len); default: the preset's",
+    )
+    ap.add_argument(
+        "--attention",
+        default="xla",
+        choices=ATTENTION_KERNELS,
+        help="attention kernel (ModelConfig.attention): xla anywhere, cudnn on NVIDIA GPUs, "
+        "splash (Pallas) on TPUs or with --aot for a TPU topology",
+    )
     ap.add_argument("--zero1", action="store_true", help="AdamW moments split over `data`")
     ap.add_argument(
         "--fsdp", action="store_true", help="block parameters split over `data` too"
@@ -118,7 +132,10 @@ def run(args: argparse.Namespace):
     device = args.device or (topology.profile_name(args.topology) if args.aot else "cpu")
     method = args.method or ("uniform" if args.aot else "cost")
     dtype = args.dtype if args.dtype is not None else ("bfloat16" if device != "cpu" else None)
-    model_cfg = get_preset(args.model, dtype=None if dtype is None else compute_dtype(dtype))
+    model_cfg = get_preset(
+        args.model, dtype=None if dtype is None else compute_dtype(dtype),
+        attention=args.attention, max_seq_len=args.max_seq_len,
+    )
     schedule = args.schedule or ("circular" if args.repeats > 1 else "gpipe")
     embed_head = {} if args.embed_head is None else {"embed_head": args.embed_head}
     pipe_cfg = PipelineConfig(
