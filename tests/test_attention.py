@@ -74,7 +74,8 @@ def test_splash_off_tpu_and_bad_lengths_are_clear_errors():
 def test_splash_wiring_equals_xla_inside_the_pipeline_layout(heads, kv_heads):
     """The splash kernel (Pallas' interpreter on CPU) called as the pipeline calls it: inside a
     `shard_map` manual over `pipe`, batch on `data` and heads on `tensor` (Auto axes), so it runs
-    per device in a nested `shard_map`; values and gradients equal XLA's attention."""
+    per device in a nested `shard_map`; values and gradients equal XLA's attention. (The typed
+    `pipe` variance the real executors check is covered by the TPU compile in test_aot.py.)"""
     mesh = make_mesh(PipelineConfig(num_stages=2, data_parallel=2, tensor_parallel=2))
     B, T, K = 4, 128, 8
     kq, kk, kv, kc = jax.random.split(jax.random.key(1), 4)
@@ -88,6 +89,7 @@ def test_splash_wiring_equals_xla_inside_the_pipeline_layout(heads, kv_heads):
             out = jax.shard_map(
                 lambda q, k, v: attend(q[0], k[0], v[0])[None], mesh=mesh,
                 in_specs=(P("pipe"),) * 3, out_specs=P("pipe"), axis_names={"pipe"},
+                check_vma=False,  # Pallas' interpreter loops do not type their carries
             )(q, k, v)
             return jnp.vdot(out, cot), out
         return jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))
