@@ -60,6 +60,8 @@ flags.DEFINE_integer("steps", 300, "Training steps.")
 flags.DEFINE_float("learning_rate", 3e-3, "Peak learning rate (warmup, then cosine decay).")
 flags.DEFINE_integer("warmup_steps", 20, "Linear warmup steps.")
 flags.DEFINE_string("remat", "none", "none | layer | stage.")
+flags.DEFINE_string("attention", "xla", "Attention kernel: xla (anywhere) | cudnn (NVIDIA "
+                    "GPUs) | splash (the Pallas TPU kernel; seq_len a multiple of 128).")
 flags.DEFINE_string("partition", "uniform", "uniform | cost | memory | profile (stage sizes).")
 flags.DEFINE_string("device_profile", "cpu", "Device profile the partitioner costs layers on.")
 flags.DEFINE_string("embed_head", "outside", "outside | inside (embedding in the first stage, "
@@ -190,6 +192,7 @@ def _run(argv, initial, load, held):
         init_params = None
     else:
         model, init_params = initial()
+    model = model.replace(attention=_F.attention)
     tcfg = TrainConfig(
         steps=_F.steps,
         batch_size=_F.batch_size,
