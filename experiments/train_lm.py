@@ -182,6 +182,7 @@ def _run(argv, initial, load, held):
     initialize_distributed(_F.coordinator, _F.num_processes, _F.process_id)
 
     from jaxpipe import TrainConfig, Trainer, get_preset
+    from jaxpipe.attention import check_kernel
     from jaxpipe.checkpoint import train_resumable
     from jaxpipe.data import load_data
     from jaxpipe.partition import make_plan
@@ -204,6 +205,7 @@ def _run(argv, initial, load, held):
         max_bad_steps=0 if _F.stop_on_nonfinite else _F.max_bad_steps,
     )
     # Configs are checked before the workdir is touched; then process 0 locks it (all agree).
+    check_kernel(model, tcfg.seq_len)
     held.enter_context(hold_workdir(workdir))
     check_same_model(workdir, model)
     print(f"process {jax.process_index()}/{jax.process_count()} devices: {jax.devices()}")

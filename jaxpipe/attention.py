@@ -55,17 +55,38 @@ def target_platform() -> str:
     return _TARGET.get() or jax.default_backend()
 
 
+# Kernels tied to one platform: (platform, what the kernel is, the alternatives to name).
+_PLATFORM_KERNELS = {
+    "cudnn": ("gpu", "needs an NVIDIA GPU", "'xla'"),
+    "splash": ("tpu", "is the Pallas TPU kernel", "'xla' (or 'cudnn' on an NVIDIA GPU)"),
+}
+
+
+def check_kernel(cfg: ModelConfig, seq_len: int | None = None) -> None:
+    """Raises naming the fix when the model's attention kernel cannot run on the platform
+    programs are traced for (`target_platform`), or (splash) on `seq_len` tokens."""
+    _check_platform(cfg.attention)
+    if cfg.attention == "splash" and seq_len is not None:
+        splash_block(seq_len)
+
+
+def _check_platform(kernel: str) -> None:
+    if kernel not in _PLATFORM_KERNELS or target_platform() == _PLATFORM_KERNELS[kernel][0]:
+        return
+    _, what, alternatives = _PLATFORM_KERNELS[kernel]
+    raise ConfigError(
+        f"attention={kernel!r} {what}, but this run's backend is {target_platform()}; use "
+        f"attention={alternatives}"
+    )
+
+
 def causal_attention(cfg: ModelConfig, q_BTHK, k_BTGK, v_BTGK) -> jax.Array:
     """Causal grouped-query attention with the model's kernel; the G key/value heads are
     shared by H / G query heads each, never repeated in memory. Logits and softmax run in
     float32 whatever the compute dtype."""
+    check_kernel(cfg, q_BTHK.shape[1])
     if cfg.attention == "splash":
         return splash_causal_attention(q_BTHK, k_BTGK, v_BTGK)
-    if cfg.attention == "cudnn" and target_platform() != "gpu":
-        raise ConfigError(
-            f"attention='cudnn' needs an NVIDIA GPU, but this run's backend is "
-            f"{target_platform()}; use attention='xla'"
-        )
     return jax.nn.dot_product_attention(
         q_BTHK, k_BTGK, v_BTGK, is_causal=True, implementation=cfg.attention
     )
@@ -88,11 +109,8 @@ def splash_causal_attention(q_BTHK, k_BTGK, v_BTGK, *, interpret: bool = False) 
     """Causal attention through the splash kernel, [B, T, H, K] in and out (the kernel itself
     works on [B, H, T, K]). `interpret` runs the kernel in Pallas' interpreter (any backend,
     slow: for checking the wiring on small shapes)."""
-    if not interpret and target_platform() != "tpu":
-        raise ConfigError(
-            f"attention='splash' is the Pallas TPU kernel, but this run's backend is "
-            f"{target_platform()}; use attention='xla' (or 'cudnn' on an NVIDIA GPU)"
-        )
+    if not interpret:
+        _check_platform("splash")
     T, K = q_BTHK.shape[1], q_BTHK.shape[-1]
     splash_block(T)
     scale = jnp.asarray(1.0 / math.sqrt(K), q_BTHK.dtype)  # the kernel does not scale

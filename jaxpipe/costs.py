@@ -313,7 +313,8 @@ def model_costs(
     host."""
     if seq_len > model_cfg.max_seq_len:
         raise ConfigError(
-            f"seq_len {seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}"
+            f"seq_len {seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}; use "
+            f"--seq_len <= {model_cfg.max_seq_len} or raise the model's (--max_seq_len)"
         )
     b, T, D = microbatch_size(pipe_cfg, batch_size), seq_len, model_cfg.d_model
     tp = pipe_cfg.tensor_parallel
