@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from jaxpipe import model as M
 from jaxpipe.config import ConfigError, ModelConfig, PipelineConfig
+from jaxpipe.links import Links
 from jaxpipe.programs import layer_programs
 
 try:  # residual sizes of a function's backward pass (private API)
@@ -35,30 +36,68 @@ GiB = 2**30
 
 @dataclasses.dataclass(frozen=True)
 class DeviceProfile:
-    """Peak dense bf16 FLOP/s, HBM bandwidth (B/s) and capacity (bytes), stage link (B/s)."""
+    """Peak dense bf16 FLOP/s, HBM bandwidth (B/s) and capacity (bytes), and the links.
+
+    flops_efficiency: the share of the peak that large matmuls achieve (compute time is
+    FLOPs / (peak x efficiency)). concurrency: how many devices' programs run at full speed at
+    once; None when every device is its own chip, a number when devices share a host's cores
+    (forced CPU devices), so a tick's busy ops share the cores.
+    """
 
     name: str
     peak_flops: float
     hbm_bandwidth: float
     hbm_bytes: float
-    link_bandwidth: float
+    links: Links
     head_flops: float | None = None  # measured CPU only: FLOP/s at the vocab projection's shape
+    flops_efficiency: float = 1.0
+    concurrency: int | None = None
 
     def roofline(self, flops: float, bytes_accessed: float, head: bool = False) -> float:
         peak = self.head_flops if head and self.head_flops else self.peak_flops
-        return max(flops / peak, bytes_accessed / self.hbm_bandwidth)
+        return max(flops / (peak * self.flops_efficiency), bytes_accessed / self.hbm_bandwidth)
+
+    def with_devices_per_node(self, n: int | None) -> DeviceProfile:
+        """The same device in nodes of `n` (None: the profile's own figure)."""
+        if n is None:
+            return self
+        return dataclasses.replace(self, links=self.links.replace(devices_per_node=n))
+
+
+def _gpu_links(nvlink: float, network: float) -> Links:
+    """8 GPUs a node, NVLink inside, one network adapter a GPU across nodes (per direction)."""
+    return Links(nvlink, network, 5e-6, 10e-6, devices_per_node=8, efficiency=0.8)
+
+
+def _tpu_links(ici: float, dcn: float, pod: int) -> Links:
+    """ICI (one neighbour link) within a pod, a chip's share of its host's DCN across pods."""
+    return Links(ici, dcn, 5e-6, 20e-6, devices_per_node=pod, efficiency=0.8)
 
 
 # Public spec-sheet numbers. TPU link = per-chip ICI bandwidth / number of ICI links (one
-# neighbour link); GPU link = NVLink bandwidth per direction.
+# neighbour link); GPU link = NVLink bandwidth per direction; across nodes one 200 Gb/s (A100,
+# HDR) or 400 Gb/s (H100/H200, NDR) InfiniBand adapter per GPU. The A100's matmul efficiency
+# is fitted to one published run (README, "Anchors"); the others keep the full peak.
+A100_FLOPS_EFFICIENCY = 0.66
 PROFILES: dict[str, DeviceProfile] = {
-    "tpu-v4": DeviceProfile("tpu-v4", 275e12, 1200 * GB, 32 * GiB, 50 * GB),
-    "tpu-v5e": DeviceProfile("tpu-v5e", 197e12, 819 * GB, 16 * GiB, 50 * GB),
-    "tpu-v5p": DeviceProfile("tpu-v5p", 459e12, 2765 * GB, 95 * GiB, 100 * GB),
-    "tpu-v6e": DeviceProfile("tpu-v6e", 918e12, 1640 * GB, 32 * GiB, 100 * GB),
-    "a100-80gb": DeviceProfile("a100-80gb", 312e12, 2039 * GB, 80 * GB, 300 * GB),
-    "h100": DeviceProfile("h100", 989e12, 3350 * GB, 80 * GB, 450 * GB),
-    "h200": DeviceProfile("h200", 989e12, 4800 * GB, 141 * GB, 450 * GB),
+    "tpu-v4": DeviceProfile(
+        "tpu-v4", 275e12, 1200 * GB, 32 * GiB, _tpu_links(50 * GB, 6.25 * GB, 4096)
+    ),
+    "tpu-v5e": DeviceProfile(
+        "tpu-v5e", 197e12, 819 * GB, 16 * GiB, _tpu_links(50 * GB, 6.25 * GB, 256)
+    ),
+    "tpu-v5p": DeviceProfile(
+        "tpu-v5p", 459e12, 2765 * GB, 95 * GiB, _tpu_links(100 * GB, 12.5 * GB, 8960)
+    ),
+    "tpu-v6e": DeviceProfile(
+        "tpu-v6e", 918e12, 1640 * GB, 32 * GiB, _tpu_links(100 * GB, 12.5 * GB, 256)
+    ),
+    "a100-80gb": DeviceProfile(
+        "a100-80gb", 312e12, 2039 * GB, 80 * GB, _gpu_links(300 * GB, 25 * GB),
+        flops_efficiency=A100_FLOPS_EFFICIENCY,
+    ),
+    "h100": DeviceProfile("h100", 989e12, 3350 * GB, 80 * GB, _gpu_links(450 * GB, 50 * GB)),
+    "h200": DeviceProfile("h200", 989e12, 4800 * GB, 141 * GB, _gpu_links(450 * GB, 50 * GB)),
 }
 DEVICES = tuple(PROFILES) + ("cpu",)
 
@@ -146,6 +185,9 @@ def _softmax_rate(tokens: int, d: int, vocab: int) -> float:
 # The model's own layers calibrate the CPU when their programs stay below this many elements
 # (parameters of one block + embedding + head; the largest activation of one micro-batch).
 CALIBRATION_ELEMENTS = 2**26
+# Forced CPU devices share the host's cores, and the calibration times one program using all of
+# them: ops of one tick on several devices then take as long as their sum.
+CPU_CONCURRENCY = 1
 
 
 def _runs_here(cfg: ModelConfig, b: int, T: int) -> bool:
@@ -200,7 +242,10 @@ def calibrate_cpu(
         flops, head_flops = _block_rate(2, 128, 512, 2048, 8), _softmax_rate(256, 512, 32000)
     buf = _cpu_array((16 * 2**20,))
     bandwidth = buf.nbytes / best_time(jax.jit(jnp.sum), buf)
-    profile = DeviceProfile("cpu", flops, bandwidth, host_memory(), bandwidth, head_flops)
+    links = Links(bandwidth, bandwidth, devices_per_node=2**20)
+    profile = DeviceProfile(
+        "cpu", flops, bandwidth, host_memory(), links, head_flops, concurrency=CPU_CONCURRENCY
+    )
     _CPU_PROFILE[key] = profile
     return profile
 

@@ -226,7 +226,7 @@ def make_plan(
     if method == "profile":
         times = measure_layer_times(model_cfg, pipe_cfg, batch_size=batch_size, seq_len=seq_len)
     flags = dict(embed_in_first=embed_in_first, head_in_last=head_in_last)
-    cm = CostModel.from_costs(costs, profile, model_cfg, pipe_cfg.tensor_parallel, times, **flags)
+    cm = CostModel.from_costs(costs, profile, model_cfg, pipe_cfg, times, **flags)
     capacity = profile.hbm_bytes if method == "memory" else None
     totals = device_counts(cm, pipe_cfg, model_cfg.num_layers, method, capacity)
     if method == "uniform":
@@ -287,8 +287,12 @@ def build_plan(
     times = [st.time_s for st in stages]
     table = step_table(pipe_cfg)
     # A backward costs twice its forward; each op sends half of the per-stage transfer.
-    sim = simulate(table, compute / 3, 2 * compute / 3, cm.transfer_time / 2, lockstep=True)
+    sim = simulate(
+        table, compute / 3, 2 * compute / 3, cm.transfer_time / 2, lockstep=True,
+        concurrency=cm.concurrency,
+    )
     outside = M * ((not cm.embed_in_first) * cm.embed_time + (not cm.head_in_last) * cm.head_time)
+    grad_reduce = max(cm.grad_reduce_time(st.params) for st in stages)
     return Plan(
         model_cfg=model_cfg,
         pipe_cfg=pipe_cfg,
@@ -301,5 +305,6 @@ def build_plan(
         bottleneck_ratio=max(times) / (sum(times) / S),
         padding_bytes=layout.padding_slots * cm.block_params * static_bytes(pipe_cfg),
         bubble_fraction=table.bubble_fraction(),
-        step_time_s=sim.step_time + outside,
+        step_time_s=sim.step_time + outside + grad_reduce,
+        grad_reduce_s=grad_reduce,
     )
