@@ -66,7 +66,9 @@ class CostModel:
     block_comm_time: float = 0.0  # the tensor all-reduces inside block_time
     grad_reduce_per_param: float = 0.0  # data all-reduce seconds per parameter held
     grad_reduce_latency: float = 0.0
-    concurrency: int | None = None  # see DeviceProfile.concurrency
+    # Stages whose ops run at full speed at once where devices share cores (None: all): the
+    # profile's concurrency over the data x tensor devices that run each stage's op alongside.
+    concurrency: float | None = None
 
     @classmethod
     def from_costs(
@@ -110,7 +112,7 @@ class CostModel:
             block_comm_time=block_comm,
             grad_reduce_per_param=grad_per_param,
             grad_reduce_latency=2 * (D - 1) * latency,
-            concurrency=profile.concurrency,
+            concurrency=None if profile.concurrency is None else profile.concurrency / (D * T),
             **flags,
         )
 

@@ -56,25 +56,32 @@ def static_bytes(pipe_cfg: PipelineConfig, blocks: bool = True) -> float:
     return value + grads + moments
 
 
-@functools.lru_cache(maxsize=64)
+def _shape(pipe_cfg: PipelineConfig) -> tuple:
+    p = pipe_cfg
+    return p.schedule, p.num_stages, p.num_microbatches, p.num_repeats, p.hop
+
+
+@functools.lru_cache(maxsize=256)
+def _table(shape: tuple) -> schedule.ScheduleTable:
+    return schedule.executor_table(*shape)
+
+
 def step_table(pipe_cfg: PipelineConfig) -> schedule.ScheduleTable:
-    """The forward + backward table the executor runs for this pipeline shape."""
-    return schedule.executor_table(
-        pipe_cfg.schedule, pipe_cfg.num_stages, pipe_cfg.num_microbatches, pipe_cfg.num_repeats,
-        pipe_cfg.hop,
-    )
+    """The forward + backward table the executor runs for this pipeline shape (built once per
+    schedule, stages, micro-batches, repeats and hop)."""
+    return _table(_shape(pipe_cfg))
 
 
-@functools.lru_cache(maxsize=64)
-def _peak_in_flight(pipe_cfg: PipelineConfig) -> tuple[float, ...]:
-    peak = schedule.in_flight(step_table(pipe_cfg)).max(axis=0)
-    return tuple(float(n) / pipe_cfg.num_repeats for n in peak)
+@functools.lru_cache(maxsize=256)
+def _peak_in_flight(shape: tuple) -> tuple[float, ...]:
+    peak = schedule.in_flight(_table(shape)).max(axis=0)
+    return tuple(float(n) / shape[3] for n in peak)
 
 
 def in_flight(pipe_cfg: PipelineConfig, s: int) -> float:
     """Micro-batches' worth of activations stage s keeps alive at its peak: the most forwards
     of its virtual stages awaiting their backward in the executor's table, over R."""
-    return _peak_in_flight(pipe_cfg)[s]
+    return _peak_in_flight(_shape(pipe_cfg))[s]
 
 
 def stage_memory(cm: CostModel, pipe_cfg: PipelineConfig, s: int, layers: int, slots: int):
@@ -107,12 +114,14 @@ def device_counts(
     method: str,
     capacity: float | None = None,
     any_fit: bool = False,
+    explain: bool = True,
 ) -> list[int]:
     """Layers per device (the sum of its R virtual stages) chosen by `method`.
 
     All blocks cost the same, so a device's time and memory depend only on how many blocks it
     holds; the split is optimal over those counts (exact for R > 1 too, where a device's layers
-    are not contiguous). `capacity` (bytes) turns on the memory constraint.
+    are not contiguous). `capacity` (bytes) turns on the memory constraint; when nothing fits,
+    the error names the stage count that would (unless `explain` is False: a search's quick no).
     """
     S, R = pipe_cfg.num_stages, pipe_cfg.num_repeats
     if method == "uniform":
@@ -144,7 +153,7 @@ def device_counts(
         if any_fit:
             break
     if best is None:
-        if any_fit:
+        if any_fit or not explain:
             raise ConfigError("does not fit")
         raise ConfigError(_no_fit_message(cm, pipe_cfg, num_layers, capacity))
     return best[0]

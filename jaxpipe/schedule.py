@@ -275,7 +275,8 @@ def executor_table(
     and how long a step takes follow from it, as for the other schedules).
     """
     if schedule not in ("gpipe", "circular"):
-        build_table(schedule, num_stages, 1, num_repeats, hop)  # refuses hop 2 clearly
+        if hop != 1:
+            build_table(schedule, num_stages, num_microbatches, num_repeats, hop)  # refuses it
         return full_table(schedule, num_stages, num_microbatches, num_repeats)
     ring = build_table(schedule, num_stages, num_microbatches, num_repeats, hop)
     back = np.where(ring.op[::-1] == FWD, BWD, IDLE).astype(np.int8)

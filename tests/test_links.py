@@ -90,6 +90,11 @@ def test_shared_cores_make_a_tick_last_its_ops_total():
     assert alone == pytest.approx(11 * 1.0 + 11 * 2.0)  # M + S - 1 ticks each way
     assert shared == pytest.approx(4 * 8 * 3.0)  # every op of every stage, one after another
     assert simulate(table, 1.0, 2.0, lockstep=True, concurrency=4).step_time == alone
+    # Data and tensor replicas of a stage share the same cores too.
+    shared_cpu = DeviceProfile("cpu", 1e11, 1e10, 8 * GB, LINKS, concurrency=2)
+    pcfg = PipelineConfig(2, 4, data_parallel=2, tensor_parallel=2)
+    cm = CostModel.from_costs(_costs(), shared_cpu, get_preset("small"), pcfg)
+    assert cm.concurrency == 0.5
 
 
 def test_formula_flops_are_megatrons_eq3():
