@@ -207,9 +207,11 @@ def plan_for(
     costs: ModelCosts,
     profile: DeviceProfile,
     method: str = "cost",
+    fit: bool = True,
 ) -> Plan | None:
     """The plan of one configuration with `method`'s split ("cost", falling back to "memory"
-    when it overflows, or "uniform"), or None when it does not fit in the profile's memory."""
+    when it overflows, or "uniform"), or None when it does not fit in the profile's memory
+    (unless `fit` is False: then the plan whatever its memory)."""
     inside = pipe_cfg.embed_head == "inside"
     cm = CostModel.from_costs(
         costs, profile, model_cfg, pipe_cfg, embed_in_first=inside, head_in_last=inside
@@ -222,7 +224,7 @@ def plan_for(
         counts = virtual_counts(device_counts(cm, pipe_cfg, L, "cost"), R)
     plan = build_plan(model_cfg, pipe_cfg, StageLayout(S, R, counts), cm, method, profile.name)
     memory = max(st.memory_bytes for st in plan.stages)
-    if memory <= capacity:
+    if memory <= capacity or not fit:
         return plan
     if method == "uniform" or memory > MEMORY_SPLIT_REACH * capacity:
         return None
