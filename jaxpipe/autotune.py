@@ -458,3 +458,25 @@ def _nothing_fits(model_cfg, cluster, global_batch, seq_len, costs, remats) -> s
 
 def _pow2_at_least(n: int) -> int:
     return 1 << (n - 1).bit_length()
+
+
+def choose(
+    model_cfg: ModelConfig,
+    base: PipelineConfig,
+    *,
+    num_devices: int,
+    device: str,
+    global_batch: int,
+    seq_len: int,
+    devices_per_node: int | None = None,
+) -> AutotuneResult:
+    """The search for a training run on `num_devices` present devices; the winner keeps
+    `base`'s choices that the search does not make (boundary dtype, ZeRO-1, FSDP)."""
+    cluster = Cluster(num_devices, device, devices_per_node)
+    found = search(model_cfg, cluster, global_batch=global_batch, seq_len=seq_len, top=5)
+    keep = dict(boundary_dtype=base.boundary_dtype, zero1=base.zero1, fsdp=base.fsdp)
+    best = found.best
+    if any(getattr(best.pipe_cfg, k) != v for k, v in keep.items()):
+        plan = dataclasses.replace(best.plan, pipe_cfg=best.pipe_cfg.replace(**keep))
+        best = dataclasses.replace(best, plan=plan)
+    return dataclasses.replace(found, candidates=(best,) + found.candidates[1:])

@@ -2,6 +2,10 @@
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +15,7 @@ from jaxpipe.config import ConfigError, get_preset
 from jaxpipe.costs import GiB, LayerCost, ModelCosts
 
 MODEL = get_preset("tiny", dtype="bfloat16")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +78,22 @@ def test_cli_prints_the_best_as_train_lm_flags(capsys):
     assert f"--num_stages {mesh['pipe']} " in cmd and f"--schedule {best['schedule']} " in cmd
     assert plan_cli.main(["--auto", "--model", "tiny", "--global_batch", "8"]) == 2
     assert "--auto needs --devices" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_lm_auto_runs_the_winner(tmp_path):
+    workdir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    cmd = [
+        sys.executable, str(ROOT / "experiments" / "train_lm.py"), "--auto", "--devices", "2",
+        "--model", "tiny", "--num_layers", "2", "--batch_size", "4", "--seq_len", "16",
+        "--steps", "2", "--log_every", "1", f"--workdir={workdir}",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "autotune: tiny on 2 x cpu" in proc.stdout and "step 2/2" in proc.stdout
+    best = next(line for line in proc.stdout.splitlines() if line.strip().startswith("1 "))
+    mesh = best.split()[1]  # DxPxT of the first candidate
+    pipeline = json.loads((workdir / "config.json").read_text())["pipeline"]
+    ran = f"{pipeline['data_parallel']}x{pipeline['num_stages']}x{pipeline['tensor_parallel']}"
+    assert ran == mesh
