@@ -5,11 +5,12 @@
 Runs the autotuner for the `small` model on --devices forced CPU devices (the `cpu` profile,
 measured here; its devices share the host's cores, `DeviceProfile.concurrency`), takes its
 first choice and other configurations it ranks with different stages, repeats, micro-batches,
-schedules and remat (at least --configs), runs each one's real training step (`Trainer`,
-median of --reps after a warm-up) and prints JSON: `auto_rank_corr` (Spearman correlation of
-predicted and measured step times), `auto_median_error` (median |predicted / measured - 1|),
-`auto_pick_vs_best` (the measured step of the autotuner's first choice over the fastest
-measured), and every configuration's figures. About 5-10 minutes on a 2-core host.
+schedules and remat (at least --configs), runs each one's real training step (`Trainer`, the
+fastest of --reps, timed round-robin, after a compiling step) and prints JSON:
+`auto_rank_corr` (Spearman correlation of predicted and measured step times),
+`auto_median_error` (median |predicted / measured - 1|), `auto_pick_vs_best` (the measured
+step of the autotuner's first choice over the fastest measured), and every configuration's
+figures. About 5-10 minutes on a 2-core host.
 """
 
 from __future__ import annotations
@@ -41,19 +42,21 @@ def spearman(a, b) -> float:
 
 
 def pick(found, costs, n: int):
-    """The first choice, then the best-ranked of each new (stages, repeats, micro-batches,
-    schedule); remat "layer" variants of the first two, as the autotuner plans them."""
+    """The first choice, then configurations with other (stages, repeats, micro-batches,
+    schedule) spread over the ranking; remat "layer" variants of the first two, as the
+    autotuner plans them."""
     from jaxpipe.autotune import candidate, plan_for
 
-    chosen, seen = [], set()
+    distinct, seen = [], set()
     for k in found.candidates:
         p = k.pipe_cfg
         key = (p.num_stages, p.num_repeats, p.num_microbatches, p.schedule)
         if key not in seen:
             seen.add(key)
-            chosen.append(k)
-        if len(chosen) >= n - 2:
-            break
+            distinct.append(k)
+    # Spread over the ranking (the first choice first), so predicted times differ.
+    at = np.unique(np.linspace(0, len(distinct) - 1, n - 2).round().astype(int))
+    chosen = [distinct[i] for i in at]
     model_cfg, T = found.model_cfg, found.seq_len
     for k in chosen[:2]:
         p = k.pipe_cfg.replace(remat="layer")
@@ -65,28 +68,33 @@ def pick(found, costs, n: int):
     return chosen
 
 
-def measure_step(k, reps: int) -> float:
+def measure_steps(chosen, reps: int) -> list[float]:
+    """Each configuration's fastest training step, timed round-robin (every configuration sees
+    the same machine conditions) after a compiling first step."""
     import jax
 
     from jaxpipe.train import TrainConfig, Trainer
 
-    p = k.pipe_cfg
-    tcfg = TrainConfig(steps=1, batch_size=k.global_batch, seq_len=k.seq_len)
-    trainer = Trainer.create(k.plan.model_cfg, p, tcfg, layout=k.plan.layout,
-                             devices=jax.devices()[: p.num_devices])
-    state = trainer.init_state()
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, 256, (k.global_batch, k.seq_len + 1)).astype(np.int32)
-    batch = trainer.put_batch(tokens)
-    state, m = trainer.step_fn(state, batch)  # compiles
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        state, m = trainer.step_fn(state, batch)
+    runs = []
+    for k in chosen:
+        p = k.pipe_cfg
+        tcfg = TrainConfig(steps=1, batch_size=k.global_batch, seq_len=k.seq_len)
+        trainer = Trainer.create(k.plan.model_cfg, p, tcfg, layout=k.plan.layout,
+                                 devices=jax.devices()[: p.num_devices])
+        tokens = np.random.default_rng(0).integers(0, 256, (k.global_batch, k.seq_len + 1))
+        batch = trainer.put_batch(tokens.astype(np.int32))
+        state, m = trainer.step_fn(trainer.init_state(), batch)  # compiles
         jax.block_until_ready(m)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+        runs.append([trainer, state, batch])
+    best = [float("inf")] * len(runs)
+    for _ in range(reps):
+        for i, run in enumerate(runs):
+            trainer, state, batch = run
+            t0 = time.perf_counter()
+            run[1], m = trainer.step_fn(state, batch)
+            jax.block_until_ready(m)
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best
 
 
 def run(args) -> dict:
@@ -97,16 +105,16 @@ def run(args) -> dict:
     costs = LayerCosts.compile(model_cfg, args.seq_len)
     found = search(model_cfg, Cluster(args.devices, "cpu"), global_batch=args.batch,
                    seq_len=args.seq_len, top=200, layer_costs=costs)
-    rows = []
-    for k in pick(found, costs, args.configs):
-        measured = measure_step(k, args.reps)
-        p = k.pipe_cfg
-        rows.append({
-            "mesh": k.mesh(), "schedule": p.schedule, "R": p.num_repeats,
-            "M": p.num_microbatches, "remat": p.remat, "embed_head": p.embed_head,
-            "predicted_s": k.plan.step_time_s, "measured_s": measured,
-        })
-        print(rows[-1], file=sys.stderr, flush=True)
+    chosen = pick(found, costs, args.configs)
+    rows = [
+        {
+            "mesh": k.mesh(), "schedule": k.pipe_cfg.schedule, "R": k.pipe_cfg.num_repeats,
+            "M": k.pipe_cfg.num_microbatches, "remat": k.pipe_cfg.remat,
+            "embed_head": k.pipe_cfg.embed_head, "predicted_s": float(k.plan.step_time_s),
+            "measured_s": measured,
+        }
+        for k, measured in zip(chosen, measure_steps(chosen, args.reps), strict=True)
+    ]
     pred = np.array([r["predicted_s"] for r in rows])
     meas = np.array([r["measured_s"] for r in rows])
     return {
@@ -117,6 +125,7 @@ def run(args) -> dict:
         "batch": args.batch,
         "seq_len": args.seq_len,
         "search_s": found.elapsed_s,
+        "cpu_concurrency": found.cluster.profile(found.model_cfg, 1, args.seq_len).concurrency,
         "configs": rows,
     }
 

@@ -19,6 +19,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxpipe import model as M
 from jaxpipe.config import ConfigError, ModelConfig, PipelineConfig
@@ -51,7 +52,7 @@ class DeviceProfile:
     links: Links
     head_flops: float | None = None  # measured CPU only: FLOP/s at the vocab projection's shape
     flops_efficiency: float = 1.0
-    concurrency: int | None = None
+    concurrency: float | None = None
 
     def roofline(self, flops: float, bytes_accessed: float, head: bool = False) -> float:
         peak = self.head_flops if head and self.head_flops else self.peak_flops
@@ -186,8 +187,9 @@ def _softmax_rate(tokens: int, d: int, vocab: int) -> float:
 # (parameters of one block + embedding + head; the largest activation of one micro-batch).
 CALIBRATION_ELEMENTS = 2**26
 # Forced CPU devices share the host's cores, and the calibration times one program using all of
-# them: ops of one tick on several devices then take as long as their sum.
-CPU_CONCURRENCY = 1
+# them: ops of one tick on several devices then take as long as their sum (concurrency 1) unless
+# `_shared_concurrency` measures otherwise.
+CPU_CONCURRENCY = 1.0
 
 
 def _runs_here(cfg: ModelConfig, b: int, T: int) -> bool:
@@ -207,6 +209,31 @@ def _model_rates(cfg: ModelConfig, b: int, T: int, reps: int = 7) -> tuple[float
     head_t = t["head"] - t["block"]
     head = (flops["head"] - flops["block"]) / head_t if head_t > 0 else block
     return block, head
+
+
+def _shared_concurrency(cfg: ModelConfig, b: int, T: int, reps: int = 5) -> float:
+    """How many of this process's CPU devices run the model's block at full speed at once: k
+    devices each running it (one SPMD program) against one device alone, k x t_1 / t_k."""
+    devices = jax.devices("cpu")
+    k = len(devices)
+    if k == 1:
+        return CPU_CONCURRENCY
+    fn, args = layer_programs(cfg, b, T)["block"]
+    mesh = jax.sharding.Mesh(np.array(devices), ("d",))
+    spec = jax.sharding.PartitionSpec("d")
+    on_all = jax.sharding.NamedSharding(mesh, spec)
+
+    def each(*xs):
+        out = fn(*jax.tree.map(lambda x: x[0], xs))
+        return jax.tree.map(lambda y: y[None], out)
+
+    stacked = jax.tree.map(
+        lambda a: jax.device_put(jnp.broadcast_to(a, (k, *a.shape)), on_all), args
+    )
+    spmd = jax.jit(jax.shard_map(each, mesh=mesh, in_specs=spec, out_specs=spec,
+                                 check_vma=False))
+    t = best_times({"one": (fn, args), "all": (spmd, stacked)}, reps)
+    return k * t["one"] / t["all"]
 
 
 def host_memory() -> float:
@@ -231,20 +258,24 @@ def calibrate_cpu(
     layers are costed with. A model too large to run one block here (see
     `CALIBRATION_ELEMENTS`), or no model, is calibrated with generic kernels: causal attention
     + GELU MLP at (2, 128, 512, 2048, 8 heads), softmax cross-entropy at (256, 512, 32000).
+    With several forced CPU devices, `concurrency` is measured too: how many of them run the
+    block at full speed at once (`_shared_concurrency`).
     Memory bandwidth comes from a timed read-only reduction over 64 MiB (a copy into fresh
     buffers would measure page faults)."""
     key = (model_cfg, microbatch, seq_len)
     if key in _CPU_PROFILE:
         return _CPU_PROFILE[key]
+    concurrency = CPU_CONCURRENCY
     if None not in key and _runs_here(model_cfg, microbatch, seq_len):
         flops, head_flops = _model_rates(model_cfg, microbatch, seq_len)
+        concurrency = _shared_concurrency(model_cfg, microbatch, seq_len)
     else:
         flops, head_flops = _block_rate(2, 128, 512, 2048, 8), _softmax_rate(256, 512, 32000)
     buf = _cpu_array((16 * 2**20,))
     bandwidth = buf.nbytes / best_time(jax.jit(jnp.sum), buf)
     links = Links(bandwidth, bandwidth, devices_per_node=2**20)
     profile = DeviceProfile(
-        "cpu", flops, bandwidth, host_memory(), links, head_flops, concurrency=CPU_CONCURRENCY
+        "cpu", flops, bandwidth, host_memory(), links, head_flops, concurrency=concurrency
     )
     _CPU_PROFILE[key] = profile
     return profile
