@@ -198,10 +198,11 @@ def _runs_here(cfg: ModelConfig, b: int, T: int) -> bool:
     return max(params, b * T * widest) <= CALIBRATION_ELEMENTS
 
 
-def _model_rates(cfg: ModelConfig, b: int, T: int, reps: int = 7) -> tuple[float, float]:
+def _model_rates(programs: dict, reps: int = 7) -> tuple[float, float]:
     """FLOP/s of the model's own block and of its head + loss (forward + backward, one
-    micro-batch): XLA's FLOP count of each program over its best time, timed round-robin."""
-    progs = {k: v for k, v in layer_programs(cfg, b, T).items() if k in ("block", "head")}
+    micro-batch; `layer_programs`): XLA's FLOP count of each program over its best time, timed
+    round-robin."""
+    progs = {k: v for k, v in programs.items() if k in ("block", "head")}
     compiled = {k: _compile(fn, *args) for k, (fn, args) in progs.items()}
     flops = {k: f for k, (_, f) in compiled.items()}
     t = best_times({k: (compiled[k][0], args) for k, (_, args) in progs.items()}, reps)
@@ -211,14 +212,14 @@ def _model_rates(cfg: ModelConfig, b: int, T: int, reps: int = 7) -> tuple[float
     return block, head
 
 
-def _shared_concurrency(cfg: ModelConfig, b: int, T: int, reps: int = 5) -> float:
-    """How many of this process's CPU devices run the model's block at full speed at once: k
-    devices each running it (one SPMD program) against one device alone, k x t_1 / t_k."""
+def _shared_concurrency(block: tuple, reps: int = 5) -> float:
+    """How many of this process's CPU devices run the model's block (fn, args) at full speed at
+    once: k devices each running it (one SPMD program) against one device alone, k t_1 / t_k."""
     devices = jax.devices("cpu")
     k = len(devices)
     if k == 1:
         return CPU_CONCURRENCY
-    fn, args = layer_programs(cfg, b, T)["block"]
+    fn, args = block
     mesh = jax.sharding.Mesh(np.array(devices), ("d",))
     spec = jax.sharding.PartitionSpec("d")
     on_all = jax.sharding.NamedSharding(mesh, spec)
@@ -267,8 +268,9 @@ def calibrate_cpu(
         return _CPU_PROFILE[key]
     concurrency = CPU_CONCURRENCY
     if None not in key and _runs_here(model_cfg, microbatch, seq_len):
-        flops, head_flops = _model_rates(model_cfg, microbatch, seq_len)
-        concurrency = _shared_concurrency(model_cfg, microbatch, seq_len)
+        programs = layer_programs(model_cfg, microbatch, seq_len)
+        flops, head_flops = _model_rates(programs)
+        concurrency = _shared_concurrency(programs["block"])
     else:
         flops, head_flops = _block_rate(2, 128, 512, 2048, 8), _softmax_rate(256, 512, 32000)
     buf = _cpu_array((16 * 2**20,))

@@ -97,3 +97,10 @@ def test_train_lm_auto_runs_the_winner(tmp_path):
     pipeline = json.loads((workdir / "config.json").read_text())["pipeline"]
     ran = f"{pipeline['data_parallel']}x{pipeline['num_stages']}x{pipeline['tensor_parallel']}"
     assert ran == mesh
+
+
+@pytest.mark.parametrize("kw", [dict(num_devices=0), dict(devices_per_node=0),
+                                dict(memory_gib=-1.0)])
+def test_bad_cluster_names_the_flag(kw):
+    with pytest.raises(ConfigError, match=r"--(devices|devices_per_node|memory_gib) must be"):
+        Cluster(**{"num_devices": 4, "device": "h100", **kw})
