@@ -185,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> None:
+        auto_only = {"--devices": args.devices, "--devices_per_node": args.devices_per_node,
+                     "--memory_gib": args.memory_gib}
+        given = [flag for flag, value in auto_only.items() if value is not None]
+        if given and not args.auto:
+            raise ConfigError(f"{', '.join(given)} plan(s) a cluster for the autotuner; add --auto")
         if args.aot and args.topology is None:
             raise ConfigError("--aot needs --topology, e.g. --topology v5p:4x4x4 or cpu:8")
         if args.topology is not None and not args.aot:

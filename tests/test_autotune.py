@@ -80,6 +80,11 @@ def test_cli_prints_the_best_as_train_lm_flags(capsys):
     assert "--auto needs --devices" in capsys.readouterr().err
 
 
+def test_cluster_flags_need_auto(capsys):
+    assert plan_cli.main(["--model", "tiny", "--devices", "8"]) == 2
+    assert "--devices plan(s) a cluster for the autotuner; add --auto" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_train_lm_auto_runs_the_winner(tmp_path):
     workdir = tmp_path / "run"
