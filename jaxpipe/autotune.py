@@ -290,7 +290,8 @@ def _memory_screen(cm: CostModel, pipe_cfg: PipelineConfig, L: int) -> float:
     ones) over an even share of the layers."""
     S, R, M = pipe_cfg.num_stages, pipe_cfg.num_repeats, pipe_cfg.num_microbatches
     slots = math.ceil(L / (S * R))
-    static = static_bytes(pipe_cfg) * R * slots * cm.block_params + cm.temp_bytes
+    static = static_bytes(pipe_cfg, compute_bytes=cm.compute_bytes) * R * slots * cm.block_params
+    static += cm.temp_bytes
     if pipe_cfg.remat != "none":
         return static
     held = M if pipe_cfg.schedule in ("gpipe", "circular") else min(S, M)

@@ -9,7 +9,8 @@ in memory; `profile` feeds the same optimiser with measured single-layer times.
 Memory per device: every device holds R x J block slots (SPMD pads all stages to the largest,
 J layers) of parameters, gradients and AdamW's two fp32 moments (16 bytes per fp32 parameter;
 `static_bytes`: the moments split over `data` with ZeRO-1, and the block values too with FSDP,
-which then holds one gathered copy for the step), plus the activations the schedule keeps in
+which then holds one gathered copy for the step; a copy of the blocks in a narrower compute
+dtype), plus the activations the schedule keeps in
 flight (only stage inputs, per layer or per stage, under remat, split over `tensor`). How many
 micro-batches a stage holds at its peak, the bubble and the step time are read off the table the
 executor runs (`schedule.executor_table`): the peak count of forwards awaiting their backward,
@@ -43,15 +44,22 @@ from jaxpipe.split import min_max_split, spread, uniform_sizes
 METHODS = ("uniform", "cost", "memory", "profile")
 
 
-def static_bytes(pipe_cfg: PipelineConfig, blocks: bool = True) -> float:
+def static_bytes(pipe_cfg: PipelineConfig, blocks: bool = True, compute_bytes: float = 4) -> float:
     """Bytes per fp32 parameter held through a step: its value, its gradient and AdamW's two
     moments (16 when nothing is split over `data`). ZeRO-1 and FSDP split the moments over
     `data`; FSDP splits block values (`blocks`) too, and holds one gathered copy for the step.
+    With a narrower compute dtype (`compute_bytes` < 4) the compiler converts each stage's
+    block weights once per step, not per tick: a copy in that dtype lives through the step, and
+    with FSDP the gather moves (and keeps) that copy instead of the fp32 values.
     The 1F1B executors accumulate the head's gradient in every stage and then sum it over
     `pipe`, so the embedding and head parameters (not `blocks`) hold two gradients there."""
     D = pipe_cfg.data_parallel
     moments = 8 / D if pipe_cfg.shard_moments else 8
-    value = 4 / D + 4 * (D > 1) if blocks and pipe_cfg.fsdp else 4
+    copy = compute_bytes if blocks and compute_bytes < 4 else 0
+    if blocks and pipe_cfg.fsdp:
+        value = 4 / D + (copy or 4) * (D > 1)
+    else:
+        value = 4 + copy
     grads = 8 if not blocks and pipe_cfg.schedule in FULL_TABLE_SCHEDULES else 4
     return value + grads + moments
 
@@ -90,7 +98,7 @@ def stage_memory(cm: CostModel, pipe_cfg: PipelineConfig, s: int, layers: int, s
     first = s == 0 or not cm.embed_in_first
     last = s == S - 1 or not cm.head_in_last
     outer = first * cm.embed_params + last * cm.head_params
-    static = static_bytes(pipe_cfg) * R * slots * cm.block_params
+    static = static_bytes(pipe_cfg, compute_bytes=cm.compute_bytes) * R * slots * cm.block_params
     static += static_bytes(pipe_cfg, blocks=False) * outer
     layers = np.asarray(layers)
     # Stashed layer or stage inputs: the compiler splits their buffers over `tensor` (their
@@ -312,7 +320,8 @@ def build_plan(
         vstage_times=tuple(float(t) for t in vtime),
         cost_model=cm,
         bottleneck_ratio=max(times) / (sum(times) / S),
-        padding_bytes=layout.padding_slots * cm.block_params * static_bytes(pipe_cfg),
+        padding_bytes=layout.padding_slots * cm.block_params
+        * static_bytes(pipe_cfg, compute_bytes=cm.compute_bytes),
         bubble_fraction=table.bubble_fraction(),
         step_time_s=sim.step_time + outside + grad_reduce,
         grad_reduce_s=grad_reduce,
