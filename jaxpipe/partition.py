@@ -64,25 +64,32 @@ def static_bytes(pipe_cfg: PipelineConfig, blocks: bool = True, compute_bytes: f
     return value + grads + moments
 
 
-@functools.lru_cache(maxsize=64)
+def _shape(pipe_cfg: PipelineConfig) -> tuple:
+    p = pipe_cfg
+    return p.schedule, p.num_stages, p.num_microbatches, p.num_repeats, p.hop
+
+
+@functools.lru_cache(maxsize=256)
+def _table(shape: tuple) -> schedule.ScheduleTable:
+    return schedule.executor_table(*shape)
+
+
 def step_table(pipe_cfg: PipelineConfig) -> schedule.ScheduleTable:
-    """The forward + backward table the executor runs for this pipeline shape."""
-    return schedule.executor_table(
-        pipe_cfg.schedule, pipe_cfg.num_stages, pipe_cfg.num_microbatches, pipe_cfg.num_repeats,
-        pipe_cfg.hop,
-    )
+    """The forward + backward table the executor runs for this pipeline shape (built once per
+    schedule, stages, micro-batches, repeats and hop)."""
+    return _table(_shape(pipe_cfg))
 
 
-@functools.lru_cache(maxsize=64)
-def _peak_in_flight(pipe_cfg: PipelineConfig) -> tuple[float, ...]:
-    peak = schedule.in_flight(step_table(pipe_cfg)).max(axis=0)
-    return tuple(float(n) / pipe_cfg.num_repeats for n in peak)
+@functools.lru_cache(maxsize=256)
+def _peak_in_flight(shape: tuple) -> tuple[float, ...]:
+    peak = schedule.in_flight(_table(shape)).max(axis=0)
+    return tuple(float(n) / shape[3] for n in peak)
 
 
 def in_flight(pipe_cfg: PipelineConfig, s: int) -> float:
     """Micro-batches' worth of activations stage s keeps alive at its peak: the most forwards
     of its virtual stages awaiting their backward in the executor's table, over R."""
-    return _peak_in_flight(pipe_cfg)[s]
+    return _peak_in_flight(_shape(pipe_cfg))[s]
 
 
 def stage_memory(cm: CostModel, pipe_cfg: PipelineConfig, s: int, layers: int, slots: int):
@@ -115,12 +122,14 @@ def device_counts(
     method: str,
     capacity: float | None = None,
     any_fit: bool = False,
+    explain: bool = True,
 ) -> list[int]:
     """Layers per device (the sum of its R virtual stages) chosen by `method`.
 
     All blocks cost the same, so a device's time and memory depend only on how many blocks it
     holds; the split is optimal over those counts (exact for R > 1 too, where a device's layers
-    are not contiguous). `capacity` (bytes) turns on the memory constraint.
+    are not contiguous). `capacity` (bytes) turns on the memory constraint; when nothing fits,
+    the error names the stage count that would (unless `explain` is False: a search's quick no).
     """
     S, R = pipe_cfg.num_stages, pipe_cfg.num_repeats
     if method == "uniform":
@@ -152,7 +161,7 @@ def device_counts(
         if any_fit:
             break
     if best is None:
-        if any_fit:
+        if any_fit or not explain:
             raise ConfigError("does not fit")
         raise ConfigError(_no_fit_message(cm, pipe_cfg, num_layers, capacity))
     return best[0]
@@ -234,7 +243,7 @@ def make_plan(
     if method == "profile":
         times = measure_layer_times(model_cfg, pipe_cfg, batch_size=batch_size, seq_len=seq_len)
     flags = dict(embed_in_first=embed_in_first, head_in_last=head_in_last)
-    cm = CostModel.from_costs(costs, profile, model_cfg, pipe_cfg.tensor_parallel, times, **flags)
+    cm = CostModel.from_costs(costs, profile, model_cfg, pipe_cfg, times, **flags)
     capacity = profile.hbm_bytes if method == "memory" else None
     totals = device_counts(cm, pipe_cfg, model_cfg.num_layers, method, capacity)
     if method == "uniform":
@@ -295,8 +304,12 @@ def build_plan(
     times = [st.time_s for st in stages]
     table = step_table(pipe_cfg)
     # A backward costs twice its forward; each op sends half of the per-stage transfer.
-    sim = simulate(table, compute / 3, 2 * compute / 3, cm.transfer_time / 2, lockstep=True)
+    sim = simulate(
+        table, compute / 3, 2 * compute / 3, cm.transfer_time / 2, lockstep=True,
+        concurrency=cm.concurrency,
+    )
     outside = M * ((not cm.embed_in_first) * cm.embed_time + (not cm.head_in_last) * cm.head_time)
+    grad_reduce = max(cm.grad_reduce_time(st.params) for st in stages)
     return Plan(
         model_cfg=model_cfg,
         pipe_cfg=pipe_cfg,
@@ -310,5 +323,6 @@ def build_plan(
         padding_bytes=layout.padding_slots * cm.block_params
         * static_bytes(pipe_cfg, compute_bytes=cm.compute_bytes),
         bubble_fraction=table.bubble_fraction(),
-        step_time_s=sim.step_time + outside,
+        step_time_s=sim.step_time + outside + grad_reduce,
+        grad_reduce_s=grad_reduce,
     )

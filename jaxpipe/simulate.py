@@ -49,7 +49,12 @@ def _per_virtual_stage(times, S: int, R: int) -> np.ndarray:
 
 
 def simulate(
-    table: ScheduleTable, fwd_time, bwd_time=None, link_time: float = 0.0, lockstep: bool = False
+    table: ScheduleTable,
+    fwd_time,
+    bwd_time=None,
+    link_time: float = 0.0,
+    lockstep: bool = False,
+    concurrency: int | None = None,
 ) -> Simulation:
     """Predicts step time and per-stage idle time of a forward + backward table.
 
@@ -60,6 +65,8 @@ def simulate(
       bwd_time: backward seconds, same shapes (default 2 x fwd_time).
       link_time: seconds to send one activation or gradient to a neighbouring stage.
       lockstep: every tick waits for the slowest stage of the previous one (SPMD executors).
+      concurrency: with lockstep, how many stages' ops run at full speed at once (devices
+        sharing a host's cores): a tick lasts at least its ops' total over `concurrency`.
     """
     S, R = table.num_stages, table.num_repeats
     V = S * R
@@ -78,8 +85,11 @@ def simulate(
             if busy.any():
                 v = np.maximum(table.repeat[t], 0) * S + np.arange(S)
                 cost = np.where(table.op[t] == FWD, tf[v], np.where(busy, tb[v], 0.0))
+                tick = cost.max()
+                if concurrency is not None:
+                    tick = max(tick, cost.sum() / concurrency)
                 start[t, busy], end[t, busy] = clock, clock + cost[busy]
-                clock += max(cost.max(), link) if table.hop > 1 else cost.max() + link
+                clock += max(tick, link) if table.hop > 1 else tick + link
             continue
         for s in range(S):
             o = table.op[t, s]
