@@ -87,6 +87,9 @@ def _check_planner(nb, out: str, workdir: Path) -> None:
     assert all(st["memory_bytes"] < 95 * 2**30 for st in plan["stages"])
     line = next(l for l in out.splitlines() if l.startswith("planner done:"))
     assert "h100" in line.split("fits on")[1], line
+    # The autotuner's two tables, each ending with the best configuration's command.
+    assert out.count("best: ") == 2 and "autotune: gpt3-175b on 1024 x a100-80gb" in out
+    assert "autotuned: llama-3-70b " in line, line
 
 
 CHECKS = {
