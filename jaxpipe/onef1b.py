@@ -1,4 +1,4 @@
-"""The forward + backward executor: runs any `full_table` (1f1b, interleaved 1f1b) in shard_map.
+"""The forward + backward executor: runs any `full_table` (1f1b, interleaved 1f1b, zb_h1, zbv).
 
 Every stage runs one `lax.scan` over the table's ticks. At a forward tick a stage runs its
 group of layers under `jax.vjp` and stashes the residuals (minus the weights, which it still
@@ -9,6 +9,12 @@ Activations go to the next stage with `ppermute`, gradients to the previous one 
 loss run inside the last virtual stage's forward, so its backward has its loss gradient at
 hand; the embedding runs outside, and its gradient comes from the returned d(input).
 Idle ticks and padded slots are skipped with `lax.cond`, so they cost no FLOPs.
+
+What runs is read off the table's op codes: in a table with W ops (split) a B tick computes only
+the stage-input gradient (`backsplit.BackwardSplit`) and stashes what W needs from it in a carry
+slot; the W tick turns that into the weight gradients. Values move on the channel the table
+names (`ScheduleTable.channel`): to the next stage, the previous one, or kept on the stage at
+the turn of a V (zbv), where virtual stage v sits on `table.virtual_stage`'s stage.
 
 Config: remat="layer" runs each layer under `jax.checkpoint`, so a forward stashes only each
 layer's input and the backward recomputes one layer at a time; remat="stage" stashes only each

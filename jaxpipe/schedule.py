@@ -544,10 +544,11 @@ def _run_cli(args) -> None:
         cli.writable_file(args.png, "--png")
         if Path(args.png).suffix.lower() != ".png":
             raise ConfigError(f"--png {args.png!r} must name a .png file")
-        if 2 * S * M * R > MAX_CHART_OPS:
+        ops = (3 if args.schedule in SPLIT_SCHEDULES else 2) * S * M * R
+        if ops > MAX_CHART_OPS:
             raise ConfigError(
                 f"--png draws one box per op, at most {MAX_CHART_OPS:,} (about 10 s); this table "
-                f"has {2 * S * M * R:,}; use --trace and open it in Perfetto"
+                f"has {ops:,}; use --trace and open it in Perfetto"
             )
     if args.trace is not None:
         cli.writable_file(args.trace, "--trace")
