@@ -72,6 +72,8 @@ flags.DEFINE_string("boundary_dtype", None, "dtype of activations sent between s
 flags.DEFINE_bool("zero1", False, "Split the AdamW moments over `data` (ZeRO-1).")
 flags.DEFINE_bool("fsdp", False, "Also split block parameters over `data`; gathered once per "
                   "step per stage.")
+flags.DEFINE_bool("overlap_sends", False, "gpipe/circular: send each stage's output during the "
+                  "next tick's compute (S - 1 more ticks of fill and drain).")
 flags.DEFINE_string("workdir", "runs/train_lm", "Where config, metrics and plots go.")
 flags.DEFINE_string("data", None, "Text file/directory or .npy/.bin token ids (default: stdlib).")
 flags.DEFINE_integer("seed", 0, "Seed for parameters and data order.")
@@ -163,6 +165,7 @@ def _run(argv, initial, load, held):
         embed_head=_F.embed_head,
         zero1=_F.zero1,
         fsdp=_F.fsdp,
+        overlap_sends=_F.overlap_sends,
     )
     if _F.devices is not None and _F.devices < 1:
         raise ConfigError(f"--devices must be >= 1, got {_F.devices}; or leave it out")

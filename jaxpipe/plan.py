@@ -71,6 +71,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--fsdp", action="store_true", help="block parameters split over `data` too"
     )
     ap.add_argument(
+        "--overlap_sends",
+        action="store_true",
+        help="gpipe/circular: send each stage output during the next tick's compute",
+    )
+    ap.add_argument(
         "--device",
         default=None,
         help=f"one of {', '.join(DEVICES)} (default: cpu, or the --topology's chip with --aot)",
@@ -126,6 +131,7 @@ def run(args: argparse.Namespace):
         tensor_parallel=args.tensor_parallel,
         zero1=args.zero1,
         fsdp=args.fsdp,
+        overlap_sends=args.overlap_sends,
         **embed_head,
     )
     batch = args.microbatches * args.data_parallel if args.batch_size is None else args.batch_size

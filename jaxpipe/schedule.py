@@ -167,17 +167,21 @@ def build_table(
         if schedule == "gpipe" and num_repeats != 1:
             raise ConfigError("schedule 'gpipe' takes num_repeats=1; use 'circular' for repeats")
         table = ring_table(schedule, num_stages, num_microbatches, num_repeats, hop)
-    elif hop != 1:
-        raise ConfigError(
-            f"schedule {schedule!r} sends within the tick (hop 1); overlapped sends (hop 2) "
-            f"run with 'gpipe' or 'circular'"
-        )
     elif schedule in FULL_TABLE_SCHEDULES:
+        _check_hop(schedule, hop)
         return full_table(schedule, num_stages, num_microbatches, num_repeats)
     else:
         raise ConfigError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
     validate_ring(table)
     return table
+
+
+def _check_hop(schedule: str, hop: int) -> None:
+    if hop != 1:
+        raise ConfigError(
+            f"schedule {schedule!r} sends within the tick (hop 1); overlapped sends (hop 2) "
+            f"run with 'gpipe' or 'circular'"
+        )
 
 
 def validate_ring(table: ScheduleTable) -> None:
@@ -396,7 +400,7 @@ def executor_table(
     in flight and how long a step takes follow from it, as for the other schedules).
     """
     if schedule not in ("gpipe", "circular"):
-        build_table(schedule, num_stages, 1, num_repeats, hop)  # refuses hop 2 clearly
+        _check_hop(schedule, hop)
         return full_table(schedule, num_stages, num_microbatches, num_repeats)
     ring = build_table(schedule, num_stages, num_microbatches, num_repeats, hop)
     back = np.where(ring.op[::-1] == FWD, BWD, IDLE).astype(np.int8)

@@ -7,7 +7,7 @@ import pytest
 
 from jaxpipe import viz
 from jaxpipe.buffers import buffer_plan
-from jaxpipe.config import ConfigError
+from jaxpipe.config import ConfigError, PipelineConfig
 from jaxpipe.schedule import (
     BWD,
     FWD,
@@ -23,6 +23,7 @@ from jaxpipe.schedule import (
     main,
     ring_table,
     validate,
+    validate_ring,
 )
 from jaxpipe.simulate import simulate
 
@@ -309,3 +310,28 @@ def test_charts_draw_w_ops(tmp_path):
     trace = viz.chrome_trace(table, str(tmp_path / "t.json"))
     cats = {e["cat"] for e in trace["traceEvents"] if e["ph"] == "X"}
     assert cats == {"forward", "input gradient", "weight gradients"}
+
+
+@pytest.mark.parametrize("S,M,R", [(2, 3, 1), (3, 2, 2), (4, 8, 3), (3, 7, 2)])
+def test_hop_two_ring_tables_and_their_errors(S, M, R):
+    """With overlapped sends stage s runs what stage s - 1 ran two ticks before: S - 1 more
+    ticks than hop 1, a larger bubble, the same work, and 1F1B schedules refuse it."""
+    name = "gpipe" if R == 1 else "circular"
+    one, two = ring_table(name, S, M, R), ring_table(name, S, M, R, hop=2)
+    assert two.hop == 2 and int(two.busy.sum()) == int(one.busy.sum()) == S * M * R
+    period = max(M, 2 * S) if R > 1 else M
+    assert two.num_ticks == R * period + 2 * (S - 1)
+    assert two.bubble_fraction() > one.bubble_fraction()
+    for t, s in zip(*np.nonzero(two.busy[:, 1:]), strict=True):
+        assert (two.micro[t - 2, s], two.repeat[t - 2, s]) == (two.micro[t, s + 1],
+                                                               two.repeat[t, s + 1])
+    broken = ScheduleTable(name, S, M, R, two.op, two.micro, two.repeat, hop=1)
+    if S > 1:
+        with pytest.raises(ConfigError, match="previous stage sent"):
+            validate_ring(broken)
+    with pytest.raises(ConfigError, match="sends within the tick"):
+        build_table("1f1b", S, M, 1, hop=2)
+    with pytest.raises(ConfigError, match="overlap_sends runs with schedule 'gpipe'"):
+        PipelineConfig(S, M, schedule="1f1b", overlap_sends=True)
+    with pytest.raises(ConfigError, match="overlap_sends must be True or False"):
+        PipelineConfig(S, M, overlap_sends="yes")
