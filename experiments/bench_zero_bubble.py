@@ -74,13 +74,14 @@ def stage_ops(cfg, layers: int, x_BTD, reps: int) -> dict:
     fused = compiled(lambda w, k, d: stage.backward(w, layers, k, d), w_J, kept, dy)
     b = compiled(lambda w, k, d: stage.input_grad(w, layers, k, d), w_J, kept, dy)
     carry = b(w_J, kept, dy)[1]
-    w = compiled(lambda w, k, c: stage.weight_grad(w, layers, k, c), w_J, kept, carry)
+    kept_w = [kept[i] for i in stage.split.w_stashed]
+    w = compiled(lambda w, k, c: stage.weight_grad(w, layers, k, c), w_J, kept_w, carry)
     out = {}
     for name, prog, args in [
         ("F", fwd, (w_J, x_BTD)),
         ("fused", fused, (w_J, kept, dy)),
         ("B", b, (w_J, kept, dy)),
-        ("W", w, (w_J, kept, carry)),
+        ("W", w, (w_J, kept_w, carry)),
     ]:
         out[name] = {
             "seconds": _median_seconds(prog, *args, reps=3 * reps),
@@ -107,7 +108,8 @@ def measure(args) -> dict:
     x_BTD = jax.random.normal(jax.random.key(2), (args.batch // Mb, args.seq_len, cfg.d_model))
     full, half = stage_ops(cfg, 2, x_BTD, args.reps), stage_ops(cfg, 1, x_BTD, args.reps)
     t = {k: v["seconds"] for k, v in full.items()}
-    th = {k: v["seconds"] for k, v in half.items()}
+    # Per virtual stage (a scalar would be read as a whole stage's time, split over repeats).
+    th = {k: np.full(2 * S, v["seconds"]) for k, v in half.items()}
     sims = {}
     for lockstep in (True, False):
         key = "lockstep" if lockstep else "event"

@@ -21,9 +21,10 @@ from jax.extend.core import Literal
 class BackwardSplit:
     """B and W halves of `backward(free, stashed, dy) -> (dw, dh)`, traced once.
 
-    `free` (the weights, the layer count) is passed again to W; `stashed` (the forward's
-    residuals) stays in the stash until W; `dy` (the output gradient) and whatever B computed
-    for W travel in `carry`, a flat list of arrays. Build it where it is used (inside the same
+    `free` (the weights, the layer count) is passed again to W; of `stashed` (the forward's
+    residual leaves, a flat list) W reads only those at `w_stashed`, so the others may be freed
+    after B; `dy` (the output gradient) and whatever B computed for W travel in `carry`, a flat
+    list of arrays. Build it where it is used (inside the same
     trace), with arguments of the shapes it will run with.
     """
 
@@ -47,6 +48,11 @@ class BackwardSplit:
         self.carry_vars = list(
             dict.fromkeys(v for v in reads if not isinstance(v, Literal) and v not in known_to_w)
         )
+        n_free = len(jax.tree.leaves(free))
+        read = {v for v in reads if not isinstance(v, Literal)}
+        self.w_stashed = tuple(
+            i for i, v in enumerate(self.in_vars[n_free:]) if v in read
+        )
 
     def input_grad(self, free, stashed, dy):
         """B: (dh, carry)."""
@@ -56,9 +62,13 @@ class BackwardSplit:
         dh = jax.tree.unflatten(self.dh_tree, [_read(env, v) for v in self.dh_vars])
         return dh, [env[v] for v in self.carry_vars]
 
-    def weight_grad(self, free, stashed, carry):
-        """W: dw, from the same `free` and `stashed` and B's `carry`."""
-        env = self._env(free, stashed)
+    def weight_grad(self, free, stashed_w, carry):
+        """W: dw, from the same `free`, the stashed leaves at `w_stashed` and B's `carry`."""
+        n_free = len(jax.tree.leaves(free))
+        env = dict(zip(self.jaxpr.constvars, self.consts, strict=True))
+        env.update(zip(self.in_vars[:n_free], jax.tree.leaves(free), strict=True))
+        stashed_vars = [self.in_vars[n_free + i] for i in self.w_stashed]
+        env.update(zip(stashed_vars, stashed_w, strict=True))
         env.update(zip(self.carry_vars, carry, strict=True))
         _run(self.w_eqns, env)
         return jax.tree.unflatten(self.dw_tree, [_read(env, v) for v in self.dw_vars])

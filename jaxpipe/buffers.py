@@ -19,8 +19,9 @@ class BufferPlan:
     act_read: inbox slot a forward reads (-1: virtual stage 0 reads the embedded input).
     grad_write [3, ticks, stages] / grad_read: the same for gradients; head_write: slot where
     the last virtual stage's forward leaves its loss gradient for its own later backward.
-    res_slot: stash slot of a forward's residuals (written by the forward, read by the backward
-    and, in a split table, by the W op too, which frees it).
+    res_slot: stash slot of a forward's residuals (written by the forward, read by the backward).
+    wres_slot: split tables: stash slot of the residuals W reads too (written by the forward,
+        read by B and by W, which frees it).
     carry_slot: split tables: slot of what B leaves for its W (written by B, read by W).
     """
 
@@ -30,10 +31,12 @@ class BufferPlan:
     grad_read: np.ndarray
     head_write: np.ndarray
     res_slot: np.ndarray
+    wres_slot: np.ndarray
     carry_slot: np.ndarray
     num_act: int
     num_grad: int
     num_res: int
+    num_wres: int
     num_carry: int
 
 
@@ -45,7 +48,6 @@ def buffer_plan(table: ScheduleTable) -> BufferPlan:
     (about S for 1f1b), never with the number of micro-batches as such.
     """
     S, V = table.num_stages, table.num_stages * table.num_repeats
-    release = WGT if table.split else BWD
     where = {}
     for t, s in zip(*np.nonzero(table.busy), strict=True):
         v = int(table.virtual_stage(int(s), int(table.repeat[t, s])))
@@ -54,8 +56,8 @@ def buffer_plan(table: ScheduleTable) -> BufferPlan:
     act = {"write": -np.ones((3,) + shape, np.int32), "read": -np.ones(shape, np.int32)}
     grad = {"write": -np.ones((3,) + shape, np.int32), "read": -np.ones(shape, np.int32)}
     head_write, res_slot = -np.ones(shape, np.int32), -np.ones(shape, np.int32)
-    carry_slot = -np.ones(shape, np.int32)
-    acts, grads, ress, carries = ([[] for _ in range(S)] for _ in range(4))
+    carry_slot, wres_slot = -np.ones(shape, np.int32), -np.ones(shape, np.int32)
+    acts, grads, ress, wress, carries = ([[] for _ in range(S)] for _ in range(5))
     for (o, m, v), t in where.items():
         s = table.device_of(v)[0]
         # F after F of v - 1 and B after B of v + 1 read an inbox, written the tick after the
@@ -66,13 +68,15 @@ def buffer_plan(table: ScheduleTable) -> BufferPlan:
                 info = (kind, m, v, table.channel(d[2], v))
                 (acts if o == FWD else grads)[s].append((where[d] + 1, t, info))
         if o == FWD:
-            ress[s].append((t, where[(release, m, v)], ("r", m, v, -1)))
+            ress[s].append((t, where[(BWD, m, v)], ("r", m, v, -1)))
+        if o == FWD and table.split:
+            wress[s].append((t, where[(WGT, m, v)], ("w", m, v, -1)))
         if o == BWD and v == V - 1:
             grads[s].append((where[(FWD, m, v)], t, ("h", m, v, -1)))
         if o == WGT:
             carries[s].append((where[(BWD, m, v)], t, ("c", m, v, -1)))
     sizes = []
-    for lists in (acts, grads, ress, carries):
+    for lists in (acts, grads, ress, wress, carries):
         peak = 0
         for s, intervals in enumerate(lists):
             for (a, c, (kind, m, v, ch)), k in zip(intervals, _colour(intervals), strict=True):
@@ -85,9 +89,11 @@ def buffer_plan(table: ScheduleTable) -> BufferPlan:
                     head_write[a, s], grad["read"][c, s] = k, k
                 elif kind == "c":
                     carry_slot[a, s], carry_slot[c, s] = k, k
-                else:  # a split table's B, between the F and the W, reads the stash too
+                elif kind == "w":  # B, between the F and the W, reads this stash too
+                    wres_slot[a, s], wres_slot[c, s] = k, k
+                    wres_slot[where[(BWD, m, v)], s] = k
+                else:
                     res_slot[a, s], res_slot[c, s] = k, k
-                    res_slot[where[(BWD, m, v)], s] = k
         sizes.append(max(peak, 1))
     return BufferPlan(
         act["write"],
@@ -96,6 +102,7 @@ def buffer_plan(table: ScheduleTable) -> BufferPlan:
         grad["read"],
         head_write,
         res_slot,
+        wres_slot,
         carry_slot,
         *sizes,
     )

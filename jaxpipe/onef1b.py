@@ -99,9 +99,10 @@ class _StageVjp:
             )
         return self.split.input_grad((w_J, count), kept, dy)
 
-    def weight_grad(self, w_J, count, kept, carry):
-        """W of a split backward: the stage's weight gradients, from B's `carry`."""
-        return self.split.weight_grad((w_J, count), kept, carry)
+    def weight_grad(self, w_J, count, kept_w, carry):
+        """W of a split backward: the stage's weight gradients, from the stashed leaves at
+        `self.split.w_stashed` and B's `carry`."""
+        return self.split.weight_grad((w_J, count), kept_w, carry)
 
     def backward(self, w_J, count, kept, dy):
         if self.recompute:
@@ -160,6 +161,7 @@ def _stage_program(pipe, w_1RJ, head_params, x_MBTD, t_MBT):
     act_w_ok, grad_w_ok = jnp.asarray(plan.act_write >= 0), jnp.asarray(plan.grad_write >= 0)
     act_r, grad_r = c(plan.act_read), c(plan.grad_read)
     head_w, res_slot, carry_slot = c(plan.head_write), c(plan.res_slot), c(plan.carry_slot)
+    wres_slot = c(plan.wres_slot)
     counts_SR = jnp.asarray(layout.counts_SR)
     stage = _StageVjp(cfg, layout.slots, min(layout.layer_counts), pipe.config.remat, tab.split)
     vary = lambda tree: _tree(_varying, tree)
@@ -172,16 +174,22 @@ def _stage_program(pipe, w_1RJ, head_params, x_MBTD, t_MBT):
     w_J0, count0 = _tree(lambda a: a[0], w_RJ), _varying(counts_SR[s, 0])
     res_shapes = jax.eval_shape(lambda w, n, h: stage.forward(w, n, h)[1], w_J0, count0, zero_BTD)
     zeros_res = [jnp.zeros(r.shape, r.dtype) for r in res_shapes]
-    carry_shapes = []
+    carry_shapes, w_kept = [], ()
     if tab.split:
         carry_shapes = jax.eval_shape(
             lambda *a: stage.input_grad(*a)[1], w_J0, count0, vary(zeros_res), zero_BTD
         )
+        w_kept = stage.split.w_stashed
+    # Residual leaves W reads stay stashed until the W (slots `wres_slot`); the others only
+    # until the B (`res_slot`).
+    slots = [plan.num_wres if i in w_kept else plan.num_res for i in range(len(res_shapes))]
     state = vary(
         {
             "act": jnp.zeros((plan.num_act,) + zero_BTD.shape, zero_BTD.dtype),
             "grad": jnp.zeros((plan.num_grad,) + zero_BTD.shape, zero_BTD.dtype),
-            "res": [jnp.zeros((plan.num_res,) + r.shape, r.dtype) for r in res_shapes],
+            "res": [
+                jnp.zeros((n,) + r.shape, r.dtype) for n, r in zip(slots, res_shapes, strict=True)
+            ],
             "carry": [jnp.zeros((plan.num_carry,) + a.shape, a.dtype) for a in carry_shapes],
             "g_w": _tree(jnp.zeros_like, w_RJ),
             "head": {"loss": jnp.zeros((), jnp.float32), "g": _tree(jnp.zeros_like, head_params)},
@@ -226,8 +234,8 @@ def _stage_program(pipe, w_1RJ, head_params, x_MBTD, t_MBT):
     def no_bwd(g_w, *_):
         return g_w, zero_BTD, zeros_carry
 
-    def wgt(g_w, w_J, count, kept, carry, r):
-        return add_grads(g_w, stage.weight_grad(w_J, count, kept, carry), r)
+    def wgt(g_w, w_J, count, kept_w, carry, r):
+        return add_grads(g_w, stage.weight_grad(w_J, count, kept_w, carry), r)
 
     def put(buf, x, slot, ok):
         return jax.lax.dynamic_update_index_in_dim(buf, jnp.where(ok, x, buf[slot]), slot, 0)
@@ -246,7 +254,8 @@ def _stage_program(pipe, w_1RJ, head_params, x_MBTD, t_MBT):
             act = put(act, st["send_f"][ch], act_w[ch, t, s], act_w_ok[ch, t, s])
         for ch in grad_chs:
             grad = put(grad, st["send_b"][ch], grad_w[ch, t, s], grad_w_ok[ch, t, s])
-        op, m, r, k = op_TS[t, s], micro_TS[t, s], repeat_TS[t, s], res_slot[t, s]
+        op, m, r = op_TS[t, s], micro_TS[t, s], repeat_TS[t, s]
+        k = [wres_slot[t, s] if i in w_kept else res_slot[t, s] for i in range(len(res_shapes))]
         v, count = tab.virtual_stage(s, r), counts_SR[s, r]
         w_J = _tree(lambda a: a[r], w_RJ)
         is_f, is_b = op == FWD, op == BWD
@@ -257,14 +266,16 @@ def _stage_program(pipe, w_1RJ, head_params, x_MBTD, t_MBT):
         head, y, kept_f, dy = jax.lax.cond(
             is_f, fwd, no_fwd, st["head"], w_J, count, h, m, v == V - 1
         )
-        kept_b = [jax.lax.dynamic_index_in_dim(b, k, 0, False) for b in st["res"]]
+        kept_b = [
+            jax.lax.dynamic_index_in_dim(b, j, 0, False) for b, j in zip(st["res"], k, strict=True)
+        ]
         g_w, dh, carry = jax.lax.cond(
             is_b, bwd_input if tab.split else bwd, no_bwd, st["g_w"], w_J, count, kept_b, dy_in, r
         )
         new = {
             "act": act,
             "grad": put(grad, dy, head_w[t, s], is_f & (v == V - 1)),
-            "res": [put(b, x, k, is_f) for b, x in zip(st["res"], kept_f, strict=True)],
+            "res": [put(b, x, j, is_f) for b, x, j in zip(st["res"], kept_f, k, strict=True)],
             "carry": st["carry"],
             "head": head,
             "dx": put(st["dx"], dh, m, is_b & (v == 0)),
@@ -274,8 +285,9 @@ def _stage_program(pipe, w_1RJ, head_params, x_MBTD, t_MBT):
         if tab.split:
             j = carry_slot[t, s]
             carry_in = [jax.lax.dynamic_index_in_dim(b, j, 0, False) for b in st["carry"]]
+            kept_w = [kept_b[i] for i in w_kept]
             g_w = jax.lax.cond(
-                op == WGT, wgt, lambda g_w, *_: g_w, g_w, w_J, count, kept_b, carry_in, r
+                op == WGT, wgt, lambda g_w, *_: g_w, g_w, w_J, count, kept_w, carry_in, r
             )
             new["carry"] = [put(b, x, j, is_b) for b, x in zip(st["carry"], carry, strict=True)]
         return {**new, "g_w": g_w}, None

@@ -135,10 +135,11 @@ def test_buffer_plan_replays(args):
     table = full_table(*args)
     plan = buffer_plan(table)
     S, V = table.num_stages, table.num_stages * table.num_repeats
-    assert plan.num_res == in_flight(table).max()
+    assert (plan.num_wres if table.split else plan.num_res) == in_flight(table).max()
     act = [dict() for _ in range(S)]
     grad = [dict() for _ in range(S)]
     res = [dict() for _ in range(S)]
+    wres = [dict() for _ in range(S)]  # split tables: the residuals W reads too
     carry = [dict() for _ in range(S)]
     # What each stage sent on each channel at the previous tick: NEXT goes to s + 1, PREV to
     # s - 1, SELF stays.
@@ -160,16 +161,18 @@ def test_buffer_plan_replays(args):
                     assert act[s].pop(plan.act_read[t, s]) == (m, v - 1)
                 assert plan.res_slot[t, s] not in res[s]
                 res[s][plan.res_slot[t, s]] = (m, v)
+                if table.split:
+                    assert plan.wres_slot[t, s] not in wres[s]
+                    wres[s][plan.wres_slot[t, s]] = (m, v)
                 if v < V - 1:
                     sent_f[s][table.channel(v, v + 1)] = (m, v)
                 if v == V - 1:
                     assert plan.head_write[t, s] not in grad[s]
                     grad[s][plan.head_write[t, s]] = (m, v + 1)
             elif o == BWD:
-                stash = res[s][plan.res_slot[t, s]] if table.split else res[s].pop(
-                    plan.res_slot[t, s]
-                )
-                assert stash == (m, v)
+                assert res[s].pop(plan.res_slot[t, s]) == (m, v)
+                if table.split:
+                    assert wres[s][plan.wres_slot[t, s]] == (m, v)
                 assert grad[s].pop(plan.grad_read[t, s]) == (m, v + 1)
                 if v > 0:
                     sent_b[s][table.channel(v, v - 1)] = (m, v)
@@ -177,9 +180,9 @@ def test_buffer_plan_replays(args):
                     assert plan.carry_slot[t, s] not in carry[s]
                     carry[s][plan.carry_slot[t, s]] = (m, v)
             elif o == WGT:
-                assert res[s].pop(plan.res_slot[t, s]) == (m, v)
+                assert wres[s].pop(plan.wres_slot[t, s]) == (m, v)
                 assert carry[s].pop(plan.carry_slot[t, s]) == (m, v)
-    assert all(not d for d in act + grad + res + carry)
+    assert all(not d for d in act + grad + res + wres + carry)
 
 
 def test_simulation_unit_costs_match_ticks():
