@@ -77,11 +77,17 @@ def in_flight(pipe_cfg: PipelineConfig, s: int) -> float:
     return _peak_in_flight(pipe_cfg)[s]
 
 
+def head_stage(pipe_cfg: PipelineConfig) -> int:
+    """The stage holding the last virtual stage (and so the head): S - 1, or 0 in a V."""
+    S, R = pipe_cfg.num_stages, pipe_cfg.num_repeats
+    return step_table(pipe_cfg).device_of(S * R - 1)[0]
+
+
 def stage_memory(cm: CostModel, pipe_cfg: PipelineConfig, s: int, layers: int, slots: int):
     """Bytes on device s holding `layers` blocks when every device has R x `slots` slots."""
-    S, R = pipe_cfg.num_stages, pipe_cfg.num_repeats
+    R = pipe_cfg.num_repeats
     first = s == 0 or not cm.embed_in_first
-    last = s == S - 1 or not cm.head_in_last
+    last = s == head_stage(pipe_cfg) or not cm.head_in_last
     outer = first * cm.embed_params + last * cm.head_params
     static = static_bytes(pipe_cfg) * R * slots * cm.block_params
     static += static_bytes(pipe_cfg, blocks=False) * outer
@@ -96,7 +102,7 @@ def stage_memory(cm: CostModel, pipe_cfg: PipelineConfig, s: int, layers: int, s
     else:
         act = layers * cm.block_act
         act += (s == 0) * cm.embed_act * cm.embed_in_first
-        act += (s == S - 1) * cm.head_act * cm.head_in_last
+        act += (s == head_stage(pipe_cfg)) * cm.head_act * cm.head_in_last
     return static + in_flight(pipe_cfg, s) * act + cm.temp_bytes
 
 
@@ -119,10 +125,11 @@ def device_counts(
         vsizes = uniform_sizes(num_layers, S * R)
         return [sum(c) for c in _by_device(vsizes, S, R, step_table(pipe_cfg).placement)]
     prefix = cm.block_time * np.arange(num_layers + 1)
+    head = head_stage(pipe_cfg)
 
     def cost_fn(slots):
         def cost(p, starts, end):
-            t = prefix[end] - prefix[starts] + R * cm.transfer_time + cm.extra_time(p, S)
+            t = prefix[end] - prefix[starts] + R * cm.transfer_time + cm.extra_time(p, S, head)
             if capacity is None:
                 return t
             mem = stage_memory(cm, pipe_cfg, p, end - starts, slots)
@@ -278,8 +285,7 @@ def build_plan(
         ]
     )
     vtime = compute + cm.transfer_time
-    v_SR = layout.v_SR
-    last = int(np.argwhere(v_SR == S * R - 1)[0, 0])  # the stage holding the head
+    v_SR, last = layout.v_SR, head_stage(pipe_cfg)
     stages = []
     for s, ranges in enumerate(layout.stage_ranges()):
         layers = sum(b - a for a, b in ranges)

@@ -138,6 +138,7 @@ def test_zbv_plan_places_layers_in_a_v():
     cm = _cm(embed_time=0.0, head_time=0.0)
     plan = build_plan(cfg, pcfg, StageLayout.uniform(8, 4, 2, "vee"), cm, "uniform", "test")
     assert [st.ranges for st in plan.stages][0] == ((0, 1), (7, 8))
+    assert plan.layout_string().split(" | ")[0] == "E+t*1,t*1+H"  # the head is on stage 0
     one = build_plan(
         cfg, PipelineConfig(4, 8, schedule="1f1b"), StageLayout.uniform(8, 4), cm, "uniform",
         "test",
