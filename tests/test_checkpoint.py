@@ -400,6 +400,7 @@ def test_save_at_one_mesh_restore_at_others(tmp_path, cube):
             c.restore(trainer)
 
 
+@pytest.mark.slow
 def test_zbv_checkpoint_restores_under_gpipe_and_back(tmp_path):
     """ZB-V holds layers in a V (device d: virtual stages d and 2S - 1 - d); the checkpoint is
     in canonical layer order, so a gpipe trainer reads the same state, and saves it back."""
