@@ -227,12 +227,11 @@ def _stage_program(pipe, w_1RJ, head_params, x_MBTD, t_MBT):
         dw_J, dh = stage.backward(w_J, count, kept, dy)
         return add_grads(g_w, dw_J, r), dh, zeros_carry
 
-    def bwd_input(g_w, w_J, count, kept, dy, r):
-        dh, carry = stage.input_grad(w_J, count, kept, dy)
-        return g_w, dh, carry
-
     def no_bwd(g_w, *_):
         return g_w, zero_BTD, zeros_carry
+
+    def no_bwd_input(*_):
+        return zero_BTD, zeros_carry
 
     def wgt(g_w, w_J, count, kept_w, carry, r):
         return add_grads(g_w, stage.weight_grad(w_J, count, kept_w, carry), r)
@@ -269,9 +268,15 @@ def _stage_program(pipe, w_1RJ, head_params, x_MBTD, t_MBT):
         kept_b = [
             jax.lax.dynamic_index_in_dim(b, j, 0, False) for b, j in zip(st["res"], k, strict=True)
         ]
-        g_w, dh, carry = jax.lax.cond(
-            is_b, bwd_input if tab.split else bwd, no_bwd, st["g_w"], w_J, count, kept_b, dy_in, r
-        )
+        if tab.split:  # B leaves the weight gradients alone: they do not pass its conditional
+            g_w = st["g_w"]
+            dh, carry = jax.lax.cond(
+                is_b, stage.input_grad, no_bwd_input, w_J, count, kept_b, dy_in
+            )
+        else:
+            g_w, dh, carry = jax.lax.cond(
+                is_b, bwd, no_bwd, st["g_w"], w_J, count, kept_b, dy_in, r
+            )
         new = {
             "act": act,
             "grad": put(grad, dy, head_w[t, s], is_f & (v == V - 1)),
