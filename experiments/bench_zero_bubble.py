@@ -122,10 +122,10 @@ def measure(args) -> dict:
         sims[key] = {
             "1f1b": simulate(full_table("1f1b", S, Mb), t["F"], t["fused"], 0, lockstep).step_time,
             "zb_h1": simulate(
-                full_table("zb_h1", S, Mb), t["F"], t["B"], 0, lockstep, t["W"]
+                full_table("zb_h1", S, Mb), t["F"], t["B"], 0, lockstep, wgt_time=t["W"]
             ).step_time,
             "zbv": simulate(
-                full_table("zbv", S, Mb, 2), th["F"], th["B"], 0, lockstep, th["W"]
+                full_table("zbv", S, Mb, 2), th["F"], th["B"], 0, lockstep, wgt_time=th["W"]
             ).step_time,
         }
     params = M.init_params(cfg, 0)

@@ -1,9 +1,9 @@
 """Fine-tunes a Hugging Face GPT-2 or Llama checkpoint with its blocks pipelined.
 
-Takes every flag of train_lm.py (stages, micro-batches, schedule, partition, checkpoints, ...)
-plus --hf_checkpoint, a local directory with config.json and model.safetensors (or a sharded
-index). The model shape comes from the checkpoint: --model, --num_layers and --vocab_size are
-refused.
+Takes every flag of train_lm.py (stages, micro-batches, schedule, partition, --auto,
+checkpoints, ...) plus --hf_checkpoint, a local directory with config.json and
+model.safetensors (or a sharded index). The model shape comes from the checkpoint: --model,
+--num_layers and --vocab_size are refused.
 Text (--data corpus.txt, a directory of text files, or the built-in text) is tokenized with
 the checkpoint's own tokenizer.json (or --tokenizer), and the ids of --data are cached next to
 it as corpus.txt.tok-<tokenizer hash>-<text hash>.npy; a checkpoint without tokenizer.json

@@ -14,6 +14,11 @@ Other shapes, e.g. circular GPipe over 4 stages with 2 repeats, data parallel 2:
     python experiments/train_lm.py --num_stages 4 --num_repeats 2 --schedule circular \
         --data_parallel 2 --workdir runs/circ
 
+Or let the autotuner choose the shape for the devices present (here 4 forced CPU devices; it
+prints its table of candidates first, then trains the best):
+
+    python experiments/train_lm.py --auto --devices 4 --workdir runs/auto
+
 Writes WORKDIR/config.json, metrics.jsonl (one JSON row per logged step), summary.json,
 loss.png and WORKDIR/checkpoints/<step> every --checkpoint_every steps (the last
 --keep_checkpoints kept). Re-running with the same --workdir resumes from the newest complete
@@ -62,10 +67,15 @@ flags.DEFINE_integer("steps", 300, "Training steps.")
 flags.DEFINE_float("learning_rate", 3e-3, "Peak learning rate (warmup, then cosine decay).")
 flags.DEFINE_integer("warmup_steps", 20, "Linear warmup steps.")
 flags.DEFINE_string("remat", "none", "none | layer | stage.")
+flags.DEFINE_string("attention", "xla", "Attention kernel: xla (anywhere) | cudnn (NVIDIA "
+                    "GPUs) | splash (the Pallas TPU kernel; seq_len a multiple of 128).")
 flags.DEFINE_string("partition", "uniform", "uniform | cost | memory | profile (stage sizes).")
 flags.DEFINE_string("device_profile", "cpu", "Device profile the partitioner costs layers on.")
 flags.DEFINE_string("embed_head", "outside", "outside | inside (embedding in the first stage, "
                     "head + loss in the last).")
+flags.DEFINE_bool("auto", False, "Choose the mesh, schedule, repeats, micro-batches, remat, "
+                  "embedding placement and layer split for the devices present "
+                  "(jaxpipe.autotune); the shape flags are then ignored.")
 flags.DEFINE_bool("check_balance", False, "Measure each stage's time, compare with the plan, "
                   "warn above 1.2x imbalance and print the suggested re-partition.")
 flags.DEFINE_string("boundary_dtype", None, "dtype of activations sent between stages.")
@@ -182,6 +192,7 @@ def _run(argv, initial, load, held):
     initialize_distributed(_F.coordinator, _F.num_processes, _F.process_id)
 
     from jaxpipe import TrainConfig, Trainer, get_preset
+    from jaxpipe.attention import check_kernel
     from jaxpipe.checkpoint import train_resumable
     from jaxpipe.data import load_data
     from jaxpipe.partition import make_plan
@@ -192,6 +203,7 @@ def _run(argv, initial, load, held):
         init_params = None
     else:
         model, init_params = initial()
+    model = model.replace(attention=_F.attention)
     tcfg = TrainConfig(
         steps=_F.steps,
         batch_size=_F.batch_size,
@@ -203,15 +215,26 @@ def _run(argv, initial, load, held):
         max_bad_steps=0 if _F.stop_on_nonfinite else _F.max_bad_steps,
     )
     # Configs are checked before the workdir is touched; then process 0 locks it (all agree).
+    check_kernel(model, tcfg.seq_len)
     held.enter_context(hold_workdir(workdir))
     check_same_model(workdir, model)
     print(f"process {jax.process_index()}/{jax.process_count()} devices: {jax.devices()}")
     data = (load or load_data)(_F.data)
     data.check(tcfg.seq_len)
     check_same_tokenizer(workdir, data.tokenizer)
-    inside = pcfg.embed_head == "inside"
-    plan = make_plan(model, pcfg, _F.partition, batch_size=tcfg.batch_size, seq_len=tcfg.seq_len,
-                     device=_F.device_profile, embed_in_first=inside, head_in_last=inside)
+    if _F.auto:
+        from jaxpipe.autotune import choose
+
+        found = choose(model, pcfg, num_devices=jax.device_count(), device=_F.device_profile,
+                       global_batch=tcfg.batch_size, seq_len=tcfg.seq_len,
+                       devices_per_node=jax.local_device_count())
+        print(found.table())
+        plan, pcfg = found.best.plan, found.best.pipe_cfg
+    else:
+        inside = pcfg.embed_head == "inside"
+        plan = make_plan(model, pcfg, _F.partition, batch_size=tcfg.batch_size,
+                         seq_len=tcfg.seq_len, device=_F.device_profile, embed_in_first=inside,
+                         head_in_last=inside)
     print(plan.table())
     if _F.check_balance:
         _check_balance(model, pcfg, tcfg, plan)

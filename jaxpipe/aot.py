@@ -25,6 +25,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from jaxpipe.attention import compiling_for
 from jaxpipe.config import ConfigError, ModelConfig, PipelineConfig
 from jaxpipe.costs import DeviceProfile
 from jaxpipe.hlo import (
@@ -120,6 +121,7 @@ class AotReport:
     batch_size: int
     seq_len: int
     dtype: str
+    attention: str  # the model's attention kernel (ModelConfig.attention)
     layout: tuple[int, ...]
     memory: dict | None
     oom: dict | None
@@ -150,7 +152,7 @@ class AotReport:
             f"aot: {self.model} on {self.topology} ({self.num_devices} x {self.device_kind}), "
             f"data {d} x pipe {p} x tensor {t}, schedule {self.schedule}, "
             f"M={self.num_microbatches}, remat {self.remat}, batch {self.batch_size} x seq "
-            f"{self.seq_len}, {self.dtype}",
+            f"{self.seq_len}, {self.dtype}, attention {self.attention}",
             "per device (compiler):",
         ]
         if self.memory is not None:
@@ -227,17 +229,19 @@ def compile_step(
             f"{len(topo.devices)}; make the product {len(topo.devices)}"
         )
     inside = pcfg.embed_head == "inside"
-    plan = make_plan(
-        model, pcfg, method, batch_size=batch_size, seq_len=seq_len,
-        device=profile_name(topology) if device is None else device,
-        embed_in_first=inside, head_in_last=inside,
-        compile_on=topo.devices[0] if topo.platform == "tpu" else None,
-    )
-    tcfg = TrainConfig(batch_size=batch_size, seq_len=seq_len)
-    trainer = Trainer.create(model, pcfg, tcfg, layout=plan.layout, devices=topo.devices)
-    state, batch = abstract_inputs(trainer, batch_size, seq_len)
-    t0 = time.perf_counter()
-    compiled, oom, text, largest = _compile(trainer.step_fn.lower(state, batch), topo.platform)
+    with compiling_for(topo.platform):  # e.g. attention="splash" traces for a TPU topology
+        plan = make_plan(
+            model, pcfg, method, batch_size=batch_size, seq_len=seq_len,
+            device=profile_name(topology) if device is None else device,
+            embed_in_first=inside, head_in_last=inside,
+            compile_on=topo.devices[0] if topo.platform == "tpu" else None,
+        )
+        tcfg = TrainConfig(batch_size=batch_size, seq_len=seq_len)
+        trainer = Trainer.create(model, pcfg, tcfg, layout=plan.layout, devices=topo.devices)
+        state, batch = abstract_inputs(trainer, batch_size, seq_len)
+        t0 = time.perf_counter()
+        lowered = trainer.step_fn.lower(state, batch)
+    compiled, oom, text, largest = _compile(lowered, topo.platform)
     compile_s = time.perf_counter() - t0
     memory = flops = None
     hbm, hbm_source = topo.hbm_bytes, topo.hbm_source
@@ -270,6 +274,7 @@ def compile_step(
         batch_size=batch_size,
         seq_len=seq_len,
         dtype=model.dtype,
+        attention=model.attention,
         layout=tuple(plan.layout.layer_counts),
         memory=memory,
         oom=oom,

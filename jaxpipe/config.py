@@ -12,9 +12,10 @@ BlockStyle = Literal["gpt2", "llama"]
 SCHEDULES = ("gpipe", "circular", "1f1b", "interleaved_1f1b", "zb_h1", "zbv")
 # Schedules whose table holds backward ops (run by `onef1b.py`; the others by the ring executor).
 FULL_TABLE_SCHEDULES = ("1f1b", "interleaved_1f1b", "zb_h1", "zbv")
-# Attention kernels (`jax.nn.dot_product_attention` implementations): "xla" runs everywhere,
-# "cudnn" is the fused cuDNN kernel (NVIDIA GPUs, bfloat16 or float16 compute).
-ATTENTION_KERNELS = ("xla", "cudnn")
+# Attention kernels (`attention.py`): "xla" runs everywhere, "cudnn" is the fused cuDNN kernel
+# (NVIDIA GPUs, bfloat16 or float16 compute), "splash" the Pallas TPU splash-attention kernel
+# (TPUs, sequence lengths a multiple of 128).
+ATTENTION_KERNELS = ("xla", "cudnn", "splash")
 # ModelConfig fields that change how a model computes, not its parameters or results: a
 # checkpoint restores under any value of them.
 RUNTIME_FIELDS = ("name", "attention")

@@ -1,12 +1,32 @@
-"""The planner's cost model: per-layer seconds and bytes of one micro-batch on one device."""
+"""The planner's cost model: per-layer seconds and bytes of one micro-batch on one device.
+
+Compute is the roofline of each layer's XLA costs on the device profile; under remat the
+blocks' forward runs twice (the backward recomputes it), so a block costs 4/3 of its forward +
+backward. Communication (`links.py`), on the `data x pipe x tensor` mesh:
+
+- tensor: Megatron-style all-reduces of one activation [b, T, D] per block: two in the forward,
+  two in the backward, two more in the recomputed forward under remat; one for the embedding's
+  output and one for the head's input gradient. They sit on the critical path (not overlapped)
+  and are added to the layers' times.
+- pipe: each virtual stage sends its output forward and receives its gradient back; each tensor
+  rank sends its 1/t share of the activation (charged as `transfer_time`).
+- data: the gradients (fp32, the device's own parameters) are all-reduced once per step after
+  the last backward, not overlapped with it (jaxpipe's step reduces after the tick loop);
+  ZeRO-1 and FSDP's reduce-scatter + all-gather move the same volume.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 
-from jaxpipe.config import ModelConfig
+import jax.numpy as jnp
+
+from jaxpipe.config import ModelConfig, PipelineConfig
 from jaxpipe.costs import DeviceProfile, ModelCosts
+from jaxpipe.links import MeshLinks
 from jaxpipe.placement import vocab_rows
+
+GRAD_BYTES = 4  # gradients are float32, as the parameters
 
 
 def outer_params(cfg: ModelConfig, tp: int, head_in_last: bool = True) -> tuple[float, float]:
@@ -20,11 +40,16 @@ def outer_params(cfg: ModelConfig, tp: int, head_in_last: bool = True) -> tuple[
     return embed, head if head_in_last or not cfg.tied else head - shard
 
 
+def tensor_all_reduces(remat: str) -> int:
+    """All-reduces of one activation per block and micro-batch under tensor parallelism."""
+    return 6 if remat != "none" else 4
+
+
 @dataclasses.dataclass(frozen=True)
 class CostModel:
     """Per-layer times (seconds, fwd + bwd, one micro-batch) and bytes, per device."""
 
-    block_time: float
+    block_time: float  # compute (recomputation included) + tensor all-reduces
     embed_time: float
     head_time: float
     transfer_time: float  # activation forward + its gradient backward, per virtual stage
@@ -36,8 +61,15 @@ class CostModel:
     head_act: float
     boundary_bytes: float  # one stage input
     temp_bytes: float  # working memory of the largest single layer program
+    compute_bytes: float = 4.0  # bytes of the compute dtype (the blocks' converted copy)
     embed_in_first: bool = True
     head_in_last: bool = True
+    block_comm_time: float = 0.0  # the tensor all-reduces inside block_time
+    grad_reduce_per_param: float = 0.0  # data all-reduce seconds per parameter held
+    grad_reduce_latency: float = 0.0
+    # Stages whose ops run at full speed at once where devices share cores (None: all): the
+    # profile's concurrency over the data x tensor devices that run each stage's op alongside.
+    concurrency: float | None = None
 
     @classmethod
     def from_costs(
@@ -45,20 +77,32 @@ class CostModel:
         costs: ModelCosts,
         profile: DeviceProfile,
         model_cfg: ModelConfig,
-        tp: int,
+        pipe_cfg: PipelineConfig,
         times: dict | None = None,
         **flags,
     ) -> CostModel:
+        """Charges compute from `costs` (or measured `times`) and communication from the
+        profile's links; see the module docstring."""
         times = times or {
             k: getattr(costs, k).time(profile, head=k == "head") for k in ("block", "embed", "head")
         }
-        embed_params, head_params = outer_params(model_cfg, tp, flags.get("head_in_last", True))
+        D, S, T = pipe_cfg.data_parallel, pipe_cfg.num_stages, pipe_cfg.tensor_parallel
+        links, mesh = profile.links, MeshLinks(D, S, T, profile.links.devices_per_node)
+        act = costs.boundary_bytes
+        all_reduce = links.all_reduce_time(act, T, mesh.tensor_crosses)
+        block_comm = tensor_all_reduces(pipe_cfg.remat) * all_reduce
+        recompute = 4 / 3 if pipe_cfg.remat != "none" else 1.0
+        sent = act * boundary_scale(model_cfg, pipe_cfg) / T
+        transfer = 2 * links.send_time(sent, mesh.pipe_crosses) if S > 1 else 0.0
+        bandwidth, latency = links.link(mesh.data_crosses)
+        grad_per_param = 2 * (D - 1) / D * GRAD_BYTES / bandwidth
+        embed_params, head_params = outer_params(model_cfg, T, flags.get("head_in_last", True))
         return cls(
-            block_time=times["block"],
-            embed_time=times["embed"],
-            head_time=times["head"],
-            transfer_time=2 * costs.boundary_bytes / profile.link_bandwidth,
-            block_params=model_cfg.block_params() / tp,
+            block_time=times["block"] * recompute + block_comm,
+            embed_time=times["embed"] + all_reduce,
+            head_time=times["head"] + all_reduce,
+            transfer_time=transfer,
+            block_params=model_cfg.block_params() / T,
             embed_params=embed_params,
             head_params=head_params,
             block_act=costs.block.activation_bytes,
@@ -66,6 +110,11 @@ class CostModel:
             head_act=costs.head.activation_bytes,
             boundary_bytes=costs.boundary_bytes,
             temp_bytes=max(costs.block.temp_bytes, costs.head.temp_bytes),
+            compute_bytes=float(jnp.dtype(model_cfg.dtype).itemsize),
+            block_comm_time=block_comm,
+            grad_reduce_per_param=grad_per_param,
+            grad_reduce_latency=2 * (D - 1) * latency,
+            concurrency=None if profile.concurrency is None else profile.concurrency / (D * T),
             **flags,
         )
 
@@ -76,3 +125,14 @@ class CostModel:
         return (self.embed_time if s == 0 and self.embed_in_first else 0.0) + (
             self.head_time if s == head_stage and self.head_in_last else 0.0
         )
+
+    def grad_reduce_time(self, params: float) -> float:
+        """The data-parallel gradient all-reduce of a device holding `params` parameters."""
+        return params * self.grad_reduce_per_param + self.grad_reduce_latency * (params > 0)
+
+
+def boundary_scale(model_cfg: ModelConfig, pipe_cfg: PipelineConfig) -> float:
+    """Bytes of a stage boundary in `boundary_dtype` over bytes in the compute dtype."""
+    if pipe_cfg.boundary_dtype is None:
+        return 1.0
+    return jnp.dtype(pipe_cfg.boundary_dtype).itemsize / jnp.dtype(model_cfg.dtype).itemsize

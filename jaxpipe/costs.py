@@ -19,9 +19,11 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxpipe import model as M
 from jaxpipe.config import ConfigError, ModelConfig, PipelineConfig
+from jaxpipe.links import Links
 from jaxpipe.programs import layer_programs
 
 try:  # residual sizes of a function's backward pass (private API)
@@ -35,30 +37,68 @@ GiB = 2**30
 
 @dataclasses.dataclass(frozen=True)
 class DeviceProfile:
-    """Peak dense bf16 FLOP/s, HBM bandwidth (B/s) and capacity (bytes), stage link (B/s)."""
+    """Peak dense bf16 FLOP/s, HBM bandwidth (B/s) and capacity (bytes), and the links.
+
+    flops_efficiency: the share of the peak that large matmuls achieve (compute time is
+    FLOPs / (peak x efficiency)). concurrency: how many devices' programs run at full speed at
+    once; None when every device is its own chip, a number when devices share a host's cores
+    (forced CPU devices), so a tick's busy ops share the cores.
+    """
 
     name: str
     peak_flops: float
     hbm_bandwidth: float
     hbm_bytes: float
-    link_bandwidth: float
+    links: Links
     head_flops: float | None = None  # measured CPU only: FLOP/s at the vocab projection's shape
+    flops_efficiency: float = 1.0
+    concurrency: float | None = None
 
     def roofline(self, flops: float, bytes_accessed: float, head: bool = False) -> float:
         peak = self.head_flops if head and self.head_flops else self.peak_flops
-        return max(flops / peak, bytes_accessed / self.hbm_bandwidth)
+        return max(flops / (peak * self.flops_efficiency), bytes_accessed / self.hbm_bandwidth)
+
+    def with_devices_per_node(self, n: int | None) -> DeviceProfile:
+        """The same device in nodes of `n` (None: the profile's own figure)."""
+        if n is None:
+            return self
+        return dataclasses.replace(self, links=self.links.replace(devices_per_node=n))
+
+
+def _gpu_links(nvlink: float, network: float) -> Links:
+    """8 GPUs a node, NVLink inside, one network adapter a GPU across nodes (per direction)."""
+    return Links(nvlink, network, 5e-6, 10e-6, devices_per_node=8, efficiency=0.8)
+
+
+def _tpu_links(ici: float, dcn: float, pod: int) -> Links:
+    """ICI (one neighbour link) within a pod, a chip's share of its host's DCN across pods."""
+    return Links(ici, dcn, 5e-6, 20e-6, devices_per_node=pod, efficiency=0.8)
 
 
 # Public spec-sheet numbers. TPU link = per-chip ICI bandwidth / number of ICI links (one
-# neighbour link); GPU link = NVLink bandwidth per direction.
+# neighbour link); GPU link = NVLink bandwidth per direction; across nodes one 200 Gb/s (A100,
+# HDR) or 400 Gb/s (H100/H200, NDR) InfiniBand adapter per GPU. The A100's matmul efficiency
+# is fitted to one published run (README, "Anchors"); the others keep the full peak.
+A100_FLOPS_EFFICIENCY = 0.75
 PROFILES: dict[str, DeviceProfile] = {
-    "tpu-v4": DeviceProfile("tpu-v4", 275e12, 1200 * GB, 32 * GiB, 50 * GB),
-    "tpu-v5e": DeviceProfile("tpu-v5e", 197e12, 819 * GB, 16 * GiB, 50 * GB),
-    "tpu-v5p": DeviceProfile("tpu-v5p", 459e12, 2765 * GB, 95 * GiB, 100 * GB),
-    "tpu-v6e": DeviceProfile("tpu-v6e", 918e12, 1640 * GB, 32 * GiB, 100 * GB),
-    "a100-80gb": DeviceProfile("a100-80gb", 312e12, 2039 * GB, 80 * GB, 300 * GB),
-    "h100": DeviceProfile("h100", 989e12, 3350 * GB, 80 * GB, 450 * GB),
-    "h200": DeviceProfile("h200", 989e12, 4800 * GB, 141 * GB, 450 * GB),
+    "tpu-v4": DeviceProfile(
+        "tpu-v4", 275e12, 1200 * GB, 32 * GiB, _tpu_links(50 * GB, 6.25 * GB, 4096)
+    ),
+    "tpu-v5e": DeviceProfile(
+        "tpu-v5e", 197e12, 819 * GB, 16 * GiB, _tpu_links(50 * GB, 6.25 * GB, 256)
+    ),
+    "tpu-v5p": DeviceProfile(
+        "tpu-v5p", 459e12, 2765 * GB, 95 * GiB, _tpu_links(100 * GB, 12.5 * GB, 8960)
+    ),
+    "tpu-v6e": DeviceProfile(
+        "tpu-v6e", 918e12, 1640 * GB, 32 * GiB, _tpu_links(100 * GB, 12.5 * GB, 256)
+    ),
+    "a100-80gb": DeviceProfile(
+        "a100-80gb", 312e12, 2039 * GB, 80 * GB, _gpu_links(300 * GB, 25 * GB),
+        flops_efficiency=A100_FLOPS_EFFICIENCY,
+    ),
+    "h100": DeviceProfile("h100", 989e12, 3350 * GB, 80 * GB, _gpu_links(450 * GB, 50 * GB)),
+    "h200": DeviceProfile("h200", 989e12, 4800 * GB, 141 * GB, _gpu_links(450 * GB, 50 * GB)),
 }
 DEVICES = tuple(PROFILES) + ("cpu",)
 
@@ -146,6 +186,10 @@ def _softmax_rate(tokens: int, d: int, vocab: int) -> float:
 # The model's own layers calibrate the CPU when their programs stay below this many elements
 # (parameters of one block + embedding + head; the largest activation of one micro-batch).
 CALIBRATION_ELEMENTS = 2**26
+# Forced CPU devices share the host's cores, and the calibration times one program using all of
+# them: ops of one tick on several devices then take as long as their sum (concurrency 1) unless
+# `_shared_concurrency` measures otherwise.
+CPU_CONCURRENCY = 1.0
 
 
 def _runs_here(cfg: ModelConfig, b: int, T: int) -> bool:
@@ -154,10 +198,11 @@ def _runs_here(cfg: ModelConfig, b: int, T: int) -> bool:
     return max(params, b * T * widest) <= CALIBRATION_ELEMENTS
 
 
-def _model_rates(cfg: ModelConfig, b: int, T: int, reps: int = 7) -> tuple[float, float]:
+def _model_rates(programs: dict, reps: int = 7) -> tuple[float, float]:
     """FLOP/s of the model's own block and of its head + loss (forward + backward, one
-    micro-batch): XLA's FLOP count of each program over its best time, timed round-robin."""
-    progs = {k: v for k, v in layer_programs(cfg, b, T).items() if k in ("block", "head")}
+    micro-batch; `layer_programs`): XLA's FLOP count of each program over its best time, timed
+    round-robin."""
+    progs = {k: v for k, v in programs.items() if k in ("block", "head")}
     compiled = {k: _compile(fn, *args) for k, (fn, args) in progs.items()}
     flops = {k: f for k, (_, f) in compiled.items()}
     t = best_times({k: (compiled[k][0], args) for k, (_, args) in progs.items()}, reps)
@@ -165,6 +210,31 @@ def _model_rates(cfg: ModelConfig, b: int, T: int, reps: int = 7) -> tuple[float
     head_t = t["head"] - t["block"]
     head = (flops["head"] - flops["block"]) / head_t if head_t > 0 else block
     return block, head
+
+
+def _shared_concurrency(block: tuple, reps: int = 5) -> float:
+    """How many of this process's CPU devices run the model's block (fn, args) at full speed at
+    once: k devices each running it (one SPMD program) against one device alone, k t_1 / t_k."""
+    devices = jax.devices("cpu")
+    k = len(devices)
+    if k == 1:
+        return CPU_CONCURRENCY
+    fn, args = block
+    mesh = jax.sharding.Mesh(np.array(devices), ("d",))
+    spec = jax.sharding.PartitionSpec("d")
+    on_all = jax.sharding.NamedSharding(mesh, spec)
+
+    def each(*xs):
+        out = fn(*jax.tree.map(lambda x: x[0], xs))
+        return jax.tree.map(lambda y: y[None], out)
+
+    stacked = jax.tree.map(
+        lambda a: jax.device_put(jnp.broadcast_to(a, (k, *a.shape)), on_all), args
+    )
+    spmd = jax.jit(jax.shard_map(each, mesh=mesh, in_specs=spec, out_specs=spec,
+                                 check_vma=False))
+    t = best_times({"one": (fn, args), "all": (spmd, stacked)}, reps)
+    return k * t["one"] / t["all"]
 
 
 def host_memory() -> float:
@@ -189,18 +259,26 @@ def calibrate_cpu(
     layers are costed with. A model too large to run one block here (see
     `CALIBRATION_ELEMENTS`), or no model, is calibrated with generic kernels: causal attention
     + GELU MLP at (2, 128, 512, 2048, 8 heads), softmax cross-entropy at (256, 512, 32000).
+    With several forced CPU devices, `concurrency` is measured too: how many of them run the
+    block at full speed at once (`_shared_concurrency`).
     Memory bandwidth comes from a timed read-only reduction over 64 MiB (a copy into fresh
     buffers would measure page faults)."""
     key = (model_cfg, microbatch, seq_len)
     if key in _CPU_PROFILE:
         return _CPU_PROFILE[key]
+    concurrency = CPU_CONCURRENCY
     if None not in key and _runs_here(model_cfg, microbatch, seq_len):
-        flops, head_flops = _model_rates(model_cfg, microbatch, seq_len)
+        programs = layer_programs(model_cfg, microbatch, seq_len)
+        flops, head_flops = _model_rates(programs)
+        concurrency = _shared_concurrency(programs["block"])
     else:
         flops, head_flops = _block_rate(2, 128, 512, 2048, 8), _softmax_rate(256, 512, 32000)
     buf = _cpu_array((16 * 2**20,))
     bandwidth = buf.nbytes / best_time(jax.jit(jnp.sum), buf)
-    profile = DeviceProfile("cpu", flops, bandwidth, host_memory(), bandwidth, head_flops)
+    links = Links(bandwidth, bandwidth, devices_per_node=2**20)
+    profile = DeviceProfile(
+        "cpu", flops, bandwidth, host_memory(), links, head_flops, concurrency=concurrency
+    )
     _CPU_PROFILE[key] = profile
     return profile
 
@@ -313,7 +391,8 @@ def model_costs(
     host."""
     if seq_len > model_cfg.max_seq_len:
         raise ConfigError(
-            f"seq_len {seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}"
+            f"seq_len {seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}; use "
+            f"--seq_len <= {model_cfg.max_seq_len} or raise the model's (--max_seq_len)"
         )
     b, T, D = microbatch_size(pipe_cfg, batch_size), seq_len, model_cfg.d_model
     tp = pipe_cfg.tensor_parallel

@@ -6,6 +6,7 @@ a leading `layers` axis (the canonical layout; see `layout.py` for the pipeline 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpipe.attention import causal_attention
 from jaxpipe.config import (
     ALLOCATION_GUARD_PARAMS,
     ConfigError,
@@ -86,20 +88,6 @@ class Attention(nn.Module):
             out_BTHK.reshape(B, T, H * K)
         )
         return out if cache is None else (out, cache)
-
-
-def causal_attention(cfg: ModelConfig, q_BTHK, k_BTGK, v_BTGK) -> jax.Array:
-    """Causal grouped-query attention through `jax.nn.dot_product_attention` with the model's
-    kernel; the G key/value heads are shared by H / G query heads each, never repeated in
-    memory. Logits and softmax run in float32 whatever the compute dtype."""
-    if cfg.attention == "cudnn" and jax.default_backend() != "gpu":
-        raise ConfigError(
-            f"attention='cudnn' needs an NVIDIA GPU, but this run's backend is "
-            f"{jax.default_backend()}; use attention='xla'"
-        )
-    return jax.nn.dot_product_attention(
-        q_BTHK, k_BTGK, v_BTGK, is_causal=True, implementation=cfg.attention
-    )
 
 
 class Mlp(nn.Module):
@@ -333,7 +321,10 @@ def init_arranged(cfg: ModelConfig, key: jax.Array, layer_index: np.ndarray):
     embed = Embed(cfg).init(k_embed, tokens)["params"]
     index = np.asarray(layer_index)
     layer_keys = jax.random.split(k_blocks, cfg.num_layers)[np.maximum(index, 0).reshape(-1)]
-    blocks = jax.vmap(lambda k: Block(cfg).init(k, x)["params"])(layer_keys)
+    # Initialising traces the blocks on a 2-token stand-in; the attention kernel changes no
+    # parameter, and one that needs longer sequences or a TPU (splash) cannot run on it.
+    init_cfg = dataclasses.replace(cfg, attention="xla")
+    blocks = jax.vmap(lambda k: Block(init_cfg).init(k, x)["params"])(layer_keys)
     pad = (index < 0).reshape(-1)
 
     def arrange(a):

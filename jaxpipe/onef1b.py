@@ -215,7 +215,9 @@ def _stage_program(pipe, w_1RJ, head_params, x_MBTD, t_MBT):
             return {"loss": head["loss"] + loss, "g": _tree(jnp.add, head["g"], g_hp)}, dy
 
         head, dy = jax.lax.cond(last, with_head, lambda head: (head, zero_BTD), head)
-        return head, y, kept, dy
+        # Residuals that are the same on every stage (constants a kernel closes over, such as
+        # splash attention's block tables) are typed as varying, like the stash they go to.
+        return head, y, vary(kept), dy
 
     def no_fwd(head, *_):
         return head, zero_BTD, zeros_res, zero_BTD

@@ -9,7 +9,8 @@ in memory; `profile` feeds the same optimiser with measured single-layer times.
 Memory per device: every device holds R x J block slots (SPMD pads all stages to the largest,
 J layers) of parameters, gradients and AdamW's two fp32 moments (16 bytes per fp32 parameter;
 `static_bytes`: the moments split over `data` with ZeRO-1, and the block values too with FSDP,
-which then holds one gathered copy for the step), plus the activations the schedule keeps in
+which then holds one gathered copy for the step; a copy of the blocks in a narrower compute
+dtype), plus the activations the schedule keeps in
 flight (only stage inputs, per layer or per stage, under remat, split over `tensor`). How many
 micro-batches a stage holds at its peak, the bubble and the step time are read off the table the
 executor runs (`schedule.executor_table`): the peak count of forwards awaiting their backward,
@@ -43,38 +44,52 @@ from jaxpipe.split import min_max_split, spread, uniform_sizes
 METHODS = ("uniform", "cost", "memory", "profile")
 
 
-def static_bytes(pipe_cfg: PipelineConfig, blocks: bool = True) -> float:
+def static_bytes(pipe_cfg: PipelineConfig, blocks: bool = True, compute_bytes: float = 4) -> float:
     """Bytes per fp32 parameter held through a step: its value, its gradient and AdamW's two
     moments (16 when nothing is split over `data`). ZeRO-1 and FSDP split the moments over
     `data`; FSDP splits block values (`blocks`) too, and holds one gathered copy for the step.
+    With a narrower compute dtype (`compute_bytes` < 4) the compiler converts each stage's
+    block weights once per step, not per tick: a copy in that dtype lives through the step, and
+    with FSDP the gather moves (and keeps) that copy instead of the fp32 values.
     The 1F1B executors accumulate the head's gradient in every stage and then sum it over
     `pipe`, so the embedding and head parameters (not `blocks`) hold two gradients there."""
     D = pipe_cfg.data_parallel
     moments = 8 / D if pipe_cfg.shard_moments else 8
-    value = 4 / D + 4 * (D > 1) if blocks and pipe_cfg.fsdp else 4
+    copy = compute_bytes if blocks and compute_bytes < 4 else 0
+    if blocks and pipe_cfg.fsdp:
+        value = 4 / D + (copy or 4) * (D > 1)
+    else:
+        value = 4 + copy
     grads = 8 if not blocks and pipe_cfg.schedule in FULL_TABLE_SCHEDULES else 4
     return value + grads + moments
 
 
-@functools.lru_cache(maxsize=64)
+def _shape(pipe_cfg: PipelineConfig) -> tuple:
+    p = pipe_cfg
+    return p.schedule, p.num_stages, p.num_microbatches, p.num_repeats, p.hop
+
+
+@functools.lru_cache(maxsize=256)
+def _table(shape: tuple) -> schedule.ScheduleTable:
+    return schedule.executor_table(*shape)
+
+
 def step_table(pipe_cfg: PipelineConfig) -> schedule.ScheduleTable:
-    """The forward + backward table the executor runs for this pipeline shape."""
-    return schedule.executor_table(
-        pipe_cfg.schedule, pipe_cfg.num_stages, pipe_cfg.num_microbatches, pipe_cfg.num_repeats,
-        pipe_cfg.hop,
-    )
+    """The forward + backward table the executor runs for this pipeline shape (built once per
+    schedule, stages, micro-batches, repeats and hop)."""
+    return _table(_shape(pipe_cfg))
 
 
-@functools.lru_cache(maxsize=64)
-def _peak_in_flight(pipe_cfg: PipelineConfig) -> tuple[float, ...]:
-    peak = schedule.in_flight(step_table(pipe_cfg)).max(axis=0)
-    return tuple(float(n) / pipe_cfg.num_repeats for n in peak)
+@functools.lru_cache(maxsize=256)
+def _peak_in_flight(shape: tuple) -> tuple[float, ...]:
+    peak = schedule.in_flight(_table(shape)).max(axis=0)
+    return tuple(float(n) / shape[3] for n in peak)
 
 
 def in_flight(pipe_cfg: PipelineConfig, s: int) -> float:
     """Micro-batches' worth of activations stage s keeps alive at its peak: the most forwards
     of its virtual stages awaiting their backward in the executor's table, over R."""
-    return _peak_in_flight(pipe_cfg)[s]
+    return _peak_in_flight(_shape(pipe_cfg))[s]
 
 
 def head_stage(pipe_cfg: PipelineConfig) -> int:
@@ -89,7 +104,7 @@ def stage_memory(cm: CostModel, pipe_cfg: PipelineConfig, s: int, layers: int, s
     first = s == 0 or not cm.embed_in_first
     last = s == head_stage(pipe_cfg) or not cm.head_in_last
     outer = first * cm.embed_params + last * cm.head_params
-    static = static_bytes(pipe_cfg) * R * slots * cm.block_params
+    static = static_bytes(pipe_cfg, compute_bytes=cm.compute_bytes) * R * slots * cm.block_params
     static += static_bytes(pipe_cfg, blocks=False) * outer
     layers = np.asarray(layers)
     # Stashed layer or stage inputs: the compiler splits their buffers over `tensor` (their
@@ -113,12 +128,14 @@ def device_counts(
     method: str,
     capacity: float | None = None,
     any_fit: bool = False,
+    explain: bool = True,
 ) -> list[int]:
     """Layers per device (the sum of its R virtual stages) chosen by `method`.
 
     All blocks cost the same, so a device's time and memory depend only on how many blocks it
     holds; the split is optimal over those counts (exact for R > 1 too, where a device's layers
-    are not contiguous). `capacity` (bytes) turns on the memory constraint.
+    are not contiguous). `capacity` (bytes) turns on the memory constraint; when nothing fits,
+    the error names the stage count that would (unless `explain` is False: a search's quick no).
     """
     S, R = pipe_cfg.num_stages, pipe_cfg.num_repeats
     if method == "uniform":
@@ -152,7 +169,7 @@ def device_counts(
         if any_fit:
             break
     if best is None:
-        if any_fit:
+        if any_fit or not explain:
             raise ConfigError("does not fit")
         raise ConfigError(_no_fit_message(cm, pipe_cfg, num_layers, capacity))
     return best[0]
@@ -240,7 +257,7 @@ def make_plan(
     if method == "profile":
         times = measure_layer_times(model_cfg, pipe_cfg, batch_size=batch_size, seq_len=seq_len)
     flags = dict(embed_in_first=embed_in_first, head_in_last=head_in_last)
-    cm = CostModel.from_costs(costs, profile, model_cfg, pipe_cfg.tensor_parallel, times, **flags)
+    cm = CostModel.from_costs(costs, profile, model_cfg, pipe_cfg, times, **flags)
     capacity = profile.hbm_bytes if method == "memory" else None
     totals = device_counts(cm, pipe_cfg, model_cfg.num_layers, method, capacity)
     placement = step_table(pipe_cfg).placement
@@ -308,9 +325,11 @@ def build_plan(
     # the per-stage transfer.
     third = compute / 3
     sim = simulate(
-        table, third, third if table.split else 2 * third, cm.transfer_time / 2, True, third
+        table, third, third if table.split else 2 * third, cm.transfer_time / 2, lockstep=True,
+        concurrency=cm.concurrency, wgt_time=third,
     )
     outside = M * ((not cm.embed_in_first) * cm.embed_time + (not cm.head_in_last) * cm.head_time)
+    grad_reduce = max(cm.grad_reduce_time(st.params) for st in stages)
     return Plan(
         model_cfg=model_cfg,
         pipe_cfg=pipe_cfg,
@@ -321,7 +340,9 @@ def build_plan(
         vstage_times=tuple(float(t) for t in vtime),
         cost_model=cm,
         bottleneck_ratio=max(times) / (sum(times) / S),
-        padding_bytes=layout.padding_slots * cm.block_params * static_bytes(pipe_cfg),
+        padding_bytes=layout.padding_slots * cm.block_params
+        * static_bytes(pipe_cfg, compute_bytes=cm.compute_bytes),
         bubble_fraction=table.bubble_fraction(),
-        step_time_s=sim.step_time + outside,
+        step_time_s=sim.step_time + outside + grad_reduce,
+        grad_reduce_s=grad_reduce,
     )

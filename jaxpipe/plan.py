@@ -12,7 +12,14 @@ planner's prediction (`jaxpipe.aot`):
 
     python -m jaxpipe.plan --aot --model llama-3-70b --topology v5p:4x4x4 --data 4 --pipe 8 \\
         --tensor 2 --schedule 1f1b --microbatches 16 --global_batch 256 --seq_len 4096 \\
-        --remat layer [--json]
+        --remat layer [--attention splash] [--json]
+
+With --auto it searches the mesh, schedule, repeats, micro-batches, remat and layer split for
+--devices devices instead (`jaxpipe.autotune`), and prints the fastest that fit with the
+train_lm.py command of the best (30-55 s for this one on a 2-core host):
+
+    python -m jaxpipe.plan --auto --model llama-3-70b --devices 64 --devices_per_node 8 \\
+        --device h100 --global_batch 512 --seq_len 8192 [--memory_gib 80] [--top 10] [--json]
 """
 
 from __future__ import annotations
@@ -20,8 +27,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxpipe import aot, cli, topology
+from jaxpipe import aot, autotune, cli, topology
 from jaxpipe.config import (
+    ATTENTION_KERNELS,
     PRESETS,
     REMAT_MODES,
     SCHEDULES,
@@ -66,6 +74,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="global batch; default microbatches x data_parallel",
     )
     ap.add_argument("--seq_len", type=int, default=None, help="default: the model's max_seq_len")
+    ap.add_argument(
+        "--max_seq_len",
+        type=int,
+        default=None,
+        help="the model's longest sequence (ModelConfig.max_seq_len); default: the preset's",
+    )
+    ap.add_argument(
+        "--attention",
+        default="xla",
+        choices=ATTENTION_KERNELS,
+        help="attention kernel (ModelConfig.attention): xla anywhere, cudnn on NVIDIA GPUs, "
+        "splash (Pallas) on TPUs or with --aot for a TPU topology",
+    )
     ap.add_argument("--zero1", action="store_true", help="AdamW moments split over `data`")
     ap.add_argument(
         "--fsdp", action="store_true", help="block parameters split over `data` too"
@@ -102,6 +123,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="with --aot: a TPU slice such as v5p:4x4x4 (needs the tpu extra) or cpu:N",
     )
+    ap.add_argument(
+        "--auto",
+        action="store_true",
+        help="search the fastest configuration for --devices devices (jaxpipe.autotune)",
+    )
+    ap.add_argument("--devices", type=int, default=None, help="with --auto: devices to plan for")
+    ap.add_argument(
+        "--devices_per_node", type=int, default=None, help="default: the --device profile's"
+    )
+    ap.add_argument("--memory_gib", type=float, default=None, help="memory per device")
+    ap.add_argument("--top", type=int, default=10, help="with --auto: candidates to print")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     return ap.parse_args(argv)
 
@@ -114,11 +146,17 @@ def compute_dtype(name: str) -> str:
 
 
 def run(args: argparse.Namespace):
-    """The plan, or with --aot the compiled step's `aot.AotReport`."""
+    """The plan, with --aot the compiled step's `aot.AotReport`, with --auto the search's
+    `autotune.AutotuneResult`."""
+    if args.auto:
+        return _auto(args)
     device = args.device or (topology.profile_name(args.topology) if args.aot else "cpu")
     method = args.method or ("uniform" if args.aot else "cost")
     dtype = args.dtype if args.dtype is not None else ("bfloat16" if device != "cpu" else None)
-    model_cfg = get_preset(args.model, dtype=None if dtype is None else compute_dtype(dtype))
+    model_cfg = get_preset(
+        args.model, dtype=None if dtype is None else compute_dtype(dtype),
+        attention=args.attention, max_seq_len=args.max_seq_len,
+    )
     schedule = args.schedule or ("circular" if args.repeats > 1 else "gpipe")
     embed_head = {} if args.embed_head is None else {"embed_head": args.embed_head}
     pipe_cfg = PipelineConfig(
@@ -149,10 +187,35 @@ def run(args: argparse.Namespace):
     )
 
 
+def _auto(args: argparse.Namespace) -> autotune.AutotuneResult:
+    if args.devices is None:
+        raise ConfigError("--auto needs --devices, the number of devices to plan for")
+    if args.aot:
+        raise ConfigError("--auto and --aot are separate modes; drop one of them")
+    device = args.device or "cpu"
+    dtype = args.dtype if args.dtype is not None else ("bfloat16" if device != "cpu" else None)
+    model_cfg = get_preset(
+        args.model, dtype=None if dtype is None else compute_dtype(dtype),
+        attention=args.attention, max_seq_len=args.max_seq_len,
+    )
+    seq_len = model_cfg.max_seq_len if args.seq_len is None else args.seq_len
+    if args.batch_size is None:
+        raise ConfigError("--auto needs --global_batch, the sequences per step")
+    cluster = autotune.Cluster(args.devices, device, args.devices_per_node, args.memory_gib)
+    return autotune.search(
+        model_cfg, cluster, global_batch=args.batch_size, seq_len=seq_len, top=args.top
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> None:
+        auto_only = {"--devices": args.devices, "--devices_per_node": args.devices_per_node,
+                     "--memory_gib": args.memory_gib}
+        given = [flag for flag, value in auto_only.items() if value is not None]
+        if given and not args.auto:
+            raise ConfigError(f"{', '.join(given)} plan(s) a cluster for the autotuner; add --auto")
         if args.aot and args.topology is None:
             raise ConfigError("--aot needs --topology, e.g. --topology v5p:4x4x4 or cpu:8")
         if args.topology is not None and not args.aot:

@@ -31,7 +31,8 @@ class Plan:
     optimizer bytes of padded slots over all stages (SPMD pads every stage to the largest).
     bubble_fraction: idle share of the cells of the table the executor runs. step_time_s: that
     table simulated tick by tick (each tick as long as its slowest op plus the link), plus any
-    embedding / head run outside the pipeline.
+    embedding / head run outside the pipeline, plus the slowest stage's data-parallel gradient
+    all-reduce (not overlapped).
     """
 
     model_cfg: ModelConfig
@@ -46,6 +47,7 @@ class Plan:
     padding_bytes: float
     bubble_fraction: float
     step_time_s: float
+    grad_reduce_s: float = 0.0  # the data-parallel gradient all-reduce, inside step_time_s
 
     @property
     def stage_times(self) -> list[float]:
@@ -98,6 +100,7 @@ class Plan:
             "padding_bytes": self.padding_bytes,
             "bubble_fraction": self.bubble_fraction,
             "step_time_s": self.step_time_s,
+            "grad_reduce_s": self.grad_reduce_s,
         }
 
     def to_json(self, indent: int | None = 2) -> str:

@@ -55,6 +55,7 @@ def simulate(
     bwd_time=None,
     link_time: float = 0.0,
     lockstep: bool = False,
+    concurrency: int | None = None,
     wgt_time=None,
 ) -> Simulation:
     """Predicts step time and per-stage idle time of a forward + backward table.
@@ -67,6 +68,8 @@ def simulate(
         input-gradient op B alone, default fwd_time).
       link_time: seconds to send one activation or gradient to another device.
       lockstep: every tick waits for the slowest stage of the previous one (SPMD executors).
+      concurrency: with lockstep, how many stages' ops run at full speed at once (devices
+        sharing a host's cores): a tick lasts at least its ops' total over `concurrency`.
       wgt_time: seconds of a split table's W op, same shapes (default fwd_time).
     """
     S, R = table.num_stages, table.num_repeats
@@ -91,8 +94,11 @@ def simulate(
                 cost = np.zeros(S)
                 for o, times in cost_of.items():
                     cost = np.where(table.op[t] == o, times[v], cost)
+                tick = cost.max()
+                if concurrency is not None:
+                    tick = max(tick, cost.sum() / concurrency)
                 start[t, busy], end[t, busy] = clock, clock + cost[busy]
-                clock += max(cost.max(), link) if table.hop > 1 else cost.max() + link
+                clock += max(tick, link) if table.hop > 1 else tick + link
             continue
         for s in range(S):
             o = int(table.op[t, s])

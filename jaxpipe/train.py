@@ -18,6 +18,7 @@ import optax
 
 from jaxpipe import model as M
 from jaxpipe import placement
+from jaxpipe.attention import check_kernel
 from jaxpipe.config import (
     ConfigError,
     ModelConfig,
@@ -140,6 +141,7 @@ class Trainer:
                 f"seq_len {tcfg.seq_len} exceeds the model's max_seq_len {model.max_seq_len}; "
                 f"use --seq_len <= {model.max_seq_len}"
             )
+        check_kernel(model, tcfg.seq_len)
         mesh = make_mesh(pcfg, devices)
         return cls(Pipeline.create(model, pcfg, mesh, layout), tcfg)
 

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -77,7 +78,7 @@ def test_tiny_step_compiles_for_eight_cpu_devices():
     report = aot.compile_step(
         TINY, pcfg, batch_size=4, seq_len=8, topology="cpu:8", device="tpu-v5p"
     )
-    assert report.num_devices == 8 and report.fits
+    assert report.num_devices == 8 and report.fits and report.attention == "xla"
     check_memory(report)
     # The arguments are exactly this device's shards of the train state and the batch.
     trainer = Trainer.create(TINY, pcfg, TrainConfig(batch_size=4, seq_len=8),
@@ -166,9 +167,14 @@ def test_cli_errors(capsys, monkeypatch):
          "= 2 devices, but topology cpu:8 has 8; make the product 8"),
         ([*AOT_ARGS, "--topology", "cpu:16", "--pipe", "2"],
          "needs 16 CPU devices but this process has 8"),
+        ([*AOT_ARGS, "--topology", "cpu:8", "--pipe", "4", "--data", "2", "--attention", "splash"],
+         "attention='splash' is the Pallas TPU kernel, but this run's backend is cpu; use "
+         "attention='xla'"),
     ]
     if importlib.util.find_spec("libtpu") is not None:
         cases.append(([*AOT_ARGS, "--topology", "v5p:3x3x3"], "libtpu rejects topology"))
+        cases.append(([*AOT_ARGS, "--topology", "v5p:2x2x1", "--pipe", "4", "--attention",
+                       "splash"], "needs a sequence length that is a multiple of 128, got 16"))
     for argv, message in cases:
         assert plan_cli.main(argv) == 2, argv
         err = capsys.readouterr().err
@@ -212,6 +218,31 @@ def test_llama_1b_fits_a_v5p_slice():
     params = model.num_params()
     assert report.memory["arguments"] > 12 * params / 4  # fp32 params + AdamW moments, sharded
     assert report.permute_overlap  # 1F1B sends activations forward and gradients back
+
+
+@pytest.mark.slow
+@needs_libtpu
+def test_splash_attention_stores_no_score_matrix_on_a_v5p_slice():
+    """llama-1b's 1F1B step at seq 4096 compiled for TPU with the Pallas splash kernel and with
+    XLA's attention: XLA's program holds [B, H, T, T] scores, the splash program none, and
+    needs fewer temporaries."""
+    T, b, h = 4096, 2, 16  # micro-batch rows and heads per device (32 heads over tensor = 2)
+    pcfg = PipelineConfig(num_stages=2, num_microbatches=4, schedule="1f1b", remat="layer",
+                          tensor_parallel=2)
+    reports = {}
+    for kernel in ("splash", "xla"):
+        model = get_preset("llama-1b", dtype="bfloat16", max_seq_len=T, attention=kernel)
+        reports[kernel] = aot.compile_step(model, pcfg, batch_size=8, seq_len=T,
+                                           topology="v5p:2x2x1")
+        assert reports[kernel].fits and reports[kernel].attention == kernel
+        check_memory(reports[kernel])
+    scores = re.compile(rf",{T},{T}\]")
+    splash, xla = reports["splash"], reports["xla"]
+    assert any(scores.search(b_["shapes"]) for b_ in xla.largest_buffers)
+    assert xla.largest_buffers[0]["bytes"] >= b * h * T * T * 2  # bfloat16 scores at least
+    assert not any(scores.search(b_["shapes"]) for b_ in splash.largest_buffers)
+    assert all(b_["bytes"] < b * h * T * T * 2 for b_ in splash.largest_buffers)
+    assert splash.memory["temporaries"] < xla.memory["temporaries"]
 
 
 @pytest.mark.slow

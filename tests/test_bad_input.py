@@ -186,6 +186,8 @@ FLAG_CASES = [
     (["--learning_rate=nan"], "learning_rate must be finite and > 0, got nan"),
     (["--model=gpt5"], "unknown model preset 'gpt5'"),
     (["--partition=foo"], "unknown partition method 'foo'"),
+    (["--attention=splash"], "attention='splash' is the Pallas TPU kernel, but this run's "
+     "backend is cpu; use attention='xla'"),
     (["--data=/nonexistent/x.txt"], "--data '/nonexistent/x.txt' does not exist"),
 ]
 

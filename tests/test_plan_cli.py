@@ -105,3 +105,25 @@ def test_measured_stage_times_and_the_balance_check():
     assert report.max_error == pytest.approx(err)
     unbalanced = check_balance(plan, measured, threshold=ratio * 0.99)
     assert unbalanced.suggestion is not None and unbalanced.suggestion.method == "measured"
+
+
+
+def test_max_seq_len_flag(capsys):
+    # A named device profile spares the CPU calibration.
+    argv = ["--model", "tiny", "--stages", "2", "--seq_len", "128", "--device", "tpu-v5p",
+            "--json"]
+    assert plan_cli.main(argv) == 2
+    assert capsys.readouterr().err == (
+        "error: seq_len 128 exceeds the model's max_seq_len 64; use --seq_len <= 64 or raise "
+        "the model's (--max_seq_len)\n"
+    )
+    args = plan_cli.parse_args([*argv, "--max_seq_len", "128", "--attention", "splash"])
+    assert (args.max_seq_len, args.attention) == (128, "splash")
+
+
+@pytest.mark.slow
+def test_plan_with_a_raised_max_seq_len(capsys):
+    argv = ["--model", "tiny", "--stages", "2", "--seq_len", "128", "--max_seq_len", "128",
+            "--device", "tpu-v5p", "--json"]
+    assert plan_cli.main(argv) == 0
+    assert sum(s["num_layers"] for s in json.loads(capsys.readouterr().out)["stages"]) == 4

@@ -1,0 +1,146 @@
+"""The autotuner's predictions against measured training steps on forced CPU devices.
+
+    python experiments/bench_autotune.py [--devices 4] [--batch 16] [--seq_len 128]
+
+Runs the autotuner for the `small` model on --devices forced CPU devices (the `cpu` profile,
+measured here; its devices share the host's cores, `DeviceProfile.concurrency`), takes its
+first choice and other configurations it ranks with different stages, repeats, micro-batches,
+schedules and remat (at least --configs), runs each one's real training step (`Trainer`, the
+fastest of --reps, timed round-robin, after a compiling step) and prints JSON:
+`auto_rank_corr` (Spearman correlation of predicted and measured step times),
+`auto_median_error` (median |predicted / measured - 1|), `auto_pick_vs_best` (the measured
+step of the autotuner's first choice over the fastest measured), and every configuration's
+figures. About 5-10 minutes on a 2-core host.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+from bench_json import emit
+
+from jaxpipe import cli
+
+
+def parser() -> cli.ArgumentParser:
+    ap = cli.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--devices", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq_len", type=int, default=128)
+    ap.add_argument("--configs", type=int, default=10, help="configurations to measure")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--out", default=None, help="also write the JSON here")
+    return ap
+
+
+def spearman(a, b) -> float:
+    ra, rb = (np.argsort(np.argsort(x)).astype(float) for x in (a, b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def pick(found, costs, n: int):
+    """The first choice, then configurations with other (stages, repeats, micro-batches,
+    schedule) spread over the ranking; remat "layer" variants of the first two, as the
+    autotuner plans them."""
+    from jaxpipe.autotune import candidate, plan_for
+
+    distinct, seen = [], set()
+    for k in found.candidates:
+        p = k.pipe_cfg
+        key = (p.num_stages, p.num_repeats, p.num_microbatches, p.schedule)
+        if key not in seen:
+            seen.add(key)
+            distinct.append(k)
+    # Spread over the ranking (the first choice first), so predicted times differ.
+    at = np.unique(np.linspace(0, len(distinct) - 1, n - 2).round().astype(int))
+    chosen = [distinct[i] for i in at]
+    model_cfg, T = found.model_cfg, found.seq_len
+    for k in chosen[:2]:
+        p = k.pipe_cfg.replace(remat="layer")
+        b = found.global_batch // (p.num_microbatches * p.data_parallel)
+        profile = found.cluster.profile(model_cfg, b, T)
+        plan = plan_for(model_cfg, p, costs.at(b, p.tensor_parallel), profile)
+        if plan is not None:
+            chosen.append(candidate(plan, found.global_batch, T, profile))
+    return chosen
+
+
+def measure_steps(chosen, reps: int) -> list[float]:
+    """Each configuration's fastest training step, timed round-robin (every configuration sees
+    the same machine conditions) after a compiling first step."""
+    import jax
+
+    from jaxpipe.train import TrainConfig, Trainer
+
+    runs = []
+    for k in chosen:
+        p = k.pipe_cfg
+        tcfg = TrainConfig(steps=1, batch_size=k.global_batch, seq_len=k.seq_len)
+        trainer = Trainer.create(k.plan.model_cfg, p, tcfg, layout=k.plan.layout,
+                                 devices=jax.devices()[: p.num_devices])
+        tokens = np.random.default_rng(0).integers(0, 256, (k.global_batch, k.seq_len + 1))
+        batch = trainer.put_batch(tokens.astype(np.int32))
+        state, m = trainer.step_fn(trainer.init_state(), batch)  # compiles
+        jax.block_until_ready(m)
+        runs.append([trainer, state, batch])
+    best = [float("inf")] * len(runs)
+    for _ in range(reps):
+        for i, run in enumerate(runs):
+            trainer, state, batch = run
+            t0 = time.perf_counter()
+            run[1], m = trainer.step_fn(state, batch)
+            jax.block_until_ready(m)
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best
+
+
+def run(args) -> dict:
+    from jaxpipe.autotune import Cluster, LayerCosts, search
+    from jaxpipe.config import get_preset
+
+    model_cfg = get_preset("small")
+    costs = LayerCosts.compile(model_cfg, args.seq_len)
+    found = search(model_cfg, Cluster(args.devices, "cpu"), global_batch=args.batch,
+                   seq_len=args.seq_len, top=200, layer_costs=costs)
+    chosen = pick(found, costs, args.configs)
+    rows = [
+        {
+            "mesh": k.mesh(), "schedule": k.pipe_cfg.schedule, "R": k.pipe_cfg.num_repeats,
+            "M": k.pipe_cfg.num_microbatches, "remat": k.pipe_cfg.remat,
+            "embed_head": k.pipe_cfg.embed_head, "predicted_s": float(k.plan.step_time_s),
+            "measured_s": measured,
+        }
+        for k, measured in zip(chosen, measure_steps(chosen, args.reps), strict=True)
+    ]
+    pred = np.array([r["predicted_s"] for r in rows])
+    meas = np.array([r["measured_s"] for r in rows])
+    return {
+        "auto_rank_corr": spearman(pred, meas),
+        "auto_median_error": float(np.median(np.abs(pred / meas - 1))),
+        "auto_pick_vs_best": float(meas[0] / meas.min()),
+        "devices": args.devices,
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "search_s": found.elapsed_s,
+        "cpu_concurrency": found.cluster.profile(found.model_cfg, 1, args.seq_len).concurrency,
+        "configs": rows,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    import jax
+
+    from jaxpipe.mesh import force_cpu_devices
+
+    if not os.environ.get("JAX_PLATFORMS"):  # before JAX starts: forced CPU devices
+        jax.config.update("jax_platforms", "cpu")
+    force_cpu_devices(args.devices)
+    return cli.guard(lambda: emit(run(args), args.out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,484 @@
+"""Autotuner: the fastest way to train a model on a cluster, as the planner predicts it.
+
+Searches `data x pipe x tensor` meshes (tensor inside a node and dividing the heads, kv heads and
+MLP), every schedule with its repeats, the micro-batch count, remat, where the embedding and
+head run, and the layer split (`partition.device_counts`, method `cost`, then `memory` when the
+cost split overflows); drops what does not fit in memory, and ranks the rest by the plan's
+predicted step time: the executor's table simulated with per-stage costs and the communication
+of `costmodel.py`.
+
+Layer costs are compiled twice per model (micro-batch 1 and 2, no tensor split) and scaled:
+XLA's FLOP, byte and activation counts are linear in the micro-batch, and tensor parallelism
+divides them (`costs.LayerCost.scaled`). remat "layer" and "stage" cost the same time, so each
+candidate takes the first remat mode that fits, in the order none, layer, stage (a quick memory
+screen, `_memory_screen`, skips modes that cannot). The search is a branch and bound: every
+candidate gets a lower bound of its step time (its work spread evenly over the stages, one link
+time per tick, the fill and drain ticks, the gradient reduction of an even share of the
+parameters), candidates are planned in order of that bound, and the search stops when the bound
+reaches the k-th best plan's time: the top k are exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import json
+import math
+import time
+
+from jaxpipe.config import (
+    REMAT_MODES,
+    SCHEDULES,
+    ConfigError,
+    ModelConfig,
+    PipelineConfig,
+    check_tensor_parallel,
+)
+from jaxpipe.costmodel import CostModel
+from jaxpipe.costs import (
+    PROFILES,
+    DeviceProfile,
+    GiB,
+    LayerCost,
+    ModelCosts,
+    get_profile,
+    model_costs,
+)
+from jaxpipe.flops import model_flops
+from jaxpipe.layout import StageLayout
+from jaxpipe.partition import build_plan, device_counts, static_bytes, virtual_counts
+from jaxpipe.report import Plan
+from jaxpipe.schedule import SPLIT_SCHEDULES, table_cells
+from jaxpipe.split import uniform_sizes
+
+REPEATS = (2, 3, 4, 6, 8)  # repeats tried by circular and interleaved_1f1b
+# Schedule tables above this many cells are not searched (about 1 s each to build).
+MAX_SEARCH_CELLS = 200_000
+# A memory-constrained split is tried when the cost split overflows by less than this factor
+# (moving layers off the fullest device saves little more).
+MEMORY_SPLIT_REACH = 1.25
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """num_devices of `device` (a profile name), in nodes of devices_per_node (None: the
+    profile's own); memory_gib overrides the profile's memory per device."""
+
+    num_devices: int
+    device: str = "h100"
+    devices_per_node: int | None = None
+    memory_gib: float | None = None
+
+    def __post_init__(self):
+        if self.num_devices < 1:
+            raise ConfigError(f"--devices must be >= 1, got {self.num_devices}")
+        if self.devices_per_node is not None and self.devices_per_node < 1:
+            raise ConfigError(
+                f"--devices_per_node must be >= 1, got {self.devices_per_node}; or leave it out"
+            )
+        if self.memory_gib is not None and not self.memory_gib > 0:
+            raise ConfigError(f"--memory_gib must be > 0, got {self.memory_gib}")
+
+    def profile(self, model_cfg=None, microbatch=None, seq_len=None) -> DeviceProfile:
+        p = get_profile(self.device, model_cfg, microbatch, seq_len)
+        p = p.with_devices_per_node(self.devices_per_node)
+        if self.memory_gib is not None:
+            p = dataclasses.replace(p, hbm_bytes=self.memory_gib * GiB)
+        return p
+
+    @property
+    def node_size(self) -> int:
+        if self.devices_per_node is not None:
+            return self.devices_per_node
+        profile = PROFILES.get(self.device)
+        return self.num_devices if profile is None else profile.links.devices_per_node
+
+
+class LayerCosts:
+    """`ModelCosts` at any micro-batch and tensor degree from two compiles (see the module
+    docstring)."""
+
+    def __init__(self, c1: ModelCosts, c2: ModelCosts):
+        """c1, c2: one device's costs at micro-batch 1 and 2, no tensor split."""
+        self.c1, self.c2 = c1, c2
+        self._cache: dict[tuple[int, int], ModelCosts] = {}
+
+    @classmethod
+    def compile(cls, model_cfg: ModelConfig, seq_len: int, compile_on=None) -> LayerCosts:
+        one = PipelineConfig()
+        c1, c2 = (
+            model_costs(model_cfg, one, batch_size=b, seq_len=seq_len, device=compile_on)
+            for b in (1, 2)
+        )
+        return cls(c1, c2)
+
+    def at(self, b: int, tp: int) -> ModelCosts:
+        if (b, tp) not in self._cache:
+
+            def line(name):
+                a, c = getattr(self.c1, name), getattr(self.c2, name)
+                return LayerCost(*(getattr(a, f) + (b - 1) * (getattr(c, f) - getattr(a, f))
+                                   for f in (f.name for f in dataclasses.fields(LayerCost))))
+
+            self._cache[(b, tp)] = ModelCosts(
+                line("block").scaled(tp), line("embed"), line("head").scaled(tp),
+                self.c1.boundary_bytes * b, b, self.c1.seq_len,
+            )
+        return self._cache[(b, tp)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """A fitting plan and what it predicts for the whole cluster."""
+
+    plan: Plan
+    global_batch: int
+    seq_len: int
+    tokens_per_s: float
+    mfu: float
+    memory_bytes: float  # the fullest device's
+    bottleneck_stage: int
+
+    @property
+    def pipe_cfg(self) -> PipelineConfig:
+        return self.plan.pipe_cfg
+
+    def mesh(self) -> str:
+        p = self.pipe_cfg
+        return f"{p.data_parallel}x{p.num_stages}x{p.tensor_parallel}"
+
+    def layout(self) -> str:
+        """Where embedding and head run, and the fewest-most layers a device holds."""
+        n = [st.num_layers for st in self.plan.stages]
+        spread = f"{min(n)}" if min(n) == max(n) else f"{min(n)}-{max(n)}"
+        return f"{self.pipe_cfg.embed_head} {spread}"
+
+    def flags(self, device: str) -> str:
+        """The train_lm.py command that runs this candidate."""
+        p = self.pipe_cfg
+        return (
+            f"python experiments/train_lm.py --model {self.plan.model_cfg.name} "
+            f"--data_parallel {p.data_parallel} --num_stages {p.num_stages} "
+            f"--tensor_parallel {p.tensor_parallel} --schedule {p.schedule} "
+            f"--num_repeats {p.num_repeats} --num_microbatches {p.num_microbatches} "
+            f"--remat {p.remat} --embed_head {p.embed_head} --batch_size {self.global_batch} "
+            f"--seq_len {self.seq_len} --partition {self.plan.method} --device_profile {device}"
+        )
+
+    def to_dict(self) -> dict:
+        p = self.pipe_cfg
+        return {
+            "mesh": {"data": p.data_parallel, "pipe": p.num_stages, "tensor": p.tensor_parallel},
+            "schedule": p.schedule,
+            "num_repeats": p.num_repeats,
+            "num_microbatches": p.num_microbatches,
+            "microbatch_size": self.global_batch // (p.num_microbatches * p.data_parallel),
+            "remat": p.remat,
+            "embed_head": p.embed_head,
+            "layer_counts": list(self.plan.layout.layer_counts),
+            "step_time_s": self.plan.step_time_s,
+            "tokens_per_s": self.tokens_per_s,
+            "mfu": self.mfu,
+            "bubble_fraction": self.plan.bubble_fraction,
+            "memory_bytes": self.memory_bytes,
+            "bottleneck_stage": self.bottleneck_stage,
+            "grad_reduce_s": self.plan.grad_reduce_s,
+        }
+
+
+def candidate(plan: Plan, global_batch: int, seq_len: int, profile: DeviceProfile) -> Candidate:
+    step = plan.step_time_s
+    n = plan.pipe_cfg.num_devices
+    times = plan.stage_times
+    return Candidate(
+        plan=plan,
+        global_batch=global_batch,
+        seq_len=seq_len,
+        tokens_per_s=global_batch * seq_len / step,
+        mfu=model_flops(plan.model_cfg, global_batch, seq_len) / (step * n * profile.peak_flops),
+        memory_bytes=max(st.memory_bytes for st in plan.stages),
+        bottleneck_stage=times.index(max(times)),
+    )
+
+
+def plan_for(
+    model_cfg: ModelConfig,
+    pipe_cfg: PipelineConfig,
+    costs: ModelCosts,
+    profile: DeviceProfile,
+    method: str = "cost",
+    fit: bool = True,
+) -> Plan | None:
+    """The plan of one configuration with `method`'s split ("cost", falling back to "memory"
+    when it overflows, or "uniform"), or None when it does not fit in the profile's memory
+    (unless `fit` is False: then the plan whatever its memory)."""
+    inside = pipe_cfg.embed_head == "inside"
+    cm = CostModel.from_costs(
+        costs, profile, model_cfg, pipe_cfg, embed_in_first=inside, head_in_last=inside
+    )
+    L, S, R = model_cfg.num_layers, pipe_cfg.num_stages, pipe_cfg.num_repeats
+    capacity = profile.hbm_bytes
+    if method == "uniform":
+        counts = tuple(uniform_sizes(L, S * R))
+    else:
+        counts = virtual_counts(device_counts(cm, pipe_cfg, L, "cost"), R)
+    plan = build_plan(model_cfg, pipe_cfg, StageLayout(S, R, counts), cm, method, profile.name)
+    memory = max(st.memory_bytes for st in plan.stages)
+    if memory <= capacity or not fit:
+        return plan
+    if method == "uniform" or memory > MEMORY_SPLIT_REACH * capacity:
+        return None
+    try:
+        totals = device_counts(cm, pipe_cfg, L, "memory", capacity, explain=False)
+    except ConfigError:
+        return None
+    layout = StageLayout(S, R, virtual_counts(totals, R))
+    return build_plan(model_cfg, pipe_cfg, layout, cm, "memory", profile.name)
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def _tensor_degrees(model_cfg: ModelConfig, cluster: Cluster) -> list[int]:
+    out = []
+    for t in _divisors(math.gcd(cluster.num_devices, cluster.node_size)):
+        try:
+            check_tensor_parallel(model_cfg, t)
+            out.append(t)
+        except ConfigError:
+            pass
+    return out
+
+
+def _shapes(model_cfg: ModelConfig, S: int, M: int, schedules) -> list[tuple[str, int]]:
+    """(schedule, repeats) pairs the executors accept for S stages and M micro-batches."""
+    if S == 1:
+        return [("gpipe", 1)]  # one stage: every schedule runs the same ops
+    out = []
+    for sched in schedules:
+        reps = {"gpipe": (1,), "1f1b": (1,), "zb_h1": (1,), "zbv": (2,)}.get(sched, REPEATS)
+        for R in reps:
+            if S * R > model_cfg.num_layers:
+                continue
+            if sched == "interleaved_1f1b" and M % S:
+                continue
+            ring = sched in ("gpipe", "circular")
+            if table_cells(S, M, R, ring, split=sched in SPLIT_SCHEDULES) > MAX_SEARCH_CELLS:
+                continue
+            out.append((sched, R))
+    return out
+
+
+def _lower_bound(cm: CostModel, pipe_cfg: PipelineConfig, model_cfg: ModelConfig) -> float:
+    """A step time no plan of this configuration beats (module docstring)."""
+    S, R, M = pipe_cfg.num_stages, pipe_cfg.num_repeats, pipe_cfg.num_microbatches
+    inside = cm.embed_time * cm.embed_in_first + cm.head_time * cm.head_in_last
+    work = model_cfg.num_layers * cm.block_time + inside
+    parallel = S if cm.concurrency is None else min(S, cm.concurrency)
+    # Zero-bubble schedules fill the fill and drain with W ops: no idle time to count.
+    fill = 0.0 if pipe_cfg.schedule in SPLIT_SCHEDULES else 2 * (S - 1) * cm.block_time / 3
+    outside = M * (cm.embed_time * (not cm.embed_in_first) + cm.head_time * (not cm.head_in_last))
+    params = model_cfg.num_layers * cm.block_params + cm.embed_params + cm.head_params
+    grads = cm.grad_reduce_time(params / S)
+    return M * work / parallel + M * R * cm.transfer_time + fill + outside + grads
+
+
+def _memory_screen(cm: CostModel, pipe_cfg: PipelineConfig, L: int) -> float:
+    """About the least memory a device needs (no table built): the parameter state of the
+    fewest slots that hold L layers, plus, without remat, the activations of stage 0's
+    micro-batches in flight (all M for the ring executors, at least min(S, M) for the 1F1B
+    ones) over an even share of the layers."""
+    S, R, M = pipe_cfg.num_stages, pipe_cfg.num_repeats, pipe_cfg.num_microbatches
+    slots = math.ceil(L / (S * R))
+    static = static_bytes(pipe_cfg, compute_bytes=cm.compute_bytes) * R * slots * cm.block_params
+    static += cm.temp_bytes
+    if pipe_cfg.remat != "none":
+        return static
+    held = M if pipe_cfg.schedule in ("gpipe", "circular") else min(S, M)
+    return static + held * (L // S) * cm.block_act
+
+
+@dataclasses.dataclass(frozen=True)
+class AutotuneResult:
+    model_cfg: ModelConfig
+    cluster: Cluster
+    global_batch: int
+    seq_len: int
+    candidates: tuple[Candidate, ...]  # best first
+    searched: int  # configurations enumerated
+    planned: int  # configurations planned exactly
+    elapsed_s: float
+
+    @property
+    def best(self) -> Candidate:
+        return self.candidates[0]
+
+    def table(self) -> str:
+        c = self.cluster
+        rows = [
+            f"autotune: {self.model_cfg.name} on {c.num_devices} x {c.device} "
+            f"({c.node_size} per node), global batch {self.global_batch} x {self.seq_len} "
+            f"tokens; {self.searched} configurations, {self.planned} planned, "
+            f"{self.elapsed_s:.1f} s",
+            f"{'#':>2} {'DxPxT':>10} {'schedule':>16} {'R':>2} {'M':>4} {'remat':>5} "
+            f"{'layout':>12} {'step s':>8} {'tok/s':>10} {'MFU':>6} {'bubble':>6} "
+            f"{'mem GiB':>8} {'neck':>4}",
+        ]
+        for i, k in enumerate(self.candidates):
+            p = k.pipe_cfg
+            rows.append(
+                f"{i + 1:>2} {k.mesh():>10} {p.schedule:>16} {p.num_repeats:>2} "
+                f"{p.num_microbatches:>4} {p.remat:>5} {k.layout():>12} "
+                f"{k.plan.step_time_s:>8.3f} {k.tokens_per_s:>10,.0f} {k.mfu:>6.1%} "
+                f"{k.plan.bubble_fraction:>6.1%} {k.memory_bytes / GiB:>8.1f} "
+                f"{k.bottleneck_stage:>4}"
+            )
+        rows.append("best: " + self.best.flags(c.device))
+        return "\n".join(rows)
+
+    def to_dict(self) -> dict:
+        c = self.cluster
+        return {
+            "model": self.model_cfg.name,
+            "devices": c.num_devices,
+            "device": c.device,
+            "devices_per_node": c.node_size,
+            "global_batch": self.global_batch,
+            "seq_len": self.seq_len,
+            "searched": self.searched,
+            "planned": self.planned,
+            "elapsed_s": self.elapsed_s,
+            "candidates": [k.to_dict() for k in self.candidates],
+            "best_command": self.best.flags(c.device),
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+
+def search(
+    model_cfg: ModelConfig,
+    cluster: Cluster,
+    *,
+    global_batch: int,
+    seq_len: int,
+    top: int = 10,
+    schedules: tuple[str, ...] = SCHEDULES,
+    remats: tuple[str, ...] = REMAT_MODES,
+    embed_heads: tuple[str, ...] = ("inside", "outside"),
+    max_microbatch: int | None = None,
+    layer_costs: LayerCosts | None = None,
+    compile_on=None,
+) -> AutotuneResult:
+    """The `top` fastest fitting configurations (module docstring); raises a ConfigError naming
+    what would fit when none does."""
+    t0 = time.perf_counter()
+    if global_batch < 1 or seq_len < 1 or top < 1:
+        raise ConfigError(
+            f"global batch, seq_len and --top must be >= 1, got {global_batch}, {seq_len}, {top}"
+        )
+    if seq_len > model_cfg.max_seq_len:
+        raise ConfigError(
+            f"seq_len {seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}"
+        )
+    costs = layer_costs or LayerCosts.compile(model_cfg, seq_len, compile_on)
+    L, N = model_cfg.num_layers, cluster.num_devices
+    groups = []  # (lower bound, index, pipe config, costs, profile)
+    searched = 0
+    for t in _tensor_degrees(model_cfg, cluster):
+        for S in _divisors(N // t):
+            D = N // (t * S)
+            if S > L or global_batch % D:
+                continue
+            per_replica = global_batch // D
+            for b in _divisors(per_replica):
+                if max_microbatch is not None and b > max_microbatch:
+                    break
+                M = per_replica // b
+                c = costs.at(b, t)
+                profile = cluster.profile(model_cfg, b, seq_len)
+                for sched, R in _shapes(model_cfg, S, M, schedules):
+                    for eh in embed_heads:
+                        searched += len(remats)
+                        inside = eh == "inside"
+                        for remat in remats:  # the first that may fit: layer and stage tie
+                            pcfg = PipelineConfig(S, M, R, sched, remat, data_parallel=D,
+                                                  tensor_parallel=t, embed_head=eh)
+                            cm = CostModel.from_costs(c, profile, model_cfg, pcfg,
+                                                      embed_in_first=inside, head_in_last=inside)
+                            reach = MEMORY_SPLIT_REACH * profile.hbm_bytes
+                            if _memory_screen(cm, pcfg, L) <= reach:
+                                lb = _lower_bound(cm, pcfg, model_cfg)
+                                groups.append((lb, len(groups), pcfg, c, profile))
+                                break
+    groups.sort(key=lambda g: g[:2])
+    best: list[tuple[float, int, Candidate]] = []  # max-heap on step time (negated)
+    planned = 0
+    for lb, i, pcfg, c, profile in groups:
+        if len(best) >= top and lb >= -best[0][0]:
+            break
+        for remat in remats[remats.index(pcfg.remat):]:
+            planned += 1
+            plan = plan_for(model_cfg, pcfg.replace(remat=remat), c, profile)
+            if plan is None:
+                continue
+            k = candidate(plan, global_batch, seq_len, profile)
+            heapq.heappush(best, (-plan.step_time_s, -i, k))
+            if len(best) > top:
+                heapq.heappop(best)
+            break
+    if not best:
+        raise ConfigError(_nothing_fits(model_cfg, cluster, global_batch, seq_len, costs, remats))
+    ranked = tuple(k for _, _, k in sorted(best, key=lambda e: (-e[0], -e[1])))
+    return AutotuneResult(model_cfg, cluster, global_batch, seq_len, ranked, searched, planned,
+                          time.perf_counter() - t0)
+
+
+def _nothing_fits(model_cfg, cluster, global_batch, seq_len, costs, remats) -> str:
+    """What would fit: the devices the model's static bytes need, remat, a smaller batch."""
+    profile = cluster.profile(model_cfg, 1, seq_len)
+    capacity = profile.hbm_bytes
+    state = model_cfg.num_params() * static_bytes(PipelineConfig())
+    need = math.ceil(state / capacity)
+    msg = (
+        f"no configuration of {model_cfg.name} fits {cluster.num_devices} x {cluster.device} "
+        f"({capacity / GiB:.1f} GiB each) at global batch {global_batch} x {seq_len} tokens"
+    )
+    if need > cluster.num_devices:
+        return msg + (
+            f": its parameters, gradients and AdamW moments alone take {state / GiB:,.0f} GiB, "
+            f"so it needs at least {need} devices (try --devices {_pow2_at_least(need)}), or "
+            f"devices with more memory (--memory_gib)"
+        )
+    hint = "" if "layer" in remats else "; allow remat (layer or stage)"
+    return msg + (
+        f": the model state fits {need} device(s), the activations do not{hint}; try a smaller "
+        f"--global_batch or --seq_len, or more devices (--devices {2 * cluster.num_devices})"
+    )
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def choose(
+    model_cfg: ModelConfig,
+    base: PipelineConfig,
+    *,
+    num_devices: int,
+    device: str,
+    global_batch: int,
+    seq_len: int,
+    devices_per_node: int | None = None,
+) -> AutotuneResult:
+    """The search for a training run on `num_devices` present devices; the winner keeps
+    `base`'s choices that the search does not make (boundary dtype, ZeRO-1, FSDP)."""
+    cluster = Cluster(num_devices, device, devices_per_node)
+    found = search(model_cfg, cluster, global_batch=global_batch, seq_len=seq_len, top=5)
+    keep = dict(boundary_dtype=base.boundary_dtype, zero1=base.zero1, fsdp=base.fsdp)
+    best = found.best
+    if any(getattr(best.pipe_cfg, k) != v for k, v in keep.items()):
+        plan = dataclasses.replace(best.plan, pipe_cfg=best.pipe_cfg.replace(**keep))
+        best = dataclasses.replace(best, plan=plan)
+    return dataclasses.replace(found, candidates=(best,) + found.candidates[1:])

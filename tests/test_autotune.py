@@ -1,0 +1,111 @@
+"""Autotuner: exact pruning, memory, tensor within a node, what fits when nothing does."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jaxpipe import plan as plan_cli
+from jaxpipe.autotune import Cluster, LayerCosts, search
+from jaxpipe.config import ConfigError, get_preset
+from jaxpipe.costs import GiB, LayerCost, ModelCosts
+
+MODEL = get_preset("tiny", dtype="bfloat16")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def costs():
+    """The tiny model's costs without compiling: per micro-batch sample, a block of 1 MFLOP,
+    the head 2 MFLOPs, 1 MB of bytes and 0.1 MB of saved activations each."""
+    def at(b):
+        layer = LayerCost(1e6 * b, 1e6 * b, 0.0, MODEL.block_params(), 0.0, 1e5 * b, 1e5 * b)
+        head = dataclasses.replace(layer, flops=2e6 * b, params=MODEL.head_params())
+        return ModelCosts(layer, layer, head, 64 * 32 * 2 * b, b, 64)
+
+    return LayerCosts(at(1), at(2))
+
+
+def test_pruned_search_finds_the_exhaustive_optimum(costs):
+    cluster = Cluster(8, "h100", devices_per_node=4)
+    kw = dict(global_batch=16, seq_len=64, layer_costs=costs)
+    best = search(MODEL, cluster, top=3, **kw)
+    every = search(MODEL, cluster, top=10**6, **kw)  # the bound never stops this one
+    assert every.planned > best.planned
+    times = [k.plan.step_time_s for k in every.candidates]
+    assert times == sorted(times)
+    assert [k.plan.step_time_s for k in best.candidates] == pytest.approx(times[:3])
+    for k in every.candidates:
+        p = k.pipe_cfg
+        assert p.num_devices == 8 and p.tensor_parallel <= 4  # tensor stays inside a node
+        assert MODEL.num_heads % p.tensor_parallel == 0
+        assert k.memory_bytes <= 80e9
+
+
+def test_memory_limit_drops_candidates_and_forces_remat(costs):
+    kw = dict(global_batch=64, seq_len=64, layer_costs=costs, top=10**6)
+    roomy = search(MODEL, Cluster(4, "h100"), **kw)
+    need = sorted(k.memory_bytes for k in roomy.candidates)
+    cap = need[len(need) // 2]  # half of them fit
+    tight = search(MODEL, Cluster(4, "h100", memory_gib=cap / GiB), **kw)
+    assert all(k.pipe_cfg.remat == "none" for k in roomy.candidates)
+    assert any(k.pipe_cfg.remat != "none" for k in tight.candidates)
+    assert all(k.memory_bytes <= cap * (1 + 1e-9) for k in tight.candidates)
+    assert tight.best.plan.step_time_s >= roomy.best.plan.step_time_s
+
+
+def test_nothing_fits_names_the_devices_that_would(costs):
+    with pytest.raises(ConfigError, match=r"needs at least \d+ devices \(try --devices \d+\)"):
+        search(MODEL, Cluster(2, "h100", memory_gib=1e-5), global_batch=8, seq_len=64,
+               layer_costs=costs)
+
+
+@pytest.mark.slow
+def test_cli_prints_the_best_as_train_lm_flags(capsys):
+    argv = ["--auto", "--model", "tiny", "--devices", "4", "--device", "h100", "--global_batch",
+            "8", "--seq_len", "64", "--top", "2", "--json"]
+    assert plan_cli.main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["candidates"]) == 2
+    best = out["candidates"][0]
+    mesh = best["mesh"]
+    assert mesh["data"] * mesh["pipe"] * mesh["tensor"] == 4
+    cmd = out["best_command"]
+    assert f"--num_stages {mesh['pipe']} " in cmd and f"--schedule {best['schedule']} " in cmd
+    assert plan_cli.main(["--auto", "--model", "tiny", "--global_batch", "8"]) == 2
+    assert "--auto needs --devices" in capsys.readouterr().err
+
+
+def test_cluster_flags_need_auto(capsys):
+    assert plan_cli.main(["--model", "tiny", "--devices", "8"]) == 2
+    assert "--devices plan(s) a cluster for the autotuner; add --auto" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_lm_auto_runs_the_winner(tmp_path):
+    workdir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    cmd = [
+        sys.executable, str(ROOT / "experiments" / "train_lm.py"), "--auto", "--devices", "2",
+        "--model", "tiny", "--num_layers", "2", "--batch_size", "4", "--seq_len", "16",
+        "--steps", "2", "--log_every", "1", f"--workdir={workdir}",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "autotune: tiny on 2 x cpu" in proc.stdout and "step 2/2" in proc.stdout
+    best = next(line for line in proc.stdout.splitlines() if line.strip().startswith("1 "))
+    mesh = best.split()[1]  # DxPxT of the first candidate
+    pipeline = json.loads((workdir / "config.json").read_text())["pipeline"]
+    ran = f"{pipeline['data_parallel']}x{pipeline['num_stages']}x{pipeline['tensor_parallel']}"
+    assert ran == mesh
+
+
+@pytest.mark.parametrize("kw", [dict(num_devices=0), dict(devices_per_node=0),
+                                dict(memory_gib=-1.0)])
+def test_bad_cluster_names_the_flag(kw):
+    with pytest.raises(ConfigError, match=r"--(devices|devices_per_node|memory_gib) must be"):
+        Cluster(**{"num_devices": 4, "device": "h100", **kw})

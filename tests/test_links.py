@@ -1,0 +1,108 @@
+"""Communication charges of the step-time model and FLOP counting by formula."""
+
+import pytest
+
+from jaxpipe.config import PipelineConfig, get_preset
+from jaxpipe.costmodel import CostModel
+from jaxpipe.costs import DeviceProfile, LayerCost, ModelCosts
+from jaxpipe.flops import megatron_eq3, model_flops, training_flops
+from jaxpipe.layout import StageLayout
+from jaxpipe.links import Links, MeshLinks
+from jaxpipe.partition import build_plan
+from jaxpipe.schedule import executor_table
+from jaxpipe.simulate import simulate
+
+GB = 1e9
+LINKS = Links(300 * GB, 25 * GB, 5e-6, 10e-6, devices_per_node=8)
+PROFILE = DeviceProfile("test", 1e14, 2e12, 80 * GB, LINKS)
+ACT = 64e6  # bytes of one [b, T, D] activation
+
+
+def _costs():
+    layer = LayerCost(1e12, 1e9, 0.0, 1000, 0.0, 0.0, 1e6)
+    return ModelCosts(layer, layer, layer, ACT, 1, 2048)
+
+
+def _cm(**pipe) -> CostModel:
+    cfg = get_preset("small")
+    return CostModel.from_costs(_costs(), PROFILE, cfg, PipelineConfig(**pipe))
+
+
+def test_which_axes_cross_nodes():
+    assert not MeshLinks(4, 1, 8, 8).tensor_crosses  # tensor 8 fills a node of 8
+    assert MeshLinks(1, 1, 16, 8).tensor_crosses
+    assert not MeshLinks(1, 2, 4, 8).pipe_crosses  # 4 x 2 = one node
+    assert MeshLinks(1, 4, 4, 8).pipe_crosses  # 4 x 4 = two nodes
+    assert MeshLinks(1, 3, 2, 8).pipe_crosses  # a ring of 3 x 2 straddles a node boundary
+    assert not MeshLinks(2, 2, 2, 8).data_crosses and MeshLinks(2, 2, 4, 8).data_crosses
+
+
+def test_all_reduce_is_a_ring():
+    # 2 (k-1)/k x bytes / bandwidth + 2 (k-1) latencies; nothing for one device.
+    assert LINKS.all_reduce_time(ACT, 1, False) == 0
+    assert LINKS.all_reduce_time(ACT, 4, False) == pytest.approx(1.5 * ACT / 300e9 + 6 * 5e-6)
+    assert LINKS.all_reduce_time(ACT, 4, True) == pytest.approx(1.5 * ACT / 25e9 + 6 * 10e-6)
+
+
+def test_tensor_all_reduces_grow_with_degree_and_recomputation():
+    comm = {t: _cm(tensor_parallel=t).block_comm_time for t in (1, 2, 4, 8)}
+    assert comm[1] == 0 and comm[2] < comm[4] < comm[8]
+    assert comm[8] == pytest.approx(4 * LINKS.all_reduce_time(ACT, 8, False))
+    # remat recomputes the forward: its two all-reduces run again, and the compute is 4/3.
+    remat = _cm(tensor_parallel=8, remat="layer")
+    assert remat.block_comm_time == pytest.approx(1.5 * comm[8])
+    plain = _cm(tensor_parallel=8)
+    assert remat.block_time - remat.block_comm_time == pytest.approx(
+        4 / 3 * (plain.block_time - plain.block_comm_time)
+    )
+    # Past a node, the same all-reduces run over the network, about 12x slower here.
+    assert _cm(tensor_parallel=16).block_comm_time > 10 * comm[8]
+
+
+def test_stage_sends_use_the_network_once_tensor_x_pipe_exceeds_a_node():
+    assert _cm(num_stages=1).transfer_time == 0
+    inside = _cm(num_stages=2, tensor_parallel=4).transfer_time
+    across = _cm(num_stages=4, tensor_parallel=4).transfer_time
+    assert inside == pytest.approx(2 * (5e-6 + ACT / 4 / 300e9))  # each rank sends its 1/t
+    assert across == pytest.approx(2 * (10e-6 + ACT / 4 / 25e9))
+
+
+def test_data_parallel_gradient_reduction_is_charged_once_per_step():
+    cfg = get_preset("small")
+    layout = StageLayout.uniform(cfg.num_layers, 2)
+    plans = {}
+    for d in (1, 8):
+        pcfg = PipelineConfig(2, 4, data_parallel=d, tensor_parallel=4)
+        cm = CostModel.from_costs(_costs(), PROFILE, cfg, pcfg)
+        plans[d] = build_plan(cfg, pcfg, layout, cm, "uniform", "test")
+    assert plans[1].grad_reduce_s == 0
+    params = max(st.params for st in plans[8].stages)
+    # data groups of 8 span 8 nodes (tensor 4 x pipe 2 fill one): the network, fp32 gradients.
+    expected = 2 * 7 / 8 * 4 * params / 25e9 + 14 * 10e-6
+    assert plans[8].grad_reduce_s == pytest.approx(expected)
+    assert plans[8].step_time_s == pytest.approx(plans[1].step_time_s + expected)
+
+
+def test_shared_cores_make_a_tick_last_its_ops_total():
+    table = executor_table("gpipe", 4, 8)
+    alone = simulate(table, 1.0, 2.0, lockstep=True).step_time
+    shared = simulate(table, 1.0, 2.0, lockstep=True, concurrency=1).step_time
+    assert alone == pytest.approx(11 * 1.0 + 11 * 2.0)  # M + S - 1 ticks each way
+    assert shared == pytest.approx(4 * 8 * 3.0)  # every op of every stage, one after another
+    assert simulate(table, 1.0, 2.0, lockstep=True, concurrency=4).step_time == alone
+    # Data and tensor replicas of a stage share the same cores too.
+    shared_cpu = DeviceProfile("cpu", 1e11, 1e10, 8 * GB, LINKS, concurrency=2)
+    pcfg = PipelineConfig(2, 4, data_parallel=2, tensor_parallel=2)
+    cm = CostModel.from_costs(_costs(), shared_cpu, get_preset("small"), pcfg)
+    assert cm.concurrency == 0.5
+
+
+def test_formula_flops_are_megatrons_eq3():
+    gpt3 = get_preset("gpt3-175b").replace(vocab_size=51200)
+    B, s = 1536, 2048
+    eq3 = megatron_eq3(B, s, 96, 12288, 51200)
+    assert training_flops(gpt3, B, s) == pytest.approx(eq3, rel=1e-12)
+    no_recompute = 72 * B * s * 96 * 12288**2 * (1 + s / (6 * 12288) + 51200 / (12 * 96 * 12288))
+    assert model_flops(gpt3, B, s) == pytest.approx(no_recompute, rel=1e-12)
+    # About 4.4 exaFLOPs per step (6 N tokens = 3.3e18, plus attention and recomputation).
+    assert 4.0e18 < eq3 < 4.8e18
