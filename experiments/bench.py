@@ -13,8 +13,10 @@ between the configurations compared and report medians.
 With --schedules (default) the keys of `bench_schedules.py` join in (onef1b_temp_ratio
 [<= 0.35], onef1b_step_ratio [<= 1.10], bubble_table_vs_formula [all match]); with --partition
 (default) those of `bench_partition.py` (cost_vs_uniform [<= 0.85], predict_error [<= 0.25],
-plan_seconds [<= 60]), each with its details under "schedules" / "partition". About 4 minutes
-on 2 cores.
+plan_seconds [<= 60]); with --zero_bubble (default) those of `bench_zero_bubble.py` at S=4,
+M=8 (zb_flops_split [<= 1.05], zb_h1_sim_ratio [<= 0.85], zbv_sim_ratio [<= 0.80],
+zb_temp_ratio [<= 1.15], zb_step_ratio [<= 1.05]), each with its details under "schedules" /
+"partition" / "zero_bubble". About 8 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ flags.DEFINE_bool(
 )
 flags.DEFINE_bool("schedules", True, "Add bench_schedules.py's 1F1B vs GPipe figures.")
 flags.DEFINE_bool("partition", True, "Add bench_partition.py's partitioner figures.")
+flags.DEFINE_bool("zero_bubble", True, "Add bench_zero_bubble.py's zb_h1 / zbv vs 1F1B figures.")
 _F = flags.FLAGS
 
 
@@ -142,6 +145,19 @@ def main(argv):
         result["predict_error"] = part["predict_error"]["cost"]["max_rel_error"]
         result["plan_seconds"] = part["plan_seconds"]["seconds"]
         result["partition"] = part
+    if _F.zero_bubble:
+        import bench_zero_bubble
+
+        zb = bench_zero_bubble.measure(bench_zero_bubble.parser().parse_args([]))
+        for key in (
+            "zb_flops_split",
+            "zb_h1_sim_ratio",
+            "zbv_sim_ratio",
+            "zb_temp_ratio",
+            "zb_step_ratio",
+        ):
+            result[key] = zb[key]
+        result["zero_bubble"] = zb
     bench_json.emit(result, _F.json)
 
 

@@ -56,7 +56,9 @@ flags.DEFINE_integer("vocab_size", None, "Override the preset's vocabulary size.
 flags.DEFINE_integer("num_stages", 4, "Pipeline stages (size of the `pipe` mesh axis).")
 flags.DEFINE_integer("num_microbatches", 8, "Micro-batches per step.")
 flags.DEFINE_integer("num_repeats", 1, "Virtual stages per device (circular schedule).")
-flags.DEFINE_string("schedule", "gpipe", "gpipe | circular | 1f1b | interleaved_1f1b.")
+flags.DEFINE_string(
+    "schedule", "gpipe", "gpipe | circular | 1f1b | interleaved_1f1b | zb_h1 | zbv (num_repeats 2)."
+)
 flags.DEFINE_integer("data_parallel", 1, "Size of the `data` mesh axis.")
 flags.DEFINE_integer("tensor_parallel", 1, "Size of the `tensor` mesh axis.")
 flags.DEFINE_integer("batch_size", 16, "Global batch size (sequences per step).")

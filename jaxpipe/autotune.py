@@ -48,7 +48,7 @@ from jaxpipe.flops import model_flops
 from jaxpipe.layout import StageLayout
 from jaxpipe.partition import build_plan, device_counts, static_bytes, virtual_counts
 from jaxpipe.report import Plan
-from jaxpipe.schedule import table_cells
+from jaxpipe.schedule import SPLIT_SCHEDULES, table_cells
 from jaxpipe.split import uniform_sizes
 
 REPEATS = (2, 3, 4, 6, 8)  # repeats tried by circular and interleaved_1f1b
@@ -257,14 +257,14 @@ def _shapes(model_cfg: ModelConfig, S: int, M: int, schedules) -> list[tuple[str
         return [("gpipe", 1)]  # one stage: every schedule runs the same ops
     out = []
     for sched in schedules:
-        reps = (1,) if sched in ("gpipe", "1f1b") else REPEATS
+        reps = {"gpipe": (1,), "1f1b": (1,), "zb_h1": (1,), "zbv": (2,)}.get(sched, REPEATS)
         for R in reps:
             if S * R > model_cfg.num_layers:
                 continue
             if sched == "interleaved_1f1b" and M % S:
                 continue
             ring = sched in ("gpipe", "circular")
-            if table_cells(S, M, R, ring) > MAX_SEARCH_CELLS:
+            if table_cells(S, M, R, ring, split=sched in SPLIT_SCHEDULES) > MAX_SEARCH_CELLS:
                 continue
             out.append((sched, R))
     return out
@@ -276,7 +276,8 @@ def _lower_bound(cm: CostModel, pipe_cfg: PipelineConfig, model_cfg: ModelConfig
     inside = cm.embed_time * cm.embed_in_first + cm.head_time * cm.head_in_last
     work = model_cfg.num_layers * cm.block_time + inside
     parallel = S if cm.concurrency is None else min(S, cm.concurrency)
-    fill = 2 * (S - 1) * cm.block_time / 3
+    # Zero-bubble schedules fill the fill and drain with W ops: no idle time to count.
+    fill = 0.0 if pipe_cfg.schedule in SPLIT_SCHEDULES else 2 * (S - 1) * cm.block_time / 3
     outside = M * (cm.embed_time * (not cm.embed_in_first) + cm.head_time * (not cm.head_in_last))
     params = model_cfg.num_layers * cm.block_params + cm.embed_params + cm.head_params
     grads = cm.grad_reduce_time(params / S)

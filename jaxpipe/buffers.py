@@ -6,18 +6,23 @@ import dataclasses
 
 import numpy as np
 
-from jaxpipe.schedule import BWD, FWD, ScheduleTable
+from jaxpipe.schedule import BWD, FWD, WGT, ScheduleTable, op_deps
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class BufferPlan:
     """Static buffer slots for `onef1b`; [ticks, stages] int32 arrays, -1 where unused.
 
-    act_write: inbox slot for the activation arriving at the start of the tick.
+    act_write: [3, ticks, stages]: inbox slot for the activation arriving at the start of the
+        tick on each channel (`schedule.NEXT`, `PREV`, `SELF`: from the stage before on the
+        ring, from the stage after, or kept from the stage's own previous tick).
     act_read: inbox slot a forward reads (-1: virtual stage 0 reads the embedded input).
-    grad_write / grad_read: the same for gradients; head_write: slot where the last virtual
-    stage's forward leaves its loss gradient for its own later backward.
+    grad_write [3, ticks, stages] / grad_read: the same for gradients; head_write: slot where
+    the last virtual stage's forward leaves its loss gradient for its own later backward.
     res_slot: stash slot of a forward's residuals (written by the forward, read by the backward).
+    wres_slot: split tables: stash slot of the residuals W reads too (written by the forward,
+        read by B and by W, which frees it).
+    carry_slot: split tables: slot of what B leaves for its W (written by B, read by W).
     """
 
     act_write: np.ndarray
@@ -26,9 +31,13 @@ class BufferPlan:
     grad_read: np.ndarray
     head_write: np.ndarray
     res_slot: np.ndarray
+    wres_slot: np.ndarray
+    carry_slot: np.ndarray
     num_act: int
     num_grad: int
     num_res: int
+    num_wres: int
+    num_carry: int
 
 
 def buffer_plan(table: ScheduleTable) -> BufferPlan:
@@ -41,40 +50,61 @@ def buffer_plan(table: ScheduleTable) -> BufferPlan:
     S, V = table.num_stages, table.num_stages * table.num_repeats
     where = {}
     for t, s in zip(*np.nonzero(table.busy), strict=True):
-        v = int(table.repeat[t, s]) * S + int(s)
+        v = int(table.virtual_stage(int(s), int(table.repeat[t, s])))
         where[(int(table.op[t, s]), int(table.micro[t, s]), v)] = int(t)
     shape = table.op.shape
-    act = {"write": -np.ones(shape, np.int32), "read": -np.ones(shape, np.int32)}
-    grad = {"write": -np.ones(shape, np.int32), "read": -np.ones(shape, np.int32)}
+    act = {"write": -np.ones((3,) + shape, np.int32), "read": -np.ones(shape, np.int32)}
+    grad = {"write": -np.ones((3,) + shape, np.int32), "read": -np.ones(shape, np.int32)}
     head_write, res_slot = -np.ones(shape, np.int32), -np.ones(shape, np.int32)
-    acts, grads, ress = ([[] for _ in range(S)] for _ in range(3))
+    carry_slot, wres_slot = -np.ones(shape, np.int32), -np.ones(shape, np.int32)
+    acts, grads, ress, wress, carries = ([[] for _ in range(S)] for _ in range(5))
     for (o, m, v), t in where.items():
-        s = v % S
-        if o == FWD and v > 0:
-            acts[s].append((where[(FWD, m, v - 1)] + 1, t, ("a", m, v)))
+        s = table.device_of(v)[0]
+        # F after F of v - 1 and B after B of v + 1 read an inbox, written the tick after the
+        # producer ran (from a neighbour, or from the device itself at the turn of a V).
+        for d in op_deps(o, m, v, V):
+            if d[0] == o:
+                kind = "a" if o == FWD else "g"
+                info = (kind, m, v, table.channel(d[2], v))
+                (acts if o == FWD else grads)[s].append((where[d] + 1, t, info))
         if o == FWD:
-            ress[s].append((t, where[(BWD, m, v)], ("r", m, v)))
-        if o == BWD and v < V - 1:
-            grads[s].append((where[(BWD, m, v + 1)] + 1, t, ("g", m, v)))
+            ress[s].append((t, where[(BWD, m, v)], ("r", m, v, -1)))
+        if o == FWD and table.split:
+            wress[s].append((t, where[(WGT, m, v)], ("w", m, v, -1)))
         if o == BWD and v == V - 1:
-            grads[s].append((where[(FWD, m, v)], t, ("h", m, v)))
+            grads[s].append((where[(FWD, m, v)], t, ("h", m, v, -1)))
+        if o == WGT:
+            carries[s].append((where[(BWD, m, v)], t, ("c", m, v, -1)))
     sizes = []
-    for lists in (acts, grads, ress):
+    for lists in (acts, grads, ress, wress, carries):
         peak = 0
         for s, intervals in enumerate(lists):
-            for (a, c, (kind, _, _)), k in zip(intervals, _colour(intervals), strict=True):
+            for (a, c, (kind, m, v, ch)), k in zip(intervals, _colour(intervals), strict=True):
                 peak = max(peak, k + 1)
                 if kind == "a":
-                    act["write"][a, s], act["read"][c, s] = k, k
+                    act["write"][ch, a, s], act["read"][c, s] = k, k
                 elif kind == "g":
-                    grad["write"][a, s], grad["read"][c, s] = k, k
+                    grad["write"][ch, a, s], grad["read"][c, s] = k, k
                 elif kind == "h":
                     head_write[a, s], grad["read"][c, s] = k, k
+                elif kind == "c":
+                    carry_slot[a, s], carry_slot[c, s] = k, k
+                elif kind == "w":  # B, between the F and the W, reads this stash too
+                    wres_slot[a, s], wres_slot[c, s] = k, k
+                    wres_slot[where[(BWD, m, v)], s] = k
                 else:
                     res_slot[a, s], res_slot[c, s] = k, k
         sizes.append(max(peak, 1))
     return BufferPlan(
-        act["write"], act["read"], grad["write"], grad["read"], head_write, res_slot, *sizes
+        act["write"],
+        act["read"],
+        grad["write"],
+        grad["read"],
+        head_write,
+        res_slot,
+        wres_slot,
+        carry_slot,
+        *sizes,
     )
 
 

@@ -9,9 +9,9 @@ from typing import Literal
 
 BlockStyle = Literal["gpt2", "llama"]
 
-SCHEDULES = ("gpipe", "circular", "1f1b", "interleaved_1f1b")
+SCHEDULES = ("gpipe", "circular", "1f1b", "interleaved_1f1b", "zb_h1", "zbv")
 # Schedules whose table holds backward ops (run by `onef1b.py`; the others by the ring executor).
-FULL_TABLE_SCHEDULES = ("1f1b", "interleaved_1f1b")
+FULL_TABLE_SCHEDULES = ("1f1b", "interleaved_1f1b", "zb_h1", "zbv")
 # Attention kernels (`attention.py`): "xla" runs everywhere, "cudnn" is the fused cuDNN kernel
 # (NVIDIA GPUs, bfloat16 or float16 compute), "splash" the Pallas TPU splash-attention kernel
 # (TPUs, sequence lengths a multiple of 128).
@@ -227,7 +227,8 @@ class PipelineConfig:
     num_stages: devices along the `pipe` mesh axis.
     num_microbatches: micro-batches per step (M); the global batch must divide by M * data.
     num_repeats: virtual stages per device (R); layer groups visit the ring R times.
-    schedule: "gpipe" (R = 1), "circular" (R >= 1), "1f1b", "interleaved_1f1b".
+    schedule: "gpipe" (R = 1), "circular" (R >= 1), "1f1b", "interleaved_1f1b", and the
+        zero-bubble ones with split backward: "zb_h1" (R = 1) and "zbv" (R = 2, V-shaped).
     remat: "none", "layer" (recompute each block), "stage" (save only stage inputs).
     boundary_dtype: dtype of activations sent between stages (None: compute dtype).
     data_parallel / tensor_parallel: sizes of the `data` and `tensor` mesh axes.
@@ -280,6 +281,16 @@ class PipelineConfig:
             raise ConfigError(
                 f"schedule 'gpipe' runs each stage once (num_repeats=1), got num_repeats="
                 f"{self.num_repeats}; use schedule 'circular' for repeats"
+            )
+        if self.schedule in ("1f1b", "zb_h1") and self.num_repeats != 1:
+            raise ConfigError(
+                f"schedule {self.schedule!r} runs each stage once (num_repeats=1), got "
+                f"num_repeats={self.num_repeats}; use 'interleaved_1f1b' or 'zbv' for repeats"
+            )
+        if self.schedule == "zbv" and self.num_repeats != 2:
+            raise ConfigError(
+                f"schedule 'zbv' places two virtual stages on each device in a V: num_repeats "
+                f"must be 2, got {self.num_repeats}"
             )
         if self.remat not in REMAT_MODES:
             raise ConfigError(f"unknown remat mode {self.remat!r}; choose one of {REMAT_MODES}")

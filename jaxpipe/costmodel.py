@@ -118,9 +118,12 @@ class CostModel:
             **flags,
         )
 
-    def extra_time(self, s: int, S: int) -> float:
+    def extra_time(self, s: int, S: int, head_stage: int | None = None) -> float:
+        """Embedding and head time on stage s; the head is on `head_stage` (default S - 1;
+        stage 0 when virtual stages are placed in a V)."""
+        head_stage = S - 1 if head_stage is None else head_stage
         return (self.embed_time if s == 0 and self.embed_in_first else 0.0) + (
-            self.head_time if s == S - 1 and self.head_in_last else 0.0
+            self.head_time if s == head_stage and self.head_in_last else 0.0
         )
 
     def grad_reduce_time(self, params: float) -> float:

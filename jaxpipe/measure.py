@@ -60,7 +60,8 @@ def measure_stage_times(
         reps,
     )
     per_v = [seconds[(n, v == 0, v == V - 1)] for v, n in enumerate(layout.layer_counts)]
-    stage = tuple(sum(per_v[r * S + s] for r in range(layout.num_repeats)) for s in range(S))
+    v_SR = layout.v_SR
+    stage = tuple(sum(per_v[v] for v in v_SR[s]) for s in range(S))
     layers = layer_times or measure_layer_times(
         model_cfg, pipe_cfg, batch_size=batch_size, seq_len=seq_len, reps=reps
     )

@@ -1,4 +1,4 @@
-"""The forward + backward executor: runs any `full_table` (1f1b, interleaved 1f1b) in shard_map.
+"""The forward + backward executor: runs any `full_table` (1f1b, interleaved 1f1b, zb_h1, zbv).
 
 Every stage runs one `lax.scan` over the table's ticks. At a forward tick a stage runs its
 group of layers under `jax.vjp` and stashes the residuals (minus the weights, which it still
@@ -9,6 +9,12 @@ Activations go to the next stage with `ppermute`, gradients to the previous one 
 loss run inside the last virtual stage's forward, so its backward has its loss gradient at
 hand; the embedding runs outside, and its gradient comes from the returned d(input).
 Idle ticks and padded slots are skipped with `lax.cond`, so they cost no FLOPs.
+
+What runs is read off the table's op codes: in a table with W ops (split) a B tick computes only
+the stage-input gradient (`backsplit.BackwardSplit`) and stashes what W needs from it in a carry
+slot; the W tick turns that into the weight gradients. Values move on the channel the table
+names (`ScheduleTable.channel`): to the next stage, the previous one, or kept on the stage at
+the turn of a V (zbv), where virtual stage v sits on `table.virtual_stage`'s stage.
 
 Config: remat="layer" runs each layer under `jax.checkpoint`, so a forward stashes only each
 layer's input and the backward recomputes one layer at a time; remat="stage" stashes only each
@@ -25,8 +31,9 @@ from jax.sharding import PartitionSpec as P
 
 from jaxpipe import model as M
 from jaxpipe import placement
+from jaxpipe.backsplit import BackwardSplit
 from jaxpipe.buffers import buffer_plan
-from jaxpipe.schedule import BWD, FWD
+from jaxpipe.schedule import BWD, FWD, NEXT, PREV, SELF, WGT
 
 _tree = jax.tree.map
 
@@ -43,11 +50,14 @@ class _StageVjp:
     stashed and the backward runs the forward again.
     """
 
-    def __init__(self, cfg, num_slots: int, min_count: int, remat: str = "none"):
+    def __init__(self, cfg, num_slots: int, min_count: int, remat: str = "none", split=False):
         self.cfg, self.J, self.min_count = cfg, num_slots, min_count
         self.recompute, self.remat_layer = remat == "stage", remat == "layer"
-        self.scanned = min_count == num_slots
+        # A split backward cuts the backward's program apart between equations; a scan over
+        # the layers would be one equation, so split stages unroll their layers.
+        self.scanned = min_count == num_slots and not split
         self.meta = None  # (treedef, weight position or -1 per residual leaf)
+        self.split = None  # backsplit.BackwardSplit, built on the first `input_grad`
 
     def layers(self, w, count, h):
         layer = lambda p, h: M.block_apply(self.cfg, p, h)
@@ -80,6 +90,19 @@ class _StageVjp:
             raise AssertionError("stage residual structure changed between traces")
         self.meta = (treedef, where)
         return y, [leaf for leaf, i in zip(leaves, where, strict=True) if i < 0]
+
+    def input_grad(self, w_J, count, kept, dy):
+        """B of a split backward: (d(stage input), what W needs that B computed)."""
+        if self.split is None:
+            self.split = BackwardSplit(
+                lambda free, kept, dy: self.backward(*free, kept, dy), (w_J, count), kept, dy
+            )
+        return self.split.input_grad((w_J, count), kept, dy)
+
+    def weight_grad(self, w_J, count, kept_w, carry):
+        """W of a split backward: the stage's weight gradients, from the stashed leaves at
+        `self.split.w_stashed` and B's `carry`."""
+        return self.split.weight_grad((w_J, count), kept_w, carry)
 
     def backward(self, w_J, count, kept, dy):
         if self.recompute:
@@ -130,16 +153,17 @@ def _stage_program(pipe, w_1RJ, head_params, x_MBTD, t_MBT):
     plan = buffer_plan(tab)
     c = lambda a: jnp.asarray(np.maximum(a, 0))
     op_TS, micro_TS, repeat_TS = jnp.asarray(tab.op), c(tab.micro), c(tab.repeat)
-    act_w, act_r, grad_w, grad_r = (
-        c(plan.act_write),
-        c(plan.act_read),
-        c(plan.grad_write),
-        c(plan.grad_read),
-    )
+    # Channels a value arrives on (NEXT: from the stage before on the ring, PREV: from the
+    # stage after, SELF: kept from this stage's previous tick); unused ones cost nothing.
+    act_chs = [ch for ch in (NEXT, PREV, SELF) if (plan.act_write[ch] >= 0).any()]
+    grad_chs = [ch for ch in (NEXT, PREV, SELF) if (plan.grad_write[ch] >= 0).any()]
+    act_w, grad_w = c(plan.act_write), c(plan.grad_write)
     act_w_ok, grad_w_ok = jnp.asarray(plan.act_write >= 0), jnp.asarray(plan.grad_write >= 0)
-    head_w, res_slot = c(plan.head_write), c(plan.res_slot)
+    act_r, grad_r = c(plan.act_read), c(plan.grad_read)
+    head_w, res_slot, carry_slot = c(plan.head_write), c(plan.res_slot), c(plan.carry_slot)
+    wres_slot = c(plan.wres_slot)
     counts_SR = jnp.asarray(layout.counts_SR)
-    stage = _StageVjp(cfg, layout.slots, min(layout.layer_counts), pipe.config.remat)
+    stage = _StageVjp(cfg, layout.slots, min(layout.layer_counts), pipe.config.remat, tab.split)
     vary = lambda tree: _tree(_varying, tree)
 
     s = jax.lax.axis_index("pipe")
@@ -147,23 +171,35 @@ def _stage_program(pipe, w_1RJ, head_params, x_MBTD, t_MBT):
     hp = vary(head_params)
     x_MBTD = vary(x_MBTD)
     zero_BTD = jnp.zeros_like(x_MBTD[0])
-    w_J0 = _tree(lambda a: a[0], w_RJ)
-    res_shapes = jax.eval_shape(
-        lambda w, n, h: stage.forward(w, n, h)[1], w_J0, counts_SR[0, 0], zero_BTD
-    )
+    w_J0, count0 = _tree(lambda a: a[0], w_RJ), _varying(counts_SR[s, 0])
+    res_shapes = jax.eval_shape(lambda w, n, h: stage.forward(w, n, h)[1], w_J0, count0, zero_BTD)
+    zeros_res = [jnp.zeros(r.shape, r.dtype) for r in res_shapes]
+    carry_shapes, w_kept = [], ()
+    if tab.split:
+        carry_shapes = jax.eval_shape(
+            lambda *a: stage.input_grad(*a)[1], w_J0, count0, vary(zeros_res), zero_BTD
+        )
+        w_kept = stage.split.w_stashed
+    # Residual leaves W reads stay stashed until the W (slots `wres_slot`); the others only
+    # until the B (`res_slot`).
+    slots = [plan.num_wres if i in w_kept else plan.num_res for i in range(len(res_shapes))]
     state = vary(
         {
             "act": jnp.zeros((plan.num_act,) + zero_BTD.shape, zero_BTD.dtype),
             "grad": jnp.zeros((plan.num_grad,) + zero_BTD.shape, zero_BTD.dtype),
-            "res": [jnp.zeros((plan.num_res,) + r.shape, r.dtype) for r in res_shapes],
+            "res": [
+                jnp.zeros((n,) + r.shape, r.dtype) for n, r in zip(slots, res_shapes, strict=True)
+            ],
+            "carry": [jnp.zeros((plan.num_carry,) + a.shape, a.dtype) for a in carry_shapes],
             "g_w": _tree(jnp.zeros_like, w_RJ),
             "head": {"loss": jnp.zeros((), jnp.float32), "g": _tree(jnp.zeros_like, head_params)},
             "dx": jnp.zeros_like(x_MBTD),
-            "send_f": zero_BTD,
-            "send_b": zero_BTD,
+            "send_f": {ch: zero_BTD for ch in act_chs},
+            "send_b": {ch: zero_BTD for ch in grad_chs},
         }
     )
     zeros_res = [b[0] for b in state["res"]]
+    zeros_carry = [b[0] for b in state["carry"]]
 
     def head_loss(hp, y_BTD, t_BT):
         return M.head_loss(cfg, hp, y_BTD, t_BT) / Mb
@@ -186,25 +222,42 @@ def _stage_program(pipe, w_1RJ, head_params, x_MBTD, t_MBT):
     def no_fwd(head, *_):
         return head, zero_BTD, zeros_res, zero_BTD
 
+    def add_grads(g_w, dw_J, r):
+        return _tree(lambda g, d: jax.lax.dynamic_update_index_in_dim(g, g[r] + d, r, 0), g_w, dw_J)
+
     def bwd(g_w, w_J, count, kept, dy, r):
         dw_J, dh = stage.backward(w_J, count, kept, dy)
-        g_w = _tree(lambda g, d: jax.lax.dynamic_update_index_in_dim(g, g[r] + d, r, 0), g_w, dw_J)
-        return g_w, dh
+        return add_grads(g_w, dw_J, r), dh, zeros_carry
 
     def no_bwd(g_w, *_):
-        return g_w, zero_BTD
+        return g_w, zero_BTD, zeros_carry
+
+    def no_bwd_input(*_):
+        return zero_BTD, zeros_carry
+
+    def wgt(g_w, w_J, count, kept_w, carry, r):
+        return add_grads(g_w, stage.weight_grad(w_J, count, kept_w, carry), r)
 
     def put(buf, x, slot, ok):
         return jax.lax.dynamic_update_index_in_dim(buf, jnp.where(ok, x, buf[slot]), slot, 0)
 
-    fwd_perm = [(i, (i + 1) % S) for i in range(S)]
-    bwd_perm = [((i + 1) % S, i) for i in range(S)]
+    perms = {
+        NEXT: [(i, (i + 1) % S) for i in range(S)],
+        PREV: [((i + 1) % S, i) for i in range(S)],
+    }
+
+    def send(y, chs):
+        return {ch: y if ch == SELF else jax.lax.ppermute(y, "pipe", perms[ch]) for ch in chs}
 
     def tick(st, t):
-        act = put(st["act"], st["send_f"], act_w[t, s], act_w_ok[t, s])
-        grad = put(st["grad"], st["send_b"], grad_w[t, s], grad_w_ok[t, s])
-        op, m, r, k = op_TS[t, s], micro_TS[t, s], repeat_TS[t, s], res_slot[t, s]
-        v, count = r * S + s, counts_SR[s, r]
+        act, grad = st["act"], st["grad"]
+        for ch in act_chs:
+            act = put(act, st["send_f"][ch], act_w[ch, t, s], act_w_ok[ch, t, s])
+        for ch in grad_chs:
+            grad = put(grad, st["send_b"][ch], grad_w[ch, t, s], grad_w_ok[ch, t, s])
+        op, m, r = op_TS[t, s], micro_TS[t, s], repeat_TS[t, s]
+        k = [wres_slot[t, s] if i in w_kept else res_slot[t, s] for i in range(len(res_shapes))]
+        v, count = tab.virtual_stage(s, r), counts_SR[s, r]
         w_J = _tree(lambda a: a[r], w_RJ)
         is_f, is_b = op == FWD, op == BWD
 
@@ -214,21 +267,37 @@ def _stage_program(pipe, w_1RJ, head_params, x_MBTD, t_MBT):
         head, y, kept_f, dy = jax.lax.cond(
             is_f, fwd, no_fwd, st["head"], w_J, count, h, m, v == V - 1
         )
-        kept_b = [jax.lax.dynamic_index_in_dim(b, k, 0, False) for b in st["res"]]
-        g_w, dh = jax.lax.cond(
-            is_b, bwd, no_bwd, st["g_w"], w_J, count, kept_b, dy_in, r
-        )
-        st = {
+        kept_b = [
+            jax.lax.dynamic_index_in_dim(b, j, 0, False) for b, j in zip(st["res"], k, strict=True)
+        ]
+        if tab.split:  # B leaves the weight gradients alone: they do not pass its conditional
+            g_w = st["g_w"]
+            dh, carry = jax.lax.cond(
+                is_b, stage.input_grad, no_bwd_input, w_J, count, kept_b, dy_in
+            )
+        else:
+            g_w, dh, carry = jax.lax.cond(
+                is_b, bwd, no_bwd, st["g_w"], w_J, count, kept_b, dy_in, r
+            )
+        new = {
             "act": act,
             "grad": put(grad, dy, head_w[t, s], is_f & (v == V - 1)),
-            "res": [put(b, x, k, is_f) for b, x in zip(st["res"], kept_f, strict=True)],
-            "g_w": g_w,
+            "res": [put(b, x, j, is_f) for b, x, j in zip(st["res"], kept_f, k, strict=True)],
+            "carry": st["carry"],
             "head": head,
             "dx": put(st["dx"], dh, m, is_b & (v == 0)),
-            "send_f": jax.lax.ppermute(y, "pipe", fwd_perm),
-            "send_b": jax.lax.ppermute(dh, "pipe", bwd_perm),
+            "send_f": send(y, act_chs),
+            "send_b": send(dh, grad_chs),
         }
-        return st, None
+        if tab.split:
+            j = carry_slot[t, s]
+            carry_in = [jax.lax.dynamic_index_in_dim(b, j, 0, False) for b in st["carry"]]
+            kept_w = [kept_b[i] for i in w_kept]
+            g_w = jax.lax.cond(
+                op == WGT, wgt, lambda g_w, *_: g_w, g_w, w_J, count, kept_w, carry_in, r
+            )
+            new["carry"] = [put(b, x, j, is_b) for b, x in zip(st["carry"], carry, strict=True)]
+        return {**new, "g_w": g_w}, None
 
     st, _ = jax.lax.scan(tick, state, jnp.arange(tab.num_ticks))
     g_head = _tree(lambda g: jax.lax.psum(g, "pipe"), st["head"]["g"])

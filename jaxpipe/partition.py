@@ -92,11 +92,17 @@ def in_flight(pipe_cfg: PipelineConfig, s: int) -> float:
     return _peak_in_flight(_shape(pipe_cfg))[s]
 
 
+def head_stage(pipe_cfg: PipelineConfig) -> int:
+    """The stage holding the last virtual stage (and so the head): S - 1, or 0 in a V."""
+    S, R = pipe_cfg.num_stages, pipe_cfg.num_repeats
+    return step_table(pipe_cfg).device_of(S * R - 1)[0]
+
+
 def stage_memory(cm: CostModel, pipe_cfg: PipelineConfig, s: int, layers: int, slots: int):
     """Bytes on device s holding `layers` blocks when every device has R x `slots` slots."""
-    S, R = pipe_cfg.num_stages, pipe_cfg.num_repeats
+    R = pipe_cfg.num_repeats
     first = s == 0 or not cm.embed_in_first
-    last = s == S - 1 or not cm.head_in_last
+    last = s == head_stage(pipe_cfg) or not cm.head_in_last
     outer = first * cm.embed_params + last * cm.head_params
     static = static_bytes(pipe_cfg, compute_bytes=cm.compute_bytes) * R * slots * cm.block_params
     static += static_bytes(pipe_cfg, blocks=False) * outer
@@ -111,7 +117,7 @@ def stage_memory(cm: CostModel, pipe_cfg: PipelineConfig, s: int, layers: int, s
     else:
         act = layers * cm.block_act
         act += (s == 0) * cm.embed_act * cm.embed_in_first
-        act += (s == S - 1) * cm.head_act * cm.head_in_last
+        act += (s == head_stage(pipe_cfg)) * cm.head_act * cm.head_in_last
     return static + in_flight(pipe_cfg, s) * act + cm.temp_bytes
 
 
@@ -133,12 +139,14 @@ def device_counts(
     """
     S, R = pipe_cfg.num_stages, pipe_cfg.num_repeats
     if method == "uniform":
-        return [sum(c) for c in _by_device(uniform_sizes(num_layers, S * R), S, R)]
+        vsizes = uniform_sizes(num_layers, S * R)
+        return [sum(c) for c in _by_device(vsizes, S, R, step_table(pipe_cfg).placement)]
     prefix = cm.block_time * np.arange(num_layers + 1)
+    head = head_stage(pipe_cfg)
 
     def cost_fn(slots):
         def cost(p, starts, end):
-            t = prefix[end] - prefix[starts] + R * cm.transfer_time + cm.extra_time(p, S)
+            t = prefix[end] - prefix[starts] + R * cm.transfer_time + cm.extra_time(p, S, head)
             if capacity is None:
                 return t
             mem = stage_memory(cm, pipe_cfg, p, end - starts, slots)
@@ -191,15 +199,21 @@ def _no_fit_message(cm: CostModel, pipe_cfg: PipelineConfig, num_layers: int, ca
     return msg + "; no stage count fits either: use a smaller micro-batch or tensor parallelism"
 
 
-def _by_device(vsizes: list[int], S: int, R: int) -> list[list[int]]:
-    return [[vsizes[r * S + s] for r in range(R)] for s in range(S)]
+def _by_device(vsizes: list[int], S: int, R: int, placement: str) -> list[list[int]]:
+    v = lambda s, r: schedule.virtual_stage(placement, S, s, r)
+    return [[vsizes[v(s, r)] for r in range(R)] for s in range(S)]
 
 
-def virtual_counts(device_totals: list[int], R: int) -> tuple[int, ...]:
-    """Per-device totals -> per-virtual-stage counts (v = r * S + s), spread over repeats."""
+def virtual_counts(device_totals: list[int], R: int, placement: str = "loop") -> tuple[int, ...]:
+    """Per-device totals -> per-virtual-stage counts (v held by repeat r of stage s as the
+    schedule places it: `schedule.virtual_stage`), spread over repeats."""
     S = len(device_totals)
     per_device = [spread(n, R, heavy_first=s != 0) for s, n in enumerate(device_totals)]
-    return tuple(per_device[s][r] for r in range(R) for s in range(S))
+    counts = [0] * (S * R)
+    for s in range(S):
+        for r in range(R):
+            counts[schedule.virtual_stage(placement, S, s, r)] = per_device[s][r]
+    return tuple(counts)
 
 
 def make_plan(
@@ -246,21 +260,24 @@ def make_plan(
     cm = CostModel.from_costs(costs, profile, model_cfg, pipe_cfg, times, **flags)
     capacity = profile.hbm_bytes if method == "memory" else None
     totals = device_counts(cm, pipe_cfg, model_cfg.num_layers, method, capacity)
+    placement = step_table(pipe_cfg).placement
     if method == "uniform":
         counts = tuple(uniform_sizes(model_cfg.num_layers, pipe_cfg.num_virtual_stages))
     else:
-        counts = virtual_counts(totals, pipe_cfg.num_repeats)
-    layout = StageLayout(pipe_cfg.num_stages, pipe_cfg.num_repeats, counts)
+        counts = virtual_counts(totals, pipe_cfg.num_repeats, placement)
+    layout = StageLayout(pipe_cfg.num_stages, pipe_cfg.num_repeats, counts, placement)
     return build_plan(model_cfg, pipe_cfg, layout, cm, method, profile.name)
 
 
 def replan(plan: Plan, cm: CostModel, method: str = "cost") -> Plan:
     """The same pipeline re-partitioned with another cost model (e.g. measured times)."""
     totals = device_counts(cm, plan.pipe_cfg, plan.model_cfg.num_layers, "cost")
+    placement = plan.layout.placement
     layout = StageLayout(
         plan.pipe_cfg.num_stages,
         plan.pipe_cfg.num_repeats,
-        virtual_counts(totals, plan.pipe_cfg.num_repeats),
+        virtual_counts(totals, plan.pipe_cfg.num_repeats, placement),
+        placement,
     )
     return build_plan(plan.model_cfg, plan.pipe_cfg, layout, cm, method, plan.device)
 
@@ -285,17 +302,18 @@ def build_plan(
         ]
     )
     vtime = compute + cm.transfer_time
+    v_SR, last = layout.v_SR, head_stage(pipe_cfg)
     stages = []
     for s, ranges in enumerate(layout.stage_ranges()):
         layers = sum(b - a for a, b in ranges)
         params = layers * model_cfg.block_params() / pipe_cfg.tensor_parallel
         embed, head = outer_params(model_cfg, pipe_cfg.tensor_parallel, head_in_last=False)
         params += (s == 0 or not cm.embed_in_first) * embed
-        params += (s == S - 1 or not cm.head_in_last) * head
+        params += (s == last or not cm.head_in_last) * head
         stages.append(
             StageReport(
                 ranges=tuple(ranges),
-                time_s=float(sum(vtime[r * S + s] for r in range(R))),
+                time_s=float(sum(vtime[v_SR[s, r]] for r in range(R))),
                 memory_bytes=float(stage_memory(cm, pipe_cfg, s, layers, layout.slots)),
                 params=int(round(params)),
                 in_flight=in_flight(pipe_cfg, s),
@@ -303,10 +321,12 @@ def build_plan(
         )
     times = [st.time_s for st in stages]
     table = step_table(pipe_cfg)
-    # A backward costs twice its forward; each op sends half of the per-stage transfer.
+    # A backward costs twice its forward (split: B and W once each); each op sends half of
+    # the per-stage transfer.
+    third = compute / 3
     sim = simulate(
-        table, compute / 3, 2 * compute / 3, cm.transfer_time / 2, lockstep=True,
-        concurrency=cm.concurrency,
+        table, third, third if table.split else 2 * third, cm.transfer_time / 2, lockstep=True,
+        concurrency=cm.concurrency, wgt_time=third,
     )
     outside = M * ((not cm.embed_in_first) * cm.embed_time + (not cm.head_in_last) * cm.head_time)
     grad_reduce = max(cm.grad_reduce_time(st.params) for st in stages)

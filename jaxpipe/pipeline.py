@@ -82,8 +82,20 @@ class Pipeline:
         poison_bubbles: bool = False,
     ) -> Pipeline:
         config.check_layers(model.num_layers)
+        table = build_table(
+            config.schedule, config.num_stages, config.num_microbatches, config.num_repeats,
+            config.hop,
+        )
         if layout is None:
-            layout = StageLayout.uniform(model.num_layers, config.num_stages, config.num_repeats)
+            layout = StageLayout.uniform(
+                model.num_layers, config.num_stages, config.num_repeats, table.placement
+            )
+        if layout.placement != table.placement:
+            raise ConfigError(
+                f"layout places virtual stages {layout.placement!r}, schedule "
+                f"{config.schedule!r} runs them {table.placement!r}; build the layout with "
+                f"placement={table.placement!r}"
+            )
         if (layout.num_stages, layout.num_repeats) != (config.num_stages, config.num_repeats):
             raise ConfigError(
                 f"layout is for {layout.num_stages} stages x {layout.num_repeats} repeats, the "
@@ -94,10 +106,6 @@ class Pipeline:
             raise ConfigError(
                 f"mesh has pipe={mesh.shape['pipe']} but num_stages={config.num_stages}"
             )
-        table = build_table(
-            config.schedule, config.num_stages, config.num_microbatches, config.num_repeats,
-            config.hop,
-        )
         return cls(model, config, layout, table, mesh, poison_bubbles)
 
     def jit(self, fn, **kwargs):
@@ -177,7 +185,10 @@ class Pipeline:
         return jax.lax.map(one, self.microbatch(tokens_BT))
 
     def microbatches_forward(self, blocks_SRJ, x_MBTD):
-        """Runs the whole block stack, pipelined, on micro-batches [M, B/M, T, D]."""
+        """Runs the whole block stack, pipelined, on micro-batches [M, B/M, T, D].
+
+        The ring runs virtual stages in the "loop" placement; a "vee" layout's blocks (zbv) are
+        permuted to it first (`StageLayout.to_loop`)."""
         # The input is the same on every stage; its gradient is then summed over `pipe`. With
         # one stage that sum over a size-1 axis breaks XLA's partitioner when the batch is
         # split over `data`, so a single stage takes the input as its own (a size-1 split).
@@ -188,7 +199,7 @@ class Pipeline:
             in_specs=(P("pipe"), x_spec),
             out_specs=P("pipe"),
             axis_names={"pipe"},
-        )(blocks_SRJ, x_MBTD)
+        )(self.layout.to_loop(blocks_SRJ), x_MBTD)
         return y_SMBTD[0]
 
     def logits(self, params, tokens_BT):
@@ -214,7 +225,7 @@ class Pipeline:
             in_specs=(P("pipe"), None, P(), P()),
             out_specs=P(),
             axis_names={"pipe"},
-        )(params["blocks"], None, outer, self.microbatch(tokens_BT1))
+        )(self.layout.to_loop(params["blocks"]), None, outer, self.microbatch(tokens_BT1))
 
     def head_loss(self, params, y_MBTD, targets_MBT):
         """Mean head + loss over micro-batches [M, B/M, ...], one at a time under
@@ -291,7 +302,7 @@ class Pipeline:
         micro_TS = jnp.asarray(np.maximum(tab.micro, 0))
         repeat_TS = jnp.asarray(np.maximum(tab.repeat, 0))
         busy_TS = jnp.asarray(tab.busy)
-        counts_SR = jnp.asarray(self.layout.counts_SR)
+        counts_SR = jnp.asarray(self.layout.looped().counts_SR)
         weights, unit, active, U = self._units()
         perm = [(i, (i + 1) % S) for i in range(S)]
 

@@ -56,13 +56,13 @@ class Plan:
     def layout_string(self) -> str:
         """`E+t*11 | t*12 | ... | t*11+H`; repeats of one stage are joined by `,`."""
         S, R = self.pipe_cfg.num_stages, self.pipe_cfg.num_repeats
-        counts = self.layout.layer_counts
+        counts, v_SR = self.layout.layer_counts, self.layout.v_SR
         cm = self.cost_model
         parts = []
         for s in range(S):
             reps = []
             for r in range(R):
-                v = r * S + s
+                v = int(v_SR[s, r])
                 cell = f"t*{counts[v]}"
                 if v == 0 and cm.embed_in_first:
                     cell = "E+" + cell

@@ -4,7 +4,13 @@ A table is the single description of a schedule. The executors index it inside t
 `lax.scan`, the validators check it, and the bubble fraction, the simulator (`simulate.py`) and
 the charts (`viz.py`) read it. Two kinds exist: forward-only ring tables (`ring_table`, run by
 `pipeline.py`, whose backward is JAX's transpose) and forward + backward tables (`full_table`,
-any schedule; run by `onef1b.py` for 1f1b and interleaved_1f1b).
+any schedule; run by `onef1b.py` for 1f1b, interleaved_1f1b, zb_h1 and zbv).
+
+Ops are F (forward), B (backward) and W (weight gradients). A table either has no W ops, and
+each B computes every gradient of its stage (fused), or it has one W per B (split): B computes
+only the gradient of the stage input, which the previous stage waits for, and W the weight
+gradients, free to run later in what would otherwise be a bubble (zero-bubble schedules, Qi et
+al. 2023). What each op waits for is written once, in `op_deps`.
 
 CLI: python -m jaxpipe.schedule --schedule 1f1b --stages 4 --microbatches 8 --ascii
 """
@@ -20,7 +26,12 @@ import numpy as np
 from jaxpipe import cli
 from jaxpipe.config import FULL_TABLE_SCHEDULES, SCHEDULES, ConfigError
 
-IDLE, FWD, BWD = 0, 1, 2
+IDLE, FWD, BWD, WGT = 0, 1, 2, 3
+OP_LETTERS = ".FBW"
+# Tables with split backward ops (B then W); their stash bound counts forwards until their W.
+SPLIT_SCHEDULES = ("zb_h1", "zbv")
+PLACEMENTS = ("loop", "vee")
+NEXT, PREV, SELF = 0, 1, 2  # channels of a value between virtual stages (`ScheduleTable.channel`)
 # Tables are built cell by cell in Python (about 5 us per cell on one 2-core host core: a table
 # at this bound takes about 5 s with its validation); bigger ones are refused, not built.
 MAX_TABLE_CELLS = 1_000_000
@@ -28,9 +39,25 @@ MAX_CHART_OPS = 2_048  # the CLI's --png: matplotlib draws about 200 boxes a sec
 MAX_GRID_TICKS = 400  # the CLI prints longer grids only when asked (--ascii)
 
 
+def virtual_stage(placement: str, num_stages: int, s, r):
+    """Virtual stage that repeat r of stage s holds: r * S + s ("loop"), or with every odd
+    repeat reversed, r * S + S - 1 - s ("vee"). Works on numpy and jax integers alike."""
+    if placement not in PLACEMENTS:
+        raise ConfigError(f"unknown placement {placement!r}; choose one of {PLACEMENTS}")
+    if placement == "loop":
+        return r * num_stages + s
+    return r * num_stages + s + (r % 2) * (num_stages - 1 - 2 * s)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class ScheduleTable:
-    """op/micro/repeat are [ticks, stages] arrays; micro and repeat are -1 where op is IDLE."""
+    """op/micro/repeat are [ticks, stages] arrays; micro and repeat are -1 where op is IDLE.
+
+    `placement` says which device holds virtual stage v: "loop" puts repeat r of stage s at
+    v = r * S + s (the layer groups go round the ring R times); "vee" reverses every odd repeat,
+    v = r * S + S - 1 - s, so with R = 2 device d holds virtual stages d and 2S - 1 - d and the
+    last forward and first backward stay on one device (ZB-V).
+    """
 
     name: str
     num_stages: int
@@ -42,6 +69,29 @@ class ScheduleTable:
     # Ticks from a stage's op to the next stage's first use of its output: 1 when a tick ends
     # with the send; 2 when each send is spread over the next tick, overlapping its compute.
     hop: int = 1
+    placement: str = "loop"
+
+    def virtual_stage(self, s, r):
+        """Virtual stage that repeat r of stage s runs (numpy or jax integers alike)."""
+        return virtual_stage(self.placement, self.num_stages, s, r)
+
+    def device_of(self, v: int) -> tuple[int, int]:
+        """(stage, repeat) holding virtual stage v."""
+        r, i = divmod(int(v), self.num_stages)
+        return (self.num_stages - 1 - i if self.placement == "vee" and r % 2 else i), r
+
+    def channel(self, src_v: int, dst_v: int) -> int:
+        """How a value moves from virtual stage src_v's device to dst_v's: NEXT (ring i -> i + 1),
+        PREV (ring i + 1 -> i) or SELF (the same device, at the turn of a V)."""
+        src, dst = self.device_of(src_v)[0], self.device_of(dst_v)[0]
+        if src == dst:
+            return SELF
+        return NEXT if dst == (src + 1) % self.num_stages else PREV
+
+    @property
+    def split(self) -> bool:
+        """B computes only the stage-input gradient and a W op the weight gradients."""
+        return bool((self.op == WGT).any())
 
     @property
     def num_ticks(self) -> int:
@@ -64,10 +114,11 @@ class ScheduleTable:
         if o == IDLE:
             return "."
         rep = f".{self.repeat[t, s]}" if self.num_repeats > 1 else ""
-        return f"{'F' if o == FWD else 'B'}{self.micro[t, s]}{rep}"
+        return f"{OP_LETTERS[o]}{self.micro[t, s]}{rep}"
 
     def ascii(self, mark: tuple[int, int] | None = None) -> str:
-        """One row per stage; cells are `F<m>.<r>` / `B<m>.<r>` or `.`; `mark` is bracketed."""
+        """One row per stage; cells are `F<m>.<r>` / `B<m>.<r>` / `W<m>.<r>` or `.`; `mark` is
+        bracketed."""
         cells = [[self.cell(t, s) for t in range(self.num_ticks)] for s in range(self.num_stages)]
         if mark is not None:
             t, s = mark
@@ -167,23 +218,45 @@ def validate_ring(table: ScheduleTable) -> None:
 
 # -- forward + backward tables -------------------------------------------------------------------
 
-Op = tuple[int, int, int]  # (FWD or BWD, micro-batch, repeat)
+Op = tuple[int, int, int]  # (FWD, BWD or WGT, micro-batch, repeat)
+Key = tuple[int, int, int]  # (FWD, BWD or WGT, micro-batch, virtual stage)
+
+
+def op_deps(op: int, micro: int, v: int, num_virtual: int) -> list[Key]:
+    """What an op consumes, as the ops producing it: the forward of virtual stage v needs the
+    forward of v - 1; the backward of v needs the forward of v and the backward of v + 1; W needs
+    its own B. Every builder, check, simulation and buffer plan reads dependencies from here."""
+    if op == FWD:
+        return [(FWD, micro, v - 1)] if v > 0 else []
+    if op == BWD:
+        return [(FWD, micro, v)] + ([(BWD, micro, v + 1)] if v < num_virtual - 1 else [])
+    return [(BWD, micro, v)]
+
+
+def unmet_dep(done: dict[Key, int], t: int, key: Key, num_virtual: int) -> Key | None:
+    """The first input of `key` not produced before tick t (`done`: key -> tick), or None."""
+    for d in op_deps(*key, num_virtual):
+        if done.get(d, t) >= t:
+            return d
+    return None
 
 
 def stage_orders(schedule: str, num_stages: int, num_microbatches: int, num_repeats: int = 1):
-    """The op order each stage follows, as a list per stage of (op, micro-batch, repeat).
+    """The forward / backward order each stage follows, as a list per stage of (op, micro-batch,
+    repeat); split schedules' W ops are placed by `table_from_orders`.
 
     gpipe / circular: every forward (repeat-major), then every backward in reverse repeat order.
-    1f1b (PipeDream-flush): S - s - 1 warm-up forwards, then one forward / one backward, then
-    the remaining backwards. interleaved_1f1b (Megatron): micro-batches in groups of S, each group
-    visiting the R virtual stages of a device in turn; 2 (S - s - 1) + (R - 1) S warm-up forwards.
+    1f1b (PipeDream-flush) and zb_h1: S - s - 1 warm-up forwards, then one forward / one
+    backward, then the remaining backwards. interleaved_1f1b (Megatron): micro-batches in groups
+    of S, each group visiting the R virtual stages of a device in turn; 2 (S - s - 1) + (R - 1) S
+    warm-up forwards. zbv has no fixed order: `zbv_table` picks each op when it is ready.
     """
     S, M, R = num_stages, num_microbatches, num_repeats
     if schedule in ("gpipe", "circular"):
         fwd = [(FWD, m, r) for r in range(R) for m in range(M)]
         bwd = [(BWD, m, r) for r in reversed(range(R)) for m in range(M)]
         return [fwd + bwd for _ in range(S)]
-    if schedule == "1f1b" or (schedule == "interleaved_1f1b" and R == 1):
+    if schedule in ("1f1b", "zb_h1") or (schedule == "interleaved_1f1b" and R == 1):
         fwd = [(FWD, m, 0) for m in range(M)]
         bwd = [(BWD, m, 0) for m in range(M)]
         return [_one_f_one_b(fwd, bwd, min(S - s - 1, M)) for s in range(S)]
@@ -217,44 +290,85 @@ def _one_f_one_b(fwd: list[Op], bwd: list[Op], warmup: int) -> list[Op]:
 
 
 def table_from_orders(
-    name: str, num_stages, num_microbatches, num_repeats, orders
+    name: str, num_stages, num_microbatches, num_repeats, orders, hold=None, placement="loop"
 ) -> ScheduleTable:
     """Places each stage's ops at the earliest tick their inputs allow (one op per tick).
 
-    An op may run once what it consumes was produced at an earlier tick: forward of virtual
-    stage v after forward of v - 1, backward of v after backward of v + 1 and forward of v.
+    `orders` is a list per stage of forward / backward ops, or a function (stage, ready, ran) ->
+    the op the stage runs next, or None, given `ready(op)` and `ran(op)`. With `hold`, the table
+    is split: every B gets a W, which a stage runs (oldest first) when its next op is not ready,
+    or when that op is a forward and the stage already holds `hold` stashes (forwards whose W
+    has not run); a stage holding `hold` stashes and no pending W waits.
     """
     S, M, R = num_stages, num_microbatches, num_repeats
     V = S * R
-    done: dict[tuple[int, int, int], int] = {}  # (op, m, v) -> tick
-    nxt = [0] * S
+    shape = ScheduleTable(name, S, M, R, np.zeros((0, S), np.int8), None, None, 1, placement)
+    done: dict[Key, int] = {}
+    pending: list[list[Op]] = [[] for _ in range(S)]
+    held = [0] * S
     rows: list[list[Op | None]] = []
-    total = sum(len(o) for o in orders)
     t = 0
+    if callable(orders):
+        pick, total = orders, 3 * S * M * R if hold is not None else 2 * S * M * R
+    else:
+        nxt = [0] * S
+        total = sum(len(o) for o in orders) * (2 if hold is None else 3) // 2
+
+        def pick(s, ready, ran):
+            return orders[s][nxt[s]] if nxt[s] < len(orders[s]) else None
+
+    def key(s, op: Op) -> Key:
+        return (op[0], op[1], int(shape.virtual_stage(s, op[2])))
+
     while len(done) < total:
         row: list[Op | None] = [None] * S
         for s in range(S):
-            if nxt[s] == len(orders[s]):
+            op = pick(
+                s,
+                lambda op, s=s, t=t: unmet_dep(done, t, key(s, op), V) is None,
+                lambda op, s=s: key(s, op) in done,
+            )
+            ready = op is not None and unmet_dep(done, t, key(s, op), V) is None
+            full = hold is not None and op is not None and op[0] == FWD and held[s] >= hold
+            if ready and not full:
+                row[s] = op
+            elif pending[s]:
+                row[s] = pending[s].pop(0)
+        for s, op in enumerate(row):
+            if op is None:
                 continue
-            o, m, r = orders[s][nxt[s]]
-            v = r * S + s
-            deps = [(FWD, m, v - 1)] if o == FWD and v > 0 else []
-            if o == BWD:
-                deps = [(FWD, m, v)] + ([(BWD, m, v + 1)] if v < V - 1 else [])
-            if all(done.get(d, t) < t for d in deps):
-                row[s] = (o, m, r)
-        for s, cell in enumerate(row):
-            if cell is not None:
-                done[(cell[0], cell[1], cell[2] * S + s)] = t
+            done[key(s, op)] = t
+            if not callable(orders) and op[0] != WGT:
                 nxt[s] += 1
+            held[s] += 1 if op[0] == FWD else -1 if op[0] == (BWD if hold is None else WGT) else 0
+            if op[0] == BWD and hold is not None:
+                pending[s].append((WGT, op[1], op[2]))
         rows.append(row)
         t += 1
         if t > 4 * total + 4 * S:
             raise ConfigError(f"schedule {name!r} deadlocks: stages wait on each other forever")
-    op = np.array([[c[0] if c else IDLE for c in row] for row in rows], np.int8)
-    micro = np.array([[c[1] if c else -1 for c in row] for row in rows], np.int32)
-    repeat = np.array([[c[2] if c else -1 for c in row] for row in rows], np.int32)
-    return ScheduleTable(name, S, M, R, op, micro, repeat)
+    op = np.array([[c[0] if c else IDLE for c in row] for row in rows], np.int8).reshape(-1, S)
+    micro = np.array([[c[1] if c else -1 for c in row] for row in rows], np.int32).reshape(-1, S)
+    repeat = np.array([[c[2] if c else -1 for c in row] for row in rows], np.int32).reshape(-1, S)
+    return ScheduleTable(name, S, M, R, op, micro, repeat, 1, placement)
+
+
+def zbv_table(num_stages: int, num_microbatches: int) -> ScheduleTable:
+    """ZB-V: two virtual stages per device in a V (device d holds d and 2S - 1 - d), split
+    backward. Each tick a device runs a ready backward (the deeper virtual stage first), else a
+    ready forward (deeper first) while it holds fewer than 2 S half-stage stashes (1F1B's memory),
+    else its oldest pending W."""
+    S, M = num_stages, num_microbatches
+
+    def pick(s, ready, ran):
+        for o in (BWD, FWD):
+            for r in (1, 0):  # repeat 1 holds the deeper virtual stage on every device
+                m = next(m for m in range(M + 1) if m == M or not ran((o, m, r)))
+                if m < M and ready((o, m, r)):
+                    return (o, m, r)
+        return None
+
+    return table_from_orders("zbv", S, M, 2, pick, stash_bound("zbv", S, M, 2), "vee")
 
 
 def full_table(
@@ -262,9 +376,16 @@ def full_table(
 ) -> ScheduleTable:
     """Forward and backward table of any schedule, validated against its stash bound."""
     _check_shape(schedule, num_stages, num_microbatches, num_repeats)
-    orders = stage_orders(schedule, num_stages, num_microbatches, num_repeats)
-    table = table_from_orders(schedule, num_stages, num_microbatches, num_repeats, orders)
-    validate(table, stash_bound(schedule, num_stages, num_microbatches, num_repeats))
+    bound = stash_bound(schedule, num_stages, num_microbatches, num_repeats)
+    if schedule == "zbv":
+        table = zbv_table(num_stages, num_microbatches)
+    else:
+        orders = stage_orders(schedule, num_stages, num_microbatches, num_repeats)
+        hold = bound if schedule in SPLIT_SCHEDULES else None
+        table = table_from_orders(
+            schedule, num_stages, num_microbatches, num_repeats, orders, hold
+        )
+    validate(table, bound)
     return table
 
 
@@ -273,10 +394,10 @@ def executor_table(
 ) -> ScheduleTable:
     """The forward + backward table that jaxpipe's executor for `schedule` runs, tick by tick.
 
-    1f1b and interleaved_1f1b run their `full_table`. gpipe and circular run the ring table
-    forward, and autodiff runs the same ticks in reverse for the backward: their table is the
-    ring table followed by its mirror image of backward ops (what every stage holds in flight
-    and how long a step takes follow from it, as for the other schedules).
+    1f1b, interleaved_1f1b, zb_h1 and zbv run their `full_table`. gpipe and circular run the
+    ring table forward, and autodiff runs the same ticks in reverse for the backward: their
+    table is the ring table followed by its mirror image of backward ops (what every stage holds
+    in flight and how long a step takes follow from it, as for the other schedules).
     """
     if schedule not in ("gpipe", "circular"):
         _check_hop(schedule, hop)
@@ -298,40 +419,47 @@ def executor_table(
 
 
 def stash_bound(schedule: str, num_stages: int, num_microbatches: int, num_repeats: int) -> int:
-    """Most forwards a stage may hold before their backward: all of them for GPipe, S for
-    1F1B, the warm-up plus one for interleaved 1F1B (counted in virtual-stage units)."""
+    """Most forwards a stage may hold (until their backward, or their W in split tables): all of
+    them for GPipe, S for 1F1B and ZB-H1, the warm-up plus one for interleaved 1F1B, 2 S for ZB-V
+    (counted in virtual-stage units: 1F1B's memory, as each holds half a stage)."""
     S, M, R = num_stages, num_microbatches, num_repeats
-    if schedule == "1f1b" or (schedule == "interleaved_1f1b" and R == 1):
+    if schedule in ("1f1b", "zb_h1") or (schedule == "interleaved_1f1b" and R == 1):
         return min(S, M)
     if schedule == "interleaved_1f1b":
         return min(2 * (S - 1) + (R - 1) * S + 1, R * M)
+    if schedule == "zbv":
+        return 2 * min(S, M)
     return R * M
 
 
 def _check_shape(schedule, S, M, R):
     if min(S, M, R) < 1:
         raise ConfigError(f"stages, micro-batches and repeats must be >= 1, got {S}, {M}, {R}")
-    if schedule in ("gpipe", "1f1b") and R != 1:
+    if schedule in ("gpipe", "1f1b", "zb_h1") and R != 1:
         raise ConfigError(
             f"schedule {schedule!r} runs each stage once (num_repeats=1), got {R}; use "
-            f"{'circular' if schedule == 'gpipe' else 'interleaved_1f1b'} for repeats"
+            f"{'circular' if schedule == 'gpipe' else 'interleaved_1f1b or zbv'} for repeats"
+        )
+    if schedule == "zbv" and R != 2:
+        raise ConfigError(
+            f"schedule 'zbv' places two virtual stages on each device (num_repeats=2), got {R}"
         )
     check_size(schedule, S, M, R, ring=False)
 
 
-def table_cells(S: int, M: int, R: int, ring: bool, hop: int = 1) -> int:
+def table_cells(S: int, M: int, R: int, ring: bool, hop: int = 1, split: bool = False) -> int:
     """Ticks x stages of a table: exact for a ring table, the least possible for a forward +
-    backward one (2 R M ops per stage plus the fill and the drain)."""
+    backward one (2 R M ops per stage, 3 R M when split, plus the fill and the drain)."""
     if ring:
         return S * (R * _ring_period(S, M, R, hop) + hop * (S - 1))
-    return S * (2 * R * M + 2 * (S - 1))
+    return S * ((3 if split else 2) * R * M + 2 * (S - 1))
 
 
 def check_size(schedule: str, S: int, M: int, R: int, ring: bool, hop: int = 1) -> None:
     """Refuses tables above `MAX_TABLE_CELLS` instead of spending minutes building them."""
     if min(S, M, R) < 1:
         raise ConfigError(f"stages, micro-batches and repeats must be >= 1, got {S}, {M}, {R}")
-    cells = table_cells(S, M, R, ring, hop)
+    cells = table_cells(S, M, R, ring, hop, schedule in SPLIT_SCHEDULES)
     if cells > MAX_TABLE_CELLS:
         raise ConfigError(
             f"schedule {schedule!r} with {S} stages, {M} micro-batches and {R} repeats needs a "
@@ -341,44 +469,41 @@ def check_size(schedule: str, S: int, M: int, R: int, ring: bool, hop: int = 1) 
 
 
 def in_flight(table: ScheduleTable) -> np.ndarray:
-    """[ticks, stages]: forwards done whose backward is not yet done, after each tick."""
-    return np.cumsum((table.op == FWD).astype(np.int32) - (table.op == BWD), axis=0)
+    """[ticks, stages]: forwards whose stash is held after each tick (until their backward, or
+    until their W in a split table)."""
+    release = WGT if table.split else BWD
+    return np.cumsum((table.op == FWD).astype(np.int32) - (table.op == release), axis=0)
 
 
 def validate(table: ScheduleTable, max_in_flight: int | None = None) -> None:
     """Checks a forward + backward table; raises ConfigError with the grid and the bad cell.
 
-    Every forward and backward of every (micro-batch, virtual stage) runs exactly once, each
-    after its inputs were produced at an earlier tick, and no stage holds more than
-    `max_in_flight` stashed forwards (default: no bound).
+    Every forward and backward of every (micro-batch, virtual stage) runs exactly once (and its
+    W too in a split table), each after its inputs (`op_deps`) were produced at an earlier tick,
+    and no stage holds more than `max_in_flight` stashed forwards (default: no bound).
     """
     S, M, R = table.num_stages, table.num_microbatches, table.num_repeats
     V = S * R
-    done: dict[tuple[int, int, int], int] = {}
+    done: dict[Key, int] = {}
     for t, s in zip(*np.nonzero(table.busy), strict=True):
         o, m, r = int(table.op[t, s]), int(table.micro[t, s]), int(table.repeat[t, s])
-        v = r * S + int(s)
-        if not (0 <= m < M and 0 <= r < R):
-            _fail(table, t, s, f"micro-batch {m} / repeat {r} out of range")
+        if not (0 <= m < M and 0 <= r < R) or o not in (FWD, BWD, WGT):
+            _fail(table, t, s, f"op {o}, micro-batch {m} / repeat {r} out of range")
+        v = int(table.virtual_stage(int(s), r))
         if (o, m, v) in done:
-            _fail(table, t, s, f"{'FB'[o - 1]} micro-batch {m} virtual stage {v} runs twice")
-        deps = [(FWD, m, v - 1)] if o == FWD and v > 0 else []
-        if o == BWD:
-            deps = [(FWD, m, v)] + ([(BWD, m, v + 1)] if v < V - 1 else [])
-        for d in deps:
-            if done.get(d, t) >= t:
-                _fail(
-                    table,
-                    t,
-                    s,
-                    f"runs before {'FB'[d[0] - 1]} of micro-batch {m} at virtual stage {d[2]}",
-                )
+            _fail(table, t, s, f"{OP_LETTERS[o]} micro-batch {m} virtual stage {v} runs twice")
+        d = unmet_dep(done, t, (o, m, v), V)
+        if d is not None:
+            _fail(
+                table, t, s, f"runs before {OP_LETTERS[d[0]]} of micro-batch {m} at virtual "
+                f"stage {d[2]}"
+            )
         done[(o, m, v)] = t
-    for o in (FWD, BWD):
+    for o in (FWD, BWD, WGT) if table.split else (FWD, BWD):
         missing = [(m, v) for m in range(M) for v in range(V) if (o, m, v) not in done]
         if missing:
             raise ConfigError(
-                f"schedule {table.name!r} never runs {'FB'[o - 1]} of (micro-batch, virtual "
+                f"schedule {table.name!r} never runs {OP_LETTERS[o]} of (micro-batch, virtual "
                 f"stage) {missing[:4]}\n{table.ascii()}"
             )
     if max_in_flight is not None:
@@ -423,10 +548,11 @@ def _run_cli(args) -> None:
         cli.writable_file(args.png, "--png")
         if Path(args.png).suffix.lower() != ".png":
             raise ConfigError(f"--png {args.png!r} must name a .png file")
-        if 2 * S * M * R > MAX_CHART_OPS:
+        ops = (3 if args.schedule in SPLIT_SCHEDULES else 2) * S * M * R
+        if ops > MAX_CHART_OPS:
             raise ConfigError(
                 f"--png draws one box per op, at most {MAX_CHART_OPS:,} (about 10 s); this table "
-                f"has {2 * S * M * R:,}; use --trace and open it in Perfetto"
+                f"has {ops:,}; use --trace and open it in Perfetto"
             )
     if args.trace is not None:
         cli.writable_file(args.trace, "--trace")

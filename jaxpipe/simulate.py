@@ -1,10 +1,11 @@
 """Event simulation of a schedule table with per-stage op times and a link time.
 
 Each stage runs its ops in the table's order (read down its column). An op starts when its stage
-is free and its inputs have arrived: the forward of virtual stage v waits for the forward of
-v - 1 plus the link time, the backward of v for the backward of v + 1 plus the link time and for
-its own forward. Ticks only fix the order; the simulated clock comes from the costs, so uneven
-stages and slow links show up as they would on hardware.
+is free and its inputs (`schedule.op_deps`) have arrived, plus the link time when they come from
+another device: the forward of virtual stage v waits for the forward of v - 1, the backward of v
+for the backward of v + 1 and its own forward, a W for its B. Ticks only fix the order; the
+simulated clock comes from the costs, so uneven stages and slow links show up as they would on
+hardware.
 
 `lockstep=True` models jaxpipe's SPMD executors instead: every tick ends with one collective
 permute over the `pipe` axis, so a tick starts only when every stage has finished the previous
@@ -17,7 +18,7 @@ import dataclasses
 
 import numpy as np
 
-from jaxpipe.schedule import BWD, FWD, IDLE, ScheduleTable
+from jaxpipe.schedule import BWD, FWD, IDLE, WGT, ScheduleTable, op_deps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +56,7 @@ def simulate(
     link_time: float = 0.0,
     lockstep: bool = False,
     concurrency: int | None = None,
+    wgt_time=None,
 ) -> Simulation:
     """Predicts step time and per-stage idle time of a forward + backward table.
 
@@ -62,16 +64,21 @@ def simulate(
       table: from `schedule.full_table` (a forward-only table simulates its forward half).
       fwd_time: forward seconds per micro-batch, per stage [S] (a stage's repeats share it) or
         per virtual stage [S * R]; a scalar means every stage alike.
-      bwd_time: backward seconds, same shapes (default 2 x fwd_time).
-      link_time: seconds to send one activation or gradient to a neighbouring stage.
+      bwd_time: backward seconds, same shapes (default 2 x fwd_time; in a split table, the
+        input-gradient op B alone, default fwd_time).
+      link_time: seconds to send one activation or gradient to another device.
       lockstep: every tick waits for the slowest stage of the previous one (SPMD executors).
       concurrency: with lockstep, how many stages' ops run at full speed at once (devices
         sharing a host's cores): a tick lasts at least its ops' total over `concurrency`.
+      wgt_time: seconds of a split table's W op, same shapes (default fwd_time).
     """
     S, R = table.num_stages, table.num_repeats
     V = S * R
     tf = _per_virtual_stage(fwd_time, S, R)
-    tb = 2 * tf if bwd_time is None else _per_virtual_stage(bwd_time, S, R)
+    split = table.split
+    tb = (tf if split else 2 * tf) if bwd_time is None else _per_virtual_stage(bwd_time, S, R)
+    tw = tf if wgt_time is None else _per_virtual_stage(wgt_time, S, R)
+    cost_of = {FWD: tf, BWD: tb, WGT: tw}
     start = np.full(table.op.shape, np.nan)
     end = np.full(table.op.shape, np.nan)
     finish: dict[tuple[int, int, int], float] = {}
@@ -83,8 +90,10 @@ def simulate(
         if lockstep:
             busy = table.op[t] != IDLE
             if busy.any():
-                v = np.maximum(table.repeat[t], 0) * S + np.arange(S)
-                cost = np.where(table.op[t] == FWD, tf[v], np.where(busy, tb[v], 0.0))
+                v = table.virtual_stage(np.arange(S), np.maximum(table.repeat[t], 0))
+                cost = np.zeros(S)
+                for o, times in cost_of.items():
+                    cost = np.where(table.op[t] == o, times[v], cost)
                 tick = cost.max()
                 if concurrency is not None:
                     tick = max(tick, cost.sum() / concurrency)
@@ -92,20 +101,19 @@ def simulate(
                 clock += max(tick, link) if table.hop > 1 else tick + link
             continue
         for s in range(S):
-            o = table.op[t, s]
-            if o not in (FWD, BWD):
+            o = int(table.op[t, s])
+            if o == IDLE:
                 continue
-            m, v = int(table.micro[t, s]), int(table.repeat[t, s]) * S + s
+            m, v = int(table.micro[t, s]), int(table.virtual_stage(s, int(table.repeat[t, s])))
             ready = free[s]
-            if o == FWD and v > 0:
-                ready = max(ready, finish[(FWD, m, v - 1)] + link)
-            if o == BWD:
-                ready = max(ready, finish.get((FWD, m, v), 0.0))
-                if v < V - 1:
-                    ready = max(ready, finish[(BWD, m, v + 1)] + link)
-            cost = tf[v] if o == FWD else tb[v]
+            for d in op_deps(o, m, v, V):
+                # A forward-only table has no backward ops to wait for.
+                if d in finish:
+                    hop = link if table.device_of(d[2])[0] != s else 0.0
+                    ready = max(ready, finish[d] + hop)
+            cost = cost_of[o][v]
             start[t, s], end[t, s] = ready, ready + cost
-            finish[(int(o), m, v)] = free[s] = ready + cost
+            finish[(o, m, v)] = free[s] = ready + cost
     step = clock if lockstep else float(np.nanmax(end))
     busy = np.nansum(end - start, axis=0)
     return Simulation(table, start, end, step, busy, step - busy)

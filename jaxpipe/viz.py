@@ -2,7 +2,7 @@
 
 All three read a `ScheduleTable`; give a `Simulation` to draw simulated seconds instead of
 ticks. Forward ops are drawn in a micro-batch's light colour, backward ops in its dark colour
-with hatching.
+with hatching, and a split table's W ops (weight gradients) in its dark colour with dots.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 
 import numpy as np
 
-from jaxpipe.schedule import BWD, FWD, IDLE, ScheduleTable
+from jaxpipe.schedule import BWD, FWD, IDLE, OP_LETTERS, WGT, ScheduleTable
 from jaxpipe.simulate import Simulation
 
 
@@ -34,6 +34,8 @@ def _spans(table: ScheduleTable, sim: Simulation | None):
 def ascii_chart(table: ScheduleTable) -> str:
     """The grid plus a one-line legend and the bubble fraction."""
     legend = "F<m>[.<r>] forward, B<m>[.<r>] backward of micro-batch m (repeat r), . idle"
+    if table.split:
+        legend = legend.replace("backward", "input gradient, W<m>[.<r>] weight gradients")
     return f"{table.ascii()}\n{legend}; bubble {table.bubble_fraction():.4f}"
 
 
@@ -57,8 +59,8 @@ def gantt_png(table: ScheduleTable, path: str, sim: Simulation | None = None) ->
             dur,
             left=start,
             height=0.8,
-            color=dark if op == BWD else light,
-            hatch="//" if op == BWD else None,
+            color=light if op == FWD else dark,
+            hatch={FWD: None, BWD: "//", WGT: ".."}[op],
             edgecolor="black",
             linewidth=0.4,
         )
@@ -72,11 +74,21 @@ def gantt_png(table: ScheduleTable, path: str, sim: Simulation | None = None) ->
         f"{table.name}: S={S} M={M} R={table.num_repeats}, bubble "
         f"{table.bubble_fraction() if sim is None else sim.bubble_fraction:.3f}"
     )
+    handles = [
+        Patch(facecolor="white", edgecolor="black", label="forward"),
+        Patch(
+            facecolor="white",
+            edgecolor="black",
+            hatch="//",
+            label="input gradient" if table.split else "backward",
+        ),
+    ]
+    if table.split:
+        handles.append(
+            Patch(facecolor="white", edgecolor="black", hatch="..", label="weight gradients")
+        )
     ax.legend(
-        handles=[
-            Patch(facecolor="white", edgecolor="black", label="forward"),
-            Patch(facecolor="white", edgecolor="black", hatch="//", label="backward"),
-        ],
+        handles=handles,
         loc="upper left",
         bbox_to_anchor=(1.0, 1.0),
         fontsize=7,
@@ -97,7 +109,9 @@ def chrome_trace(table: ScheduleTable, path: str, sim: Simulation | None = None)
         for s in range(table.num_stages)
     ]
     for s, start, dur, op, m, r in _spans(table, sim):
-        kind = "forward" if op == FWD else "backward"
+        kind = {FWD: "forward", BWD: "input gradient" if table.split else "backward"}.get(
+            op, "weight gradients"
+        )
         events.append(
             {
                 "ph": "X",
@@ -105,7 +119,7 @@ def chrome_trace(table: ScheduleTable, path: str, sim: Simulation | None = None)
                 "tid": s,
                 "ts": start * scale,
                 "dur": dur * scale,
-                "name": f"{'F' if op == FWD else 'B'}{m}"
+                "name": f"{OP_LETTERS[op]}{m}"
                 + (f".{r}" if table.num_repeats > 1 else ""),
                 "cat": kind,
                 "args": {"micro_batch": m, "repeat": r, "op": kind},

@@ -13,6 +13,7 @@ from jaxpipe.checkpoint import Checkpoints, load_params
 from jaxpipe.config import ConfigError, ModelConfig, PipelineConfig, get_preset
 from jaxpipe.costs import get_profile
 from jaxpipe.data import TokenData, load_data
+from jaxpipe.layout import StageLayout
 from jaxpipe.mesh import make_mesh
 from jaxpipe.partition import make_plan
 from jaxpipe.schedule import build_table
@@ -72,6 +73,18 @@ CASES = {
     "repeats with gpipe": (
         lambda: PipelineConfig(num_stages=2, num_repeats=2),
         "use schedule 'circular' for repeats",
+    ),
+    "repeats with zb_h1": (
+        lambda: PipelineConfig(num_stages=2, num_repeats=2, schedule="zb_h1"),
+        "use 'interleaved_1f1b' or 'zbv' for repeats",
+    ),
+    "zbv without two repeats": (
+        lambda: PipelineConfig(num_stages=2, num_repeats=3, schedule="zbv"),
+        "num_repeats must be 2, got 3",
+    ),
+    "unknown placement": (
+        lambda: StageLayout(2, 2, (1, 1, 1, 1), "zigzag"),
+        r"unknown placement 'zigzag'; choose one of \('loop', 'vee'\)",
     ),
     "unknown schedule": (
         lambda: PipelineConfig(schedule="zigzag"),

@@ -398,3 +398,29 @@ def test_save_at_one_mesh_restore_at_others(tmp_path, cube):
     for trainer in (four, first):
         with Checkpoints(tmp_path) as c, pytest.raises(ConfigError, match="every checkpoint"):
             c.restore(trainer)
+
+
+@pytest.mark.slow
+def test_zbv_checkpoint_restores_under_gpipe_and_back(tmp_path):
+    """ZB-V holds layers in a V (device d: virtual stages d and 2S - 1 - d); the checkpoint is
+    in canonical layer order, so a gpipe trainer reads the same state, and saves it back."""
+    pcfg = PipelineConfig(num_stages=2, num_repeats=2, num_microbatches=2, schedule="zbv")
+    zbv = Trainer.create(SMALL, pcfg, TCFG, devices=jax.devices()[:2])
+    assert zbv.pipe.layout.placement == "vee"
+    state = _fake_state(zbv, 3)
+    expected = _host(zbv, state)
+    with Checkpoints(tmp_path / "a") as c:
+        c.save(zbv, state, force=True)
+    gpipe = _trainer(2, model=SMALL)
+    with Checkpoints(tmp_path / "a") as c:
+        restored = c.restore(gpipe)
+    _assert_equal(_host(gpipe, restored), expected)
+    # Layer 3 (the last) sits on stage 0, repeat 1 under zbv; on stage 1 under gpipe.
+    np.testing.assert_array_equal(
+        state.params["blocks"]["attn"]["q"]["kernel"][0, 1, 0],
+        restored.params["blocks"]["attn"]["q"]["kernel"][1, 0, 1],
+    )
+    with Checkpoints(tmp_path / "b") as c:
+        c.save(gpipe, restored, force=True)
+    with Checkpoints(tmp_path / "b") as c:
+        _assert_equal(_host(zbv, c.restore(zbv)), expected)

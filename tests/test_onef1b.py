@@ -10,6 +10,7 @@ from jaxpipe import model as M
 from jaxpipe.config import ConfigError, PipelineConfig, get_preset
 from jaxpipe.layout import StageLayout
 from jaxpipe.mesh import make_mesh
+from jaxpipe.onef1b import _StageVjp
 from jaxpipe.pipeline import Pipeline
 
 SEQ = 8
@@ -205,3 +206,83 @@ def test_layer_remat_stashes_only_layer_inputs():
 @needs_devices(2)
 def test_1f1b_layer_remat_matches_reference():
     _check("1f1b", 2, 4, remat="layer")
+
+
+# -- zero-bubble schedules (split backward) ------------------------------------------------------
+
+
+@needs_devices(2)
+def test_zb_h1_matches_reference():
+    """B and W run at different ticks; M = 3 is not a multiple of S = 2."""
+    pipe, _ = _check("zb_h1", 2, 3)
+    assert pipe.table.split and pipe.layout.placement == "loop"
+
+
+@pytest.mark.slow
+@needs_devices(2)
+def test_zbv_matches_reference():
+    """Device d holds virtual stages d and 3 - d; eval (`pipe.loss`) runs the same layers."""
+    pipe, _ = _check("zbv", 2, 3, R=2, style="tiny-llama")
+    assert pipe.layout.placement == "vee"
+    np.testing.assert_array_equal(pipe.layout.layer_index_SRJ[:, :, 0], [[0, 6], [2, 4]])
+
+
+@pytest.mark.slow
+@needs_devices(4)
+@pytest.mark.parametrize(
+    "schedule,S,Mb,style",
+    [
+        ("zb_h1", 1, 2, "tiny"),
+        ("zb_h1", 2, 1, "tiny-llama"),
+        ("zb_h1", 3, 4, "tiny-llama"),
+        ("zb_h1", 4, 5, "tiny"),
+        ("zb_h1", 4, 8, "tiny-llama"),
+        ("zbv", 1, 2, "tiny"),
+        ("zbv", 3, 4, "tiny-llama"),
+        ("zbv", 4, 5, "tiny"),
+    ],
+)
+def test_zero_bubble_grid(schedule, S, Mb, style):
+    R = 2 if schedule == "zbv" else 1
+    _check(schedule, S, Mb, R, style=style, layers=S * R + (S > 1))
+
+
+@pytest.mark.slow
+@needs_devices(4)
+def test_zero_bubble_uneven_layouts_data_and_pipe():
+    _check("zb_h1", 2, 3, layers=4, layout=StageLayout(2, 1, (1, 3)), data=2)
+    _check("zbv", 2, 2, R=2, layers=6, layout=StageLayout(2, 2, (1, 2, 2, 1), "vee"))
+
+
+@needs_devices(2)
+def test_zbv_layout_must_be_vee():
+    cfg = get_preset("tiny", num_layers=4, max_seq_len=SEQ)
+    pcfg = PipelineConfig(num_stages=2, num_microbatches=2, num_repeats=2, schedule="zbv")
+    with pytest.raises(ConfigError, match="build the layout with placement='vee'"):
+        Pipeline.create(cfg, pcfg, make_mesh(pcfg, jax.devices()[:2]), StageLayout(2, 2, (1,) * 4))
+
+
+@pytest.mark.slow
+def test_split_backward_flops_and_values():
+    """B + W cost what the fused backward costs (XLA's own count), W a real share of it, and
+    together they give the fused backward's gradients."""
+    cfg = get_preset("tiny", num_layers=1, max_seq_len=16, vocab_size=64)
+    w_J = jax.jit(M.init_params, static_argnums=(0, 1))(cfg, 0)["blocks"]
+    h = jax.random.normal(jax.random.key(1), (4, 16, cfg.d_model))
+    stage = _StageVjp(cfg, 1, 1, split=True)
+    y, kept = jax.jit(lambda w, h: stage.forward(w, 1, h))(w_J, h)
+    dy = jnp.cos(y)
+    compiled = lambda f, *a: jax.jit(f).lower(*a).compile()
+    fused = compiled(lambda w, k, d: stage.backward(w, 1, k, d), w_J, kept, dy)
+    b = compiled(lambda w, k, d: stage.input_grad(w, 1, k, d), w_J, kept, dy)
+    dh_b, carry = b(w_J, kept, dy)
+    # W reads only some of the stash (the matmuls' inputs); the rest is freed after B.
+    kept_w = [kept[i] for i in stage.split.w_stashed]
+    assert 0 < len(kept_w) < len(kept)
+    w = compiled(lambda w, k, c: stage.weight_grad(w, 1, k, c), w_J, kept_w, carry)
+    dw, dh = fused(w_J, kept, dy)
+    np.testing.assert_allclose(dh_b, dh, rtol=1e-6, atol=1e-7)
+    for x, want in zip(jax.tree.leaves(w(w_J, kept_w, carry)), jax.tree.leaves(dw), strict=True):
+        np.testing.assert_allclose(x, want, rtol=1e-6, atol=1e-7)
+    b, w, fused = (c.cost_analysis()["flops"] for c in (b, w, fused))
+    assert b + w <= 1.05 * fused and w >= 0.3 * fused, (b, w, fused)

@@ -25,7 +25,7 @@ from jaxpipe.partition import (
     virtual_counts,
 )
 from jaxpipe.pipeline import Pipeline
-from jaxpipe.schedule import BWD, FWD, build_table
+from jaxpipe.schedule import BWD, FWD, WGT, build_table
 from jaxpipe.schedule import in_flight as table_in_flight
 from jaxpipe.simulate import simulate
 from jaxpipe.split import min_max_split, uniform_sizes
@@ -127,23 +127,45 @@ def test_in_flight_per_schedule():
     assert in_flight(PipelineConfig(4, 2, schedule="1f1b"), 0) == 2
     # interleaved 1F1B with one repeat runs the 1F1B table: S - s in flight, not 2 (S - s) - 1.
     assert in_flight(PipelineConfig(2, 4, schedule="interleaved_1f1b"), 0) == 2
+    # Zero-bubble stashes live until their W: ZB-H1 holds S on every stage, ZB-V 2S halves.
+    assert [in_flight(PipelineConfig(4, 8, schedule="zb_h1"), s) for s in range(4)] == [4] * 4
+    assert in_flight(PipelineConfig(4, 8, 2, schedule="zbv"), 0) == 4
+
+
+def test_zbv_plan_places_layers_in_a_v():
+    cfg = get_preset("tiny").replace(num_layers=8)
+    pcfg = PipelineConfig(4, 8, 2, schedule="zbv")
+    cm = _cm(embed_time=0.0, head_time=0.0)
+    plan = build_plan(cfg, pcfg, StageLayout.uniform(8, 4, 2, "vee"), cm, "uniform", "test")
+    assert [st.ranges for st in plan.stages][0] == ((0, 1), (7, 8))
+    assert plan.layout_string().split(" | ")[0] == "E+t*1,t*1+H"  # the head is on stage 0
+    one = build_plan(
+        cfg, PipelineConfig(4, 8, schedule="1f1b"), StageLayout.uniform(8, 4), cm, "uniform",
+        "test",
+    )
+    assert plan.step_time_s < 0.85 * one.step_time_s
 
 
 def _pipeline_shapes():
     for schedule in SCHEDULES:
         for S in range(1, 9):
             for Mb in range(1, 2 * S + 2):
-                for R in range(1, 4) if schedule in ("circular", "interleaved_1f1b") else (1,):
+                repeats = {"circular": (1, 2, 3), "interleaved_1f1b": (1, 2, 3), "zbv": (2,)}
+                for R in repeats.get(schedule, (1,)):
                     yield schedule, S, Mb, R
 
 
 def _lockstep_ticks(table, compute_V):
     """Step time of a forward + backward table whose ticks each last their slowest op
-    (a forward costs a third of its virtual stage's forward + backward, a backward the rest)."""
+    (a forward costs a third of its virtual stage's forward + backward, a backward the rest;
+    in a split table B and W a third each)."""
     S, total = table.num_stages, 0.0
+    b_share = 1 / 3 if table.split else 2 / 3
     for op, rep in zip(table.op, table.repeat, strict=True):
-        share = np.where(op == FWD, 1 / 3, np.where(op == BWD, 2 / 3, 0.0))
-        total += float((share * compute_V[np.maximum(rep, 0) * S + np.arange(S)]).max())
+        share = np.where(op == FWD, 1 / 3, np.where(op == BWD, b_share, 0.0))
+        share = np.where(op == WGT, 1 / 3, share)
+        v = table.virtual_stage(np.arange(S), np.maximum(rep, 0))
+        total += float((share * compute_V[v]).max())
     return total
 
 
@@ -155,10 +177,12 @@ def test_plan_reads_bubble_in_flight_and_step_time_off_the_executors_table():
     checked = 0
     for schedule, S, Mb, R in _pipeline_shapes():
         pcfg = PipelineConfig(S, Mb, num_repeats=R, schedule=schedule)
-        layout = StageLayout.uniform(26, S, R)  # uneven when S x R does not divide 26
         try:
             ran = build_table(schedule, S, Mb, R)  # what Pipeline.create builds and runs
+            # Uneven when S x R does not divide 26.
+            layout = StageLayout.uniform(26, S, R, ran.placement)
         except ConfigError as e:
+            layout = StageLayout.uniform(26, S, R)
             with pytest.raises(ConfigError, match=str(e).split(";")[0][:40]):
                 build_plan(cfg, pcfg, layout, cm, "uniform", "test")
             continue

@@ -12,6 +12,10 @@ from jaxpipe.schedule import (
     BWD,
     FWD,
     IDLE,
+    NEXT,
+    PREV,
+    SELF,
+    WGT,
     ScheduleTable,
     build_table,
     full_table,
@@ -116,42 +120,69 @@ def test_validator_marks_missing_duplicate_and_early_ops():
 
 @pytest.mark.parametrize(
     "args",
-    [("1f1b", 4, 8, 1), ("gpipe", 3, 4, 1), ("interleaved_1f1b", 3, 6, 2), ("1f1b", 4, 2, 1)],
+    [
+        ("1f1b", 4, 8, 1),
+        ("gpipe", 3, 4, 1),
+        ("interleaved_1f1b", 3, 6, 2),
+        ("1f1b", 4, 2, 1),
+        ("zb_h1", 4, 6, 1),
+        ("zbv", 3, 5, 2),
+        ("zbv", 2, 2, 2),
+    ],
 )
 def test_buffer_plan_replays(args):
     """Replays the plan slot by slot: every read finds exactly the value it expects."""
     table = full_table(*args)
     plan = buffer_plan(table)
     S, V = table.num_stages, table.num_stages * table.num_repeats
-    assert plan.num_res == in_flight(table).max()
+    assert (plan.num_wres if table.split else plan.num_res) == in_flight(table).max()
     act = [dict() for _ in range(S)]
     grad = [dict() for _ in range(S)]
     res = [dict() for _ in range(S)]
-    sent_f, sent_b = [None] * S, [None] * S
+    wres = [dict() for _ in range(S)]  # split tables: the residuals W reads too
+    carry = [dict() for _ in range(S)]
+    # What each stage sent on each channel at the previous tick: NEXT goes to s + 1, PREV to
+    # s - 1, SELF stays.
+    sent_f = sent_b = [[None] * 3 for _ in range(S)]
+    source = {NEXT: lambda s: (s - 1) % S, PREV: lambda s: (s + 1) % S, SELF: lambda s: s}
     for t in range(table.num_ticks):
         for s in range(S):
-            if plan.act_write[t, s] >= 0:
-                act[s][plan.act_write[t, s]] = sent_f[(s - 1) % S]
-            if plan.grad_write[t, s] >= 0:
-                grad[s][plan.grad_write[t, s]] = sent_b[(s + 1) % S]
-        sent_f, sent_b = [None] * S, [None] * S
+            for ch in (NEXT, PREV, SELF):
+                if plan.act_write[ch, t, s] >= 0:
+                    act[s][plan.act_write[ch, t, s]] = sent_f[source[ch](s)][ch]
+                if plan.grad_write[ch, t, s] >= 0:
+                    grad[s][plan.grad_write[ch, t, s]] = sent_b[source[ch](s)][ch]
+        sent_f, sent_b = [[None] * 3 for _ in range(S)], [[None] * 3 for _ in range(S)]
         for s in range(S):
             o, m = table.op[t, s], int(table.micro[t, s])
-            v = int(table.repeat[t, s]) * S + s
+            v = int(table.virtual_stage(s, int(table.repeat[t, s])))
             if o == FWD:
                 if v > 0:
                     assert act[s].pop(plan.act_read[t, s]) == (m, v - 1)
                 assert plan.res_slot[t, s] not in res[s]
                 res[s][plan.res_slot[t, s]] = (m, v)
-                sent_f[s] = (m, v)
+                if table.split:
+                    assert plan.wres_slot[t, s] not in wres[s]
+                    wres[s][plan.wres_slot[t, s]] = (m, v)
+                if v < V - 1:
+                    sent_f[s][table.channel(v, v + 1)] = (m, v)
                 if v == V - 1:
                     assert plan.head_write[t, s] not in grad[s]
                     grad[s][plan.head_write[t, s]] = (m, v + 1)
             elif o == BWD:
                 assert res[s].pop(plan.res_slot[t, s]) == (m, v)
+                if table.split:
+                    assert wres[s][plan.wres_slot[t, s]] == (m, v)
                 assert grad[s].pop(plan.grad_read[t, s]) == (m, v + 1)
-                sent_b[s] = (m, v)
-    assert all(not d for d in act + grad + res)
+                if v > 0:
+                    sent_b[s][table.channel(v, v - 1)] = (m, v)
+                if table.split:
+                    assert plan.carry_slot[t, s] not in carry[s]
+                    carry[s][plan.carry_slot[t, s]] = (m, v)
+            elif o == WGT:
+                assert wres[s].pop(plan.wres_slot[t, s]) == (m, v)
+                assert carry[s].pop(plan.carry_slot[t, s]) == (m, v)
+    assert all(not d for d in act + grad + res + wres + carry)
 
 
 def test_simulation_unit_costs_match_ticks():
@@ -221,6 +252,67 @@ def test_cli(tmp_path, capsys):
 def test_ring_table_still_valid_for_pipeline():
     table = ring_table("circular", 3, 3, 2)
     assert table.op.max() == FWD and build_table("circular", 3, 3, 2).num_ticks == table.num_ticks
+
+
+@pytest.mark.parametrize("S", [2, 3, 4, 8])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_zero_bubble_tables_match_the_paper(S, k):
+    """Unit times T_F = T_B = T_W (one tick each; a fused backward is B + W, two units).
+
+    1F1B idles 3 (S - 1) units per stage; ZB-H1 idles S - 1 (a third) at 1F1B's peak stash;
+    ZB-V (half stages, so 6 M + ... half-units) idles at most S half-units at the same memory.
+    """
+    M = k * S
+    onef1b, zb = full_table("1f1b", S, M), full_table("zb_h1", S, M)
+    zbv = full_table("zbv", S, M, 2)
+    assert not onef1b.split and zb.split and zbv.split
+    assert onef1b.bubble_fraction() == pytest.approx((S - 1) / (M + S - 1), abs=1e-12)
+    assert zb.num_ticks == 3 * M + S - 1
+    np.testing.assert_array_equal((~zb.busy).sum(axis=0), S - 1)
+    assert zb.bubble_fraction() == pytest.approx((S - 1) / (3 * M + S - 1), abs=1e-12)
+    assert in_flight(zb).max() == in_flight(onef1b).max() == S
+    assert 6 * M + 1 <= zbv.num_ticks <= 6 * M + S
+    assert in_flight(zbv).max() == 2 * S
+    # Device d holds virtual stages d and 2S - 1 - d; the last forward runs on device 0.
+    assert [zbv.device_of(v)[0] for v in (0, S - 1, S, 2 * S - 1)] == [0, S - 1, S - 1, 0]
+    last = np.argwhere((zbv.op == FWD) & (zbv.repeat == 1))
+    assert set(last[:, 1]) == set(range(S))
+
+
+def test_validator_checks_w_ops():
+    table = full_table("zb_h1", 3, 3)
+    t, s = map(int, np.argwhere(table.op == WGT)[0])
+    gone = ScheduleTable(table.name, 3, 3, 1, table.op.copy(), table.micro, table.repeat)
+    gone.op[t, s] = IDLE
+    with pytest.raises(ConfigError, match="never runs W"):
+        validate(gone)
+    early = ScheduleTable(
+        table.name, 3, 3, 1, table.op.copy(), table.micro.copy(), table.repeat.copy()
+    )
+    early.op[0, 2], early.micro[0, 2], early.repeat[0, 2] = WGT, 0, 0
+    early.op[t, s] = IDLE if (t, s) != (0, 2) else WGT
+    with pytest.raises(ConfigError, match=r"tick 0, stage 2[\s\S]*runs (before B|twice)"):
+        validate(early)
+    with pytest.raises(ConfigError, match="num_repeats=2"):
+        full_table("zbv", 3, 3, 1)
+
+
+def test_zero_bubble_simulation():
+    """Unit costs reproduce the ticks; a W on a slow stage still fills the bubbles."""
+    table = full_table("zb_h1", 4, 8)
+    assert simulate(table, 1.0).step_time == table.num_ticks
+    fused = simulate(full_table("1f1b", 4, 8), 1.0, 2.0).step_time
+    assert simulate(table, 1.0, 1.0, wgt_time=1.0).step_time / fused == pytest.approx(27 / 33)
+    zbv = simulate(full_table("zbv", 4, 8, 2), 0.5, 0.5, wgt_time=0.5, link_time=0.05)
+    assert zbv.step_time < 0.85 * simulate(full_table("1f1b", 4, 8), 1.0, 2.0, 0.05).step_time
+
+
+def test_charts_draw_w_ops(tmp_path):
+    table = full_table("zb_h1", 2, 2)
+    assert "W1" in viz.ascii_chart(table) and "weight gradients" in viz.ascii_chart(table)
+    trace = viz.chrome_trace(table, str(tmp_path / "t.json"))
+    cats = {e["cat"] for e in trace["traceEvents"] if e["ph"] == "X"}
+    assert cats == {"forward", "input gradient", "weight gradients"}
 
 
 @pytest.mark.parametrize("S,M,R", [(2, 3, 1), (3, 2, 2), (4, 8, 3), (3, 7, 2)])
