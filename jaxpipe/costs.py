@@ -103,6 +103,7 @@ PROFILES: dict[str, DeviceProfile] = {
 DEVICES = tuple(PROFILES) + ("cpu",)
 
 _CPU_PROFILE: dict[tuple, DeviceProfile] = {}
+_CONCURRENCY: dict = {}  # (model, micro-batch, seq_len) -> `_shared_concurrency`
 
 
 def best_times(calls: dict, reps: int = 5, min_seconds: float = 0.05) -> dict:
@@ -270,7 +271,9 @@ def calibrate_cpu(
     if None not in key and _runs_here(model_cfg, microbatch, seq_len):
         programs = layer_programs(model_cfg, microbatch, seq_len)
         flops, head_flops = _model_rates(programs)
-        concurrency = _shared_concurrency(programs["block"])
+        if key not in _CONCURRENCY:  # kept when profiles are re-measured: it barely moves
+            _CONCURRENCY[key] = _shared_concurrency(programs["block"])
+        concurrency = _CONCURRENCY[key]
     else:
         flops, head_flops = _block_rate(2, 128, 512, 2048, 8), _softmax_rate(256, 512, 32000)
     buf = _cpu_array((16 * 2**20,))

@@ -89,6 +89,7 @@ def test_interleaved_three_stages_two_repeats_llama():
     _check("interleaved_1f1b", 3, 3, R=2, style="tiny-llama", layers=6)
 
 
+@pytest.mark.slow
 @needs_devices(4)
 def test_1f1b_uneven_layout_data_and_pipe():
     """data=2 x pipe=2, stages of 1 and 3 layers (padded slots), 3 micro-batches."""
@@ -211,6 +212,7 @@ def test_1f1b_layer_remat_matches_reference():
 # -- zero-bubble schedules (split backward) ------------------------------------------------------
 
 
+@pytest.mark.slow
 @needs_devices(2)
 def test_zb_h1_matches_reference():
     """B and W run at different ticks; M = 3 is not a multiple of S = 2."""

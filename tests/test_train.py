@@ -8,6 +8,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from jaxpipe.config import PipelineConfig, get_preset
 from jaxpipe.data import TokenData, load_data
@@ -54,6 +55,7 @@ def test_same_losses_across_pipeline_shapes_and_no_recompile():
         np.testing.assert_allclose(other, losses[0], rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_same_seed_same_trajectory():
     _, a = _run(PipelineConfig(num_stages=2, num_microbatches=2))
     _, b = _run(PipelineConfig(num_stages=2, num_microbatches=2))
