@@ -18,8 +18,9 @@ the turn of a V (zbv), where virtual stage v sits on `table.virtual_stage`'s sta
 
 Config: remat="layer" runs each layer under `jax.checkpoint`, so a forward stashes only each
 layer's input and the backward recomputes one layer at a time; remat="stage" stashes only each
-stage input and recomputes the stage's forward in its backward. `boundary_dtype` and
-`Pipeline.poison_bubbles` are not used here.
+stage input and recomputes the stage's forward in its backward. Activations and gradients that
+cross to another stage travel in `boundary_dtype` (values kept on a stage at the turn of a V do
+not cross). `Pipeline.poison_bubbles` is not used here.
 """
 
 from __future__ import annotations
@@ -246,8 +247,16 @@ def _stage_program(pipe, w_1RJ, head_params, x_MBTD, t_MBT):
         PREV: [((i + 1) % S, i) for i in range(S)],
     }
 
+    wire = jnp.dtype(pipe.config.boundary_dtype or zero_BTD.dtype)
+
     def send(y, chs):
-        return {ch: y if ch == SELF else jax.lax.ppermute(y, "pipe", perms[ch]) for ch in chs}
+        """y to each channel; what crosses to another stage travels in `boundary_dtype`."""
+        return {
+            ch: y if ch == SELF else jax.lax.ppermute(y.astype(wire), "pipe", perms[ch]).astype(
+                y.dtype
+            )
+            for ch in chs
+        }
 
     def tick(st, t):
         act, grad = st["act"], st["grad"]

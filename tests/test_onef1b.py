@@ -288,3 +288,43 @@ def test_split_backward_flops_and_values():
         np.testing.assert_allclose(x, want, rtol=1e-6, atol=1e-7)
     b, w, fused = (c.cost_analysis()["flops"] for c in (b, w, fused))
     assert b + w <= 1.05 * fused and w >= 0.3 * fused, (b, w, fused)
+
+
+def _boundary_run(schedule, boundary, run):
+    """(dtypes every ppermute of the executor carries, loss or None)."""
+    cfg = get_preset("tiny", num_layers=4, max_seq_len=SEQ)
+    params = jax.jit(M.init_params, static_argnums=(0, 1))(cfg, 3)
+    tokens = jax.random.randint(jax.random.key(7), (4, SEQ + 1), 0, cfg.vocab_size)
+    pcfg = PipelineConfig(2, 2, schedule=schedule, boundary_dtype=boundary)
+    pipe = Pipeline.create(cfg, pcfg, make_mesh(pcfg, jax.devices()[:2]))
+    placed = pipe.place(params)
+    jaxpr = jax.make_jaxpr(pipe.value_and_grad)(placed, tokens)
+    sent = {str(v.aval.dtype) for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "ppermute"
+            for v in e.invars}
+    loss = float(pipe.jit(pipe.value_and_grad)(placed, tokens)[0]) if run else None
+    return sent, loss
+
+
+@needs_devices(2)
+@pytest.mark.parametrize("schedule", ["1f1b", "interleaved_1f1b", "zb_h1"])
+def test_boundary_dtype_is_what_crosses_between_stages(schedule):
+    """Every ppermute of the forward + backward executor carries `boundary_dtype`; without it
+    the activations' own dtype crosses."""
+    for boundary in (None, "bfloat16"):
+        sent, _ = _boundary_run(schedule, boundary, run=False)
+        assert sent == {boundary or "float32"}, sent
+
+
+@pytest.mark.slow
+@needs_devices(2)
+def test_boundary_dtype_rounding_changes_the_loss_a_little():
+    (_, full), (_, half) = (_boundary_run("1f1b", b, run=True) for b in (None, "bfloat16"))
+    assert half != full
+    np.testing.assert_allclose(half, full, rtol=1e-2)
+
+
+def _eqns(jaxpr):
+    for e in jaxpr.eqns:
+        yield e
+        for sub in jax.extend.core.jaxprs_in_params(e.params):
+            yield from _eqns(sub)
