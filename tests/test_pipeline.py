@@ -52,7 +52,6 @@ def _check_against_reference(cfg, pipe, batch=BATCH, tol=2e-5):
 
 # (style, stages, micro-batches, repeats, data, extra layers beyond 2 per virtual stage)
 FAST = [
-    ("gpt2", 2, 3, 1, 1, 1),  # M not a multiple of S, uneven stages
     ("gpt2", 4, 1, 1, 1, 0),  # M < S
     ("gpt2", 3, 4, 2, 1, 0),  # circular, S >= 3, M > S
     ("gpt2", 4, 2, 2, 1, 0),  # circular, M < S
