@@ -16,12 +16,13 @@ Prints one JSON object:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import bench_json  # noqa: E402
 
 from jaxpipe import cli  # noqa: E402 (after JAX_PLATFORMS is set)
 
@@ -110,13 +111,7 @@ def measure(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    import jax
-
-    from jaxpipe.mesh import force_cpu_devices
-
-    if jax.config.jax_platforms == "cpu":
-        force_cpu_devices(args.stages)
-    return cli.guard(lambda: print(json.dumps(measure(args), indent=1)))
+    return bench_json.main_on_cpu_devices(measure, args, args.stages)
 
 
 if __name__ == "__main__":
