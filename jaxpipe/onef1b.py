@@ -39,6 +39,9 @@ from jaxpipe.schedule import BWD, FWD, NEXT, PREV, SELF, WGT
 _tree = jax.tree.map
 
 
+_UNROLL_MAX_SLOTS = 2  # stages with at most this many layer slots run them unrolled
+
+
 class _StageVjp:
     """One stage's group of J layer slots, forward with residuals and backward from them.
 
@@ -55,8 +58,10 @@ class _StageVjp:
         self.cfg, self.J, self.min_count = cfg, num_slots, min_count
         self.recompute, self.remat_layer = remat == "stage", remat == "layer"
         # A split backward cuts the backward's program apart between equations; a scan over
-        # the layers would be one equation, so split stages unroll their layers.
-        self.scanned = min_count == num_slots and not split
+        # the layers would be one equation, so split stages unroll their layers. Stages of a
+        # few slots unroll them too: a scan stacks its residuals per layer, which costs a copy
+        # of them every forward (with J = 2, about 10 % of a 1F1B step of `small` on CPU).
+        self.scanned = min_count == num_slots and not split and num_slots > _UNROLL_MAX_SLOTS
         self.meta = None  # (treedef, weight position or -1 per residual leaf)
         self.split = None  # backsplit.BackwardSplit, built on the first `input_grad`
 
@@ -116,6 +121,10 @@ class _StageVjp:
             pull = jax.tree.unflatten(treedef, leaves)
         dw, dh = pull(dy)
         return (dw if self.scanned else _tree(lambda *a: jnp.stack(a), *dw)), dh
+
+
+def _write(buf, x, slot):
+    return jax.lax.dynamic_update_index_in_dim(buf, x, slot, 0)
 
 
 def _varying(a):
@@ -199,16 +208,22 @@ def _stage_program(pipe, w_1RJ, head_params, x_MBTD, t_MBT):
             "send_b": {ch: zero_BTD for ch in grad_chs},
         }
     )
-    zeros_res = [b[0] for b in state["res"]]
     zeros_carry = [b[0] for b in state["carry"]]
+
+    def read(res, k):
+        return [jax.lax.dynamic_index_in_dim(b, j, 0, False) for b, j in zip(res, k, strict=True)]
 
     def head_loss(hp, y_BTD, t_BT):
         return M.head_loss(cfg, hp, y_BTD, t_BT) / Mb
 
     # Only the accumulators (head loss and gradient, weight gradients) pass through the
-    # conditionals; every buffer write happens outside them as one in-place slot update, so no
-    # branch (the idle one included) passes the stash or the inboxes through.
-    def fwd(head, w_J, count, h, m, last):
+    # conditionals as outputs; every buffer write happens outside them as one in-place slot
+    # update (a conditional that updated the stash would copy it whole). The stash and the
+    # carries go in read-only: a backward reads its slot inside its branch, and a tick whose op
+    # leaves nothing to stash reads the slot it writes, inside the idle branch, so the write
+    # puts back what is there. No tick selects between old and new contents, and ticks that
+    # do not read the stash do not copy a slot out of it.
+    def fwd(head, res, k, w_J, count, h, m, last):
         y, kept = stage.forward(w_J, count, h)
 
         def with_head(head):
@@ -220,23 +235,27 @@ def _stage_program(pipe, w_1RJ, head_params, x_MBTD, t_MBT):
         # splash attention's block tables) are typed as varying, like the stash they go to.
         return head, y, vary(kept), dy
 
-    def no_fwd(head, *_):
-        return head, zero_BTD, zeros_res, zero_BTD
+    def no_fwd(head, res, k, *_):
+        return head, zero_BTD, read(res, k), zero_BTD
+
+    def b_input(w_J, count, res, k, dy, carries, j):
+        return stage.input_grad(w_J, count, read(res, k), dy)
+
+    def no_b_input(w_J, count, res, k, dy, carries, j):
+        return zero_BTD, read(carries, [j] * len(carries))
 
     def add_grads(g_w, dw_J, r):
         return _tree(lambda g, d: jax.lax.dynamic_update_index_in_dim(g, g[r] + d, r, 0), g_w, dw_J)
 
-    def bwd(g_w, w_J, count, kept, dy, r):
-        dw_J, dh = stage.backward(w_J, count, kept, dy)
+    def bwd(g_w, w_J, count, res, k, dy, r):
+        dw_J, dh = stage.backward(w_J, count, read(res, k), dy)
         return add_grads(g_w, dw_J, r), dh, zeros_carry
 
     def no_bwd(g_w, *_):
         return g_w, zero_BTD, zeros_carry
 
-    def no_bwd_input(*_):
-        return zero_BTD, zeros_carry
-
-    def wgt(g_w, w_J, count, kept_w, carry, r):
+    def wgt(g_w, w_J, count, res_w, k_w, carries, j, r):
+        kept_w, carry = read(res_w, k_w), read(carries, [j] * len(carries))
         return add_grads(g_w, stage.weight_grad(w_J, count, kept_w, carry), r)
 
     def put(buf, x, slot, ok):
@@ -274,24 +293,22 @@ def _stage_program(pipe, w_1RJ, head_params, x_MBTD, t_MBT):
         h = placement.constrain_activation(jnp.where(v == 0, x_MBTD[m], act[act_r[t, s]]))
         dy_in = placement.constrain_activation(grad[grad_r[t, s]])
         head, y, kept_f, dy = jax.lax.cond(
-            is_f, fwd, no_fwd, st["head"], w_J, count, h, m, v == V - 1
+            is_f, fwd, no_fwd, st["head"], st["res"], k, w_J, count, h, m, v == V - 1
         )
-        kept_b = [
-            jax.lax.dynamic_index_in_dim(b, j, 0, False) for b, j in zip(st["res"], k, strict=True)
-        ]
+        j = carry_slot[t, s]
         if tab.split:  # B leaves the weight gradients alone: they do not pass its conditional
             g_w = st["g_w"]
             dh, carry = jax.lax.cond(
-                is_b, stage.input_grad, no_bwd_input, w_J, count, kept_b, dy_in
+                is_b, b_input, no_b_input, w_J, count, st["res"], k, dy_in, st["carry"], j
             )
         else:
             g_w, dh, carry = jax.lax.cond(
-                is_b, bwd, no_bwd, st["g_w"], w_J, count, kept_b, dy_in, r
+                is_b, bwd, no_bwd, st["g_w"], w_J, count, st["res"], k, dy_in, r
             )
         new = {
             "act": act,
             "grad": put(grad, dy, head_w[t, s], is_f & (v == V - 1)),
-            "res": [put(b, x, j, is_f) for b, x, j in zip(st["res"], kept_f, k, strict=True)],
+            "res": [_write(b, x, i) for b, x, i in zip(st["res"], kept_f, k, strict=True)],
             "carry": st["carry"],
             "head": head,
             "dx": put(st["dx"], dh, m, is_b & (v == 0)),
@@ -299,13 +316,11 @@ def _stage_program(pipe, w_1RJ, head_params, x_MBTD, t_MBT):
             "send_b": send(dh, grad_chs),
         }
         if tab.split:
-            j = carry_slot[t, s]
-            carry_in = [jax.lax.dynamic_index_in_dim(b, j, 0, False) for b in st["carry"]]
-            kept_w = [kept_b[i] for i in w_kept]
+            res_w, k_w = [st["res"][i] for i in w_kept], [k[i] for i in w_kept]
             g_w = jax.lax.cond(
-                op == WGT, wgt, lambda g_w, *_: g_w, g_w, w_J, count, kept_w, carry_in, r
+                op == WGT, wgt, lambda g_w, *_: g_w, g_w, w_J, count, res_w, k_w, st["carry"], j, r
             )
-            new["carry"] = [put(b, x, j, is_b) for b, x in zip(st["carry"], carry, strict=True)]
+            new["carry"] = [_write(b, x, j) for b, x in zip(st["carry"], carry, strict=True)]
         return {**new, "g_w": g_w}, None
 
     st, _ = jax.lax.scan(tick, state, jnp.arange(tab.num_ticks))
