@@ -7,7 +7,9 @@ backward tick it rebuilds the pullback from that slot and accumulates its weight
 Activations go to the next stage with `ppermute`, gradients to the previous one with the reverse
 `ppermute`; arrivals wait in small inboxes (slots from `buffers.buffer_plan`). The head and the
 loss run inside the last virtual stage's forward, so its backward has its loss gradient at
-hand; the embedding runs outside, and its gradient comes from the returned d(input).
+hand. With embed_head="outside" the embedding runs before the program, and its gradient comes
+from the returned d(input); with "inside" the first virtual stage embeds each micro-batch at its
+forward tick and adds the lookups' gradient to the table's at its backward tick.
 Idle ticks and padded slots are skipped with `lax.cond`, so they cost no FLOPs.
 
 What runs is read off the table's op codes: in a table with W ops (split) a B tick computes only
@@ -136,29 +138,40 @@ def value_and_grad(pipe, params, tokens_BT1):
     """(loss, grads) of `pipe` (a `Pipeline` with a forward + backward table); grads in the
     pipeline layout of params. Equal to `jax.value_and_grad(pipe.loss)` up to float rounding."""
     inputs_BT, targets_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
-    x_MBTD, embed_vjp = jax.vjp(lambda e: pipe.embed(e, inputs_BT), params["embed"])
+    inside = pipe.config.embed_head == "inside"
     t_MBT = pipe.microbatch(targets_BT)
     # The head reads the token table only when tied to it: an untied head's program does not
-    # carry the table (nor accumulate a zero gradient for it).
+    # carry the table (nor accumulate a zero gradient for it). With the embedding inside, the
+    # first virtual stage looks its micro-batches up itself and the program carries the table.
     head_params = {"head": params["head"]}
-    if pipe.model.tied:
+    if pipe.model.tied or inside:
         head_params["embed"] = params["embed"]
+    if inside:
+        x_in = pipe.microbatch(inputs_BT)  # token ids [M, B/M, T]
+    else:
+        x_in, embed_vjp = jax.vjp(lambda e: pipe.embed(e, inputs_BT), params["embed"])
     program = jax.shard_map(
         lambda w, hp, x, t: _stage_program(pipe, w, hp, x, t),
         mesh=pipe.mesh,
         in_specs=(P("pipe"), P(), P(), P()),
-        out_specs=(P(), P("pipe"), P(), P("pipe")),
+        out_specs=(P(), P("pipe"), P()) + (() if inside else (P("pipe"),)),
         axis_names={"pipe"},
     )
-    loss, g_blocks, g_head, dx_SMBTD = program(params["blocks"], head_params, x_MBTD, t_MBT)
-    (g_embed,) = embed_vjp(dx_SMBTD[0].astype(x_MBTD.dtype))
-    if pipe.model.tied:
-        g_embed = _tree(jnp.add, g_embed, g_head["embed"])
+    loss, g_blocks, g_head, *dx_SMBTD = program(params["blocks"], head_params, x_in, t_MBT)
+    if inside:
+        g_embed = g_head["embed"]  # the lookups' gradient (and the tied head's), summed
+    else:
+        (g_embed,) = embed_vjp(dx_SMBTD[0][0].astype(x_in.dtype))
+        if pipe.model.tied:
+            g_embed = _tree(jnp.add, g_embed, g_head["embed"])
     return loss, {"embed": g_embed, "blocks": g_blocks, "head": g_head["head"]}
 
 
-def _stage_program(pipe, w_1RJ, head_params, x_MBTD, t_MBT):
+def _stage_program(pipe, w_1RJ, head_params, x_in, t_MBT):
+    """One stage's tick loop. `x_in` is the embedded micro-batches [M, B/M, T, D], or with the
+    embedding inside, their token ids [M, B/M, T]."""
     cfg, tab, layout = pipe.model, pipe.table, pipe.layout
+    inside = pipe.config.embed_head == "inside"
     S, Mb, V = tab.num_stages, tab.num_microbatches, tab.num_stages * tab.num_repeats
     plan = buffer_plan(tab)
     c = lambda a: jnp.asarray(np.maximum(a, 0))
@@ -179,8 +192,8 @@ def _stage_program(pipe, w_1RJ, head_params, x_MBTD, t_MBT):
     s = jax.lax.axis_index("pipe")
     w_RJ = _tree(lambda a: a[0], w_1RJ)
     hp = vary(head_params)
-    x_MBTD = vary(x_MBTD)
-    zero_BTD = jnp.zeros_like(x_MBTD[0])
+    x_in = vary(x_in)
+    zero_BTD = _varying(jnp.zeros(x_in.shape[1:3] + (cfg.d_model,), jnp.dtype(cfg.dtype)))
     w_J0, count0 = _tree(lambda a: a[0], w_RJ), _varying(counts_SR[s, 0])
     res_shapes = jax.eval_shape(lambda w, n, h: stage.forward(w, n, h)[1], w_J0, count0, zero_BTD)
     zeros_res = [jnp.zeros(r.shape, r.dtype) for r in res_shapes]
@@ -203,11 +216,12 @@ def _stage_program(pipe, w_1RJ, head_params, x_MBTD, t_MBT):
             "carry": [jnp.zeros((plan.num_carry,) + a.shape, a.dtype) for a in carry_shapes],
             "g_w": _tree(jnp.zeros_like, w_RJ),
             "head": {"loss": jnp.zeros((), jnp.float32), "g": _tree(jnp.zeros_like, head_params)},
-            "dx": jnp.zeros_like(x_MBTD),
             "send_f": {ch: zero_BTD for ch in act_chs},
             "send_b": {ch: zero_BTD for ch in grad_chs},
         }
     )
+    if not inside:  # d(input) of each micro-batch, for the embedding's backward outside
+        state["dx"] = vary(jnp.zeros(x_in.shape, zero_BTD.dtype))
     zeros_carry = [b[0] for b in state["carry"]]
 
     def read(res, k):
@@ -216,6 +230,15 @@ def _stage_program(pipe, w_1RJ, head_params, x_MBTD, t_MBT):
     def head_loss(hp, y_BTD, t_BT):
         return M.head_loss(cfg, hp, y_BTD, t_BT) / Mb
 
+    def embed(e, m):
+        """Micro-batch m embedded (embedding inside: the first virtual stage's input)."""
+        return M.embed_apply(cfg, {"embed": e}, x_in[m]).astype(zero_BTD.dtype)
+
+    def embed_grad(g_e, dh, m):
+        """The lookups' gradient of micro-batch m, from d(input) of the first virtual stage."""
+        (d_e,) = jax.vjp(lambda e: embed(e, m), hp["embed"])[1](dh)
+        return _tree(jnp.add, g_e, d_e)
+
     # Only the accumulators (head loss and gradient, weight gradients) pass through the
     # conditionals as outputs; every buffer write happens outside them as one in-place slot
     # update (a conditional that updated the stash would copy it whole). The stash and the
@@ -223,7 +246,10 @@ def _stage_program(pipe, w_1RJ, head_params, x_MBTD, t_MBT):
     # leaves nothing to stash reads the slot it writes, inside the idle branch, so the write
     # puts back what is there. No tick selects between old and new contents, and ticks that
     # do not read the stash do not copy a slot out of it.
-    def fwd(head, res, k, w_J, count, h, m, last):
+    def fwd(head, res, k, w_J, count, h, m, first, last):
+        if inside:
+            h = jax.lax.cond(first, lambda h: embed(hp["embed"], m), lambda h: h, h)
+            h = placement.constrain_activation(h)
         y, kept = stage.forward(w_J, count, h)
 
         def with_head(head):
@@ -290,10 +316,11 @@ def _stage_program(pipe, w_1RJ, head_params, x_MBTD, t_MBT):
         is_f, is_b = op == FWD, op == BWD
 
         # Batch on `data` inside the stage (the executor is manual over `pipe` only).
-        h = placement.constrain_activation(jnp.where(v == 0, x_MBTD[m], act[act_r[t, s]]))
+        h = act[act_r[t, s]] if inside else jnp.where(v == 0, x_in[m], act[act_r[t, s]])
+        h = placement.constrain_activation(h)
         dy_in = placement.constrain_activation(grad[grad_r[t, s]])
         head, y, kept_f, dy = jax.lax.cond(
-            is_f, fwd, no_fwd, st["head"], st["res"], k, w_J, count, h, m, v == V - 1
+            is_f, fwd, no_fwd, st["head"], st["res"], k, w_J, count, h, m, v == 0, v == V - 1
         )
         j = carry_slot[t, s]
         if tab.split:  # B leaves the weight gradients alone: they do not pass its conditional
@@ -311,10 +338,16 @@ def _stage_program(pipe, w_1RJ, head_params, x_MBTD, t_MBT):
             "res": [_write(b, x, i) for b, x, i in zip(st["res"], kept_f, k, strict=True)],
             "carry": st["carry"],
             "head": head,
-            "dx": put(st["dx"], dh, m, is_b & (v == 0)),
             "send_f": send(y, act_chs),
             "send_b": send(dh, grad_chs),
         }
+        if inside:
+            g_e = jax.lax.cond(
+                is_b & (v == 0), embed_grad, lambda g_e, *_: g_e, head["g"]["embed"], dh, m
+            )
+            new["head"] = {**head, "g": {**head["g"], "embed": g_e}}
+        else:
+            new["dx"] = put(st["dx"], dh, m, is_b & (v == 0))
         if tab.split:
             res_w, k_w = [st["res"][i] for i in w_kept], [k[i] for i in w_kept]
             g_w = jax.lax.cond(
@@ -326,4 +359,5 @@ def _stage_program(pipe, w_1RJ, head_params, x_MBTD, t_MBT):
     st, _ = jax.lax.scan(tick, state, jnp.arange(tab.num_ticks))
     g_head = _tree(lambda g: jax.lax.psum(g, "pipe"), st["head"]["g"])
     g_w = _tree(lambda g: g[None], st["g_w"])
-    return jax.lax.psum(st["head"]["loss"], "pipe"), g_w, g_head, st["dx"][None]
+    out = jax.lax.psum(st["head"]["loss"], "pipe"), g_w, g_head
+    return out if inside else (*out, st["dx"][None])

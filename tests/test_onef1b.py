@@ -16,7 +16,8 @@ from jaxpipe.pipeline import Pipeline
 SEQ = 8
 
 
-def _check(schedule, S, Mb, R=1, style="tiny", layers=None, layout=None, data=1, remat="none"):
+def _check(schedule, S, Mb, R=1, style="tiny", layers=None, layout=None, data=1, remat="none",
+           **kw):
     cfg = get_preset(style, num_layers=layers or 2 * S * R, max_seq_len=SEQ)
     pcfg = PipelineConfig(
         num_stages=S,
@@ -25,6 +26,7 @@ def _check(schedule, S, Mb, R=1, style="tiny", layers=None, layout=None, data=1,
         schedule=schedule,
         data_parallel=data,
         remat=remat,
+        **kw,
     )
     mesh = make_mesh(pcfg, jax.devices()[: S * data])
     pipe = Pipeline.create(cfg, pcfg, mesh, layout)
@@ -254,6 +256,29 @@ def test_zero_bubble_grid(schedule, S, Mb, style):
 def test_zero_bubble_uneven_layouts_data_and_pipe():
     _check("zb_h1", 2, 3, layers=4, layout=StageLayout(2, 1, (1, 3)), data=2)
     _check("zbv", 2, 2, R=2, layers=6, layout=StageLayout(2, 2, (1, 2, 2, 1), "vee"))
+
+
+@needs_devices(4)
+@pytest.mark.parametrize(
+    "schedule,S,Mb,R,style,data",
+    [
+        ("1f1b", 2, 3, 1, "tiny", 2),
+        ("interleaved_1f1b", 2, 4, 2, "tiny-llama", 1),
+        pytest.param("zb_h1", 2, 3, 1, "tiny-llama", 1, marks=pytest.mark.slow),
+        pytest.param("zbv", 2, 2, 2, "tiny", 1, marks=pytest.mark.slow),
+    ],
+)
+def test_embedding_inside_matches_reference(schedule, S, Mb, R, style, data):
+    """embed_head="inside": the first virtual stage embeds each micro-batch and sends the
+    lookups' gradient to the table itself; no d(input) leaves the program."""
+    pipe, _ = _check(schedule, S, Mb, R, style=style, data=data, embed_head="inside")
+    params = pipe.place(jax.jit(M.init_params, static_argnums=(0, 1))(pipe.model, 3))
+    tokens = jnp.zeros((2 * Mb * data, SEQ + 1), jnp.int32)
+    jaxpr = jax.make_jaxpr(pipe.value_and_grad)(params, tokens).jaxpr
+    (program,) = [e for e in jaxpr.eqns if e.primitive.name == "shard_map"]
+    activations = [v.aval.shape for v in (*program.invars, *program.outvars)
+                   if v.aval.ndim >= 3 and v.aval.shape[-2:] == (SEQ, pipe.model.d_model)]
+    assert not activations, activations  # tokens in, no d(input) out
 
 
 @needs_devices(2)
