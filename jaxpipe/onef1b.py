@@ -27,6 +27,8 @@ not cross). `Pipeline.poison_bubbles` is not used here.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,7 +37,7 @@ from jax.sharding import PartitionSpec as P
 from jaxpipe import model as M
 from jaxpipe import placement
 from jaxpipe.backsplit import BackwardSplit
-from jaxpipe.buffers import buffer_plan
+from jaxpipe.buffers import buffer_plan, send_ticks
 from jaxpipe.schedule import BWD, FWD, NEXT, PREV, SELF, WGT
 
 _tree = jax.tree.map
@@ -294,13 +296,23 @@ def _stage_program(pipe, w_1RJ, head_params, x_in, t_MBT):
 
     wire = jnp.dtype(pipe.config.boundary_dtype or zero_BTD.dtype)
 
-    def send(y, chs):
-        """y to each channel; what crosses to another stage travels in `boundary_dtype`."""
+    # Ticks after which no stage receives on a channel skip its ppermute.
+    sends_f, sends_b = send_ticks(plan.act_write), send_ticks(plan.grad_write)
+    needs_f = {ch: jnp.asarray(sends_f[ch]) for ch in act_chs}
+    needs_b = {ch: jnp.asarray(sends_b[ch]) for ch in grad_chs}
+
+    def send(y, needs, t):
+        """y to each channel that a stage reads at the next tick; what crosses to another stage
+        travels in `boundary_dtype`."""
+
+        def hop(y, ch):
+            return jax.lax.ppermute(y.astype(wire), "pipe", perms[ch]).astype(y.dtype)
+
         return {
-            ch: y if ch == SELF else jax.lax.ppermute(y.astype(wire), "pipe", perms[ch]).astype(
-                y.dtype
+            ch: y if ch == SELF else jax.lax.cond(
+                need[t], functools.partial(hop, ch=ch), lambda y: y, y
             )
-            for ch in chs
+            for ch, need in needs.items()
         }
 
     def tick(st, t):
@@ -338,8 +350,8 @@ def _stage_program(pipe, w_1RJ, head_params, x_in, t_MBT):
             "res": [_write(b, x, i) for b, x, i in zip(st["res"], kept_f, k, strict=True)],
             "carry": st["carry"],
             "head": head,
-            "send_f": send(y, act_chs),
-            "send_b": send(dh, grad_chs),
+            "send_f": send(y, needs_f, t),
+            "send_b": send(dh, needs_b, t),
         }
         if inside:
             g_e = jax.lax.cond(
