@@ -26,14 +26,15 @@ Keys: pinned_zb_ratio = zb_h1 step / 1f1b step (expect <= 0.95), pinned_gpipe_ra
 1f1b; per schedule: step_s, bubble, table_bubble, bubble_gap (measured - table); stage_ops;
 link_s; config.
 
-Measured on the idle 2-core host (one run of the command above; figures vary by ~5 % from run
-to run): pinned_zb_ratio 1.05, pinned_gpipe_ratio 0.89; one stage's F 13.4 ms, fused backward
-21.1 ms, B 12.1 ms, W 10.8 ms (B + W = 1.09 x fused here); link_s 2.5 ms; step, measured bubble
-and table bubble: 1f1b 0.340 s, 0.60 vs 0.38; zb_h1 0.356 s, 0.59 vs 0.27; gpipe 0.304 s, 0.55
-vs 0.30. What the table does not predict is per tick: every tick of the 1F1B executor sends on
-both channels (two ppermutes, ~5 ms here, where the simulation charges one send per dependency)
-and runs its conditionals and stash updates, and zb_h1's table has 13 ticks to 1f1b's 10 at
-S = 2, M = 4, which costs more than the bubble it removes at this size.
+Measured on the idle 2-core host, three runs of the command above (the first before sends were
+skipped on ticks where no stage receives): pinned_zb_ratio 1.05, 1.14, 1.18; pinned_gpipe_ratio
+0.89, 1.08, 1.05; 1f1b step 0.340, 0.306, 0.287 s; zb_h1 0.356, 0.348, 0.339 s. Last run: one
+stage's F 13.1 ms, fused backward 22.4 ms, B 11.4 ms, W 11.1 ms; measured bubble against the
+table's: 1f1b 0.51 vs 0.32, zb_h1 0.58 vs 0.13, gpipe 0.53 vs 0.21. link_s varies between runs
+(0.3-2.8 ms). What the table does not predict is per tick: each tick of the 1F1B executor runs
+its conditionals and one update of every stash and carry buffer whatever its op, and zb_h1's
+table has 13 ticks to 1f1b's 10 at S = 2, M = 4 (and writes B's carries for W as well), which
+costs more than the bubble it removes at this size.
 """
 
 from __future__ import annotations
