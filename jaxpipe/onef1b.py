@@ -5,7 +5,8 @@ group of layers under `jax.vjp` and stashes the residuals (minus the weights, wh
 holds) in a slot of a buffer sized by what is in flight, not by the micro-batch count; at a
 backward tick it rebuilds the pullback from that slot and accumulates its weight gradients.
 Activations go to the next stage with `ppermute`, gradients to the previous one with the reverse
-`ppermute`; arrivals wait in small inboxes (slots from `buffers.buffer_plan`). The head and the
+`ppermute`, on the ticks after which some stage receives (`buffers.send_ticks`); arrivals wait
+in small inboxes (slots from `buffers.buffer_plan`). The head and the
 loss run inside the last virtual stage's forward, so its backward has its loss gradient at
 hand. With embed_head="outside" the embedding runs before the program, and its gradient comes
 from the returned d(input); with "inside" the first virtual stage embeds each micro-batch at its
