@@ -263,7 +263,7 @@ def test_zero_bubble_uneven_layouts_data_and_pipe():
     "schedule,S,Mb,R,style,data",
     [
         ("1f1b", 2, 3, 1, "tiny", 2),
-        ("interleaved_1f1b", 2, 4, 2, "tiny-llama", 1),
+        pytest.param("interleaved_1f1b", 2, 4, 2, "tiny-llama", 1, marks=pytest.mark.slow),
         pytest.param("zb_h1", 2, 3, 1, "tiny-llama", 1, marks=pytest.mark.slow),
         pytest.param("zbv", 2, 2, 2, "tiny", 1, marks=pytest.mark.slow),
     ],
