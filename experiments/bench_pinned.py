@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 
@@ -161,15 +162,15 @@ def measure(args) -> dict:
         raise ConfigError(f"--batch {args.batch} must divide by --microbatches")
     flags = [f"--{k}={v}" for k, v in vars(args).items()
              if k not in ("worker_out", "json_out", "devices", "timeout_s")]
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "process_0.json")
-        code = launch_local.launch(flags + [f"{WORKER}={out}"], args.stages, 1,
-                                   script=__file__, log_dir=tmp, timeout_s=args.timeout_s)
-        if code != 0 or not os.path.exists(out):
-            logs = sorted(os.listdir(tmp))
-            raise RuntimeError(f"stage processes exited with {code} (logs: {logs})")
-        with open(out) as f:
-            result = json.load(f)
+    tmp = tempfile.mkdtemp(prefix="bench_pinned_")
+    out = os.path.join(tmp, "process_0.json")
+    code = launch_local.launch(flags + [f"{WORKER}={out}"], args.stages, 1,
+                               script=__file__, log_dir=tmp, timeout_s=args.timeout_s)
+    if code != 0 or not os.path.exists(out):  # the logs stay for reading
+        raise RuntimeError(f"stage processes exited with {code}; their logs are in {tmp}")
+    with open(out) as f:
+        result = json.load(f)
+    shutil.rmtree(tmp)
     result["config"] = {k: v for k, v in vars(args).items() if k not in ("worker_out", "devices")}
     return result
 

@@ -227,8 +227,12 @@ def _stage_program(pipe, w_1RJ, head_params, x_in, t_MBT):
         state["dx"] = vary(jnp.zeros(x_in.shape, zero_BTD.dtype))
     zeros_carry = [b[0] for b in state["carry"]]
 
-    def read(res, k):
-        return [jax.lax.dynamic_index_in_dim(b, j, 0, False) for b, j in zip(res, k, strict=True)]
+    def read(bufs, slots):
+        """Slot slots[i] of each buffer bufs[i] (a scalar slot: the same one of every buffer)."""
+        if not isinstance(slots, list):
+            slots = [slots] * len(bufs)
+        pairs = zip(bufs, slots, strict=True)
+        return [jax.lax.dynamic_index_in_dim(b, j, 0, False) for b, j in pairs]
 
     def head_loss(hp, y_BTD, t_BT):
         return M.head_loss(cfg, hp, y_BTD, t_BT) / Mb
@@ -271,7 +275,7 @@ def _stage_program(pipe, w_1RJ, head_params, x_in, t_MBT):
         return stage.input_grad(w_J, count, read(res, k), dy)
 
     def no_b_input(w_J, count, res, k, dy, carries, j):
-        return zero_BTD, read(carries, [j] * len(carries))
+        return zero_BTD, read(carries, j)
 
     def add_grads(g_w, dw_J, r):
         return _tree(lambda g, d: jax.lax.dynamic_update_index_in_dim(g, g[r] + d, r, 0), g_w, dw_J)
@@ -284,7 +288,7 @@ def _stage_program(pipe, w_1RJ, head_params, x_in, t_MBT):
         return g_w, zero_BTD, zeros_carry
 
     def wgt(g_w, w_J, count, res_w, k_w, carries, j, r):
-        kept_w, carry = read(res_w, k_w), read(carries, [j] * len(carries))
+        kept_w, carry = read(res_w, k_w), read(carries, j)
         return add_grads(g_w, stage.weight_grad(w_J, count, kept_w, carry), r)
 
     def put(buf, x, slot, ok):
