@@ -27,8 +27,9 @@ Keys: pinned_zb_ratio = zb_h1 step / 1f1b step (expect <= 0.95), pinned_gpipe_ra
 link_s; config.
 
 Measured on the idle 2-core host, three runs of the command above (the first before sends were
-skipped on ticks where no stage receives): pinned_zb_ratio 1.05, 1.14, 1.18; pinned_gpipe_ratio
-0.89, 1.08, 1.05; 1f1b step 0.340, 0.306, 0.287 s; zb_h1 0.356, 0.348, 0.339 s. Last run: one
+skipped on ticks where no stage receives; run-to-run drift of the absolute step times, 0.29-0.34
+s for 1f1b, is as large as any effect of that change, so only each run's ratios compare):
+pinned_zb_ratio 1.05, 1.14, 1.18; pinned_gpipe_ratio 0.89, 1.08, 1.05. Last run: one
 stage's F 13.1 ms, fused backward 22.4 ms, B 11.4 ms, W 11.1 ms; measured bubble against the
 table's: 1f1b 0.51 vs 0.32, zb_h1 0.58 vs 0.13, gpipe 0.53 vs 0.21. link_s varies between runs
 (0.3-2.8 ms). What the table does not predict is per tick: each tick of the 1F1B executor runs
