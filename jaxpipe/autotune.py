@@ -1,17 +1,19 @@
 """Autotuner: the fastest way to train a model on a cluster, as the planner predicts it.
 
 Searches `data x pipe x tensor` meshes (tensor inside a node and dividing the heads, kv heads and
-MLP), every schedule with its repeats, the micro-batch count, remat, where the embedding and
-head run, and the layer split (`partition.device_counts`, method `cost`, then `memory` when the
-cost split overflows); drops what does not fit in memory, and ranks the rest by the plan's
-predicted step time: the executor's table simulated with per-stage costs and the communication
-of `costmodel.py`.
+MLP), every schedule with its repeats, the micro-batch count, remat, how the model state is split
+over `data` (replicated, ZeRO-1, FSDP), where the embedding and head run, and the layer split
+(`partition.device_counts`, method `cost`, then `memory` when the cost split overflows); drops
+what does not fit in memory, and ranks the rest by the plan's predicted step time: the
+executor's table simulated with per-stage costs and the communication of `costmodel.py`.
 
 Layer costs are compiled twice per model (micro-batch 1 and 2, no tensor split) and scaled:
 XLA's FLOP, byte and activation counts are linear in the micro-batch, and tensor parallelism
-divides them (`costs.LayerCost.scaled`). remat "layer" and "stage" cost the same time, so each
-candidate takes the first remat mode that fits, in the order none, layer, stage (a quick memory
-screen, `_memory_screen`, skips modes that cannot). The search is a branch and bound: every
+divides them (`costs.LayerCost.scaled`). remat "layer" and "stage" cost the same time, and the
+state splits move the same gradient volume over `data` (`costmodel.py`), so each candidate takes
+the first (remat, split) pair that fits, remat first in the order none, layer, stage, then the
+split in the order none, ZeRO-1, FSDP (a quick memory screen, `_memory_screen`, skips pairs that
+cannot). With data = 1 there is nothing to split. The search is a branch and bound: every
 candidate gets a lower bound of its step time (its work spread evenly over the stages, one link
 time per tick, the fill and drain ticks, the gradient reduction of an even share of the
 parameters), candidates are planned in order of that bound, and the search stops when the bound
@@ -52,6 +54,12 @@ from jaxpipe.schedule import SPLIT_SCHEDULES, table_cells
 from jaxpipe.split import uniform_sizes
 
 REPEATS = (2, 3, 4, 6, 8)  # repeats tried by circular and interleaved_1f1b
+# How the model state is split over `data`, cheapest first: PipelineConfig fields of each.
+STATE_SPLITS = {
+    "none": dict(zero1=False, fsdp=False),
+    "zero1": dict(zero1=True, fsdp=False),
+    "fsdp": dict(zero1=False, fsdp=True),
+}
 # Schedule tables above this many cells are not searched (about 1 s each to build).
 MAX_SEARCH_CELLS = 200_000
 # A memory-constrained split is tried when the cost split overflows by less than this factor
@@ -147,6 +155,10 @@ class Candidate:
         p = self.pipe_cfg
         return f"{p.data_parallel}x{p.num_stages}x{p.tensor_parallel}"
 
+    @property
+    def state_split(self) -> str:
+        return state_split(self.pipe_cfg)
+
     def layout(self) -> str:
         """Where embedding and head run, and the fewest-most layers a device holds."""
         n = [st.num_layers for st in self.plan.stages]
@@ -163,6 +175,7 @@ class Candidate:
             f"--num_repeats {p.num_repeats} --num_microbatches {p.num_microbatches} "
             f"--remat {p.remat} --embed_head {p.embed_head} --batch_size {self.global_batch} "
             f"--seq_len {self.seq_len} --partition {self.plan.method} --device_profile {device}"
+            + ("" if self.state_split == "none" else f" --{self.state_split}")
         )
 
     def to_dict(self) -> dict:
@@ -174,6 +187,7 @@ class Candidate:
             "num_microbatches": p.num_microbatches,
             "microbatch_size": self.global_batch // (p.num_microbatches * p.data_parallel),
             "remat": p.remat,
+            "state_split": self.state_split,
             "embed_head": p.embed_head,
             "layer_counts": list(self.plan.layout.layer_counts),
             "step_time_s": self.plan.step_time_s,
@@ -184,6 +198,11 @@ class Candidate:
             "bottleneck_stage": self.bottleneck_stage,
             "grad_reduce_s": self.plan.grad_reduce_s,
         }
+
+
+def state_split(pipe_cfg: PipelineConfig) -> str:
+    """The `STATE_SPLITS` name of a pipeline config's ZeRO-1 / FSDP fields."""
+    return "fsdp" if pipe_cfg.fsdp else "zero1" if pipe_cfg.zero1 else "none"
 
 
 def candidate(plan: Plan, global_batch: int, seq_len: int, profile: DeviceProfile) -> Candidate:
@@ -322,14 +341,14 @@ class AutotuneResult:
             f"tokens; {self.searched} configurations, {self.planned} planned, "
             f"{self.elapsed_s:.1f} s",
             f"{'#':>2} {'DxPxT':>10} {'schedule':>16} {'R':>2} {'M':>4} {'remat':>5} "
-            f"{'layout':>12} {'step s':>8} {'tok/s':>10} {'MFU':>6} {'bubble':>6} "
+            f"{'state':>5} {'layout':>12} {'step s':>8} {'tok/s':>10} {'MFU':>6} {'bubble':>6} "
             f"{'mem GiB':>8} {'neck':>4}",
         ]
         for i, k in enumerate(self.candidates):
             p = k.pipe_cfg
             rows.append(
                 f"{i + 1:>2} {k.mesh():>10} {p.schedule:>16} {p.num_repeats:>2} "
-                f"{p.num_microbatches:>4} {p.remat:>5} {k.layout():>12} "
+                f"{p.num_microbatches:>4} {p.remat:>5} {k.state_split:>5} {k.layout():>12} "
                 f"{k.plan.step_time_s:>8.3f} {k.tokens_per_s:>10,.0f} {k.mfu:>6.1%} "
                 f"{k.plan.bubble_fraction:>6.1%} {k.memory_bytes / GiB:>8.1f} "
                 f"{k.bottleneck_stage:>4}"
@@ -366,6 +385,7 @@ def search(
     top: int = 10,
     schedules: tuple[str, ...] = SCHEDULES,
     remats: tuple[str, ...] = REMAT_MODES,
+    splits: tuple[str, ...] = tuple(STATE_SPLITS),
     embed_heads: tuple[str, ...] = ("inside", "outside"),
     max_microbatch: int | None = None,
     layer_costs: LayerCosts | None = None,
@@ -382,6 +402,9 @@ def search(
         raise ConfigError(
             f"seq_len {seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}"
         )
+    unknown = sorted(set(splits) - set(STATE_SPLITS))
+    if unknown or not splits:
+        raise ConfigError(f"state splits must be among {', '.join(STATE_SPLITS)}, got {splits}")
     costs = layer_costs or LayerCosts.compile(model_cfg, seq_len, compile_on)
     L, N = model_cfg.num_layers, cluster.num_devices
     groups = []  # (lower bound, index, pipe config, costs, profile)
@@ -392,6 +415,8 @@ def search(
             if S > L or global_batch % D:
                 continue
             per_replica = global_batch // D
+            # (remat, split) pairs in the order they are tried; with data 1 nothing splits.
+            pairs = [(r, sp) for r in remats for sp in (splits if D > 1 else ("none",))]
             for b in _divisors(per_replica):
                 if max_microbatch is not None and b > max_microbatch:
                     break
@@ -400,27 +425,29 @@ def search(
                 profile = cluster.profile(model_cfg, b, seq_len)
                 for sched, R in _shapes(model_cfg, S, M, schedules):
                     for eh in embed_heads:
-                        searched += len(remats)
+                        searched += len(pairs)
                         inside = eh == "inside"
-                        for remat in remats:  # the first that may fit: layer and stage tie
+                        for j, (remat, sp) in enumerate(pairs):  # the first that may fit
                             pcfg = PipelineConfig(S, M, R, sched, remat, data_parallel=D,
-                                                  tensor_parallel=t, embed_head=eh)
+                                                  tensor_parallel=t, embed_head=eh,
+                                                  **STATE_SPLITS[sp])
                             cm = CostModel.from_costs(c, profile, model_cfg, pcfg,
                                                       embed_in_first=inside, head_in_last=inside)
                             reach = MEMORY_SPLIT_REACH * profile.hbm_bytes
                             if _memory_screen(cm, pcfg, L) <= reach:
                                 lb = _lower_bound(cm, pcfg, model_cfg)
-                                groups.append((lb, len(groups), pcfg, c, profile))
+                                groups.append((lb, len(groups), pcfg, c, profile, pairs[j:]))
                                 break
     groups.sort(key=lambda g: g[:2])
     best: list[tuple[float, int, Candidate]] = []  # max-heap on step time (negated)
     planned = 0
-    for lb, i, pcfg, c, profile in groups:
+    for lb, i, pcfg, c, profile, rest in groups:
         if len(best) >= top and lb >= -best[0][0]:
             break
-        for remat in remats[remats.index(pcfg.remat):]:
+        for remat, sp in rest:
             planned += 1
-            plan = plan_for(model_cfg, pcfg.replace(remat=remat), c, profile)
+            plan = plan_for(model_cfg, pcfg.replace(remat=remat, **STATE_SPLITS[sp]), c,
+                            profile)
             if plan is None:
                 continue
             k = candidate(plan, global_batch, seq_len, profile)
@@ -473,10 +500,14 @@ def choose(
     devices_per_node: int | None = None,
 ) -> AutotuneResult:
     """The search for a training run on `num_devices` present devices; the winner keeps
-    `base`'s choices that the search does not make (boundary dtype, ZeRO-1, FSDP)."""
+    `base`'s choices that the search does not make (boundary dtype). A state split that `base`
+    asks for (ZeRO-1 or FSDP) is the only one searched."""
     cluster = Cluster(num_devices, device, devices_per_node)
-    found = search(model_cfg, cluster, global_batch=global_batch, seq_len=seq_len, top=5)
-    keep = dict(boundary_dtype=base.boundary_dtype, zero1=base.zero1, fsdp=base.fsdp)
+    asked = state_split(base)
+    splits = tuple(STATE_SPLITS) if asked == "none" else (asked,)
+    found = search(model_cfg, cluster, global_batch=global_batch, seq_len=seq_len, top=5,
+                   splits=splits)
+    keep = dict(boundary_dtype=base.boundary_dtype)
     best = found.best
     if any(getattr(best.pipe_cfg, k) != v for k, v in keep.items()):
         plan = dataclasses.replace(best.plan, pipe_cfg=best.pipe_cfg.replace(**keep))

@@ -195,13 +195,18 @@ class Trainer:
         if self.pipe.config.shard_moments:  # reduce-scatter: each device reduces its own part
             grads = jax.lax.with_sharding_constraint(grads, self.moment_shardings)
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        shard = state.params
+        if self.pipe.config.shard_moments:  # each device computes the update of its own part
+            shard = jax.lax.with_sharding_constraint(shard, self.moment_shardings)
+        updates, opt_state = self.tx.update(grads, state.opt_state, shard)
+        if self.pipe.config.shard_moments:  # all-gather the update, add it in place
+            updates = jax.lax.with_sharding_constraint(updates, self.shardings.params)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        params = keep(optax.apply_updates(state.params, updates), state.params)
         new_state = TrainState(
             step=state.step + 1,
-            params=keep(params, state.params),
+            params=params,
             opt_state=keep(opt_state, state.opt_state),
             bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
         )

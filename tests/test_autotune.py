@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from jaxpipe import plan as plan_cli
-from jaxpipe.autotune import Cluster, LayerCosts, search
+from jaxpipe.autotune import Cluster, LayerCosts, plan_for, search
 from jaxpipe.config import ConfigError, get_preset
 from jaxpipe.costs import GiB, LayerCost, ModelCosts
 
@@ -56,6 +56,33 @@ def test_memory_limit_drops_candidates_and_forces_remat(costs):
     assert any(k.pipe_cfg.remat != "none" for k in tight.candidates)
     assert all(k.memory_bytes <= cap * (1 + 1e-9) for k in tight.candidates)
     assert tight.best.plan.step_time_s >= roomy.best.plan.step_time_s
+
+
+def test_state_split_over_data_fits_what_replicated_state_does_not(costs):
+    """Below the least memory any replicated-state candidate needs, ZeRO-1 and FSDP candidates
+    still fit, each taken only where its replicated twin does not, and the best is faster."""
+    kw = dict(global_batch=64, seq_len=64, layer_costs=costs, top=10**6)
+    roomy = search(MODEL, Cluster(8, "h100"), splits=("none",), **kw)
+    cap = 0.999 * min(k.memory_bytes for k in roomy.candidates)
+    tight = Cluster(8, "h100", memory_gib=cap / GiB)
+    replicated = search(MODEL, tight, splits=("none",), **kw)
+    split = search(MODEL, tight, **kw)
+    assert split.best.plan.step_time_s < replicated.best.plan.step_time_s
+    seen = set()
+    for k in split.candidates:
+        p = k.pipe_cfg
+        assert k.memory_bytes <= cap * (1 + 1e-9)
+        seen.add(k.state_split)
+        if k.state_split == "none":
+            continue
+        assert p.data_parallel > 1 and f"--{k.state_split}" in k.flags("h100")
+        b = k.global_batch // (p.num_microbatches * p.data_parallel)
+        twin = plan_for(MODEL, p.replace(zero1=False, fsdp=False), costs.at(b, p.tensor_parallel),
+                        tight.profile(MODEL, b, 64))
+        assert twin is None  # the replicated state of the same configuration does not fit
+    assert {"zero1", "none"} <= seen
+    with pytest.raises(ConfigError, match="state splits must be among none, zero1, fsdp"):
+        search(MODEL, tight, splits=("zero3",), **kw)
 
 
 def test_nothing_fits_names_the_devices_that_would(costs):
