@@ -303,16 +303,29 @@ def _lower_bound(cm: CostModel, pipe_cfg: PipelineConfig, model_cfg: ModelConfig
     return M * work / parallel + M * R * cm.transfer_time + fill + outside + grads
 
 
+def _may_fit(costs: ModelCosts, profile: DeviceProfile, model_cfg: ModelConfig,
+             pipe_cfg: PipelineConfig) -> CostModel | None:
+    """The configuration's cost model, or None when the memory screen rules it out."""
+    inside = pipe_cfg.embed_head == "inside"
+    cm = CostModel.from_costs(costs, profile, model_cfg, pipe_cfg, embed_in_first=inside,
+                              head_in_last=inside)
+    screen = _memory_screen(cm, pipe_cfg, model_cfg.num_layers)
+    return cm if screen <= MEMORY_SPLIT_REACH * profile.hbm_bytes else None
+
+
 def _memory_screen(cm: CostModel, pipe_cfg: PipelineConfig, L: int) -> float:
     """About the least memory a device needs (no table built): the parameter state of the
-    fewest slots that hold L layers, plus, without remat, the activations of stage 0's
+    fewest slots that hold L layers, plus, under remat stage, the activations of one virtual
+    stage (a backward replays its forward first), without remat, the activations of stage 0's
     micro-batches in flight (all M for the ring executors, at least min(S, M) for the 1F1B
     ones) over an even share of the layers."""
     S, R, M = pipe_cfg.num_stages, pipe_cfg.num_repeats, pipe_cfg.num_microbatches
     slots = math.ceil(L / (S * R))
     static = static_bytes(pipe_cfg, compute_bytes=cm.compute_bytes) * R * slots * cm.block_params
     static += cm.temp_bytes
-    if pipe_cfg.remat != "none":
+    if pipe_cfg.remat == "stage":  # a backward replays its virtual stage's forward first
+        return static + slots * cm.block_act
+    if pipe_cfg.remat == "layer":
         return static
     held = M if pipe_cfg.schedule in ("gpipe", "circular") else min(S, M)
     return static + held * (L // S) * cm.block_act
@@ -426,15 +439,12 @@ def search(
                 for sched, R in _shapes(model_cfg, S, M, schedules):
                     for eh in embed_heads:
                         searched += len(pairs)
-                        inside = eh == "inside"
                         for j, (remat, sp) in enumerate(pairs):  # the first that may fit
                             pcfg = PipelineConfig(S, M, R, sched, remat, data_parallel=D,
                                                   tensor_parallel=t, embed_head=eh,
                                                   **STATE_SPLITS[sp])
-                            cm = CostModel.from_costs(c, profile, model_cfg, pcfg,
-                                                      embed_in_first=inside, head_in_last=inside)
-                            reach = MEMORY_SPLIT_REACH * profile.hbm_bytes
-                            if _memory_screen(cm, pcfg, L) <= reach:
+                            cm = _may_fit(c, profile, model_cfg, pcfg)
+                            if cm is not None:
                                 lb = _lower_bound(cm, pcfg, model_cfg)
                                 groups.append((lb, len(groups), pcfg, c, profile, pairs[j:]))
                                 break
@@ -444,10 +454,12 @@ def search(
     for lb, i, pcfg, c, profile, rest in groups:
         if len(best) >= top and lb >= -best[0][0]:
             break
-        for remat, sp in rest:
+        for j, (remat, sp) in enumerate(rest):
+            pcfg_j = pcfg.replace(remat=remat, **STATE_SPLITS[sp])
+            if j and _may_fit(c, profile, model_cfg, pcfg_j) is None:
+                continue
             planned += 1
-            plan = plan_for(model_cfg, pcfg.replace(remat=remat, **STATE_SPLITS[sp]), c,
-                            profile)
+            plan = plan_for(model_cfg, pcfg_j, c, profile)
             if plan is None:
                 continue
             k = candidate(plan, global_batch, seq_len, profile)

@@ -129,6 +129,27 @@ class Block(nn.Module):
         return x_BTD if cache is None else (x_BTD, cache)
 
 
+def vocab_lookup(table_VD, tokens_BT):
+    """Rows of the token table. Where the mesh's `tensor` axis is free here (not manual) and
+    splits the rows, the lookup is Megatron's vocabulary-parallel one: the table viewed as
+    [tensor, V / tensor, D], every slice looks up each token's row within it, the rows of the
+    slices that do not hold the token are zeroed, and a sum over the slices (one all-reduce
+    over `tensor`) combines them. Exact (one non-zero term per token). The gather then runs
+    along the slices' own rows, so no device needs another's rows (libtpu's partitioner
+    aborts on a plain gather from the split table inside the pipeline's `pipe`-manual region)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    free = () if mesh.empty else tuple(a for a in mesh.axis_names if a not in mesh.manual_axes)
+    tp = mesh.shape["tensor"] if "tensor" in free else 1
+    V, D = table_VD.shape
+    if tp == 1 or V % tp:
+        return jnp.take(table_VD, tokens_BT, axis=0)
+    rows = V // tp
+    table_PRD = table_VD.reshape(tp, rows, D)
+    x_PBTD = jnp.take(table_PRD, tokens_BT % rows, axis=1)
+    hit_PBT = (tokens_BT // rows)[None] == jnp.arange(tp)[:, None, None]
+    return jnp.sum(jnp.where(hit_PBT[..., None], x_PBTD, jnp.zeros_like(x_PBTD)), axis=0)
+
+
 class Embed(nn.Module):
     cfg: ModelConfig
     rows: int = 0  # rows of the token table: the vocabulary, padded (see `pad_vocab`); 0: V
@@ -138,7 +159,7 @@ class Embed(nn.Module):
         cfg = self.cfg
         shape = (self.rows or cfg.vocab_size, cfg.d_model)
         table = self.param("tok", nn.initializers.normal(_INIT_STD), shape)
-        x_BTD = jnp.take(table, tokens_BT, axis=0)
+        x_BTD = vocab_lookup(table, tokens_BT)
         if cfg.style == "gpt2":  # learned positions start, start + 1, ...
             pos = self.param("pos", nn.initializers.normal(0.01), (cfg.max_seq_len, cfg.d_model))
             T = tokens_BT.shape[1]

@@ -11,7 +11,10 @@ J layers) of parameters, gradients and AdamW's two fp32 moments (16 bytes per fp
 `static_bytes`: the moments split over `data` with ZeRO-1, and the block values too with FSDP,
 which then holds one gathered copy for the step; a copy of the blocks in a narrower compute
 dtype), plus the activations the schedule keeps in
-flight (only stage inputs, per layer or per stage, under remat, split over `tensor`). How many
+flight (only stage inputs, per layer or per stage, under remat, split over `tensor`); under remat
+stage, the one virtual stage a backward replays; in a split table under remat, the weight
+gradients each B holds until its W (in as many slots as the most pending on any stage,
+`schedule.pending_weight_grads`). How many
 micro-batches a stage holds at its peak, the bubble and the step time are read off the table the
 executor runs (`schedule.executor_table`): the peak count of forwards awaiting their backward,
 its idle share of cells, and its tick-synchronous simulation (`simulate.simulate(lockstep=True)`)
@@ -86,6 +89,12 @@ def _peak_in_flight(shape: tuple) -> tuple[float, ...]:
     return tuple(float(n) / shape[3] for n in peak)
 
 
+@functools.lru_cache(maxsize=256)
+def _carry_slots(shape: tuple) -> int:
+    """Slots every stage allocates for what B leaves for W: the peak over stages (SPMD)."""
+    return int(schedule.pending_weight_grads(_table(shape)).max())
+
+
 def in_flight(pipe_cfg: PipelineConfig, s: int) -> float:
     """Micro-batches' worth of activations stage s keeps alive at its peak: the most forwards
     of its virtual stages awaiting their backward in the executor's table, over R."""
@@ -96,6 +105,16 @@ def head_stage(pipe_cfg: PipelineConfig) -> int:
     """The stage holding the last virtual stage (and so the head): S - 1, or 0 in a V."""
     S, R = pipe_cfg.num_stages, pipe_cfg.num_repeats
     return step_table(pipe_cfg).device_of(S * R - 1)[0]
+
+
+def weight_grad_carry(cm: CostModel, pipe_cfg: PipelineConfig, slots: int) -> float:
+    """Bytes of what B leaves for W on every stage, counted for split tables under remat: a
+    rematerialised layer is one equation of the backward, so B computes its weight gradients
+    whole and holds them (compute dtype) until W, in as many slots as the executor allocates.
+    (Without remat B leaves output cotangents, not counted.)"""
+    if pipe_cfg.remat == "none":
+        return 0.0
+    return _carry_slots(_shape(pipe_cfg)) * slots * cm.block_params * cm.compute_bytes
 
 
 def stage_memory(cm: CostModel, pipe_cfg: PipelineConfig, s: int, layers: int, slots: int):
@@ -114,10 +133,14 @@ def stage_memory(cm: CostModel, pipe_cfg: PipelineConfig, s: int, layers: int, s
         act = layers * boundary
     elif pipe_cfg.remat == "stage":
         act = R * boundary
+        # A backward replays its whole virtual stage's forward first: every layer's saved
+        # activations of that micro-batch are alive at once.
+        static += slots * cm.block_act
     else:
         act = layers * cm.block_act
         act += (s == 0) * cm.embed_act * cm.embed_in_first
         act += (s == head_stage(pipe_cfg)) * cm.head_act * cm.head_in_last
+    static += weight_grad_carry(cm, pipe_cfg, slots)
     return static + in_flight(pipe_cfg, s) * act + cm.temp_bytes
 
 

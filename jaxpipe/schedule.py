@@ -475,6 +475,12 @@ def in_flight(table: ScheduleTable) -> np.ndarray:
     return np.cumsum((table.op == FWD).astype(np.int32) - (table.op == release), axis=0)
 
 
+def pending_weight_grads(table: ScheduleTable) -> np.ndarray:
+    """[ticks, stages]: backwards whose W has not run yet after each tick (all zero unless the
+    table is split): what B leaves for W is held meanwhile."""
+    return np.cumsum((table.op == BWD).astype(np.int32) * table.split - (table.op == WGT), axis=0)
+
+
 def validate(table: ScheduleTable, max_in_flight: int | None = None) -> None:
     """Checks a forward + backward table; raises ConfigError with the grid and the bad cell.
 

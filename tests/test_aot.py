@@ -246,6 +246,22 @@ def test_splash_attention_stores_no_score_matrix_on_a_v5p_slice():
 
 
 @pytest.mark.slow
+@needs_libtpu
+@pytest.mark.parametrize("schedule", ["circular", "zb_h1"])
+def test_embedding_inside_with_data_and_tensor_compiles_for_tpu(schedule):
+    """The vocabulary-parallel lookup inside the pipeline on a data x pipe x tensor mesh: the
+    TPU partitioner once aborted the process on it (hence a subprocess)."""
+    cmd = [sys.executable, "-m", "jaxpipe.plan", "--aot", "--topology", "v5p:2x2x2",
+           "--model", "tiny", "--data", "2", "--pipe", "2", "--tensor", "2", "--schedule",
+           schedule, "--microbatches", "4", "--global_batch", "16", "--seq_len", "64",
+           "--remat", "layer", "--embed_head", "inside", "--fsdp", "--json"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout)
+    assert out["fits"] and out["mesh"] == [2, 2, 2] and out["schedule"] == schedule
+
+
 def test_cli_compiles_for_sixteen_forced_cpu_devices():
     cmd = [sys.executable, "-m", "jaxpipe.plan", "--aot", "--topology", "cpu:16",
            "--model", "llama-1b", "--data", "2", "--pipe", "4", "--tensor", "2",

@@ -11,6 +11,7 @@ from conftest import needs_devices
 
 from jaxpipe import model as M
 from jaxpipe.balance import check_balance
+from jaxpipe.buffers import buffer_plan
 from jaxpipe.config import SCHEDULES, ConfigError, PipelineConfig, get_preset
 from jaxpipe.costmodel import CostModel
 from jaxpipe.layout import StageLayout
@@ -23,9 +24,10 @@ from jaxpipe.partition import (
     make_plan,
     stage_memory,
     virtual_counts,
+    weight_grad_carry,
 )
 from jaxpipe.pipeline import Pipeline
-from jaxpipe.schedule import BWD, FWD, WGT, build_table
+from jaxpipe.schedule import BWD, FWD, WGT, build_table, executor_table
 from jaxpipe.schedule import in_flight as table_in_flight
 from jaxpipe.simulate import simulate
 from jaxpipe.split import min_max_split, uniform_sizes
@@ -260,7 +262,23 @@ def test_remat_shrinks_activation_memory():
     full = stage_memory(cm, PipelineConfig(3, 8), 1, 4, 4)
     layer = stage_memory(cm, PipelineConfig(3, 8, remat="layer"), 1, 4, 4)
     stage = stage_memory(cm, PipelineConfig(3, 8, remat="stage"), 1, 4, 4)
-    assert full - layer == 8 * 4 * (10 - 2) and layer - stage == 8 * 3 * 2
+    # remat stage keeps one input per stage, but a backward replays the whole stage first.
+    assert full - layer == 8 * 4 * (10 - 2) and layer - stage == 8 * 3 * 2 - 4 * 10
+
+
+@pytest.mark.parametrize("schedule,R", [("zb_h1", 1), ("zbv", 2), ("1f1b", 1)])
+def test_weight_gradients_held_for_w_fill_the_executors_carry_slots(schedule, R):
+    cm = _cm(compute_bytes=2.0)
+    for S in (2, 3, 4):
+        for m in (S, 2 * S, 2 * S + 1):
+            pcfg = PipelineConfig(S, m, R, schedule, remat="layer")
+            table = executor_table(schedule, S, m, R, 1)
+            slots = buffer_plan(table).num_carry if table.split else 0  # 1f1b: none held
+            assert weight_grad_carry(cm, pcfg, 3) == slots * 3 * 100.0 * 2.0
+            assert (slots > 0) == (schedule != "1f1b")
+            assert weight_grad_carry(cm, pcfg.replace(remat="none"), 3) == 0.0
+            held = stage_memory(cm, pcfg, 0, 3, 3) - stage_memory(cm, pcfg, 0, 3, 3 - 1)
+            assert held >= slots * 100.0 * 2.0  # one layer slot fewer: one layer's dW fewer
 
 
 def test_plan_report_fields():
