@@ -146,8 +146,10 @@ def vocab_lookup(table_VD, tokens_BT):
     rows = V // tp
     table_PRD = table_VD.reshape(tp, rows, D)
     x_PBTD = jnp.take(table_PRD, tokens_BT % rows, axis=1)
-    hit_PBT = (tokens_BT // rows)[None] == jnp.arange(tp)[:, None, None]
-    return jnp.sum(jnp.where(hit_PBT[..., None], x_PBTD, jnp.zeros_like(x_PBTD)), axis=0)
+    hit_PBT = ((tokens_BT // rows)[None] == jnp.arange(tp)[:, None, None]).astype(x_PBTD.dtype)
+    # A contraction rather than a select: its backward keeps the [tensor, B, T] mask, not one
+    # broadcast to every feature.
+    return jnp.einsum("pbt,pbtd->btd", hit_PBT, x_PBTD)
 
 
 class Embed(nn.Module):

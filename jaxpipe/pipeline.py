@@ -69,6 +69,13 @@ def compiler_options(devices) -> dict | None:
     return None
 
 
+def _pick(pred, on_true, on_false):
+    """`on_true` if the scalar `pred` holds, else `on_false` (same shape, cast to on_true's
+    dtype), selected whole: `jnp.where` would broadcast the predicate to the operands' shape,
+    and autodiff of the tick loop would then save that broadcast every iteration."""
+    return jax.lax.select(pred, on_true, on_false.astype(on_true.dtype))
+
+
 @dataclasses.dataclass(frozen=True)
 class Pipeline:
     """Everything static about a pipelined model: shapes, layout, table, mesh."""
@@ -337,11 +344,14 @@ class Pipeline:
             buf_MBTD = jax.lax.pcast(buf_MBTD, "pipe", to="varying")
         fill = jnp.nan if self.poison_bubbles else 0.0
         recv_BTD = jnp.full_like(buf_MBTD[0], fill)
-        loss = jax.lax.pcast(jnp.zeros((), jnp.float32), "pipe", to="varying")
+        # With the head inside, the last stage keeps each micro-batch's final output in `out`
+        # and applies the head and the loss after the loop (`tail`), one micro-batch at a time:
+        # inside the loop, autodiff would save the head's logits and weights every iteration.
+        out = jnp.zeros_like(buf_MBTD, dtype=act_dtype) if inside else jnp.zeros((), act_dtype)
 
         def absorb(buf_MBTD, recv_BTD, t, now=True):
             m = arrive_micro[t]
-            keep = jnp.where(now & (s == 0) & arrive_ok[t], recv_BTD, buf_MBTD[m])
+            keep = _pick(now & (s == 0) & arrive_ok[t], recv_BTD, buf_MBTD[m])
             return jax.lax.dynamic_update_index_in_dim(buf_MBTD, keep, m, 0)
 
         def idle(busy, h):
@@ -351,15 +361,25 @@ class Pipeline:
             """Stage 0's input; with the embedding inside, repeat 0 embeds the tokens."""
             if not inside:
                 return h_BTD
-            embed = lambda _: M.embed_apply(cfg, outer, tokens_MBT1[m, :, :-1]).astype(act_dtype)
-            return jax.lax.cond(busy & (r == 0), embed, lambda h: h, h_BTD)
+            # Under a checkpoint, the loop saves only the token ids for the embedding's backward.
+            embed = jax.checkpoint(
+                lambda _, ids: M.embed_apply(cfg, outer, ids).astype(act_dtype)
+            )
+            return jax.lax.cond(
+                busy & (r == 0), embed, lambda h, _: h, h_BTD, tokens_MBT1[m, :, :-1]
+            )
 
-        def leave(m, r, busy, h_BTD):
-            """Loss of a micro-batch leaving the last stage for the last time (head inside)."""
-            head_loss = lambda h: M.head_loss(cfg, outer, h, tokens_MBT1[m, :, 1:])
+        def leave(m, r, busy, h_BTD, out_MBTD):
+            """Keeps a micro-batch leaving the last stage for the last time (head inside)."""
             done = busy & (s == S - 1) & (r == R - 1)
-            zero = lambda h: jax.lax.pcast(jnp.zeros((), jnp.float32), "pipe", to="varying")
-            return jax.lax.cond(done, head_loss, zero, h_BTD)
+            keep = _pick(done, h_BTD, out_MBTD[m])
+            return jax.lax.dynamic_update_index_in_dim(out_MBTD, keep, m, 0)
+
+        def tail(out_MBTD):
+            """The mean loss, from the last stage (the others add zero)."""
+            loss = lambda o: self.head_loss(outer, o, tokens_MBT1[:, :, 1:])
+            zero = lambda o: jax.lax.pcast(jnp.zeros((), jnp.float32), "pipe", to="varying")
+            return jax.lax.psum(jax.lax.cond(s == S - 1, loss, zero, out_MBTD), "pipe")
 
         def send(h_BTD):
             return jax.lax.ppermute(h_BTD.astype(send_dtype), "pipe", perm)
@@ -376,30 +396,29 @@ class Pipeline:
 
         def step(carry, i):
             """Unit j of tick t: the first one takes the stage input, the last one sends."""
-            buf_MBTD, recv_BTD, h_BTD, loss = carry
+            buf_MBTD, recv_BTD, h_BTD, out = carry
             t, j = i // U, i % U
             first, last = j == 0, j == U - 1
             buf_MBTD = absorb(buf_MBTD, recv_BTD, t, first)
-            h_BTD, loss = compute(buf_MBTD, recv_BTD, h_BTD, loss, t, j)
+            h_BTD, out = compute(buf_MBTD, recv_BTD, h_BTD, out, t, j)
             if U == 1:
                 recv_BTD = send(h_BTD)
             else:  # the same branch on every stage, so the collective stays matched
                 recv_BTD = jax.lax.cond(last, send, lambda _: recv_BTD, h_BTD)
-            return (buf_MBTD, recv_BTD, h_BTD, loss), None
+            return (buf_MBTD, recv_BTD, h_BTD, out), None
 
-        def compute(buf_MBTD, recv_BTD, h_BTD, loss, t, j):
+        def compute(buf_MBTD, recv_BTD, h_BTD, out, t, j):
             """Unit j of tick t on the stage input (at j = 0) or on the previous unit's output."""
             first, last = j == 0, j == U - 1
             m, r, busy = micro_TS[t, s], repeat_TS[t, s], busy_TS[t, s]
-            h_in = jnp.where(
-                s == 0, enter(m, r, busy & first, buf_MBTD[m].astype(act_dtype)), recv_BTD
-            )
-            h_BTD = jnp.where(first, h_in.astype(act_dtype), h_BTD) if U > 1 else h_in
+            h_in = _pick(s == 0, enter(m, r, busy & first, buf_MBTD[m].astype(act_dtype)),
+                         recv_BTD)
+            h_BTD = _pick(first, h_in.astype(act_dtype), h_BTD) if U > 1 else h_in
             h_BTD = placement.constrain_activation(h_BTD.astype(act_dtype))
             h_BTD = run_unit(w_RJ, r, j, counts_SR[s, r], busy, h_BTD)
             if inside:
-                loss = loss + leave(m, r, busy & last, h_BTD)
-            return h_BTD, loss
+                out = leave(m, r, busy & last, h_BTD, out)
+            return h_BTD, out
 
         # hop 2: the output of tick t - 1 (`out`) goes to the next stage during tick t, one
         # chunk of the sequence per unit, in a collective that no unit's compute waits for, so
@@ -411,34 +430,34 @@ class Pipeline:
             return jnp.pad(h_BTD.astype(send_dtype), ((0, 0), (0, Tp - h_BTD.shape[1]), (0, 0)))
 
         def overlapped(carry, i):
-            buf_MBTD, recv_BTD, nxt_BTD, out_BTD, h_BTD, loss = carry
+            buf_MBTD, recv_BTD, nxt_BTD, out_BTD, h_BTD, out = carry
             t, j = i // U, i % U
             if U > 1:  # a new tick: what arrived is its input, the last output goes out
-                recv_BTD = jnp.where(j == 0, nxt_BTD[:, : recv_BTD.shape[1]], recv_BTD)
-                out_BTD = jnp.where(j == 0, padded(h_BTD), out_BTD)
+                recv_BTD = _pick(j == 0, nxt_BTD[:, : recv_BTD.shape[1]], recv_BTD)
+                out_BTD = _pick(j == 0, padded(h_BTD), out_BTD)
             else:
                 recv_BTD, out_BTD = nxt_BTD[:, : recv_BTD.shape[1]], padded(h_BTD)
             buf_MBTD = absorb(buf_MBTD, recv_BTD, t, j == 0)
             piece = jax.lax.dynamic_slice_in_dim(out_BTD, j * chunk, chunk, axis=1)
             got = jax.lax.ppermute(piece, "pipe", perm)
             nxt_BTD = jax.lax.dynamic_update_slice_in_dim(nxt_BTD, got, j * chunk, axis=1)
-            h_BTD, loss = compute(buf_MBTD, recv_BTD, h_BTD, loss, t, j)
-            return (buf_MBTD, recv_BTD, nxt_BTD, out_BTD, h_BTD, loss), None
+            h_BTD, out = compute(buf_MBTD, recv_BTD, h_BTD, out, t, j)
+            return (buf_MBTD, recv_BTD, nxt_BTD, out_BTD, h_BTD, out), None
 
         h_BTD = jnp.zeros_like(recv_BTD, dtype=act_dtype)
         if hop == 1:
-            carry = (buf_MBTD, recv_BTD, h_BTD, loss)
+            carry = (buf_MBTD, recv_BTD, h_BTD, out)
             carry, _ = jax.lax.scan(step, carry, jnp.arange(T * U))
-            buf_MBTD, recv_BTD, _, loss = carry
+            buf_MBTD, recv_BTD, _, out = carry
         else:
             nxt_BTD = padded(recv_BTD)
-            carry = (buf_MBTD, recv_BTD, nxt_BTD, jnp.zeros_like(nxt_BTD), h_BTD, loss)
+            carry = (buf_MBTD, recv_BTD, nxt_BTD, jnp.zeros_like(nxt_BTD), h_BTD, out)
             carry, _ = jax.lax.scan(overlapped, carry, jnp.arange(T * U))
-            buf_MBTD, _, nxt_BTD, _, h_BTD, loss = carry
+            buf_MBTD, _, nxt_BTD, _, h_BTD, out = carry
             if not inside:  # the last two ticks' outputs of the last stage are still out
                 buf_MBTD = absorb(buf_MBTD, nxt_BTD[:, : recv_BTD.shape[1]], T)
                 recv_BTD = send(h_BTD)
                 T += 1
         if inside:
-            return jax.lax.psum(loss, "pipe") / self.config.num_microbatches
+            return tail(out)
         return absorb(buf_MBTD, recv_BTD, T)[None]

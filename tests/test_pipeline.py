@@ -261,6 +261,45 @@ def test_overlapped_sends_leave_no_permute_waiting_on_compute():
         todo.extend(q.invars)
 
 
+def _saved_shapes(fn, *args) -> tuple[list[tuple[int, ...]], str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        jax.ad_checkpoint.print_saved_residuals(fn, *args)
+    saved = [tuple(int(d) for d in m.group(1).split(",") if d)
+             for m in re.finditer(r"^\w+\[([\d,]*)\] ", out.getvalue(), re.M)]
+    return saved, out.getvalue()
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "circular"])
+def test_head_inside_saves_no_logits_or_head_weights(schedule):
+    """With the head inside, the last stage applies it after the tick loop, one micro-batch at
+    a time under a checkpoint: nothing of vocabulary size is saved for the backward (in the
+    loop, autodiff saved every iteration's logits and converted head kernel)."""
+    cfg = get_preset("tiny", num_layers=4, max_seq_len=SEQ)
+    R = 1 if schedule == "gpipe" else 2
+    pipe = _pipeline(cfg, 2, 4, R, schedule=schedule, embed_head="inside")
+    params = pipe.place(M.init_params(cfg, seed=3))
+    saved, text = _saved_shapes(pipe.loss, params, _tokens(8))
+    assert cfg.vocab_size not in {cfg.d_model, cfg.d_ff, SEQ, 8}
+    assert saved and not [shape for shape in saved if cfg.vocab_size in shape], text
+
+
+def test_embedding_inside_saves_only_token_ids_per_iteration():
+    """Under remat layer with the vocabulary split over tensor, each iteration of the tick loop
+    saves the unit's input and the token ids it embeds, nothing else of activation size (the
+    split lookup's select once saved a [tensor, B, T, D] mask every iteration)."""
+    cfg = get_preset("tiny-llama", num_layers=8, max_seq_len=SEQ)
+    pcfg = PipelineConfig(num_stages=2, num_microbatches=4, num_repeats=2, schedule="circular",
+                          remat="layer", embed_head="inside", tensor_parallel=2)
+    pipe = Pipeline.create(cfg, pcfg, make_mesh(pcfg, jax.devices()[:4]))
+    params = pipe.place(M.init_params(cfg, seed=3))
+    saved, text = _saved_shapes(pipe.loss, params, _tokens(8))
+    iters = max(shape[0] for shape in saved if len(shape) >= 3)  # the loop's length
+    assert iters >= pipe.forward_table.num_ticks
+    per_iteration = sorted(shape[1:] for shape in saved if len(shape) >= 3 and shape[0] == iters)
+    assert per_iteration == [(2, SEQ), (2, SEQ, cfg.d_model)], text
+
+
 @pytest.mark.parametrize("schedule", ["gpipe", "circular"])
 def test_tick_loop_saves_no_weight_slice_per_iteration(schedule):
     """Without remat, autodiff of the tick loop saves what the layers compute, but not the
@@ -270,14 +309,10 @@ def test_tick_loop_saves_no_weight_slice_per_iteration(schedule):
     R = 1 if schedule == "gpipe" else 2
     pipe = _pipeline(cfg, 2, 4, R, schedule=schedule)
     params = pipe.place(M.init_params(cfg, seed=3))
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        jax.ad_checkpoint.print_saved_residuals(pipe.loss, params, _tokens(8))
-    saved = [tuple(int(d) for d in m.group(1).split(",") if d)
-             for m in re.finditer(r"^\w+\[([\d,]*)\] ", out.getvalue(), re.M)]
+    saved, text = _saved_shapes(pipe.loss, params, _tokens(8))
     kernels = {a.shape[-2:] for a in jax.tree.leaves(M.init_params(cfg, 0)["blocks"])
                if a.ndim == 3}
     stacked = [shape for shape in saved if len(shape) == 3 and shape[1:] in kernels]
-    assert not stacked, out.getvalue()
+    assert not stacked, text
     # ... while the layers' own intermediates are still saved (no recompute without remat).
-    assert any(len(shape) >= 4 and shape[-1] == cfg.d_ff for shape in saved), out.getvalue()
+    assert any(len(shape) >= 4 and shape[-1] == cfg.d_ff for shape in saved), text
