@@ -23,6 +23,7 @@ reaches the k-th best plan's time: the top k are exact.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import heapq
 import json
 import math
@@ -240,7 +241,7 @@ def plan_for(
     if method == "uniform":
         counts = tuple(uniform_sizes(L, S * R))
     else:
-        counts = virtual_counts(device_counts(cm, pipe_cfg, L, "cost"), R)
+        counts = virtual_counts(_cost_counts(cm, pipe_cfg.replace(zero1=False, fsdp=False), L), R)
     plan = build_plan(model_cfg, pipe_cfg, StageLayout(S, R, counts), cm, method, profile.name)
     memory = max(st.memory_bytes for st in plan.stages)
     if memory <= capacity or not fit:
@@ -253,6 +254,13 @@ def plan_for(
         return None
     layout = StageLayout(S, R, virtual_counts(totals, R))
     return build_plan(model_cfg, pipe_cfg, layout, cm, "memory", profile.name)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cost_counts(cm: CostModel, pipe_cfg: PipelineConfig, L: int) -> tuple[int, ...]:
+    """The `cost` split's layers per device: times only, so the same for every state split
+    (the search plans a configuration again with the next split when one does not fit)."""
+    return tuple(device_counts(cm, pipe_cfg, L, "cost"))
 
 
 def _divisors(n: int) -> list[int]:

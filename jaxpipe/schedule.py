@@ -359,11 +359,15 @@ def zbv_table(num_stages: int, num_microbatches: int) -> ScheduleTable:
     ready forward (deeper first) while it holds fewer than 2 S half-stage stashes (1F1B's memory),
     else its oldest pending W."""
     S, M = num_stages, num_microbatches
+    first: dict[tuple[int, int, int], int] = {}  # (stage, op, repeat) -> lowest m not yet run
 
     def pick(s, ready, ran):
         for o in (BWD, FWD):
             for r in (1, 0):  # repeat 1 holds the deeper virtual stage on every device
-                m = next(m for m in range(M + 1) if m == M or not ran((o, m, r)))
+                m = first.get((s, o, r), 0)
+                while m < M and ran((o, m, r)):
+                    m += 1
+                first[(s, o, r)] = m
                 if m < M and ready((o, m, r)):
                     return (o, m, r)
         return None

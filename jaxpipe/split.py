@@ -1,10 +1,11 @@
 """Optimal contiguous splits: minimise the slowest part's cost (a min-max dynamic programme).
 
 `min_max_split` splits items 0..N-1 into P contiguous parts of sizes in [min_size, max_size]
-minimising the largest `cost(p, starts, end)` (vectorised over `starts`), where a cost of
+minimising the largest `cost(p, starts, ends)` (numpy, broadcast over `starts` [K, 1] and
+`ends` [1, J]), where a cost of
 `inf` marks a part that does not fit (e.g. in memory). Among splits with the optimal
 bottleneck it returns the one with the smallest sum of squared part costs, which balances the
-non-bottleneck parts too. Exact, O(P * N^2) with numpy over the start index.
+non-bottleneck parts too. Exact, O(P * N^2) with numpy over all (start, end) pairs.
 """
 
 from __future__ import annotations
@@ -16,27 +17,28 @@ import numpy as np
 from jaxpipe.config import ConfigError
 from jaxpipe.layout import StageLayout
 
-CostFn = Callable[[int, np.ndarray, int], np.ndarray]  # (part, starts_K, end) -> cost_K
+CostFn = Callable[[int, np.ndarray, np.ndarray], np.ndarray]  # (part, starts, ends) -> cost
 
 
 def _dp(N: int, P: int, cost: CostFn, lo: int, hi: int, combine, bound: float):
-    """best[p][j]: the optimum over the first p + 1 parts covering items [0, j)."""
+    """best[p][j]: the optimum over the first p + 1 parts covering items [0, j). Each part p is
+    one numpy step over every (start, end) pair at once."""
     best = np.full((P, N + 1), np.inf)
     arg = np.zeros((P, N + 1), np.int64)
+    starts, ends = np.arange(N + 1)[:, None], np.arange(N + 1)[None, :]
+    size = ends - starts
+    cols = np.arange(N + 1)
     for p in range(P):
-        for j in range(lo * (p + 1), N - lo * (P - p - 1) + 1):
-            starts = np.arange(max(lo * p, j - hi), j - lo + 1)
-            if starts.size == 0:
-                continue
-            c = np.asarray(cost(p, starts, j), np.float64)
-            c = np.where(c <= bound, c, np.inf)
-            prev = np.zeros_like(c) if p == 0 else best[p - 1, starts]
-            if p == 0:
-                keep = starts == 0
-                c = np.where(keep, c, np.inf)
-            total = combine(prev, c)
-            k = int(np.argmin(total))
-            best[p, j], arg[p, j] = total[k], starts[k]
+        ok = (size >= lo) & (size <= hi) & (starts >= lo * p)
+        ok &= (ends >= lo * (p + 1)) & (ends <= N - lo * (P - p - 1))
+        if p == 0:
+            ok &= starts == 0
+        c = np.broadcast_to(np.asarray(cost(p, starts, ends), np.float64), ok.shape)
+        c = np.where(ok & (c <= bound), c, np.inf)
+        prev = np.zeros((N + 1, 1)) if p == 0 else best[p - 1][:, None]
+        total = np.where(ok, combine(prev, c), np.inf)
+        k = np.argmin(total, axis=0)  # the smallest start among equals
+        best[p], arg[p] = total[k, cols], k
     return best, arg
 
 
