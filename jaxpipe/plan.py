@@ -14,9 +14,10 @@ planner's prediction (`jaxpipe.aot`):
         --tensor 2 --schedule 1f1b --microbatches 16 --global_batch 256 --seq_len 4096 \\
         --remat layer [--attention splash] [--json]
 
-With --auto it searches the mesh, schedule, repeats, micro-batches, remat and layer split for
+With --auto it searches the mesh, schedule, repeats, micro-batches, remat, the state split over
+`data` (replicated, ZeRO-1, FSDP; --zero1 or --fsdp searches only that one) and layer split for
 --devices devices instead (`jaxpipe.autotune`), and prints the fastest that fit with the
-train_lm.py command of the best (30-55 s for this one on a 2-core host):
+train_lm.py command of the best (about 30 s for this one on a 2-core host):
 
     python -m jaxpipe.plan --auto --model llama-3-70b --devices 64 --devices_per_node 8 \\
         --device h100 --global_batch 512 --seq_len 8192 [--memory_gib 80] [--top 10] [--json]

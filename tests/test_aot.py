@@ -247,7 +247,7 @@ def test_splash_attention_stores_no_score_matrix_on_a_v5p_slice():
 
 @pytest.mark.slow
 @needs_libtpu
-@pytest.mark.parametrize("schedule", ["circular", "zb_h1"])
+@pytest.mark.parametrize("schedule", ["circular", pytest.param("zb_h1", marks=pytest.mark.slow)])
 def test_embedding_inside_with_data_and_tensor_compiles_for_tpu(schedule):
     """The vocabulary-parallel lookup inside the pipeline on a data x pipe x tensor mesh: the
     TPU partitioner once aborted the process on it (hence a subprocess)."""
