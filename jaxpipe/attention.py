@@ -30,6 +30,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.sharding import PartitionSpec as P
 
 from jaxpipe.config import ConfigError, ModelConfig
+from jaxpipe.placement import free_axes
 
 # The splash kernel tiles the sequence in blocks of a multiple of this many tokens.
 SPLASH_TILE = 128
@@ -163,11 +164,8 @@ def _per_device(fn, num_args: int, num_out: int):
     """`fn` on each device's block of [B, H, ...] arrays: a `shard_map` over the mesh axes that
     are not manual here, the batch on `data` and the heads on `tensor` (the pipeline's
     activation layout); `fn` itself outside any mesh."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return fn
-    free = [a for a in mesh.axis_names if a not in mesh.manual_axes]
-    if all(mesh.shape[a] == 1 for a in free):
+    free = free_axes()
+    if all(n == 1 for n in free.values()):
         return fn
     spec = P("data" if "data" in free else None, "tensor" if "tensor" in free else None)
     return jax.shard_map(

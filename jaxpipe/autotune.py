@@ -49,7 +49,13 @@ from jaxpipe.costs import (
 )
 from jaxpipe.flops import model_flops
 from jaxpipe.layout import StageLayout
-from jaxpipe.partition import build_plan, device_counts, static_bytes, virtual_counts
+from jaxpipe.partition import (
+    build_plan,
+    device_counts,
+    replay_bytes,
+    static_bytes,
+    virtual_counts,
+)
 from jaxpipe.report import Plan
 from jaxpipe.schedule import SPLIT_SCHEDULES, table_cells
 from jaxpipe.split import uniform_sizes
@@ -206,6 +212,12 @@ def state_split(pipe_cfg: PipelineConfig) -> str:
     return "fsdp" if pipe_cfg.fsdp else "zero1" if pipe_cfg.zero1 else "none"
 
 
+def searched_splits(zero1: bool = False, fsdp: bool = False) -> tuple[str, ...]:
+    """The state splits to search: the one a user asked for (ZeRO-1 or FSDP), else all."""
+    asked = state_split(PipelineConfig(zero1=zero1, fsdp=fsdp))
+    return tuple(STATE_SPLITS) if asked == "none" else (asked,)
+
+
 def candidate(plan: Plan, global_batch: int, seq_len: int, profile: DeviceProfile) -> Candidate:
     step = plan.step_time_s
     n = plan.pipe_cfg.num_devices
@@ -330,10 +342,8 @@ def _memory_screen(cm: CostModel, pipe_cfg: PipelineConfig, L: int) -> float:
     S, R, M = pipe_cfg.num_stages, pipe_cfg.num_repeats, pipe_cfg.num_microbatches
     slots = math.ceil(L / (S * R))
     static = static_bytes(pipe_cfg, compute_bytes=cm.compute_bytes) * R * slots * cm.block_params
-    static += cm.temp_bytes
-    if pipe_cfg.remat == "stage":  # a backward replays its virtual stage's forward first
-        return static + slots * cm.block_act
-    if pipe_cfg.remat == "layer":
+    static += cm.temp_bytes + replay_bytes(cm, pipe_cfg, slots)
+    if pipe_cfg.remat != "none":
         return static
     held = M if pipe_cfg.schedule in ("gpipe", "circular") else min(S, M)
     return static + held * (L // S) * cm.block_act
@@ -523,10 +533,8 @@ def choose(
     `base`'s choices that the search does not make (boundary dtype). A state split that `base`
     asks for (ZeRO-1 or FSDP) is the only one searched."""
     cluster = Cluster(num_devices, device, devices_per_node)
-    asked = state_split(base)
-    splits = tuple(STATE_SPLITS) if asked == "none" else (asked,)
     found = search(model_cfg, cluster, global_batch=global_batch, seq_len=seq_len, top=5,
-                   splits=splits)
+                   splits=searched_splits(base.zero1, base.fsdp))
     keep = dict(boundary_dtype=base.boundary_dtype)
     best = found.best
     if any(getattr(best.pipe_cfg, k) != v for k, v in keep.items()):

@@ -23,6 +23,7 @@ from jaxpipe.config import (
     check_seed,
     is_int,
 )
+from jaxpipe.placement import free_axes
 
 _INIT_STD = 0.02
 
@@ -137,9 +138,7 @@ def vocab_lookup(table_VD, tokens_BT):
     over `tensor`) combines them. Exact (one non-zero term per token). The gather then runs
     along the slices' own rows, so no device needs another's rows (libtpu's partitioner
     aborts on a plain gather from the split table inside the pipeline's `pipe`-manual region)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    free = () if mesh.empty else tuple(a for a in mesh.axis_names if a not in mesh.manual_axes)
-    tp = mesh.shape["tensor"] if "tensor" in free else 1
+    tp = free_axes().get("tensor", 1)
     V, D = table_VD.shape
     if tp == 1 or V % tp:
         return jnp.take(table_VD, tokens_BT, axis=0)

@@ -110,6 +110,12 @@ def head_stage(pipe_cfg: PipelineConfig) -> int:
     return step_table(pipe_cfg).device_of(S * R - 1)[0]
 
 
+def replay_bytes(cm: CostModel, pipe_cfg: PipelineConfig, slots: int) -> float:
+    """Under remat stage a backward replays its whole virtual stage's forward first: every
+    layer's saved activations of that micro-batch are alive at once."""
+    return slots * cm.block_act if pipe_cfg.remat == "stage" else 0.0
+
+
 def weight_grad_carry(cm: CostModel, pipe_cfg: PipelineConfig, slots: int) -> float:
     """Bytes of what B leaves for W on every stage, counted for split tables under remat: a
     rematerialised layer is one equation of the backward, so B computes its weight gradients
@@ -136,14 +142,11 @@ def stage_memory(cm: CostModel, pipe_cfg: PipelineConfig, s: int, layers: int, s
         act = layers * boundary
     elif pipe_cfg.remat == "stage":
         act = R * boundary
-        # A backward replays its whole virtual stage's forward first: every layer's saved
-        # activations of that micro-batch are alive at once.
-        static += slots * cm.block_act
     else:
         act = layers * cm.block_act
         act += (s == 0) * cm.embed_act * cm.embed_in_first
         act += (s == head_stage(pipe_cfg)) * cm.head_act * cm.head_in_last
-    static += weight_grad_carry(cm, pipe_cfg, slots)
+    static += replay_bytes(cm, pipe_cfg, slots) + weight_grad_carry(cm, pipe_cfg, slots)
     return static + in_flight(pipe_cfg, s) * act + cm.temp_bytes
 
 

@@ -53,6 +53,15 @@ VOCAB_RULES: dict[tuple[str, str], tuple] = {
     ("head", "kernel"): (None, "tensor"),  # the untied head's Dense "out"
 }
 
+def free_axes() -> dict[str, int]:
+    """Sizes of the mesh axes that are not manual where this is traced (inside the pipeline's
+    `shard_map`: `data` and `tensor`); empty outside any mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return {}
+    return {a: mesh.shape[a] for a in mesh.axis_names if a not in mesh.manual_axes}
+
+
 BATCH_SPEC = P("data")
 ACTIVATION_SPEC = P("data", None, None)  # [B, T, D] inside a stage: batch on `data`
 

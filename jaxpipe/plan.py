@@ -203,10 +203,9 @@ def _auto(args: argparse.Namespace) -> autotune.AutotuneResult:
     if args.batch_size is None:
         raise ConfigError("--auto needs --global_batch, the sequences per step")
     cluster = autotune.Cluster(args.devices, device, args.devices_per_node, args.memory_gib)
-    asked = [name for name in ("zero1", "fsdp") if getattr(args, name)]
     return autotune.search(
         model_cfg, cluster, global_batch=args.batch_size, seq_len=seq_len, top=args.top,
-        splits=tuple(asked) or tuple(autotune.STATE_SPLITS),
+        splits=autotune.searched_splits(args.zero1, args.fsdp),
     )
 
 

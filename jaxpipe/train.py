@@ -192,12 +192,12 @@ class Trainer:
 
     def _step(self, state: TrainState, tokens_BT1):
         loss, grads = self.pipe.value_and_grad(state.params, tokens_BT1)
-        if self.pipe.config.shard_moments:  # reduce-scatter: each device reduces its own part
-            grads = jax.lax.with_sharding_constraint(grads, self.moment_shardings)
-        grad_norm = optax.tree.norm(grads)
         shard = state.params
-        if self.pipe.config.shard_moments:  # each device computes the update of its own part
-            shard = jax.lax.with_sharding_constraint(shard, self.moment_shardings)
+        if self.pipe.config.shard_moments:  # reduce-scatter; each device updates its own part
+            grads, shard = jax.lax.with_sharding_constraint(
+                (grads, shard), (self.moment_shardings,) * 2
+            )
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, shard)
         if self.pipe.config.shard_moments:  # all-gather the update, add it in place
             updates = jax.lax.with_sharding_constraint(updates, self.shardings.params)
