@@ -28,10 +28,23 @@ from jaxpipe.placement import free_axes
 _INIT_STD = 0.02
 
 
-def _norm(cfg: ModelConfig, name: str) -> nn.Module:
-    if cfg.style == "gpt2":
-        return nn.LayerNorm(epsilon=cfg.norm_eps, dtype=jnp.float32, name=name)
-    return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=jnp.float32, name=name)
+# A lean block (`Block.lean`) keeps only the inputs of its norms, elementwise activations and
+# XLA attention for the backward, which recomputes the rest from them: the norms' statistics,
+# the activations' internals (the tanh GELU alone would save five more [B, T, F] tensors) and
+# attention's scores and softmax (three [B, H, T, T] tensors), as fused attention kernels do.
+_LEAN_NORMS = {"gpt2": nn.remat(nn.LayerNorm), "llama": nn.remat(nn.RMSNorm)}
+_NORMS = {"gpt2": nn.LayerNorm, "llama": nn.RMSNorm}
+_gelu = functools.partial(jax.nn.gelu, approximate=True)
+_swiglu = lambda gate, up: jax.nn.silu(gate) * up
+
+
+def _norm(cfg: ModelConfig, name: str, lean: bool = False) -> nn.Module:
+    norm = (_LEAN_NORMS if lean else _NORMS)[cfg.style]
+    return norm(epsilon=cfg.norm_eps, dtype=jnp.float32, name=name)
+
+
+def _lean(fn, lean: bool):
+    return jax.checkpoint(fn) if lean else fn
 
 
 def rope(x_BTHK: jax.Array, theta: float, start=0) -> jax.Array:
@@ -54,6 +67,7 @@ class Attention(nn.Module):
     cache, they attend to every cached position up to their own, and (out, cache) is returned."""
 
     cfg: ModelConfig
+    lean: bool = False
 
     @nn.compact
     def __call__(self, x_BTD, cache=None, start=0):
@@ -72,7 +86,10 @@ class Attention(nn.Module):
             q_BTHK = rope(q_BTHK, cfg.rope_theta, start)
             k_BTGK = rope(k_BTGK, cfg.rope_theta, start)
         if cache is None:
-            out_BTHK = causal_attention(cfg, q_BTHK, k_BTGK, v_BTGK)
+            # Fused kernels choose their own residuals; XLA's are recomputed when lean.
+            attention = functools.partial(causal_attention, cfg)
+            attention = _lean(attention, self.lean and cfg.attention == "xla")
+            out_BTHK = attention(q_BTHK, k_BTGK, v_BTGK)
         else:
             k_BSGK, v_BSGK = (
                 jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), start, axis=1)
@@ -93,6 +110,7 @@ class Attention(nn.Module):
 
 class Mlp(nn.Module):
     cfg: ModelConfig
+    lean: bool = False
 
     @nn.compact
     def __call__(self, x_BTD):
@@ -102,31 +120,34 @@ class Mlp(nn.Module):
         out_init = nn.initializers.normal(_INIT_STD / math.sqrt(2 * cfg.num_layers))
         if cfg.style == "gpt2":
             h_BTF = nn.Dense(cfg.ff_dim, dtype=dt, kernel_init=init, name="up")(x_BTD)
-            h_BTF = jax.nn.gelu(h_BTF, approximate=True)
+            h_BTF = _lean(_gelu, self.lean)(h_BTF)
             return nn.Dense(cfg.d_model, dtype=dt, kernel_init=out_init, name="down")(h_BTF)
         gate = nn.Dense(cfg.ff_dim, use_bias=False, dtype=dt, kernel_init=init, name="gate")
         up = nn.Dense(cfg.ff_dim, use_bias=False, dtype=dt, kernel_init=init, name="up")
-        h_BTF = jax.nn.silu(gate(x_BTD)) * up(x_BTD)
+        h_BTF = _lean(_swiglu, self.lean)(gate(x_BTD), up(x_BTD))
         down = nn.Dense(cfg.d_model, use_bias=False, dtype=dt, kernel_init=out_init, name="down")
         return down(h_BTF)
 
 
 class Block(nn.Module):
     """One pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(.)). With a key/value
-    `cache` (see `Attention`) it returns (x, cache)."""
+    `cache` (see `Attention`) it returns (x, cache). A `lean` block keeps fewer values for its
+    backward and recomputes the rest (see `_lean`); a block recomputed whole (remat) is not lean,
+    or its backward would recompute attention a second time."""
 
     cfg: ModelConfig
+    lean: bool = False
 
     @nn.compact
     def __call__(self, x_BTD, cache=None, start=0):
         dt = jnp.dtype(self.cfg.dtype)
-        h = _norm(self.cfg, "attn_norm")(x_BTD).astype(dt)
-        attn = Attention(self.cfg, name="attn")(h, cache, start)
+        h = _norm(self.cfg, "attn_norm", self.lean)(x_BTD).astype(dt)
+        attn = Attention(self.cfg, self.lean, name="attn")(h, cache, start)
         if cache is not None:
             attn, cache = attn
         x_BTD = x_BTD + attn
-        h = _norm(self.cfg, "mlp_norm")(x_BTD).astype(dt)
-        x_BTD = x_BTD + Mlp(self.cfg, name="mlp")(h)
+        h = _norm(self.cfg, "mlp_norm", self.lean)(x_BTD).astype(dt)
+        x_BTD = x_BTD + Mlp(self.cfg, self.lean, name="mlp")(h)
         return x_BTD if cache is None else (x_BTD, cache)
 
 
@@ -248,9 +269,10 @@ def compute_weights(cfg: ModelConfig, block_params):
     )
 
 
-def block_apply(cfg: ModelConfig, block_params, x_BTD):
-    """One block on its own (unstacked) parameters."""
-    return Block(cfg).apply({"params": block_params}, x_BTD)
+def block_apply(cfg: ModelConfig, block_params, x_BTD, lean: bool = True):
+    """One block on its own (unstacked) parameters; `lean` (see `Block`): False where the
+    caller recomputes the block whole."""
+    return Block(cfg, lean).apply({"params": block_params}, x_BTD)
 
 
 def embed_apply(cfg: ModelConfig, params, tokens_BT, start=0):
@@ -299,7 +321,7 @@ def head_loss(cfg: ModelConfig, params, x_BTD, targets_BT):
 
 def stack_forward(cfg: ModelConfig, blocks, x_BTD, remat: bool = False):
     """The reference: a scan over the stacked blocks."""
-    fn = lambda p, x: block_apply(cfg, p, x)
+    fn = lambda p, x: block_apply(cfg, p, x, lean=not remat)
     if remat:
         fn = jax.checkpoint(fn)
     out, _ = jax.lax.scan(lambda x, p: (fn(p, x), None), x_BTD, blocks)

@@ -71,7 +71,8 @@ class _StageVjp:
         self.split = None  # backsplit.BackwardSplit, built on the first `input_grad`
 
     def layers(self, w, count, h):
-        layer = lambda p, h: M.block_apply(self.cfg, p, h)
+        lean = not (self.remat_layer or self.recompute)
+        layer = lambda p, h: M.block_apply(self.cfg, p, h, lean)
         if self.remat_layer:
             layer = jax.checkpoint(layer)
         if self.scanned:
