@@ -43,8 +43,8 @@ def spearman(a, b) -> float:
 
 def pick(found, costs, n: int):
     """The first choice, then configurations with other (stages, repeats, micro-batches,
-    schedule) spread over the ranking; remat "layer" variants of the first two, as the
-    autotuner plans them."""
+    schedule) spread over the ranking; the other remat ("layer" for "none", "none" otherwise)
+    of the first two, as the autotuner plans them."""
     from jaxpipe.autotune import candidate, plan_for
 
     distinct, seen = [], set()
@@ -59,7 +59,7 @@ def pick(found, costs, n: int):
     chosen = [distinct[i] for i in at]
     model_cfg, T = found.model_cfg, found.seq_len
     for k in chosen[:2]:
-        p = k.pipe_cfg.replace(remat="layer")
+        p = k.pipe_cfg.replace(remat="layer" if k.pipe_cfg.remat == "none" else "none")
         b = found.global_batch // (p.num_microbatches * p.data_parallel)
         profile = found.cluster.profile(model_cfg, b, T)
         plan = plan_for(model_cfg, p, costs.at(b, p.tensor_parallel), profile)

@@ -11,7 +11,8 @@ Layer costs are compiled twice per model (micro-batch 1 and 2, no tensor split) 
 XLA's FLOP, byte and activation counts are linear in the micro-batch, and tensor parallelism
 divides them (`costs.LayerCost.scaled`). remat "layer" and "stage" cost the same time, and the
 state splits move the same gradient volume over `data` (`costmodel.py`), so each candidate takes
-the first (remat, split) pair that fits, remat first in the order none, layer, stage, then the
+the first (remat, split) pair that fits, remat first in the order none, layer, stage (layer,
+stage, none where the profile measured recomputing to be cheaper, `_remat_order`), then the
 split in the order none, ZeRO-1, FSDP (a quick memory screen, `_memory_screen`, skips pairs that
 cannot). With data = 1 there is nothing to split. The search is a branch and bound: every
 candidate gets a lower bound of its step time (its work spread evenly over the stages, one link
@@ -37,7 +38,7 @@ from jaxpipe.config import (
     PipelineConfig,
     check_tensor_parallel,
 )
-from jaxpipe.costmodel import CostModel
+from jaxpipe.costmodel import REMAT_COST, CostModel
 from jaxpipe.costs import (
     PROFILES,
     DeviceProfile,
@@ -446,14 +447,15 @@ def search(
             if S > L or global_batch % D:
                 continue
             per_replica = global_batch // D
-            # (remat, split) pairs in the order they are tried; with data 1 nothing splits.
-            pairs = [(r, sp) for r in remats for sp in (splits if D > 1 else ("none",))]
             for b in _divisors(per_replica):
                 if max_microbatch is not None and b > max_microbatch:
                     break
                 M = per_replica // b
                 c = costs.at(b, t)
                 profile = cluster.profile(model_cfg, b, seq_len)
+                # (remat, split) pairs in the order they are tried; with data 1 nothing splits.
+                pairs = [(r, sp) for r in _remat_order(remats, profile)
+                         for sp in (splits if D > 1 else ("none",))]
                 for sched, R in _shapes(model_cfg, S, M, schedules):
                     for eh in embed_heads:
                         searched += len(pairs)
@@ -490,6 +492,13 @@ def search(
     ranked = tuple(k for _, _, k in sorted(best, key=lambda e: (-e[0], -e[1])))
     return AutotuneResult(model_cfg, cluster, global_batch, seq_len, ranked, searched, planned,
                           time.perf_counter() - t0)
+
+
+def _remat_order(remats: tuple[str, ...], profile: DeviceProfile) -> list[str]:
+    """Remat modes cheapest first: no remat, unless the profile measured recomputing a block
+    to cost less than keeping its residuals (a CPU can)."""
+    cost = REMAT_COST if profile.remat_cost is None else profile.remat_cost
+    return sorted(remats, key=lambda r: 1.0 if r == "none" else cost)
 
 
 def _nothing_fits(model_cfg, cluster, global_batch, seq_len, costs, remats) -> str:

@@ -2,7 +2,8 @@
 
 Compute is the roofline of each layer's XLA costs on the device profile; under remat the
 blocks' forward runs twice (the backward recomputes it), so a block costs 4/3 of its forward +
-backward. Communication (`links.py`), on the `data x pipe x tensor` mesh:
+backward (or what the profile measured, `DeviceProfile.remat_cost`). Communication
+(`links.py`), on the `data x pipe x tensor` mesh:
 
 - tensor: Megatron-style all-reduces of one activation [b, T, D] per block: two in the forward,
   two in the backward, two more in the recomputed forward under remat; one for the embedding's
@@ -27,6 +28,9 @@ from jaxpipe.links import MeshLinks
 from jaxpipe.placement import vocab_rows
 
 GRAD_BYTES = 4  # gradients are float32, as the parameters
+# A block's forward + backward with its forward recomputed, over without: one more forward of
+# the three (the backward's two), unless the device profile measured its own figure.
+REMAT_COST = 4 / 3
 
 
 def outer_params(cfg: ModelConfig, tp: int, head_in_last: bool = True) -> tuple[float, float]:
@@ -91,7 +95,9 @@ class CostModel:
         act = costs.boundary_bytes
         all_reduce = links.all_reduce_time(act, T, mesh.tensor_crosses)
         block_comm = tensor_all_reduces(pipe_cfg.remat) * all_reduce
-        recompute = 4 / 3 if pipe_cfg.remat != "none" else 1.0
+        recompute = 1.0
+        if pipe_cfg.remat != "none":
+            recompute = REMAT_COST if profile.remat_cost is None else profile.remat_cost
         sent = act * boundary_scale(model_cfg, pipe_cfg) / T
         transfer = 2 * links.send_time(sent, mesh.pipe_crosses) if S > 1 else 0.0
         bandwidth, latency = links.link(mesh.data_crosses)

@@ -42,7 +42,9 @@ class DeviceProfile:
     flops_efficiency: the share of the peak that large matmuls achieve (compute time is
     FLOPs / (peak x efficiency)). concurrency: how many devices' programs run at full speed at
     once; None when every device is its own chip, a number when devices share a host's cores
-    (forced CPU devices), so a tick's busy ops share the cores.
+    (forced CPU devices), so a tick's busy ops share the cores. remat_cost: a block's forward
+    + backward time with its forward recomputed over its time without; None: by FLOPs (4/3).
+    Measured on a CPU, where recomputing can cost less than writing and reading the residuals.
     """
 
     name: str
@@ -53,6 +55,7 @@ class DeviceProfile:
     head_flops: float | None = None  # measured CPU only: FLOP/s at the vocab projection's shape
     flops_efficiency: float = 1.0
     concurrency: float | None = None
+    remat_cost: float | None = None  # measured CPU only: see `CostModel.from_costs`
 
     def roofline(self, flops: float, bytes_accessed: float, head: bool = False) -> float:
         peak = self.head_flops if head and self.head_flops else self.peak_flops
@@ -103,7 +106,8 @@ PROFILES: dict[str, DeviceProfile] = {
 DEVICES = tuple(PROFILES) + ("cpu",)
 
 _CPU_PROFILE: dict[tuple, DeviceProfile] = {}
-_CONCURRENCY: dict = {}  # (model, micro-batch, seq_len) -> `_shared_concurrency`
+# (model, micro-batch, seq_len) -> (`_shared_concurrency`, `_shared_links`)
+_SHARED: dict = {}
 
 
 def best_times(calls: dict, reps: int = 5, min_seconds: float = 0.05) -> dict:
@@ -199,18 +203,18 @@ def _runs_here(cfg: ModelConfig, b: int, T: int) -> bool:
     return max(params, b * T * widest) <= CALIBRATION_ELEMENTS
 
 
-def _model_rates(programs: dict, reps: int = 7) -> tuple[float, float]:
+def _model_rates(programs: dict, reps: int = 7) -> tuple[float, float, float]:
     """FLOP/s of the model's own block and of its head + loss (forward + backward, one
     micro-batch; `layer_programs`): XLA's FLOP count of each program over its best time, timed
-    round-robin."""
-    progs = {k: v for k, v in programs.items() if k in ("block", "head")}
+    round-robin; and the block's time recomputed in its backward over its time without."""
+    progs = {k: v for k, v in programs.items() if k in ("block", "head", "block_remat")}
     compiled = {k: _compile(fn, *args) for k, (fn, args) in progs.items()}
     flops = {k: f for k, (_, f) in compiled.items()}
     t = best_times({k: (compiled[k][0], args) for k, (_, args) in progs.items()}, reps)
     block = flops["block"] / t["block"]
     head_t = t["head"] - t["block"]
     head = (flops["head"] - flops["block"]) / head_t if head_t > 0 else block
-    return block, head
+    return block, head, t["block_remat"] / t["block"]
 
 
 def _shared_concurrency(block: tuple, reps: int = 5) -> float:
@@ -238,6 +242,41 @@ def _shared_concurrency(block: tuple, reps: int = 5) -> float:
     return k * t["one"] / t["all"]
 
 
+def _shared_links(nbytes: float, reps: int = 5, messages: int = 20) -> tuple[float, float]:
+    """(bandwidth B/s, latency s) of a message between this process's CPU devices: every device
+    sends one array to the next, `messages` times in one program (a `ppermute` ring, as the
+    pipeline's sends), at 1 KiB and at `nbytes` (a stage boundary). On forced devices a message
+    is a copy plus the devices' rendezvous, which costs far more than the copy for small arrays.
+    Each call is waited for before the next: CPU collectives of several programs in flight at
+    once can deadlock."""
+    devices = jax.devices("cpu")
+    k = len(devices)
+    if k == 1:
+        return float("inf"), 0.0
+    mesh = jax.sharding.Mesh(np.array(devices), ("d",))
+    spec = jax.sharding.PartitionSpec("d")
+    ring = [(i, (i + 1) % k) for i in range(k)]
+
+    def sends(x):
+        return jax.lax.fori_loop(0, messages, lambda _, x: jax.lax.ppermute(x, "d", ring), x)
+
+    send = jax.jit(jax.shard_map(sends, mesh=mesh, in_specs=spec, out_specs=spec))
+    on_all = jax.sharding.NamedSharding(mesh, spec)
+    sizes = {"small": 256, "large": max(int(nbytes) // 4, 512)}
+    t = {}
+    for name, n in sizes.items():
+        x = jax.device_put(jnp.ones((k * n,), jnp.float32), on_all)
+        jax.block_until_ready(send(x))  # compiles
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            jax.block_until_ready(send(x))
+            best = min(best, time.perf_counter() - t0)
+        t[name] = best / messages
+    extra = 4 * (sizes["large"] - sizes["small"])
+    return extra / max(t["large"] - t["small"], 1e-9), t["small"]
+
+
 def host_memory() -> float:
     """This host's physical memory in bytes (16 GiB where the system does not say)."""
     try:
@@ -260,27 +299,32 @@ def calibrate_cpu(
     layers are costed with. A model too large to run one block here (see
     `CALIBRATION_ELEMENTS`), or no model, is calibrated with generic kernels: causal attention
     + GELU MLP at (2, 128, 512, 2048, 8 heads), softmax cross-entropy at (256, 512, 32000).
-    With several forced CPU devices, `concurrency` is measured too: how many of them run the
+    With several forced CPU devices, the links between them are measured (`_shared_links`:
+    the pipeline's sends and, by the same figures, tensor and data collectives) and
+    `concurrency` too: how many of them run the
     block at full speed at once (`_shared_concurrency`).
     Memory bandwidth comes from a timed read-only reduction over 64 MiB (a copy into fresh
     buffers would measure page faults)."""
     key = (model_cfg, microbatch, seq_len)
     if key in _CPU_PROFILE:
         return _CPU_PROFILE[key]
-    concurrency = CPU_CONCURRENCY
-    if None not in key and _runs_here(model_cfg, microbatch, seq_len):
-        programs = layer_programs(model_cfg, microbatch, seq_len)
-        flops, head_flops = _model_rates(programs)
-        if key not in _CONCURRENCY:  # kept when profiles are re-measured: it barely moves
-            _CONCURRENCY[key] = _shared_concurrency(programs["block"])
-        concurrency = _CONCURRENCY[key]
-    else:
-        flops, head_flops = _block_rate(2, 128, 512, 2048, 8), _softmax_rate(256, 512, 32000)
+    concurrency, remat_cost = CPU_CONCURRENCY, None
     buf = _cpu_array((16 * 2**20,))
     bandwidth = buf.nbytes / best_time(jax.jit(jnp.sum), buf)
-    links = Links(bandwidth, bandwidth, devices_per_node=2**20)
+    link = (bandwidth, 0.0)
+    if None not in key and _runs_here(model_cfg, microbatch, seq_len):
+        programs = layer_programs(model_cfg, microbatch, seq_len)
+        flops, head_flops, remat_cost = _model_rates(programs)
+        if key not in _SHARED:  # kept when profiles are re-measured: they barely move
+            boundary = microbatch * seq_len * model_cfg.d_model * 4
+            _SHARED[key] = (_shared_concurrency(programs["block"]), _shared_links(boundary))
+        concurrency, link = _SHARED[key]
+    else:
+        flops, head_flops = _block_rate(2, 128, 512, 2048, 8), _softmax_rate(256, 512, 32000)
+    links = Links(link[0], link[0], link[1], link[1], devices_per_node=2**20)
     profile = DeviceProfile(
-        "cpu", flops, bandwidth, host_memory(), links, head_flops, concurrency=concurrency
+        "cpu", flops, bandwidth, host_memory(), links, head_flops, concurrency=concurrency,
+        remat_cost=remat_cost,
     )
     _CPU_PROFILE[key] = profile
     return profile

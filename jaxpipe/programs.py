@@ -7,6 +7,8 @@ programs.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -22,13 +24,17 @@ def _concrete(tree, key):
     )
 
 
-def stage_program(cfg: ModelConfig, blocks: int, first: bool, last: bool):
-    """Forward + backward of one virtual stage: [embed] -> `blocks` blocks -> [head + loss]."""
+def stage_program(cfg: ModelConfig, blocks: int, first: bool, last: bool, remat: bool = False):
+    """Forward + backward of one virtual stage: [embed] -> `blocks` blocks -> [head + loss];
+    with `remat`, each block recomputed in the backward (remat="layer")."""
+    block = functools.partial(M.block_apply, cfg, lean=not remat)
+    if remat:
+        block = jax.checkpoint(block)
 
     def loss(p, inp, tgt, cot):
         h = M.embed_apply(cfg, p, inp) if first else inp
         for j in range(blocks):
-            h = M.block_apply(cfg, jax.tree.map(lambda a, j=j: a[j], p["blocks"]), h)
+            h = block(jax.tree.map(lambda a, j=j: a[j], p["blocks"]), h)
         if last:
             return M.head_loss(cfg, p, h, tgt)
         return jnp.vdot(h.astype(jnp.float32), cot.astype(jnp.float32))
@@ -57,10 +63,13 @@ class ProgramInputs:
 def layer_programs(model_cfg: ModelConfig, microbatch: int, seq_len: int) -> dict[str, tuple]:
     """{kind: (jitted fwd + bwd program, args)} at one micro-batch: "block" is one block,
     "embed" the embedding + one block, "head" one block + the head and loss (a layer's time is
-    its program's minus the block's)."""
+    its program's minus the block's), "block_remat" one block recomputed in its backward."""
     inp = ProgramInputs(model_cfg, microbatch, seq_len, 1)
     kinds = {"block": (1, False, False), "embed": (1, True, False), "head": (1, False, True)}
-    return {
+    programs = {
         k: (stage_program(model_cfg, *key), inp.args(*key, model_cfg.tied))
         for k, key in kinds.items()
     }
+    remat = stage_program(model_cfg, 1, False, False, remat=True)
+    programs["block_remat"] = (remat, programs["block"][1])
+    return programs
