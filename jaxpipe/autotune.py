@@ -55,6 +55,7 @@ from jaxpipe.partition import (
     device_counts,
     replay_bytes,
     static_bytes,
+    step_table,
     virtual_counts,
 )
 from jaxpipe.report import Plan
@@ -251,11 +252,14 @@ def plan_for(
     )
     L, S, R = model_cfg.num_layers, pipe_cfg.num_stages, pipe_cfg.num_repeats
     capacity = profile.hbm_bytes
+    placement = step_table(pipe_cfg).placement  # the table the plan simulates, built once
     if method == "uniform":
         counts = tuple(uniform_sizes(L, S * R))
     else:
-        counts = virtual_counts(_cost_counts(cm, pipe_cfg.replace(zero1=False, fsdp=False), L), R)
-    plan = build_plan(model_cfg, pipe_cfg, StageLayout(S, R, counts), cm, method, profile.name)
+        totals = _cost_counts(cm, pipe_cfg.replace(zero1=False, fsdp=False), L)
+        counts = virtual_counts(totals, R, placement)
+    layout = StageLayout(S, R, counts, placement)
+    plan = build_plan(model_cfg, pipe_cfg, layout, cm, method, profile.name)
     memory = max(st.memory_bytes for st in plan.stages)
     if memory <= capacity or not fit:
         return plan
@@ -265,7 +269,7 @@ def plan_for(
         totals = device_counts(cm, pipe_cfg, L, "memory", capacity, explain=False)
     except ConfigError:
         return None
-    layout = StageLayout(S, R, virtual_counts(totals, R))
+    layout = StageLayout(S, R, virtual_counts(totals, R, placement), placement)
     return build_plan(model_cfg, pipe_cfg, layout, cm, "memory", profile.name)
 
 

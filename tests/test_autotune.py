@@ -136,3 +136,19 @@ def test_train_lm_auto_runs_the_winner(tmp_path):
 def test_bad_cluster_names_the_flag(kw):
     with pytest.raises(ConfigError, match=r"--(devices|devices_per_node|memory_gib) must be"):
         Cluster(**{"num_devices": 4, "device": "h100", **kw})
+
+
+def test_zbv_plans_place_their_layers_in_a_vee(costs):
+    """Every candidate's layout puts its virtual stages where its table runs them (a zbv plan
+    on the 'loop' placement would be refused by the executor it proposes)."""
+    found = search(MODEL, Cluster(4, "h100"), global_batch=16, seq_len=64, layer_costs=costs,
+                   top=10**6, schedules=("zbv", "1f1b"))
+    zbv = [k for k in found.candidates if k.pipe_cfg.schedule == "zbv"]
+    assert zbv and all(k.plan.layout.placement == "vee" for k in zbv)
+    assert all(k.plan.layout.placement == "loop" for k in found.candidates if k not in zbv)
+    for k in zbv:
+        S = k.pipe_cfg.num_stages
+        # device d holds virtual stages d and 2S - 1 - d
+        assert [sorted(row) for row in k.plan.layout.v_SR.tolist()] == [
+            sorted((d, 2 * S - 1 - d)) for d in range(S)
+        ]
