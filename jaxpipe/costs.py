@@ -245,8 +245,9 @@ def _shared_concurrency(block: tuple, reps: int = 5) -> float:
 def _shared_links(nbytes: float, reps: int = 5, messages: int = 20) -> tuple[float, float]:
     """(bandwidth B/s, latency s) of a message between this process's CPU devices: every device
     sends one array to the next, `messages` times in one program (a `ppermute` ring, as the
-    pipeline's sends), at 1 KiB and at `nbytes` (a stage boundary). On forced devices a message
-    is a copy plus the devices' rendezvous, which costs far more than the copy for small arrays.
+    pipeline's sends), at 1 KiB and at `nbytes` (a stage boundary; 4 MiB at least). On forced
+    devices a message is a copy plus the devices' rendezvous, which costs far more than the copy
+    for small arrays.
     Each call is waited for before the next: CPU collectives of several programs in flight at
     once can deadlock."""
     devices = jax.devices("cpu")
@@ -262,7 +263,8 @@ def _shared_links(nbytes: float, reps: int = 5, messages: int = 20) -> tuple[flo
 
     send = jax.jit(jax.shard_map(sends, mesh=mesh, in_specs=spec, out_specs=spec))
     on_all = jax.sharding.NamedSharding(mesh, spec)
-    sizes = {"small": 256, "large": max(int(nbytes) // 4, 512)}
+    # The large message is at least 4 MiB: a smaller one's copy time hides in the latency's noise.
+    sizes = {"small": 256, "large": max(int(nbytes), 4 * 2**20) // 4}
     t = {}
     for name, n in sizes.items():
         x = jax.device_put(jnp.ones((k * n,), jnp.float32), on_all)

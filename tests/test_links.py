@@ -106,3 +106,21 @@ def test_formula_flops_are_megatrons_eq3():
     assert model_flops(gpt3, B, s) == pytest.approx(no_recompute, rel=1e-12)
     # About 4.4 exaFLOPs per step (6 N tokens = 3.3e18, plus attention and recomputation).
     assert 4.0e18 < eq3 < 4.8e18
+
+
+def test_a_measured_recompute_cost_replaces_four_thirds_and_orders_the_remat_search():
+    from jaxpipe.autotune import _remat_order
+
+    def block_time(profile, remat):
+        cm = CostModel.from_costs(_costs(), profile, get_preset("small"),
+                                  PipelineConfig(2, 4, remat=remat))
+        return cm.block_time
+
+    plain = block_time(PROFILE, "none")
+    assert block_time(PROFILE, "layer") == pytest.approx(plain * 4 / 3)
+    cheap = DeviceProfile("cpu", 1e14, 2e12, 80 * GB, LINKS, remat_cost=0.9)
+    assert block_time(cheap, "layer") == pytest.approx(plain * 0.9)
+    assert block_time(cheap, "none") == pytest.approx(plain)
+    modes = ("none", "layer", "stage")
+    assert _remat_order(modes, PROFILE) == ["none", "layer", "stage"]
+    assert _remat_order(modes, cheap) == ["layer", "stage", "none"]

@@ -367,6 +367,9 @@ def test_cpu_profile_is_calibrated_on_the_models_own_layers(monkeypatch):
     assert calls == [(tiny, 2, 16)]
     assert costs.get_profile("cpu", tiny, 2, 16) is profile  # measured once per shape
     assert 0 < profile.peak_flops < np.inf and 0 < profile.head_flops < np.inf
+    # The 8 forced devices' links and the block's recompute cost are measured, not assumed.
+    assert 0 < profile.links.intra_latency < 0.1 and 0 < profile.links.intra_bandwidth < np.inf
+    assert 0.3 < profile.remat_cost < 5.0
     # The roofline of one block is then its measured time, up to timing noise. Another test
     # process may share the cores during either timing, so a few fresh calibrate-then-measure
     # pairs are tried; one of them must agree within 2x.
