@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxpipe.attention import causal_attention
 from jaxpipe.config import (
@@ -45,6 +46,18 @@ def _norm(cfg: ModelConfig, name: str, lean: bool = False) -> nn.Module:
 
 def _lean(fn, lean: bool):
     return jax.checkpoint(fn) if lean else fn
+
+
+# The values a lean block keeps, named: the inputs of its matmuls' weight gradients (norm
+# outputs, attention output, MLP activation), attention's q, k, v, the MLP's pre-activations
+# and the residual stream between attention and MLP. A caller that checkpoints the block with
+# its own policy saves just these with `KEEP_POLICY` (the block's input is the caller's).
+KEEP = "lean_block_keeps"
+KEEP_POLICY = jax.checkpoint_policies.save_only_these_names(KEEP)
+
+
+def _keep(x, lean: bool):
+    return checkpoint_name(x, KEEP) if lean else x
 
 
 def rope(x_BTHK: jax.Array, theta: float, start=0) -> jax.Array:
@@ -89,7 +102,8 @@ class Attention(nn.Module):
             # Fused kernels choose their own residuals; XLA's are recomputed when lean.
             attention = functools.partial(causal_attention, cfg)
             attention = _lean(attention, self.lean and cfg.attention == "xla")
-            out_BTHK = attention(q_BTHK, k_BTGK, v_BTGK)
+            q_BTHK, k_BTGK, v_BTGK = (_keep(a, self.lean) for a in (q_BTHK, k_BTGK, v_BTGK))
+            out_BTHK = _keep(attention(q_BTHK, k_BTGK, v_BTGK), self.lean)
         else:
             k_BSGK, v_BSGK = (
                 jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), start, axis=1)
@@ -120,11 +134,12 @@ class Mlp(nn.Module):
         out_init = nn.initializers.normal(_INIT_STD / math.sqrt(2 * cfg.num_layers))
         if cfg.style == "gpt2":
             h_BTF = nn.Dense(cfg.ff_dim, dtype=dt, kernel_init=init, name="up")(x_BTD)
-            h_BTF = _lean(_gelu, self.lean)(h_BTF)
+            h_BTF = _keep(_lean(_gelu, self.lean)(_keep(h_BTF, self.lean)), self.lean)
             return nn.Dense(cfg.d_model, dtype=dt, kernel_init=out_init, name="down")(h_BTF)
         gate = nn.Dense(cfg.ff_dim, use_bias=False, dtype=dt, kernel_init=init, name="gate")
         up = nn.Dense(cfg.ff_dim, use_bias=False, dtype=dt, kernel_init=init, name="up")
-        h_BTF = _lean(_swiglu, self.lean)(gate(x_BTD), up(x_BTD))
+        gate_BTF, up_BTF = (_keep(a, self.lean) for a in (gate(x_BTD), up(x_BTD)))
+        h_BTF = _keep(_lean(_swiglu, self.lean)(gate_BTF, up_BTF), self.lean)
         down = nn.Dense(cfg.d_model, use_bias=False, dtype=dt, kernel_init=out_init, name="down")
         return down(h_BTF)
 
@@ -141,12 +156,13 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x_BTD, cache=None, start=0):
         dt = jnp.dtype(self.cfg.dtype)
-        h = _norm(self.cfg, "attn_norm", self.lean)(x_BTD).astype(dt)
-        attn = Attention(self.cfg, self.lean, name="attn")(h, cache, start)
+        lean = self.lean
+        h = _keep(_norm(self.cfg, "attn_norm", lean)(x_BTD).astype(dt), lean)
+        attn = Attention(self.cfg, lean, name="attn")(h, cache, start)
         if cache is not None:
             attn, cache = attn
-        x_BTD = x_BTD + attn
-        h = _norm(self.cfg, "mlp_norm", self.lean)(x_BTD).astype(dt)
+        x_BTD = _keep(x_BTD + attn, lean)
+        h = _keep(_norm(self.cfg, "mlp_norm", lean)(x_BTD).astype(dt), lean)
         x_BTD = x_BTD + Mlp(self.cfg, self.lean, name="mlp")(h)
         return x_BTD if cache is None else (x_BTD, cache)
 

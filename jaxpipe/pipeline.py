@@ -28,30 +28,16 @@ from jaxpipe.config import FULL_TABLE_SCHEDULES, ConfigError, ModelConfig, Pipel
 from jaxpipe.layout import StageLayout
 from jaxpipe.schedule import BWD, ScheduleTable, build_table, ring_table
 
-_VIEWS = frozenset(
-    {"dynamic_slice", "slice", "gather", "squeeze", "reshape", "broadcast_in_dim"}
-)
-
-
-def _save_all_but_weights(prim, *_, **params) -> bool:
-    """Remat policy of remat="none": everything a unit computes is saved except its weights
-    and the views they are read through. The weight slice is taken by a dynamic slice and a
-    squeeze before the cast is named, and with an unchanged dtype the cast is that slice, so
-    naming alone would still save (and stack, per iteration) the slice. Views and broadcasts
-    cost nothing to take again: a reshaped activation is recomputed from the saved value it
-    views, and the attention mask from its unbroadcast [T, T] form (saved broadcast, it was a
-    [B, H, T, T] boolean per iteration: 22 GiB of llama-1b's GPipe step on v5p:2x2x1)."""
-    if prim.name == "name":
-        return params["name"] != "weights"
-    return prim.name not in _VIEWS
-
-
 # Residual policies of one iteration of the tick loop (one unit) by remat mode. Without remat it
-# keeps what the layers save but not the weight slice (in the compute dtype) the iteration
-# reads, which the backward slices again from the stage's stack: saving it would stack a copy
-# of the stage's weights per iteration. With remat it keeps only the unit's input.
+# keeps what a lean block keeps (`model.KEEP_POLICY`): not the weight slice (in the compute
+# dtype) the iteration reads, which the backward slices again from the stage's stack (saving it
+# would stack a copy of the stage's weights per iteration), nor views and broadcasts such as
+# the attention mask (saved broadcast, a [B, H, T, T] boolean per iteration: 22 GiB of
+# llama-1b's GPipe step on v5p:2x2x1). An outer policy applies inside the block's own
+# checkpoints too, so the block's choice has to be spelled here. With remat it keeps only the
+# unit's input.
 _UNIT_POLICY = {
-    "none": _save_all_but_weights,
+    "none": M.KEEP_POLICY,
     "layer": jax.checkpoint_policies.nothing_saveable,
     "stage": jax.checkpoint_policies.nothing_saveable,
 }
