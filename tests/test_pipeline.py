@@ -316,3 +316,6 @@ def test_tick_loop_saves_no_weight_slice_per_iteration(schedule):
     assert not stacked, text
     # ... while the layers' own intermediates are still saved (no recompute without remat).
     assert any(len(shape) >= 4 and shape[-1] == cfg.d_ff for shape in saved), text
+    # Lean blocks: attention's scores and probabilities ([..., T, T]) are recomputed, not saved
+    # per iteration (an outer policy that saved every intermediate overrode the block's own).
+    assert not [shape for shape in saved if shape[-2:] == (SEQ, SEQ)], text
