@@ -36,20 +36,21 @@ Keys: torch_ratio_{unpipelined,gpipe,1f1b} = jaxpipe tokens/s / torch tokens/s (
 faster); jaxpipe / torch -> variant -> tokens_per_s, cpu_s_per_step, step_s; loss (the checked
 losses); config.
 
-Measured on the idle 2-core host (load average below 0.5 before the run), torch 2.13, jax 0.10.2,
-medians of 5 rounds, one run each of the command above and of `--remat layer`:
+Measured on the idle 2-core host, torch 2.13, jax 0.10.2, medians of 5 rounds, one run each of
+the command above and of `--remat layer`, after blocks became lean (the backward recomputes
+norm statistics, GELU internals and attention's scores instead of stashing them; 9.2 MB a layer
+at micro-batch 8 instead of 26.5 MB):
                      jaxpipe tok/s  CPU s/step   torch tok/s  CPU s/step   ratio
-  unpipelined            4,287        1.66          7,859        0.98       0.55
-  gpipe                  3,140        2.35          6,538        1.09       0.48
-  1f1b                   4,417        1.62          7,579        0.98       0.58
+  unpipelined            5,965        1.22          8,831        0.90       0.68
+  gpipe                  6,119        1.19          7,093        1.04       0.86
+  1f1b                   7,054        1.03          7,605        0.96       0.93
   --remat layer:
-  unpipelined            4,706        1.44          8,341        0.96       0.56
-  gpipe                  5,525        1.34          6,580        1.13       0.84
-  1f1b                   6,857        1.08          7,108        1.08       0.97
-On CPU, recomputing each block (remat layer) is faster than stashing its internals: the stash's
-writes and reads cost more memory traffic than the block's FLOPs, and torch's pipelined stages
-pay for gloo messages between four processes on two cores. The unpipelined step is bound by
-XLA's CPU code for this model's small matmuls (K = 128): on one core the best formulation of the
+  unpipelined            5,413        1.30          8,966        0.89       0.60
+  gpipe                  5,604        1.30          6,770        1.13       0.83
+  1f1b                   6,496        1.09          7,316        1.02       0.89
+Before lean blocks the default run gave 0.55 / 0.48 / 0.58: the stash's writes and reads of
+every intermediate cost more than the block's FLOPs. The unpipelined step is bound by XLA's CPU
+code for this model's small matmuls (K = 128): on one core the best formulation of the
 reference we found (layers unrolled, attention written out) takes 1.32 s against torch's
 0.82 s; XLA's matmul fusions take 0.70 s of it (torch: mm/addmm 0.50 s, fused attention
 0.14 s) and materialised broadcasts, transposes and copies ~0.3 s that torch's BLAS calls

@@ -17,7 +17,13 @@ Prints one JSON object:
   zb_step_ratio: median zb_h1 step time over median 1f1b step time, run alternately on forced
     CPU devices (they share the host's cores, so bubbles cost little here). Expect <= 1.05.
 
-Measured on the idle 2-core host (two runs, after the 1F1B executor's stash reads moved into
+Measured on the idle 2-core host with lean blocks (`model.Block.lean`): zb_flops_split 1.00,
+zb_h1_sim_ratio 0.88, zbv_sim_ratio 0.92, zb_temp_ratio 1.34 (zbv 1.24; 1f1b 27.9 MB, zb_h1
+37.3 MB, zbv 34.4 MB), zb_step_ratio 1.23 (zbv 1.36); one stage's F 3.8 ms, fused backward
+7.3 ms, B 5.1 ms, W 3.0 ms. A run with a test process beside it gave sim ratios 0.78 / 0.58:
+the op times these ratios are fed move with the host's load.
+
+Before lean blocks (two runs, after the 1F1B executor's stash reads moved into
 the backward's branch and its writes became one slot update per tick): zb_flops_split 1.001,
 zb_h1_sim_ratio 0.92 / 0.91, zbv_sim_ratio 0.86 / 0.91, zb_temp_ratio 1.30 (zbv alone 1.15;
 1f1b 57.6 MB, zb_h1 74.7 MB, zbv 66.5 MB), zb_step_ratio 1.26 / 1.25 (zbv 1.30 / 1.21). One
