@@ -163,7 +163,7 @@ class Block(nn.Module):
             attn, cache = attn
         x_BTD = _keep(x_BTD + attn, lean)
         h = _keep(_norm(self.cfg, "mlp_norm", lean)(x_BTD).astype(dt), lean)
-        x_BTD = x_BTD + Mlp(self.cfg, self.lean, name="mlp")(h)
+        x_BTD = x_BTD + Mlp(self.cfg, lean, name="mlp")(h)
         return x_BTD if cache is None else (x_BTD, cache)
 
 
@@ -291,6 +291,14 @@ def block_apply(cfg: ModelConfig, block_params, x_BTD, lean: bool = True):
     return Block(cfg, lean).apply({"params": block_params}, x_BTD)
 
 
+def block_fn(cfg: ModelConfig, remat: str = "none"):
+    """`(block_params, x) -> x` under a remat mode: "none" a lean block; "layer" the block
+    recomputed whole in its backward; "stage" a plain block, for a caller that recomputes it
+    as part of something larger (a stage, or a checkpointed unit with its own policy)."""
+    block = functools.partial(block_apply, cfg, lean=remat == "none")
+    return jax.checkpoint(block) if remat == "layer" else block
+
+
 def embed_apply(cfg: ModelConfig, params, tokens_BT, start=0):
     if tokens_BT.shape[1] > cfg.max_seq_len:
         raise ConfigError(
@@ -337,9 +345,7 @@ def head_loss(cfg: ModelConfig, params, x_BTD, targets_BT):
 
 def stack_forward(cfg: ModelConfig, blocks, x_BTD, remat: bool = False):
     """The reference: a scan over the stacked blocks."""
-    fn = lambda p, x: block_apply(cfg, p, x, lean=not remat)
-    if remat:
-        fn = jax.checkpoint(fn)
+    fn = block_fn(cfg, "layer" if remat else "none")
     out, _ = jax.lax.scan(lambda x, p: (fn(p, x), None), x_BTD, blocks)
     return out
 

@@ -61,7 +61,7 @@ class _StageVjp:
 
     def __init__(self, cfg, num_slots: int, min_count: int, remat: str = "none", split=False):
         self.cfg, self.J, self.min_count = cfg, num_slots, min_count
-        self.recompute, self.remat_layer = remat == "stage", remat == "layer"
+        self.remat, self.recompute = remat, remat == "stage"
         # A split backward cuts the backward's program apart between equations; a scan over
         # the layers would be one equation, so split stages unroll their layers. Stages of a
         # few slots unroll them too: a scan stacks its residuals per layer, which costs a copy
@@ -71,10 +71,7 @@ class _StageVjp:
         self.split = None  # backsplit.BackwardSplit, built on the first `input_grad`
 
     def layers(self, w, count, h):
-        lean = not (self.remat_layer or self.recompute)
-        layer = lambda p, h: M.block_apply(self.cfg, p, h, lean)
-        if self.remat_layer:
-            layer = jax.checkpoint(layer)
+        layer = M.block_fn(self.cfg, self.remat)
         if self.scanned:
             return jax.lax.scan(lambda h, p: (layer(p, h), None), h, w)[0]
         for j, p in enumerate(w):

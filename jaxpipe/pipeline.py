@@ -270,8 +270,8 @@ class Pipeline:
         idle_ticks = not self.forward_table.busy.all()
         J, J0 = self.layout.slots, min(self.layout.layer_counts)
         cfg, remat = self.model, self.config.remat
-        # remat="layer": see `_UNIT_POLICY` (the unit is recomputed whole, so not lean)
-        layer = lambda p, h: M.block_apply(cfg, p, h, lean=remat == "none")
+        # Under remat `_UNIT_POLICY` recomputes the unit whole: its blocks stay plain.
+        layer = M.block_fn(cfg, "none" if remat == "none" else "stage")
         if remat != "stage":
             weights = lambda w_RJ, r, j: jax.tree.map(lambda a: a[r, j], w_RJ)
             unit = lambda p, count, h: layer(p, h)

@@ -7,8 +7,6 @@ programs.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
@@ -27,9 +25,7 @@ def _concrete(tree, key):
 def stage_program(cfg: ModelConfig, blocks: int, first: bool, last: bool, remat: bool = False):
     """Forward + backward of one virtual stage: [embed] -> `blocks` blocks -> [head + loss];
     with `remat`, each block recomputed in the backward (remat="layer")."""
-    block = functools.partial(M.block_apply, cfg, lean=not remat)
-    if remat:
-        block = jax.checkpoint(block)
+    block = M.block_fn(cfg, "layer" if remat else "none")
 
     def loss(p, inp, tgt, cot):
         h = M.embed_apply(cfg, p, inp) if first else inp
