@@ -38,7 +38,7 @@ from jaxpipe.config import (
     PipelineConfig,
     check_tensor_parallel,
 )
-from jaxpipe.costmodel import REMAT_COST, CostModel
+from jaxpipe.costmodel import CostModel, recompute_factor
 from jaxpipe.costs import (
     PROFILES,
     DeviceProfile,
@@ -501,8 +501,7 @@ def search(
 def _remat_order(remats: tuple[str, ...], profile: DeviceProfile) -> list[str]:
     """Remat modes cheapest first: no remat, unless the profile measured recomputing a block
     to cost less than keeping its residuals (a CPU can)."""
-    cost = REMAT_COST if profile.remat_cost is None else profile.remat_cost
-    return sorted(remats, key=lambda r: 1.0 if r == "none" else cost)
+    return sorted(remats, key=lambda r: recompute_factor(profile, r))
 
 
 def _nothing_fits(model_cfg, cluster, global_batch, seq_len, costs, remats) -> str:

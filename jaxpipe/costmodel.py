@@ -33,6 +33,14 @@ GRAD_BYTES = 4  # gradients are float32, as the parameters
 REMAT_COST = 4 / 3
 
 
+def recompute_factor(profile: DeviceProfile, remat: str) -> float:
+    """A block's time under `remat` over its time without: `REMAT_COST`, or what the profile
+    measured (`DeviceProfile.remat_cost`); 1 without remat."""
+    if remat == "none":
+        return 1.0
+    return REMAT_COST if profile.remat_cost is None else profile.remat_cost
+
+
 def outer_params(cfg: ModelConfig, tp: int, head_in_last: bool = True) -> tuple[float, float]:
     """Per-device parameters of the embedding and of the head with `tensor` = tp: the token
     table and an untied head kernel split their (padded) vocabulary over tp. A tied head inside
@@ -95,9 +103,7 @@ class CostModel:
         act = costs.boundary_bytes
         all_reduce = links.all_reduce_time(act, T, mesh.tensor_crosses)
         block_comm = tensor_all_reduces(pipe_cfg.remat) * all_reduce
-        recompute = 1.0
-        if pipe_cfg.remat != "none":
-            recompute = REMAT_COST if profile.remat_cost is None else profile.remat_cost
+        recompute = recompute_factor(profile, pipe_cfg.remat)
         sent = act * boundary_scale(model_cfg, pipe_cfg) / T
         transfer = 2 * links.send_time(sent, mesh.pipe_crosses) if S > 1 else 0.0
         bandwidth, latency = links.link(mesh.data_crosses)

@@ -7,10 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax._src.ad_checkpoint import saved_residuals
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxpipe import attention as A
+from jaxpipe import model as M
 from jaxpipe.checkpoint import check_model
 from jaxpipe.config import ConfigError, PipelineConfig, get_preset
 from jaxpipe.mesh import make_mesh
@@ -119,10 +121,6 @@ def test_a_lean_block_keeps_no_scores_and_the_same_gradients(preset):
     """A lean block's backward recomputes attention's scores and softmax, the norms' statistics
     and the activation's internals: it saves no [T, T] array and well under half of what plain
     autodiff saves, for the same gradients."""
-    from jax._src.ad_checkpoint import saved_residuals
-
-    from jaxpipe import model as M
-
     cfg = get_preset(preset)
     T = 24  # not a weight's dimension
     p = jax.tree.map(lambda a: a[0], M.init_params(cfg, seed=1)["blocks"])

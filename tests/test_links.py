@@ -2,6 +2,7 @@
 
 import pytest
 
+from jaxpipe.autotune import _remat_order
 from jaxpipe.config import PipelineConfig, get_preset
 from jaxpipe.costmodel import CostModel
 from jaxpipe.costs import DeviceProfile, LayerCost, ModelCosts
@@ -109,8 +110,6 @@ def test_formula_flops_are_megatrons_eq3():
 
 
 def test_a_measured_recompute_cost_replaces_four_thirds_and_orders_the_remat_search():
-    from jaxpipe.autotune import _remat_order
-
     def block_time(profile, remat):
         cm = CostModel.from_costs(_costs(), profile, get_preset("small"),
                                   PipelineConfig(2, 4, remat=remat))
