@@ -223,7 +223,13 @@ def _stage_program(pipe, w_1RJ, head_params, x_in, t_MBT):
     )
     if not inside:  # d(input) of each micro-batch, for the embedding's backward outside
         state["dx"] = vary(jnp.zeros(x_in.shape, zero_BTD.dtype))
-    zeros_carry = [b[0] for b in state["carry"]]
+
+    def write(bufs, xs, slots):
+        """xs[i] into slot slots[i] of each buffer bufs[i], in place (a scalar slot: the same
+        one of every buffer)."""
+        if not isinstance(slots, list):
+            slots = [slots] * len(bufs)
+        return [_write(b, x, j) for b, x, j in zip(bufs, xs, slots, strict=True)]
 
     def read(bufs, slots):
         """Slot slots[i] of each buffer bufs[i] (a scalar slot: the same one of every buffer)."""
@@ -244,13 +250,11 @@ def _stage_program(pipe, w_1RJ, head_params, x_in, t_MBT):
         (d_e,) = jax.vjp(lambda e: embed(e, m), hp["embed"])[1](dh)
         return _tree(jnp.add, g_e, d_e)
 
-    # Only the accumulators (head loss and gradient, weight gradients) pass through the
-    # conditionals as outputs; every buffer write happens outside them as one in-place slot
-    # update (a conditional that updated the stash would copy it whole). The stash and the
-    # carries go in read-only: a backward reads its slot inside its branch, and a tick whose op
-    # leaves nothing to stash reads the slot it writes, inside the idle branch, so the write
-    # puts back what is there. No tick selects between old and new contents, and ticks that
-    # do not read the stash do not copy a slot out of it.
+    # The stash is written in place by the forward's branch and the carries by B's; the idle
+    # branches pass them through untouched, so a tick that stashes nothing moves no bytes of
+    # them. Every read of a buffer takes the version the tick's write produced (a stage runs
+    # one op a tick, so that is the one its op needs): a conditional that wrote a buffer some
+    # other conditional still read in its old version would make XLA copy the buffer whole.
     def fwd(head, res, k, w_J, count, h, m, first, last):
         if inside:
             h = jax.lax.cond(first, lambda h: embed(hp["embed"], m), lambda h: h, h)
@@ -264,26 +268,27 @@ def _stage_program(pipe, w_1RJ, head_params, x_in, t_MBT):
         head, dy = jax.lax.cond(last, with_head, lambda head: (head, zero_BTD), head)
         # Residuals that are the same on every stage (constants a kernel closes over, such as
         # splash attention's block tables) are typed as varying, like the stash they go to.
-        return head, y, vary(kept), dy
+        return head, y, write(res, vary(kept), k), dy
 
     def no_fwd(head, res, k, *_):
-        return head, zero_BTD, read(res, k), zero_BTD
+        return head, zero_BTD, res, zero_BTD
 
     def b_input(w_J, count, res, k, dy, carries, j):
-        return stage.input_grad(w_J, count, read(res, k), dy)
+        dh, carry = stage.input_grad(w_J, count, read(res, k), dy)
+        return dh, write(carries, carry, j)
 
     def no_b_input(w_J, count, res, k, dy, carries, j):
-        return zero_BTD, read(carries, j)
+        return zero_BTD, carries
 
     def add_grads(g_w, dw_J, r):
         return _tree(lambda g, d: jax.lax.dynamic_update_index_in_dim(g, g[r] + d, r, 0), g_w, dw_J)
 
     def bwd(g_w, w_J, count, res, k, dy, r):
         dw_J, dh = stage.backward(w_J, count, read(res, k), dy)
-        return add_grads(g_w, dw_J, r), dh, zeros_carry
+        return add_grads(g_w, dw_J, r), dh
 
     def no_bwd(g_w, *_):
-        return g_w, zero_BTD, zeros_carry
+        return g_w, zero_BTD
 
     def wgt(g_w, w_J, count, res_w, k_w, carries, j, r):
         kept_w, carry = read(res_w, k_w), read(carries, j)
@@ -334,24 +339,22 @@ def _stage_program(pipe, w_1RJ, head_params, x_in, t_MBT):
         h = act[act_r[t, s]] if inside else jnp.where(v == 0, x_in[m], act[act_r[t, s]])
         h = placement.constrain_activation(h)
         dy_in = placement.constrain_activation(grad[grad_r[t, s]])
-        head, y, kept_f, dy = jax.lax.cond(
+        head, y, res, dy = jax.lax.cond(
             is_f, fwd, no_fwd, st["head"], st["res"], k, w_J, count, h, m, v == 0, v == V - 1
         )
-        j = carry_slot[t, s]
+        j, carries = carry_slot[t, s], st["carry"]
         if tab.split:  # B leaves the weight gradients alone: they do not pass its conditional
             g_w = st["g_w"]
-            dh, carry = jax.lax.cond(
-                is_b, b_input, no_b_input, w_J, count, st["res"], k, dy_in, st["carry"], j
+            dh, carries = jax.lax.cond(
+                is_b, b_input, no_b_input, w_J, count, res, k, dy_in, carries, j
             )
         else:
-            g_w, dh, carry = jax.lax.cond(
-                is_b, bwd, no_bwd, st["g_w"], w_J, count, st["res"], k, dy_in, r
-            )
+            g_w, dh = jax.lax.cond(is_b, bwd, no_bwd, st["g_w"], w_J, count, res, k, dy_in, r)
         new = {
             "act": act,
             "grad": put(grad, dy, head_w[t, s], is_f & (v == V - 1)),
-            "res": [_write(b, x, i) for b, x, i in zip(st["res"], kept_f, k, strict=True)],
-            "carry": st["carry"],
+            "res": res,
+            "carry": carries,
             "head": head,
             "send_f": send(y, needs_f, t),
             "send_b": send(dh, needs_b, t),
@@ -364,11 +367,10 @@ def _stage_program(pipe, w_1RJ, head_params, x_in, t_MBT):
         else:
             new["dx"] = put(st["dx"], dh, m, is_b & (v == 0))
         if tab.split:
-            res_w, k_w = [st["res"][i] for i in w_kept], [k[i] for i in w_kept]
+            res_w, k_w = [res[i] for i in w_kept], [k[i] for i in w_kept]
             g_w = jax.lax.cond(
-                op == WGT, wgt, lambda g_w, *_: g_w, g_w, w_J, count, res_w, k_w, st["carry"], j, r
+                op == WGT, wgt, lambda g_w, *_: g_w, g_w, w_J, count, res_w, k_w, carries, j, r
             )
-            new["carry"] = [_write(b, x, j) for b, x in zip(st["carry"], carry, strict=True)]
         return {**new, "g_w": g_w}, None
 
     st, _ = jax.lax.scan(tick, state, jnp.arange(tab.num_ticks))

@@ -60,18 +60,21 @@ def test_layer_order_is_observable():
 
 
 @needs_devices(4)
-def test_pipe_jit_keeps_the_stash_in_place():
-    """`Pipeline.jit` (region-based copy insertion on CPU) drops the per-tick copies of the
-    residual stash that plain `jax.jit` makes, and computes the same loss and gradients."""
+@pytest.mark.parametrize("schedule", ["1f1b", "zb_h1"])
+def test_the_stash_stays_in_place_without_region_analysis(schedule):
+    """The tick loop updates its stash and carries in place under the default copy insertion
+    (that of GPU and TPU compilers) as under `Pipeline.jit`'s CPU region analysis: plain
+    `jax.jit` makes no extra copies (a conditional that wrote a buffer another one still read
+    in its old version made 24 more in 1f1b, 44 in zb_h1), and the two agree."""
     cfg = get_preset("tiny", num_layers=4, max_seq_len=SEQ)
-    pcfg = PipelineConfig(num_stages=4, num_microbatches=8, schedule="1f1b")
+    pcfg = PipelineConfig(num_stages=4, num_microbatches=8, schedule=schedule)
     pipe = Pipeline.create(cfg, pcfg, make_mesh(pcfg, jax.devices()[:4]))
     params = pipe.place(jax.jit(M.init_params, static_argnums=(0, 1))(cfg, 3))
     tokens = jax.random.randint(jax.random.key(7), (16, SEQ + 1), 0, cfg.vocab_size)
     plain = jax.jit(pipe.value_and_grad).lower(params, tokens).compile()
     tuned = pipe.jit(pipe.value_and_grad).lower(params, tokens).compile()
     copies = lambda c: c.as_text().count(" copy(")
-    assert copies(tuned) < copies(plain) - 20, (copies(tuned), copies(plain))
+    assert copies(plain) <= copies(tuned) + 5, (copies(plain), copies(tuned))
     (loss_p, g_p), (loss_t, g_t) = plain(params, tokens), tuned(params, tokens)
     np.testing.assert_allclose(loss_t, loss_p, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g_t), jax.tree.leaves(g_p), strict=True):
