@@ -5,9 +5,9 @@
 
 Compiles forward + backward of the `small` model (batch 32 x 128) as jaxpipe's unpipelined
 reference (`jax.value_and_grad(model.reference_loss)` on one of 4 forced CPU devices, as in
-bench_peers.py) or pipelined with S=4, M=16 (`Pipeline.jit(pipe.value_and_grad)`), traces
---steps steps with `jax.profiler`, and sums the duration of every op XLA ran, over all threads,
-per step:
+bench_peers.py) or pipelined (gpipe, 1f1b or zb_h1) with S=4, M=16
+(`Pipeline.jit(pipe.value_and_grad)`), traces --steps steps with `jax.profiler`, and sums
+the duration of every op XLA ran, over all threads, per step:
   by_kind   dot / elementwise fusions (`ynn_fusion` is XLA CPU's YNNPACK fusion: a matmul or an
             elementwise chain), broadcast (mostly zero-filling a loop's stacked residual buffers),
             dynamic-update-slice / dynamic-slice (writing and reading them), copy, transpose,
@@ -52,7 +52,7 @@ _KINDS = ("ynn_fusion", "dot", "broadcast", "dynamic-update-slice", "dynamic-sli
 
 def parser() -> argparse.ArgumentParser:
     p = cli.ArgumentParser(prog="profile_step.py", description=__doc__.splitlines()[0])
-    p.add_argument("--step", default="reference", choices=("reference", "gpipe", "1f1b"))
+    p.add_argument("--step", default="reference", choices=("reference", "gpipe", "1f1b", "zb_h1"))
     p.add_argument("--remat", default="none", choices=("none", "layer"))
     p.add_argument("--model", default="small")
     p.add_argument("--batch", type=int, default=32)

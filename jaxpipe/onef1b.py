@@ -14,8 +14,9 @@ forward tick and adds the lookups' gradient to the table's at its backward tick.
 Idle ticks and padded slots are skipped with `lax.cond`, so they cost no FLOPs.
 
 What runs is read off the table's op codes: in a table with W ops (split) a B tick computes only
-the stage-input gradient (`backsplit.BackwardSplit`) and stashes what W needs from it in a carry
-slot; the W tick turns that into the weight gradients. Values move on the channel the table
+the stage-input gradient (`backsplit.BackwardSplit`) and leaves what W needs from it (its carry)
+in the stash, over the residuals only B read when that costs fewer bytes (`stash.Stash`); the W
+tick turns that into the weight gradients. Values move on the channel the table
 names (`ScheduleTable.channel`): to the next stage, the previous one, or kept on the stage at
 the turn of a V (zbv), where virtual stage v sits on `table.virtual_stage`'s stage.
 
@@ -40,6 +41,7 @@ from jaxpipe import placement
 from jaxpipe.backsplit import BackwardSplit
 from jaxpipe.buffers import buffer_plan, send_ticks
 from jaxpipe.schedule import BWD, FWD, NEXT, PREV, SELF, WGT
+from jaxpipe.stash import Stash, plan_slots
 
 _tree = jax.tree.map
 
@@ -126,8 +128,13 @@ class _StageVjp:
         return (dw if self.scanned else _tree(lambda *a: jnp.stack(a), *dw)), dh
 
 
-def _write(buf, x, slot):
-    return jax.lax.dynamic_update_index_in_dim(buf, x, slot, 0)
+# Platforms whose compilers update a buffer in place through two conditionals of one tick (TPU's
+# own copy insertion; CPU's with the region analysis `Pipeline.jit` turns on).
+PAIRED_PLATFORMS = ("cpu", "tpu")
+
+
+def _pairs_stay_in_place(mesh) -> bool:
+    return {d.platform for d in mesh.devices.flat} <= set(PAIRED_PLATFORMS)
 
 
 def _varying(a):
@@ -184,8 +191,7 @@ def _stage_program(pipe, w_1RJ, head_params, x_in, t_MBT):
     act_w, grad_w = c(plan.act_write), c(plan.grad_write)
     act_w_ok, grad_w_ok = jnp.asarray(plan.act_write >= 0), jnp.asarray(plan.grad_write >= 0)
     act_r, grad_r = c(plan.act_read), c(plan.grad_read)
-    head_w, res_slot, carry_slot = c(plan.head_write), c(plan.res_slot), c(plan.carry_slot)
-    wres_slot = c(plan.wres_slot)
+    head_w, slots_TS = c(plan.head_write), plan_slots(plan)
     counts_SR = jnp.asarray(layout.counts_SR)
     stage = _StageVjp(cfg, layout.slots, min(layout.layer_counts), pipe.config.remat, tab.split)
     vary = lambda tree: _tree(_varying, tree)
@@ -204,17 +210,12 @@ def _stage_program(pipe, w_1RJ, head_params, x_in, t_MBT):
             lambda *a: stage.input_grad(*a)[1], w_J0, count0, vary(zeros_res), zero_BTD
         )
         w_kept = stage.split.w_stashed
-    # Residual leaves W reads stay stashed until the W (slots `wres_slot`); the others only
-    # until the B (`res_slot`).
-    slots = [plan.num_wres if i in w_kept else plan.num_res for i in range(len(res_shapes))]
+    stash = Stash(plan, res_shapes, w_kept, carry_shapes, pair=_pairs_stay_in_place(pipe.mesh))
     state = vary(
         {
             "act": jnp.zeros((plan.num_act,) + zero_BTD.shape, zero_BTD.dtype),
             "grad": jnp.zeros((plan.num_grad,) + zero_BTD.shape, zero_BTD.dtype),
-            "res": [
-                jnp.zeros((n,) + r.shape, r.dtype) for n, r in zip(slots, res_shapes, strict=True)
-            ],
-            "carry": [jnp.zeros((plan.num_carry,) + a.shape, a.dtype) for a in carry_shapes],
+            "stash": stash.zeros(),
             "g_w": _tree(jnp.zeros_like, w_RJ),
             "head": {"loss": jnp.zeros((), jnp.float32), "g": _tree(jnp.zeros_like, head_params)},
             "send_f": {ch: zero_BTD for ch in act_chs},
@@ -223,20 +224,6 @@ def _stage_program(pipe, w_1RJ, head_params, x_in, t_MBT):
     )
     if not inside:  # d(input) of each micro-batch, for the embedding's backward outside
         state["dx"] = vary(jnp.zeros(x_in.shape, zero_BTD.dtype))
-
-    def write(bufs, xs, slots):
-        """xs[i] into slot slots[i] of each buffer bufs[i], in place (a scalar slot: the same
-        one of every buffer)."""
-        if not isinstance(slots, list):
-            slots = [slots] * len(bufs)
-        return [_write(b, x, j) for b, x, j in zip(bufs, xs, slots, strict=True)]
-
-    def read(bufs, slots):
-        """Slot slots[i] of each buffer bufs[i] (a scalar slot: the same one of every buffer)."""
-        if not isinstance(slots, list):
-            slots = [slots] * len(bufs)
-        pairs = zip(bufs, slots, strict=True)
-        return [jax.lax.dynamic_index_in_dim(b, j, 0, False) for b, j in pairs]
 
     def head_loss(hp, y_BTD, t_BT):
         return M.head_loss(cfg, hp, y_BTD, t_BT) / Mb
@@ -255,7 +242,7 @@ def _stage_program(pipe, w_1RJ, head_params, x_in, t_MBT):
     # them. Every read of a buffer takes the version the tick's write produced (a stage runs
     # one op a tick, so that is the one its op needs): a conditional that wrote a buffer some
     # other conditional still read in its old version would make XLA copy the buffer whole.
-    def fwd(head, res, k, w_J, count, h, m, first, last):
+    def fwd(head, bufs, k, w_J, count, h, m, first, last):
         if inside:
             h = jax.lax.cond(first, lambda h: embed(hp["embed"], m), lambda h: h, h)
             h = placement.constrain_activation(h)
@@ -268,30 +255,30 @@ def _stage_program(pipe, w_1RJ, head_params, x_in, t_MBT):
         head, dy = jax.lax.cond(last, with_head, lambda head: (head, zero_BTD), head)
         # Residuals that are the same on every stage (constants a kernel closes over, such as
         # splash attention's block tables) are typed as varying, like the stash they go to.
-        return head, y, write(res, vary(kept), k), dy
+        return head, y, stash.write_forward(bufs, vary(kept), k), dy
 
-    def no_fwd(head, res, k, *_):
-        return head, zero_BTD, res, zero_BTD
+    def no_fwd(head, bufs, k, *_):
+        return head, zero_BTD, bufs, zero_BTD
 
-    def b_input(w_J, count, res, k, dy, carries, j):
-        dh, carry = stage.input_grad(w_J, count, read(res, k), dy)
-        return dh, write(carries, carry, j)
+    def b_input(w_J, count, bufs, k, dy):
+        dh, carry = stage.input_grad(w_J, count, stash.read_backward(bufs, k), dy)
+        return dh, stash.write_carry(bufs, carry, k)
 
-    def no_b_input(w_J, count, res, k, dy, carries, j):
-        return zero_BTD, carries
+    def no_b_input(w_J, count, bufs, k, dy):
+        return zero_BTD, bufs
 
     def add_grads(g_w, dw_J, r):
         return _tree(lambda g, d: jax.lax.dynamic_update_index_in_dim(g, g[r] + d, r, 0), g_w, dw_J)
 
-    def bwd(g_w, w_J, count, res, k, dy, r):
-        dw_J, dh = stage.backward(w_J, count, read(res, k), dy)
+    def bwd(g_w, w_J, count, bufs, k, dy, r):
+        dw_J, dh = stage.backward(w_J, count, stash.read_backward(bufs, k), dy)
         return add_grads(g_w, dw_J, r), dh
 
     def no_bwd(g_w, *_):
         return g_w, zero_BTD
 
-    def wgt(g_w, w_J, count, res_w, k_w, carries, j, r):
-        kept_w, carry = read(res_w, k_w), read(carries, j)
+    def wgt(g_w, w_J, count, bufs, k, r):
+        kept_w, carry = stash.read_weight(bufs, k)
         return add_grads(g_w, stage.weight_grad(w_J, count, kept_w, carry), r)
 
     def put(buf, x, slot, ok):
@@ -330,7 +317,7 @@ def _stage_program(pipe, w_1RJ, head_params, x_in, t_MBT):
         for ch in grad_chs:
             grad = put(grad, st["send_b"][ch], grad_w[ch, t, s], grad_w_ok[ch, t, s])
         op, m, r = op_TS[t, s], micro_TS[t, s], repeat_TS[t, s]
-        k = [wres_slot[t, s] if i in w_kept else res_slot[t, s] for i in range(len(res_shapes))]
+        k = {kind: a[t, s] for kind, a in slots_TS.items()}
         v, count = tab.virtual_stage(s, r), counts_SR[s, r]
         w_J = _tree(lambda a: a[r], w_RJ)
         is_f, is_b = op == FWD, op == BWD
@@ -339,22 +326,18 @@ def _stage_program(pipe, w_1RJ, head_params, x_in, t_MBT):
         h = act[act_r[t, s]] if inside else jnp.where(v == 0, x_in[m], act[act_r[t, s]])
         h = placement.constrain_activation(h)
         dy_in = placement.constrain_activation(grad[grad_r[t, s]])
-        head, y, res, dy = jax.lax.cond(
-            is_f, fwd, no_fwd, st["head"], st["res"], k, w_J, count, h, m, v == 0, v == V - 1
+        head, y, bufs, dy = jax.lax.cond(
+            is_f, fwd, no_fwd, st["head"], st["stash"], k, w_J, count, h, m, v == 0, v == V - 1
         )
-        j, carries = carry_slot[t, s], st["carry"]
         if tab.split:  # B leaves the weight gradients alone: they do not pass its conditional
             g_w = st["g_w"]
-            dh, carries = jax.lax.cond(
-                is_b, b_input, no_b_input, w_J, count, res, k, dy_in, carries, j
-            )
+            dh, bufs = jax.lax.cond(is_b, b_input, no_b_input, w_J, count, bufs, k, dy_in)
         else:
-            g_w, dh = jax.lax.cond(is_b, bwd, no_bwd, st["g_w"], w_J, count, res, k, dy_in, r)
+            g_w, dh = jax.lax.cond(is_b, bwd, no_bwd, st["g_w"], w_J, count, bufs, k, dy_in, r)
         new = {
             "act": act,
             "grad": put(grad, dy, head_w[t, s], is_f & (v == V - 1)),
-            "res": res,
-            "carry": carries,
+            "stash": bufs,
             "head": head,
             "send_f": send(y, needs_f, t),
             "send_b": send(dh, needs_b, t),
@@ -367,10 +350,7 @@ def _stage_program(pipe, w_1RJ, head_params, x_in, t_MBT):
         else:
             new["dx"] = put(st["dx"], dh, m, is_b & (v == 0))
         if tab.split:
-            res_w, k_w = [res[i] for i in w_kept], [k[i] for i in w_kept]
-            g_w = jax.lax.cond(
-                op == WGT, wgt, lambda g_w, *_: g_w, g_w, w_J, count, res_w, k_w, carries, j, r
-            )
+            g_w = jax.lax.cond(op == WGT, wgt, lambda g_w, *_: g_w, g_w, w_J, count, bufs, k, r)
         return {**new, "g_w": g_w}, None
 
     st, _ = jax.lax.scan(tick, state, jnp.arange(tab.num_ticks))

@@ -120,7 +120,8 @@ def weight_grad_carry(cm: CostModel, pipe_cfg: PipelineConfig, slots: int) -> fl
     """Bytes of what B leaves for W on every stage, counted for split tables under remat: a
     rematerialised layer is one equation of the backward, so B computes its weight gradients
     whole and holds them (compute dtype) until W, in as many slots as the executor allocates.
-    (Without remat B leaves output cotangents, not counted.)"""
+    (Without remat B leaves output cotangents, which take the slots of the residuals it has
+    just read, `stash.Stash`: not counted.)"""
     if pipe_cfg.remat == "none":
         return 0.0
     return _carry_slots(_shape(pipe_cfg)) * slots * cm.block_params * cm.compute_bytes

@@ -7,6 +7,7 @@ import pytest
 from conftest import needs_devices
 
 from jaxpipe import model as M
+from jaxpipe import onef1b
 from jaxpipe.config import ConfigError, PipelineConfig, get_preset
 from jaxpipe.layout import StageLayout
 from jaxpipe.mesh import make_mesh
@@ -61,11 +62,13 @@ def test_layer_order_is_observable():
 
 @needs_devices(4)
 @pytest.mark.parametrize("schedule", ["1f1b", "zb_h1"])
-def test_the_stash_stays_in_place_without_region_analysis(schedule):
-    """The tick loop updates its stash and carries in place under the default copy insertion
-    (that of GPU and TPU compilers) as under `Pipeline.jit`'s CPU region analysis: plain
-    `jax.jit` makes no extra copies (a conditional that wrote a buffer another one still read
-    in its old version made 24 more in 1f1b, 44 in zb_h1), and the two agree."""
+def test_the_stash_stays_in_place_without_region_analysis(schedule, monkeypatch):
+    """Without carries paired with residuals (as on GPU), the tick loop updates its stash in
+    place under XLA's generic copy insertion (GPU's) as under `Pipeline.jit`'s CPU region
+    analysis: plain `jax.jit` makes at most a few more copies (a conditional that wrote a
+    buffer another one still read in its old version made 24 more in 1f1b, 44 in zb_h1; pairs
+    made 15 more in zb_h1), and the two agree."""
+    monkeypatch.setattr(onef1b, "PAIRED_PLATFORMS", ())
     cfg = get_preset("tiny", num_layers=4, max_seq_len=SEQ)
     pcfg = PipelineConfig(num_stages=4, num_microbatches=8, schedule=schedule)
     pipe = Pipeline.create(cfg, pcfg, make_mesh(pcfg, jax.devices()[:4]))
@@ -74,7 +77,7 @@ def test_the_stash_stays_in_place_without_region_analysis(schedule):
     plain = jax.jit(pipe.value_and_grad).lower(params, tokens).compile()
     tuned = pipe.jit(pipe.value_and_grad).lower(params, tokens).compile()
     copies = lambda c: c.as_text().count(" copy(")
-    assert copies(plain) <= copies(tuned) + 5, (copies(plain), copies(tuned))
+    assert copies(plain) <= copies(tuned) + 8, (copies(plain), copies(tuned))
     (loss_p, g_p), (loss_t, g_t) = plain(params, tokens), tuned(params, tokens)
     np.testing.assert_allclose(loss_t, loss_p, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g_t), jax.tree.leaves(g_p), strict=True):
