@@ -26,16 +26,15 @@ Keys: pinned_zb_ratio = zb_h1 step / 1f1b step (expect <= 0.95), pinned_gpipe_ra
 1f1b; per schedule: step_s, bubble, table_bubble, bubble_gap (measured - table); stage_ops;
 link_s; config.
 
-Measured on the idle 2-core host, three runs of the command above (the first before sends were
-skipped on ticks where no stage receives; run-to-run drift of the absolute step times, 0.29-0.34
-s for 1f1b, is as large as any effect of that change, so only each run's ratios compare):
-pinned_zb_ratio 1.05, 1.14, 1.18; pinned_gpipe_ratio 0.89, 1.08, 1.05. Last run: one
-stage's F 13.1 ms, fused backward 22.4 ms, B 11.4 ms, W 11.1 ms; measured bubble against the
-table's: 1f1b 0.51 vs 0.32, zb_h1 0.58 vs 0.13, gpipe 0.53 vs 0.21. link_s varies between runs
-(0.3-2.8 ms). What the table does not predict is per tick: each tick of the 1F1B executor runs
-its conditionals and one update of every stash and carry buffer whatever its op, and zb_h1's
-table has 13 ticks to 1f1b's 10 at S = 2, M = 4 (and writes B's carries for W as well), which
-costs more than the bubble it removes at this size.
+Measured on the idle 2-core host, three runs of the command above: pinned_zb_ratio 1.21, 1.19,
+1.22; pinned_gpipe_ratio 0.98, 1.04, 1.00. Run-to-run drift of the absolute step times
+(1f1b 0.24-0.27 s) is as large as any effect of a code change, so only each run's ratios
+compare; an earlier build gave zb_h1 / 1f1b 1.05-1.18. Last run: one stage's F 9.5 ms, fused
+backward 26.2 ms, B 14.5 ms, W 12.9 ms; measured bubble against the table's: 1f1b 0.41 vs 0.44,
+zb_h1 0.50 vs 0.28, gpipe 0.41 vs 0.30. 1f1b runs at its (lockstep) table's bubble; zb_h1's
+13 ticks to 1f1b's 10 at S = 2, M = 4 spend their extra time waiting at the sends (a
+`jax.profiler` trace of each process puts the two schedules' op time per stage within 7 %).
+link_s varies between runs (0.4-2.4 ms).
 """
 
 from __future__ import annotations

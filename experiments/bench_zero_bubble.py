@@ -17,19 +17,17 @@ Prints one JSON object:
   zb_step_ratio: median zb_h1 step time over median 1f1b step time, run alternately on forced
     CPU devices (they share the host's cores, so bubbles cost little here). Expect <= 1.05.
 
-Measured on the idle 2-core host with lean blocks (`model.Block.lean`): zb_flops_split 1.00,
-zb_h1_sim_ratio 0.88, zbv_sim_ratio 0.92, zb_temp_ratio 1.34 (zbv 1.24; 1f1b 27.9 MB, zb_h1
-37.3 MB, zbv 34.4 MB), zb_step_ratio 1.23 (zbv 1.36); one stage's F 3.8 ms, fused backward
-7.3 ms, B 5.1 ms, W 3.0 ms. A run with a test process beside it gave sim ratios 0.78 / 0.58:
-the op times these ratios are fed move with the host's load.
+Measured on the idle 2-core host (stash written inside the executor's conditionals, carries
+paired with residuals, `jaxpipe.stash`): zb_flops_split 1.00, zb_h1_sim_ratio 0.84,
+zbv_sim_ratio 0.87, zb_temp_ratio 1.00 (1f1b 28.0 MB, zb_h1 28.0 MB, zbv 26.1 MB),
+zb_step_ratio 1.17 (zbv 1.22; steps 0.38 s, 0.45 s, 0.47 s); one stage's F 3.5 ms, fused
+backward 6.5 ms, B 4.2 ms, W 2.8 ms. The op times the sim ratios are fed move with the host's
+load (a run with a test process beside it gave 0.78 / 0.58).
 
-Before lean blocks (two runs, after the 1F1B executor's stash reads moved into
-the backward's branch and its writes became one slot update per tick): zb_flops_split 1.001,
-zb_h1_sim_ratio 0.92 / 0.91, zbv_sim_ratio 0.86 / 0.91, zb_temp_ratio 1.30 (zbv alone 1.15;
-1f1b 57.6 MB, zb_h1 74.7 MB, zbv 66.5 MB), zb_step_ratio 1.26 / 1.25 (zbv 1.30 / 1.21). One
-stage's F 5.3 ms, fused backward 7.9 ms, B 5.7 ms, W 3.6 ms: B + W take 1.17 x the fused
-backward's time for 1.001 x its FLOPs, and 1f1b gained more from those executor changes than
-the split tables did (before them, on a shared host: sim 0.72 / 0.81, temp 1.22, step 1.12).
+Before, with lean blocks but carries in buffers of their own and every buffer written outside
+the conditionals: zb_h1_sim_ratio 0.88, zbv_sim_ratio 0.92, zb_temp_ratio 1.34 (zbv 1.24; 1f1b
+27.9 MB, zb_h1 37.3 MB, zbv 34.4 MB), zb_step_ratio 1.23 (zbv 1.36). Before lean blocks: 1f1b
+57.6 MB, zb_h1 74.7 MB, zbv 66.5 MB, zb_step_ratio 1.26 / 1.25.
 """
 
 from __future__ import annotations
