@@ -41,7 +41,7 @@ from jaxpipe import placement
 from jaxpipe.backsplit import BackwardSplit
 from jaxpipe.buffers import buffer_plan, send_ticks
 from jaxpipe.schedule import BWD, FWD, NEXT, PREV, SELF, WGT
-from jaxpipe.stash import Stash, plan_slots
+from jaxpipe.stash import Stash
 
 _tree = jax.tree.map
 
@@ -191,7 +191,8 @@ def _stage_program(pipe, w_1RJ, head_params, x_in, t_MBT):
     act_w, grad_w = c(plan.act_write), c(plan.grad_write)
     act_w_ok, grad_w_ok = jnp.asarray(plan.act_write >= 0), jnp.asarray(plan.grad_write >= 0)
     act_r, grad_r = c(plan.act_read), c(plan.grad_read)
-    head_w, slots_TS = c(plan.head_write), plan_slots(plan)
+    head_w = c(plan.head_write)
+    slots_TS = {"res": c(plan.res_slot), "wres": c(plan.wres_slot), "carry": c(plan.carry_slot)}
     counts_SR = jnp.asarray(layout.counts_SR)
     stage = _StageVjp(cfg, layout.slots, min(layout.layer_counts), pipe.config.remat, tab.split)
     vary = lambda tree: _tree(_varying, tree)

@@ -23,7 +23,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 def _write(buf, x, slot):
@@ -51,10 +50,10 @@ class Stash:
 
     `res_shapes`: the forward's residual leaves; `w_kept`: the indices of those W reads (split
     tables); `carry_shapes`: what B leaves for W. Slots come per tick as a dict of scalars
-    {"res", "wres", "carry"} (`plan_slots`). `pair=False` keeps every leaf in a buffer of its
-    own: XLA's generic copy insertion (GPU's; CPU's without region analysis) copies a buffer
-    whole on every tick when two conditionals of the tick update it in place, as the forward's
-    and B's do a pair's."""
+    {"res", "wres", "carry"} (the plan's `res_slot`, `wres_slot`, `carry_slot` at the tick).
+    `pair=False` keeps every leaf in a buffer of its own: XLA's generic copy insertion (GPU's;
+    CPU's without region analysis) copies a buffer whole on every tick when two conditionals of
+    the tick update it in place, as the forward's and B's do a pair's."""
 
     def __init__(self, plan, res_shapes, w_kept=(), carry_shapes=(), pair=True):
         self.plan, self.w_kept = plan, tuple(w_kept)
@@ -84,7 +83,7 @@ class Stash:
                     for i, a in enumerate(self.res_shapes) if i not in self.pair_of_res},
             "carry": {j: z(p.num_carry, a)
                       for j, a in enumerate(self.carry_shapes) if j not in self.pair_of_carry},
-            "pair": [z(p.num_wres, self.res_shapes[i]) for i, _ in self.pairs],
+            "pair": {n: z(p.num_wres, self.res_shapes[i]) for n, (i, _) in enumerate(self.pairs)},
         }
 
     def _res_at(self, i, k):
@@ -99,14 +98,11 @@ class Stash:
         return ("carry", j), k["carry"]
 
     @staticmethod
-    def _put(bufs, where, x, slot):
-        kind, n = where
-        new = dict(bufs) if kind != "pair" else {**bufs, "pair": list(bufs["pair"])}
-        if kind == "pair":
-            new["pair"][n] = _write(bufs["pair"][n], x, slot)
-        else:
-            new[kind] = {**bufs[kind], n: _write(bufs[kind][n], x, slot)}
-        return new
+    def _put(bufs, places, xs):
+        """Each x into its (buffer, slot) place, in place."""
+        for ((kind, n), slot), x in zip(places, xs, strict=True):
+            bufs = {**bufs, kind: {**bufs[kind], n: _write(bufs[kind][n], x, slot)}}
+        return bufs
 
     @staticmethod
     def _get(bufs, where, slot, shape):
@@ -115,10 +111,7 @@ class Stash:
 
     def write_forward(self, bufs, kept, k):
         """A forward's residual leaves into their slots."""
-        for i, x in enumerate(kept):
-            where, slot = self._res_at(i, k)
-            bufs = self._put(bufs, where, x, slot)
-        return bufs
+        return self._put(bufs, [self._res_at(i, k) for i in range(len(kept))], kept)
 
     def read_backward(self, bufs, k):
         """Every residual leaf of the micro-batch whose backward (or B) runs this tick."""
@@ -127,10 +120,7 @@ class Stash:
 
     def write_carry(self, bufs, carry, k):
         """What B leaves for W; a paired leaf over the residual B has just read."""
-        for j, x in enumerate(carry):
-            where, slot = self._carry_at(j, k)
-            bufs = self._put(bufs, where, x, slot)
-        return bufs
+        return self._put(bufs, [self._carry_at(j, k) for j in range(len(carry))], carry)
 
     def read_weight(self, bufs, k):
         """(the residual leaves W reads, B's carry) of the micro-batch whose W runs this tick."""
@@ -139,9 +129,3 @@ class Stash:
         carry = [self._get(bufs, *self._carry_at(j, k), a.shape)
                  for j, a in enumerate(self.carry_shapes)]
         return kept_w, carry
-
-
-def plan_slots(plan) -> dict:
-    """The plan's slot arrays by kind, unused entries (-1) mapped to slot 0."""
-    c = lambda a: jnp.asarray(np.maximum(a, 0))  # noqa: E731
-    return {"res": c(plan.res_slot), "wres": c(plan.wres_slot), "carry": c(plan.carry_slot)}

@@ -63,7 +63,7 @@ def test_no_pairs_when_a_shared_slot_costs_more():
     stash = Stash(_plan(res=1, wres=3, carry=1), res, (), carry)
     assert stash.pairs == []
     bufs = stash.zeros()
-    assert bufs["carry"][0].shape == (1, 4) and bufs["pair"] == []
+    assert bufs["carry"][0].shape == (1, 4) and bufs["pair"] == {}
     k = {"res": 0, "wres": 2, "carry": 0}
     bufs = stash.write_forward(bufs, _filled(res, 0), k)
     c = _filled(carry, 1)
