@@ -198,7 +198,11 @@ def _stage_program(pipe, w_1RJ, head_params, x_in, t_MBT):
     vary = lambda tree: _tree(_varying, tree)
 
     s = jax.lax.axis_index("pipe")
-    w_RJ = _tree(lambda a: a[0], w_1RJ)
+    # The stage computes with its weights cast once per step: a cast inside a forward would be
+    # a residual of every micro-batch, and the stash would hold one copy of the stage's weights
+    # in the compute dtype per slot. Weight gradients come back in that dtype (as the matmuls
+    # make them) and accumulate in the parameters' own.
+    w_RJ = M.compute_weights(cfg, _tree(lambda a: a[0], w_1RJ))
     hp = vary(head_params)
     x_in = vary(x_in)
     zero_BTD = _varying(jnp.zeros(x_in.shape[1:3] + (cfg.d_model,), jnp.dtype(cfg.dtype)))
@@ -217,7 +221,7 @@ def _stage_program(pipe, w_1RJ, head_params, x_in, t_MBT):
             "act": jnp.zeros((plan.num_act,) + zero_BTD.shape, zero_BTD.dtype),
             "grad": jnp.zeros((plan.num_grad,) + zero_BTD.shape, zero_BTD.dtype),
             "stash": stash.zeros(),
-            "g_w": _tree(jnp.zeros_like, w_RJ),
+            "g_w": _tree(lambda a: jnp.zeros(a.shape[1:], a.dtype), w_1RJ),
             "head": {"loss": jnp.zeros((), jnp.float32), "g": _tree(jnp.zeros_like, head_params)},
             "send_f": {ch: zero_BTD for ch in act_chs},
             "send_b": {ch: zero_BTD for ch in grad_chs},
@@ -269,7 +273,10 @@ def _stage_program(pipe, w_1RJ, head_params, x_in, t_MBT):
         return zero_BTD, bufs
 
     def add_grads(g_w, dw_J, r):
-        return _tree(lambda g, d: jax.lax.dynamic_update_index_in_dim(g, g[r] + d, r, 0), g_w, dw_J)
+        def add(g, d):
+            return jax.lax.dynamic_update_index_in_dim(g, g[r] + d.astype(g.dtype), r, 0)
+
+        return _tree(add, g_w, dw_J)
 
     def bwd(g_w, w_J, count, bufs, k, dy, r):
         dw_J, dh = stage.backward(w_J, count, stash.read_backward(bufs, k), dy)
