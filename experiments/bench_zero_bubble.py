@@ -9,30 +9,39 @@ Prints one JSON object:
     (XLA's `cost_analysis()`). Expect <= 1.05.
   zb_h1_sim_ratio, zbv_sim_ratio: simulated step time of zb_h1 / zbv over 1f1b's, each fed the
     per-stage F, B, W (and fused backward) times measured on one stage's compiled programs
-    (zbv's half stages measured at half the layers). Lockstep simulation, as the SPMD executor
-    runs (every tick lasts as long as its slowest op); the event-driven figures are under
-    "sim". Expect <= 0.85 and <= 0.80.
+    (zbv's half stages measured at half the layers). Each op is timed ten times inside one
+    program (`_looped`: no per-call dispatch, which the executor's ops inside its tick loop do
+    not pay either), in a fresh process pinned to one core, as a device runs its ops one after
+    another. Lockstep simulation, as the SPMD executor runs (every tick lasts as long as its
+    slowest op). Expect <= 0.85 and <= 0.80. Under "sim_ratios": the same with the
+    event-driven simulation, and with the ops timed on the host's shared cores ("shared"),
+    where XLA's CPU runtime overlaps the fused backward's weight-gradient matmuls with its
+    input-gradient chain.
   zb_temp_ratio: the larger of zb_h1's and zbv's per-device temp bytes
     (`memory_analysis()`) over 1f1b's, for the whole compiled step. Expect <= 1.15.
   zb_step_ratio: median zb_h1 step time over median 1f1b step time, run alternately on forced
     CPU devices (they share the host's cores, so bubbles cost little here). Expect <= 1.05.
 
-Measured on the idle 2-core host (stash written inside the executor's conditionals, carries
-paired with residuals, `jaxpipe.stash`): zb_flops_split 1.00, zb_h1_sim_ratio 0.84,
-zbv_sim_ratio 0.87, zb_temp_ratio 1.00 (1f1b 28.0 MB, zb_h1 28.0 MB, zbv 26.1 MB),
-zb_step_ratio 1.17 (zbv 1.22; steps 0.38 s, 0.45 s, 0.47 s); one stage's F 3.5 ms, fused
-backward 6.5 ms, B 4.2 ms, W 2.8 ms. The op times the sim ratios are fed move with the host's
-load (a run with a test process beside it gave 0.78 / 0.58).
+Measured on the idle 2-core host, two runs: zb_flops_split 1.00, zb_h1_sim_ratio 0.71 / 0.69,
+zbv_sim_ratio 0.65 / 0.69 (one core: F 4.2 ms, fused backward 11.4 ms, B 6.2 / 5.8 ms, W 5.8 /
+5.9 ms; shared cores: 0.90 / 0.82 and 0.76 / 0.83, with B + W 1.15 / 1.06 x the fused
+backward), zb_temp_ratio 1.00 (1f1b 28.0 MB, zb_h1 28.0 MB, zbv 26.1 MB), zb_step_ratio 1.21 /
+1.23 (zbv 1.30 / 1.22; steps 0.43 / 0.42 s for 1f1b). Timed one call each (before `_looped`
+and the pinned process) the sim ratios were 0.84 and 0.87: a call's dispatch (about 1.5 ms on
+CPU) was charged to every split op. The step ratio: these 4 devices share 2 cores, the step
+takes about twice its ops' simulated time on them, and zb_h1's 27 ticks (1f1b: 22) each pay
+that overhead.
 
 Before, with lean blocks but carries in buffers of their own and every buffer written outside
-the conditionals: zb_h1_sim_ratio 0.88, zbv_sim_ratio 0.92, zb_temp_ratio 1.34 (zbv 1.24; 1f1b
-27.9 MB, zb_h1 37.3 MB, zbv 34.4 MB), zb_step_ratio 1.23 (zbv 1.36). Before lean blocks: 1f1b
-57.6 MB, zb_h1 74.7 MB, zbv 66.5 MB, zb_step_ratio 1.26 / 1.25.
+the conditionals: zb_temp_ratio 1.34 (zbv 1.24; 1f1b 27.9 MB, zb_h1 37.3 MB, zbv 34.4 MB),
+zb_step_ratio 1.23 (zbv 1.36). Before lean blocks: 1f1b 57.6 MB, zb_h1 74.7 MB, zbv 66.5 MB,
+zb_step_ratio 1.26 / 1.25.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import sys
 import time
@@ -74,8 +83,28 @@ def _median_seconds(runs: dict, reps: int) -> dict:
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def stage_ops(cfg, layers: int, x_BTD, reps: int) -> dict:
-    """Compiled F, B, W and fused backward of one stage of `layers` layers: seconds, FLOPs."""
+def _looped(fn, n: int):
+    """`fn` run n times inside one program, each run on the barrier-passed inputs of the last
+    (so the compiler can neither hoist it out of the loop nor drop it): timing it over n gives
+    the op's own time, without the per-call dispatch that a stage's ops inside the executor's
+    tick loop do not pay."""
+    import jax
+    import jax.numpy as jnp
+
+    def body(_, carry):
+        args = jax.lax.optimization_barrier(carry[0])
+        return args, fn(*args)
+
+    def run(*args):
+        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(fn, *args))
+        return jax.lax.fori_loop(0, n, body, (args, zeros))[1]
+
+    return run
+
+
+def stage_ops(cfg, layers: int, x_BTD, reps: int, loop: int = 10) -> dict:
+    """Compiled F, B, W and fused backward of one stage of `layers` layers: seconds per op
+    (each timed as `loop` runs inside one program), FLOPs of one run."""
     import jax
     import jax.numpy as jnp
 
@@ -84,52 +113,77 @@ def stage_ops(cfg, layers: int, x_BTD, reps: int) -> dict:
 
     w_J = jax.tree.map(lambda a: a[:layers], M.init_params(cfg, 0)["blocks"])
     stage = _StageVjp(cfg, layers, layers, split=True)
-    compiled = lambda f, *a: jax.jit(f).lower(*a).compile()
-    fwd = compiled(lambda w, h: stage.forward(w, layers, h), w_J, x_BTD)
-    y, kept = fwd(w_J, x_BTD)
+    ops = {
+        "F": lambda w, h: stage.forward(w, layers, h),
+        "fused": lambda w, k, d: stage.backward(w, layers, k, d),
+        "B": lambda w, k, d: stage.input_grad(w, layers, k, d),
+        "W": lambda w, k, c: stage.weight_grad(w, layers, k, c),
+    }
+    y, kept = jax.jit(ops["F"])(w_J, x_BTD)
     dy = jnp.cos(y)
-    fused = compiled(lambda w, k, d: stage.backward(w, layers, k, d), w_J, kept, dy)
-    b = compiled(lambda w, k, d: stage.input_grad(w, layers, k, d), w_J, kept, dy)
-    carry = b(w_J, kept, dy)[1]
+    carry = jax.jit(ops["B"])(w_J, kept, dy)[1]
     kept_w = [kept[i] for i in stage.split.w_stashed]
-    w = compiled(lambda w, k, c: stage.weight_grad(w, layers, k, c), w_J, kept_w, carry)
+    args = {"F": (w_J, x_BTD), "fused": (w_J, kept, dy), "B": (w_J, kept, dy)}
+    args["W"] = (w_J, kept_w, carry)
+    flops = {
+        name: float(jax.jit(fn).lower(*args[name]).compile().cost_analysis()["flops"])
+        for name, fn in ops.items()
+    }
     runs = {
-        "F": (fwd, (w_J, x_BTD)),
-        "fused": (fused, (w_J, kept, dy)),
-        "B": (b, (w_J, kept, dy)),
-        "W": (w, (w_J, kept_w, carry)),
+        name: (jax.jit(_looped(fn, loop)).lower(*args[name]).compile(), args[name])
+        for name, fn in ops.items()
     }
-    seconds = _median_seconds(runs, 5 * reps)
+    seconds = _median_seconds(runs, reps)
     return {
-        name: {"seconds": seconds[name], "flops": float(prog.cost_analysis()["flops"])}
-        for name, (prog, _) in runs.items()
+        name: {"seconds": seconds[name] / loop, "flops": flops[name]} for name in ops
     }
 
 
-def measure(args) -> dict:
-    """The JSON figures for parsed `args` (JAX must already have >= args.stages devices)."""
+def op_times(args) -> tuple[dict, dict]:
+    """F, B, W and fused backward of a whole stage (2 layers) and of a half stage (1 layer, a
+    zbv virtual stage), on this process's CPU device."""
     import jax
+
+    from jaxpipe.config import get_preset
+
+    cfg = get_preset(args.preset, num_layers=2 * args.stages)
+    shape = (args.batch // args.microbatches, args.seq_len, cfg.d_model)
+    x_BTD = jax.random.normal(jax.random.key(2), shape)
+    return stage_ops(cfg, 2, x_BTD, args.reps), stage_ops(cfg, 1, x_BTD, args.reps)
+
+
+def _op_times_on_one_core(args, queue) -> None:
+    os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})  # before JAX starts its threads
+    queue.put(op_times(args))
+
+
+def _pinned_op_times(args) -> tuple[dict, dict]:
+    """`op_times` in a fresh process pinned to one core: a device runs a stage's ops one after
+    another, as an accelerator does, while on the shared cores XLA's CPU runtime overlaps a
+    fused backward's independent weight-gradient matmuls with its input-gradient chain."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_op_times_on_one_core, args=(args, queue))
+    child.start()
+    try:
+        return queue.get(timeout=900)
+    finally:
+        child.join()
+
+
+def _simulated(S: int, Mb: int, full: dict, half: dict) -> dict:
+    """Lockstep and event-driven step times of 1f1b, zb_h1 and zbv fed these op times."""
     import numpy as np
 
-    from jaxpipe import model as M
-    from jaxpipe.config import PipelineConfig, get_preset
-    from jaxpipe.mesh import make_mesh
-    from jaxpipe.pipeline import Pipeline
     from jaxpipe.schedule import full_table
     from jaxpipe.simulate import simulate
 
-    S, Mb = args.stages, args.microbatches
-    print(f"process {jax.process_index()} devices {jax.devices()[:S]}", file=sys.stderr)
-    cfg = get_preset(args.preset, num_layers=2 * S)
-    x_BTD = jax.random.normal(jax.random.key(2), (args.batch // Mb, args.seq_len, cfg.d_model))
-    full, half = stage_ops(cfg, 2, x_BTD, args.reps), stage_ops(cfg, 1, x_BTD, args.reps)
     t = {k: v["seconds"] for k, v in full.items()}
     # Per virtual stage (a scalar would be read as a whole stage's time, split over repeats).
     th = {k: np.full(2 * S, v["seconds"]) for k, v in half.items()}
     sims = {}
     for lockstep in (True, False):
-        key = "lockstep" if lockstep else "event"
-        sims[key] = {
+        sims["lockstep" if lockstep else "event"] = {
             "1f1b": simulate(full_table("1f1b", S, Mb), t["F"], t["fused"], 0, lockstep).step_time,
             "zb_h1": simulate(
                 full_table("zb_h1", S, Mb), t["F"], t["B"], 0, lockstep, wgt_time=t["W"]
@@ -138,6 +192,24 @@ def measure(args) -> dict:
                 full_table("zbv", S, Mb, 2), th["F"], th["B"], 0, lockstep, wgt_time=th["W"]
             ).step_time,
         }
+    return sims
+
+
+def measure(args) -> dict:
+    """The JSON figures for parsed `args` (JAX must already have >= args.stages devices)."""
+    import jax
+
+    from jaxpipe import model as M
+    from jaxpipe.config import PipelineConfig, get_preset
+    from jaxpipe.mesh import make_mesh
+    from jaxpipe.pipeline import Pipeline
+
+    S, Mb = args.stages, args.microbatches
+    print(f"process {jax.process_index()} devices {jax.devices()[:S]}", file=sys.stderr)
+    cfg = get_preset(args.preset, num_layers=2 * S)
+    ops = {"one_core": _pinned_op_times(args), "shared": op_times(args)}
+    sims = {where: _simulated(S, Mb, *ops[where]) for where in ops}
+    full = ops["one_core"][0]
     params = M.init_params(cfg, 0)
     tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq_len + 1), 0, 256)
     steps, temps = {}, {}
@@ -152,7 +224,8 @@ def measure(args) -> dict:
         {name: (compiled, (placed, tokens)) for name, (compiled, placed) in steps.items()},
         args.reps,
     )
-    lock = sims["lockstep"]
+    lock = sims["one_core"]["lockstep"]
+    ratios = lambda sim: {k: sim[k] / sim["1f1b"] for k in ("zb_h1", "zbv")}
     return {
         "config": vars(args),
         "zb_flops_split": (full["B"]["flops"] + full["W"]["flops"]) / full["fused"]["flops"],
@@ -160,10 +233,10 @@ def measure(args) -> dict:
         "zbv_sim_ratio": lock["zbv"] / lock["1f1b"],
         "zb_temp_ratio": max(temps["zb_h1"], temps["zbv"]) / temps["1f1b"],
         "zb_step_ratio": median["zb_h1"] / median["1f1b"],
-        "stage_ops": {"full": full, "half": half},
+        "stage_ops": {where: {"full": f, "half": h} for where, (f, h) in ops.items()},
         "sim": sims,
-        "event_sim_ratios": {
-            k: sims["event"][k] / sims["event"]["1f1b"] for k in ("zb_h1", "zbv")
+        "sim_ratios": {
+            where: {key: ratios(sim) for key, sim in by.items()} for where, by in sims.items()
         },
         "temp_bytes": temps,
         "temp_ratios": {k: temps[k] / temps["1f1b"] for k in ("zb_h1", "zbv")},
