@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from pathlib import Path
 
 import numpy as np
 
-from jaxpipe import cli
 from jaxpipe.config import FULL_TABLE_SCHEDULES, SCHEDULES, ConfigError
 
 IDLE, FWD, BWD, WGT = 0, 1, 2, 3
@@ -379,7 +377,7 @@ def full_table(
     schedule: str, num_stages: int, num_microbatches: int, num_repeats: int = 1
 ) -> ScheduleTable:
     """Forward and backward table of any schedule, validated against its stash bound."""
-    _check_shape(schedule, num_stages, num_microbatches, num_repeats)
+    check_shape(schedule, num_stages, num_microbatches, num_repeats)
     bound = stash_bound(schedule, num_stages, num_microbatches, num_repeats)
     if schedule == "zbv":
         table = zbv_table(num_stages, num_microbatches)
@@ -436,7 +434,8 @@ def stash_bound(schedule: str, num_stages: int, num_microbatches: int, num_repea
     return R * M
 
 
-def _check_shape(schedule, S, M, R):
+def check_shape(schedule, S, M, R):
+    """Raises naming the fix when a table of this schedule and shape cannot be built."""
     if min(S, M, R) < 1:
         raise ConfigError(f"stages, micro-batches and repeats must be >= 1, got {S}, {M}, {R}")
     if schedule in ("gpipe", "1f1b", "zb_h1") and R != 1:
@@ -530,62 +529,7 @@ def _fail(table: ScheduleTable, t: int, s: int, why: str):
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = cli.ArgumentParser(
-        prog="python -m jaxpipe.schedule", description="Print, chart or trace a schedule table."
-    )
-    parser.add_argument("--schedule", default="1f1b", choices=SCHEDULES)
-    parser.add_argument("--stages", type=int, default=4)
-    parser.add_argument("--microbatches", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument(
-        "--ascii",
-        action="store_true",
-        help=f"print the grid (the default without --png / --trace, up to {MAX_GRID_TICKS} ticks)",
-    )
-    parser.add_argument("--png", help=f"write a Gantt chart here (*.png, <= {MAX_CHART_OPS} ops)")
-    parser.add_argument("--trace", help="write a Chrome-trace JSON (Perfetto) here")
-    args = parser.parse_args(argv)
-    return cli.guard(lambda: _run_cli(args))
+if __name__ == "__main__":  # the command lives with the charts it draws
+    from jaxpipe.viz import main
 
-
-def _run_cli(args) -> None:
-    from jaxpipe import viz  # viz draws tables, so it imports this module
-
-    S, M, R = args.stages, args.microbatches, args.repeats
-    _check_shape(args.schedule, S, M, R)
-    if args.png is not None:
-        cli.writable_file(args.png, "--png")
-        if Path(args.png).suffix.lower() != ".png":
-            raise ConfigError(f"--png {args.png!r} must name a .png file")
-        ops = (3 if args.schedule in SPLIT_SCHEDULES else 2) * S * M * R
-        if ops > MAX_CHART_OPS:
-            raise ConfigError(
-                f"--png draws one box per op, at most {MAX_CHART_OPS:,} (about 10 s); this table "
-                f"has {ops:,}; use --trace and open it in Perfetto"
-            )
-    if args.trace is not None:
-        cli.writable_file(args.trace, "--trace")
-    table = full_table(args.schedule, S, M, R)
-    print(
-        f"{table.name}: S={table.num_stages} M={table.num_microbatches} R={table.num_repeats} "
-        f"ticks={table.num_ticks} bubble={table.bubble_fraction():.4f} "
-        f"max stashed={int(in_flight(table).max())}"
-    )
-    if args.ascii or (not (args.png or args.trace) and table.num_ticks <= MAX_GRID_TICKS):
-        print(viz.ascii_chart(table))
-    elif not (args.png or args.trace):
-        print(f"grid of {table.num_ticks} ticks not printed (over {MAX_GRID_TICKS}); pass --ascii")
-    outputs = (("--png", args.png, viz.gantt_png), ("--trace", args.trace, viz.chrome_trace))
-    for flag, path, write in outputs:
-        if path is None:
-            continue
-        try:
-            write(table, path)
-        except OSError as e:
-            raise ConfigError(f"cannot write {flag} {path!r}: {e.strerror or e}") from None
-        print(f"wrote {path}")
-
-
-if __name__ == "__main__":
     sys.exit(main())

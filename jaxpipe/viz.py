@@ -8,10 +8,26 @@ with hatching, and a split table's W ops (weight gradients) in its dark colour w
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 
-from jaxpipe.schedule import BWD, FWD, IDLE, OP_LETTERS, WGT, ScheduleTable
+from jaxpipe import cli
+from jaxpipe.config import SCHEDULES, ConfigError
+from jaxpipe.schedule import (
+    BWD,
+    FWD,
+    IDLE,
+    MAX_CHART_OPS,
+    MAX_GRID_TICKS,
+    OP_LETTERS,
+    SPLIT_SCHEDULES,
+    WGT,
+    ScheduleTable,
+    check_shape,
+    full_table,
+    in_flight,
+)
 from jaxpipe.simulate import Simulation
 
 
@@ -129,3 +145,58 @@ def chrome_trace(table: ScheduleTable, path: str, sim: Simulation | None = None)
     with open(path, "w") as f:
         json.dump(trace, f)
     return trace
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = cli.ArgumentParser(
+        prog="python -m jaxpipe.schedule", description="Print, chart or trace a schedule table."
+    )
+    parser.add_argument("--schedule", default="1f1b", choices=SCHEDULES)
+    parser.add_argument("--stages", type=int, default=4)
+    parser.add_argument("--microbatches", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument(
+        "--ascii",
+        action="store_true",
+        help=f"print the grid (the default without --png / --trace, up to {MAX_GRID_TICKS} ticks)",
+    )
+    parser.add_argument("--png", help=f"write a Gantt chart here (*.png, <= {MAX_CHART_OPS} ops)")
+    parser.add_argument("--trace", help="write a Chrome-trace JSON (Perfetto) here")
+    args = parser.parse_args(argv)
+    return cli.guard(lambda: _run_cli(args))
+
+
+def _run_cli(args) -> None:
+    S, M, R = args.stages, args.microbatches, args.repeats
+    check_shape(args.schedule, S, M, R)
+    if args.png is not None:
+        cli.writable_file(args.png, "--png")
+        if Path(args.png).suffix.lower() != ".png":
+            raise ConfigError(f"--png {args.png!r} must name a .png file")
+        ops = (3 if args.schedule in SPLIT_SCHEDULES else 2) * S * M * R
+        if ops > MAX_CHART_OPS:
+            raise ConfigError(
+                f"--png draws one box per op, at most {MAX_CHART_OPS:,} (about 10 s); this table "
+                f"has {ops:,}; use --trace and open it in Perfetto"
+            )
+    if args.trace is not None:
+        cli.writable_file(args.trace, "--trace")
+    table = full_table(args.schedule, S, M, R)
+    print(
+        f"{table.name}: S={table.num_stages} M={table.num_microbatches} R={table.num_repeats} "
+        f"ticks={table.num_ticks} bubble={table.bubble_fraction():.4f} "
+        f"max stashed={int(in_flight(table).max())}"
+    )
+    if args.ascii or (not (args.png or args.trace) and table.num_ticks <= MAX_GRID_TICKS):
+        print(ascii_chart(table))
+    elif not (args.png or args.trace):
+        print(f"grid of {table.num_ticks} ticks not printed (over {MAX_GRID_TICKS}); pass --ascii")
+    outputs = (("--png", args.png, gantt_png), ("--trace", args.trace, chrome_trace))
+    for flag, path, write in outputs:
+        if path is None:
+            continue
+        try:
+            write(table, path)
+        except OSError as e:
+            raise ConfigError(f"cannot write {flag} {path!r}: {e.strerror or e}") from None
+        print(f"wrote {path}")

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from absl import flags
 
-from jaxpipe import cli
+from jaxpipe import cli, schedule
 from jaxpipe import plan as plan_cli
-from jaxpipe import schedule as schedule_cli
+from jaxpipe import viz as schedule_cli
 from jaxpipe.config import ConfigError, PipelineConfig, check_tensor_parallel, get_preset
 from jaxpipe.mesh import initialize_distributed, split_address, wait_for_coordinator
 from jaxpipe.partition import make_plan
@@ -59,7 +59,7 @@ def _closed_port() -> int:
 
 
 def _png_ops_over_limit():
-    micro = schedule_cli.MAX_CHART_OPS // 8 + 1  # 2 x 4 stages x micro ops > the limit
+    micro = schedule.MAX_CHART_OPS // 8 + 1  # 2 x 4 stages x micro ops > the limit
     return ["--stages", "4", "--microbatches", str(micro), "--png", "x.png"]
 
 

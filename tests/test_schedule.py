@@ -20,7 +20,6 @@ from jaxpipe.schedule import (
     build_table,
     full_table,
     in_flight,
-    main,
     ring_table,
     validate,
     validate_ring,
@@ -257,7 +256,7 @@ def test_charts(tmp_path):
 
 
 def test_cli(tmp_path, capsys):
-    main(
+    viz.main(
         [
             "--schedule",
             "interleaved_1f1b",
