@@ -29,12 +29,16 @@ link_s; config.
 Measured on the idle 2-core host, three runs of the command above: pinned_zb_ratio 1.21, 1.19,
 1.22; pinned_gpipe_ratio 0.98, 1.04, 1.00. Run-to-run drift of the absolute step times
 (1f1b 0.24-0.27 s) is as large as any effect of a code change, so only each run's ratios
-compare; an earlier build gave zb_h1 / 1f1b 1.05-1.18. Last run: one stage's F 9.5 ms, fused
-backward 26.2 ms, B 14.5 ms, W 12.9 ms; measured bubble against the table's: 1f1b 0.41 vs 0.44,
-zb_h1 0.50 vs 0.28, gpipe 0.41 vs 0.30. 1f1b runs at its (lockstep) table's bubble; zb_h1's
-13 ticks to 1f1b's 10 at S = 2, M = 4 spend their extra time waiting at the sends (a
-`jax.profiler` trace of each process puts the two schedules' op time per stage within 7 %).
-link_s varies between runs (0.4-2.4 ms).
+compare; an earlier build gave zb_h1 / 1f1b 1.05-1.18. Measured bubble against the table's then:
+1f1b 0.41 vs 0.44, zb_h1 0.50 vs 0.28, gpipe 0.41 vs 0.30. 1f1b runs at its (lockstep) table's
+bubble; zb_h1's 13 ticks to 1f1b's 10 at S = 2, M = 4 spend their extra time waiting at the
+sends (a `jax.profiler` trace of each process puts the two schedules' op time per stage within
+7 %), though both send 8 times a step. link_s varies between runs (0.4-3.8 ms).
+
+A later run, with `stage_ops` timing each op inside one program (no dispatch): pinned_zb_ratio
+1.18, pinned_gpipe_ratio 1.00 (1f1b 0.34 s: the host ran slower that day); one stage's F 10.9
+ms, fused backward 31.5 ms, B 17.2 ms, W 14.9 ms (B + W = 1.02 x fused); bubbles 1f1b 0.50 vs
+0.46, zb_h1 0.57 vs 0.32, gpipe 0.50 vs 0.32; link_s 3.8 ms.
 """
 
 from __future__ import annotations
