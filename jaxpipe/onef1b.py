@@ -16,9 +16,11 @@ Idle ticks and padded slots are skipped with `lax.cond`, so they cost no FLOPs.
 What runs is read off the table's op codes: in a table with W ops (split) a B tick computes only
 the stage-input gradient (`backsplit.BackwardSplit`) and leaves what W needs from it (its carry)
 in the stash, over the residuals only B read when that costs fewer bytes (`stash.Stash`); the W
-tick turns that into the weight gradients. Values move on the channel the table
-names (`ScheduleTable.channel`): to the next stage, the previous one, or kept on the stage at
-the turn of a V (zbv), where virtual stage v sits on `table.virtual_stage`'s stage.
+tick turns that into the weight gradients, before the tick's sends (an optimization barrier
+orders them: a W left to run after the sends would land beside the next tick's op). Values
+move on the channel the table names (`ScheduleTable.channel`): to the next stage, the previous
+one, or kept on the stage at the turn of a V (zbv), where virtual stage v sits on
+`table.virtual_stage`'s stage.
 
 Config: remat="layer" runs each layer under `jax.checkpoint`, so a forward stashes only each
 layer's input and the backward recomputes one layer at a time; remat="stage" stashes only each
@@ -338,8 +340,14 @@ def _stage_program(pipe, w_1RJ, head_params, x_in, t_MBT):
             is_f, fwd, no_fwd, st["head"], st["stash"], k, w_J, count, h, m, v == 0, v == V - 1
         )
         if tab.split:  # B leaves the weight gradients alone: they do not pass its conditional
-            g_w = st["g_w"]
             dh, bufs = jax.lax.cond(is_b, b_input, no_b_input, w_J, count, bufs, k, dy_in)
+            g_w = jax.lax.cond(
+                op == WGT, wgt, lambda g_w, *_: g_w, st["g_w"], w_J, count, bufs, k, r
+            )
+            # The tick's W finishes before its sends, as in the table: nothing else orders them,
+            # and a W run after the sends lands in the next tick, beside that tick's own op,
+            # while the other stages wait at the next send.
+            g_w, y, dh = jax.lax.optimization_barrier((g_w, y, dh))
         else:
             g_w, dh = jax.lax.cond(is_b, bwd, no_bwd, st["g_w"], w_J, count, bufs, k, dy_in, r)
         new = {
@@ -357,8 +365,6 @@ def _stage_program(pipe, w_1RJ, head_params, x_in, t_MBT):
             new["head"] = {**head, "g": {**head["g"], "embed": g_e}}
         else:
             new["dx"] = put(st["dx"], dh, m, is_b & (v == 0))
-        if tab.split:
-            g_w = jax.lax.cond(op == WGT, wgt, lambda g_w, *_: g_w, g_w, w_J, count, bufs, k, r)
         return {**new, "g_w": g_w}, None
 
     st, _ = jax.lax.scan(tick, state, jnp.arange(tab.num_ticks))
