@@ -29,9 +29,9 @@ backward), zb_temp_ratio 1.00 (1f1b 28.0 MB, zb_h1 28.0 MB, zbv 26.1 MB), zb_ste
 1.23 (zbv 1.30 / 1.22; steps 0.43 / 0.42 s for 1f1b). Timed one call each (before `_looped`
 and the pinned process) the sim ratios were 0.84 and 0.87: a call's dispatch (about 1.5 ms on
 CPU) was charged to every split op. A third run, after the executor ordered each tick's W
-before its sends: sim ratios 0.66 / 0.59, zb_step_ratio 1.21 (zbv 1.14). The step ratio: these 4 devices share 2 cores, the step
-takes about twice its ops' simulated time on them, and zb_h1's 27 ticks (1f1b: 22) each pay
-that overhead.
+before its sends: sim ratios 0.66 / 0.59, zb_step_ratio 1.21 (zbv 1.14). The step ratio:
+these 4 devices share 2 cores, the step takes about twice its ops' simulated time on them, and
+zb_h1's 27 ticks (1f1b: 22) each pay that overhead.
 
 Before, with lean blocks but carries in buffers of their own and every buffer written outside
 the conditionals: zb_temp_ratio 1.34 (zbv 1.24; 1f1b 27.9 MB, zb_h1 37.3 MB, zbv 34.4 MB),
