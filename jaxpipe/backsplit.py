@@ -7,15 +7,25 @@ backward: B evaluates exactly the equations that the input gradient needs and ha
 value W reads that B computed (for a matmul `y = x @ k`: the output cotangent dy; `x` is
 already in the forward's stash); W evaluates the remaining equations, the weight gradients'
 own matmuls and reductions. Nothing is computed twice, so B + W costs what the fused backward
-costs. An equation is never cut open: one that feeds the input gradient runs in B whole (a
-`lax.cond` around a padded layer slot, a rematerialised layer), its weight-gradient outputs
-then travelling to W as ready values.
+costs.
+
+A rematerialised layer (`jax.checkpoint`) is one equation of the backward, holding the
+recomputed forward and the layer's whole backward. Run whole in B it would hand W finished
+weight gradients, the size of the layer's weights. Such an equation is opened (its body
+inlined) when the part of it that only the weight gradients need holds a matmul: B then
+recomputes the forward and computes the input gradient, and W gets the recomputed matmul
+inputs and the output cotangents, as without remat. Rematerialised pieces that hold no weight
+matmul (a norm's statistics, attention's scores) stay whole: opening them would hand W
+activation-sized values for a bias-sized gradient. Other equations that feed the input
+gradient run in B whole (a `lax.cond` around a padded layer slot), their weight-gradient
+outputs travelling to W as ready values.
 """
 
 from __future__ import annotations
 
 import jax
-from jax.extend.core import Literal
+from jax.extend.core import DropVar, Literal, Var
+from jax.extend.core.primitives import remat_p
 
 
 class BackwardSplit:
@@ -37,22 +47,54 @@ class BackwardSplit:
         n_dw = self.dw_tree.num_leaves
         jaxpr = self.jaxpr
         self.in_vars = jaxpr.invars[:n_in]
-        self.dw_vars, self.dh_vars = jaxpr.outvars[:n_dw], jaxpr.outvars[n_dw:]
-        b_eqns = _needed(jaxpr.eqns, self.dh_vars)
-        w_eqns = _needed(jaxpr.eqns, self.dw_vars) - b_eqns
-        self.b_eqns = [jaxpr.eqns[i] for i in sorted(b_eqns)]
-        self.w_eqns = [jaxpr.eqns[i] for i in sorted(w_eqns)]
-        made_by_w = {v for e in self.w_eqns for v in e.outvars}
-        known_to_w = set(self.in_vars) | set(jaxpr.constvars) | made_by_w
-        reads = [v for e in self.w_eqns for v in e.invars] + list(self.dw_vars)
-        self.carry_vars = list(
-            dict.fromkeys(v for v in reads if not isinstance(v, Literal) and v not in known_to_w)
-        )
+        self.eqns, outvars = list(jaxpr.eqns), list(jaxpr.outvars)
+        while True:
+            self.dw_vars, self.dh_vars = outvars[:n_dw], outvars[n_dw:]
+            self._cut(jaxpr.constvars)
+            opened = self._open_remat()
+            if not opened:
+                break
+            outvars = [_rename(v, opened) for v in outvars]
         n_free = len(jax.tree.leaves(free))
-        read = {v for v in reads if not isinstance(v, Literal)}
+        read = {v for v in self._w_reads() if not isinstance(v, Literal)}
         self.w_stashed = tuple(
             i for i, v in enumerate(self.in_vars[n_free:]) if v in read
         )
+
+    def _w_reads(self):
+        return [v for e in self.w_eqns for v in e.invars] + list(self.dw_vars)
+
+    def _cut(self, constvars) -> None:
+        """B's and W's equations, and the values W reads that B computes (the carry)."""
+        b_eqns = _needed(self.eqns, self.dh_vars)
+        w_eqns = _needed(self.eqns, self.dw_vars) - b_eqns
+        self.b_eqns = [self.eqns[i] for i in sorted(b_eqns)]
+        self.w_eqns = [self.eqns[i] for i in sorted(w_eqns)]
+        made_by_w = {v for e in self.w_eqns for v in e.outvars}
+        known_to_w = set(self.in_vars) | set(constvars) | made_by_w
+        self.carry_vars = list(
+            dict.fromkeys(
+                v for v in self._w_reads() if not isinstance(v, Literal) and v not in known_to_w
+            )
+        )
+
+    def _open_remat(self) -> dict:
+        """Inlines B's rematerialised equations whose weight-gradient-only part holds a matmul
+        (module docstring); returns {an opened equation's output: the body's value for it}."""
+        carried = set(self.carry_vars)
+        b_reads = {v for e in self.b_eqns for v in e.invars if not isinstance(v, Literal)}
+        b_reads |= {v for v in self.dh_vars if not isinstance(v, Literal)}
+        opened, eqns = {}, []
+        for e in self.eqns:
+            e = e.replace(invars=[_rename(v, opened) for v in e.invars])
+            if e.primitive is remat_p and _weight_matmul_only_for_w(e, carried, b_reads):
+                body, outs = _inline(e)
+                eqns.extend(body)
+                opened.update(outs)
+            else:
+                eqns.append(e)
+        self.eqns = eqns
+        return opened
 
     def input_grad(self, free, stashed, dy):
         """B: (dh, carry)."""
@@ -78,6 +120,34 @@ class BackwardSplit:
         leaves = jax.tree.leaves((free, stashed))
         env.update(zip(self.in_vars, leaves, strict=True))
         return env
+
+
+def _weight_matmul_only_for_w(eqn, carried, b_reads) -> bool:
+    """Whether a remat equation's body has a matmul that only outputs W reads depend on."""
+    body = eqn.params["jaxpr"]
+    pairs = list(zip(eqn.outvars, body.outvars, strict=True))
+    for_w = [u for o, u in pairs if o in carried and o not in b_reads]
+    for_b = [u for o, u in pairs if o in b_reads]
+    only_w = _needed(body.eqns, for_w) - _needed(body.eqns, for_b)
+    return any(body.eqns[i].primitive.name == "dot_general" for i in only_w)
+
+
+def _inline(eqn):
+    """A remat equation's body reading the equation's inputs, and {output: body's value}.
+    The body's own values get fresh names: equal layers may share one body."""
+    body = eqn.params["jaxpr"]
+    names = dict(zip(body.invars, eqn.invars, strict=True))
+    eqns = []
+    for e in body.eqns:
+        fresh = [v if isinstance(v, DropVar) else Var(v.aval) for v in e.outvars]
+        eqns.append(e.replace(invars=[_rename(v, names) for v in e.invars], outvars=fresh))
+        names.update(zip(e.outvars, fresh, strict=True))
+    outs = {o: _rename(u, names) for o, u in zip(eqn.outvars, body.outvars, strict=True)}
+    return eqns, outs
+
+
+def _rename(v, names):
+    return v if isinstance(v, Literal) else names.get(v, v)
 
 
 def _needed(eqns, outvars) -> set[int]:

@@ -73,6 +73,8 @@ class CostModel:
     head_act: float
     boundary_bytes: float  # one stage input
     temp_bytes: float  # working memory of the largest single layer program
+    # What B hands W for a rematerialised block per micro-batch in a split table.
+    block_carry: float = 0.0
     compute_bytes: float = 4.0  # bytes of the compute dtype (the blocks' converted copy)
     embed_in_first: bool = True
     head_in_last: bool = True
@@ -122,6 +124,7 @@ class CostModel:
             head_act=costs.head.activation_bytes,
             boundary_bytes=costs.boundary_bytes,
             temp_bytes=max(costs.block.temp_bytes, costs.head.temp_bytes),
+            block_carry=costs.block.carry_bytes,
             compute_bytes=float(jnp.dtype(model_cfg.dtype).itemsize),
             block_comm_time=block_comm,
             grad_reduce_per_param=grad_per_param,

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpipe import model as M
+from jaxpipe.backsplit import BackwardSplit
 from jaxpipe.config import ConfigError, ModelConfig, PipelineConfig
 from jaxpipe.links import Links
 from jaxpipe.programs import layer_programs
@@ -359,6 +360,9 @@ class LayerCost:
     argument_bytes: float  # XLA memory_analysis of the fwd+bwd program
     temp_bytes: float
     activation_bytes: float  # residuals kept for the backward pass, per micro-batch
+    # What B hands W for the layer rematerialised, per micro-batch, in a split table: the
+    # recomputed matmul inputs and the output cotangents (`backsplit`).
+    carry_bytes: float = 0.0
 
     def time(self, profile: DeviceProfile, head: bool = False) -> float:
         return profile.roofline(self.flops, self.bytes_accessed, head)
@@ -387,6 +391,18 @@ def _residual_bytes(fn, *args) -> float:
     if saved_residuals is None:  # pragma: no cover - private API moved
         return float("nan")
     return float(sum(a.size * a.dtype.itemsize for a, _ in saved_residuals(fn, *args)))
+
+
+def _remat_carry_bytes(cfg: ModelConfig, w, x) -> float:
+    """Bytes of the carry B leaves W when it splits a rematerialised block's backward (the
+    executor's `model.block_fn(cfg, "layer")`), for weights `w` and input `x`."""
+    layer = M.block_fn(cfg, "layer")
+
+    def backward(free, stashed, dy):
+        return jax.vjp(layer, free[0], stashed[0])[1](dy)
+
+    split = BackwardSplit(backward, (w,), [x], x)
+    return float(sum(v.aval.size * v.aval.dtype.itemsize for v in split.carry_vars))
 
 
 def _layer_cost(make, b: int, params: int, device=None) -> LayerCost:
@@ -466,7 +482,9 @@ def model_costs(
         p = {"embed": params["embed"] if cfg.tied else {}, "head": params["head"]}
         return fn, (p, x(b)), tokens(b)
 
-    block = _layer_cost(make_block, b, cfg.block_params(), device).scaled(tp)
+    block = _layer_cost(make_block, b, cfg.block_params(), device)
+    carry = _remat_carry_bytes(cfg, block_p, x(b))
+    block = dataclasses.replace(block, carry_bytes=carry).scaled(tp)
     embed = _layer_cost(make_embed, b, cfg.embed_params(), device)
     head = _layer_cost(make_head, b, cfg.head_params(), device).scaled(tp)
     return ModelCosts(block, embed, head, float(b * T * D * dt.itemsize), b, T)

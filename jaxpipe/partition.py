@@ -12,9 +12,9 @@ J layers) of parameters, gradients and AdamW's two fp32 moments (16 bytes per fp
 which then holds one gathered copy for the step; a copy of the blocks in a narrower compute
 dtype), plus the activations the schedule keeps in
 flight (only stage inputs, per layer or per stage, under remat, split over `tensor`); under remat
-stage, the one virtual stage a backward replays; in a split table under remat, the weight
-gradients each B holds until its W (in as many slots as the most pending on any stage,
-`schedule.pending_weight_grads`). How many
+stage, the one virtual stage a backward replays; in a split table under remat, the
+recomputed matmul inputs and output cotangents each B hands its W (in as many slots as the
+most pending on any stage, `schedule.pending_weight_grads`). How many
 micro-batches a stage holds at its peak, the bubble and the step time are read off the table the
 executor runs (`schedule.executor_table`): the peak count of forwards awaiting their backward,
 its idle share of cells, and its tick-synchronous simulation (`simulate.simulate(lockstep=True)`)
@@ -117,14 +117,14 @@ def replay_bytes(cm: CostModel, pipe_cfg: PipelineConfig, slots: int) -> float:
 
 
 def weight_grad_carry(cm: CostModel, pipe_cfg: PipelineConfig, slots: int) -> float:
-    """Bytes of what B leaves for W on every stage, counted for split tables under remat: a
-    rematerialised layer is one equation of the backward, so B computes its weight gradients
-    whole and holds them (compute dtype) until W, in as many slots as the executor allocates.
-    (Without remat B leaves output cotangents, which take the slots of the residuals it has
-    just read, `stash.Stash`: not counted.)"""
+    """Bytes of what B leaves for W on every stage, counted for split tables under remat: B
+    recomputes each layer's forward and hands W the matmul inputs and output cotangents
+    (`backsplit`; measured per layer, `CostModel.block_carry`), in as many slots as the
+    executor allocates. (Without remat B leaves output cotangents, which take the slots of the
+    residuals it has just read, `stash.Stash`: not counted.)"""
     if pipe_cfg.remat == "none":
         return 0.0
-    return _carry_slots(_shape(pipe_cfg)) * slots * cm.block_params * cm.compute_bytes
+    return _carry_slots(_shape(pipe_cfg)) * slots * cm.block_carry
 
 
 def stage_memory(cm: CostModel, pipe_cfg: PipelineConfig, s: int, layers: int, slots: int):

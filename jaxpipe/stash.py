@@ -4,8 +4,8 @@ what a split backward's B leaves for its W.
 Each kind of value lives in slots that `buffers.buffer_plan` assigns per tick:
   res    forward -> backward (B): residual leaves only the backward reads;
   wres   forward -> W: residual leaves W reads too (split tables);
-  carry  B -> W: what B computed that W needs (output cotangents; under remat whole weight
-         gradients).
+  carry  B -> W: what B computed that W needs (output cotangents; under remat the recomputed
+         matmul inputs too).
 In a split table a micro-batch's B-only residuals die at its B, where its carry is born, and
 both fit in its wres interval [F, W]. So a carry leaf can take over the slot of a B-only leaf of
 the same size and dtype: B reads the residual and writes the carry over it. `Stash` pairs such
