@@ -50,7 +50,7 @@ class BackwardSplit:
         self.eqns, outvars = list(jaxpr.eqns), list(jaxpr.outvars)
         while True:
             self.dw_vars, self.dh_vars = outvars[:n_dw], outvars[n_dw:]
-            self._cut(jaxpr.constvars)
+            self._cut()
             opened = self._open_remat()
             if not opened:
                 break
@@ -64,14 +64,14 @@ class BackwardSplit:
     def _w_reads(self):
         return [v for e in self.w_eqns for v in e.invars] + list(self.dw_vars)
 
-    def _cut(self, constvars) -> None:
+    def _cut(self) -> None:
         """B's and W's equations, and the values W reads that B computes (the carry)."""
         b_eqns = _needed(self.eqns, self.dh_vars)
         w_eqns = _needed(self.eqns, self.dw_vars) - b_eqns
         self.b_eqns = [self.eqns[i] for i in sorted(b_eqns)]
         self.w_eqns = [self.eqns[i] for i in sorted(w_eqns)]
         made_by_w = {v for e in self.w_eqns for v in e.outvars}
-        known_to_w = set(self.in_vars) | set(constvars) | made_by_w
+        known_to_w = set(self.in_vars) | set(self.jaxpr.constvars) | made_by_w
         self.carry_vars = list(
             dict.fromkeys(
                 v for v in self._w_reads() if not isinstance(v, Literal) and v not in known_to_w
