@@ -9,21 +9,29 @@ already in the forward's stash); W evaluates the remaining equations, the weight
 own matmuls and reductions. Nothing is computed twice, so B + W costs what the fused backward
 costs.
 
-A rematerialised layer (`jax.checkpoint`) is one equation of the backward, holding the
-recomputed forward and the layer's whole backward. Run whole in B it would hand W finished
-weight gradients, the size of the layer's weights. Such an equation is opened (its body
-inlined) when the part of it that only the weight gradients need holds a matmul: B then
-recomputes the forward and computes the input gradient, and W gets the recomputed matmul
-inputs and the output cotangents, as without remat. Rematerialised pieces that hold no weight
-matmul (a norm's statistics, attention's scores) stay whole: opening them would hand W
-activation-sized values for a bias-sized gradient. Other equations that feed the input
-gradient run in B whole (a `lax.cond` around a padded layer slot), their weight-gradient
-outputs travelling to W as ready values.
+Two kinds of equation hold a whole layer's backward, and B would run them whole, handing W
+finished weight gradients (the size of the layer's weights) and leaving W no matmul:
+- A rematerialised layer (`jax.checkpoint`): its body holds the recomputed forward and the
+  layer's backward. It is opened (the body inlined) when the part of it that only the weight
+  gradients need holds a matmul: B then recomputes the forward and computes the input
+  gradient, and W gets the recomputed matmul inputs and the output cotangents, as without
+  remat. Rematerialised pieces that hold no weight matmul (a norm's statistics, attention's
+  scores) stay whole: opening them would hand W activation-sized values for a bias-sized
+  gradient.
+- A conditional (`lax.cond` around a padded layer slot of an uneven layout): each branch is
+  split the same way (recursively, so a rematerialised layer inside a branch opens too), and
+  the equation becomes two conditionals on the same predicate: one in B, computing the
+  branch's input gradient and what its W needs, and one in W, computing its weight
+  gradients. A branch's carry is zeros when another branch runs (the padded slot's branch
+  hands W nothing).
 """
 
 from __future__ import annotations
 
+import types
+
 import jax
+import jax.numpy as jnp
 from jax.extend.core import DropVar, Literal, Var
 from jax.extend.core.primitives import remat_p
 
@@ -47,54 +55,15 @@ class BackwardSplit:
         n_dw = self.dw_tree.num_leaves
         jaxpr = self.jaxpr
         self.in_vars = jaxpr.invars[:n_in]
-        self.eqns, outvars = list(jaxpr.eqns), list(jaxpr.outvars)
-        while True:
-            self.dw_vars, self.dh_vars = outvars[:n_dw], outvars[n_dw:]
-            self._cut()
-            opened = self._open_remat()
-            if not opened:
-                break
-            outvars = [_rename(v, opened) for v in outvars]
+        known = set(self.in_vars) | set(jaxpr.constvars)
+        outs = list(jaxpr.outvars)
+        cut = _split(list(jaxpr.eqns), known, outs[n_dw:], outs[:n_dw])
+        self.b_eqns, self.w_eqns, self.carry_vars, self.dh_vars, self.dw_vars = cut
         n_free = len(jax.tree.leaves(free))
-        read = {v for v in self._w_reads() if not isinstance(v, Literal)}
+        read = {v for v in _reads(self.w_eqns, self.dw_vars)}
         self.w_stashed = tuple(
             i for i, v in enumerate(self.in_vars[n_free:]) if v in read
         )
-
-    def _w_reads(self):
-        return [v for e in self.w_eqns for v in e.invars] + list(self.dw_vars)
-
-    def _cut(self) -> None:
-        """B's and W's equations, and the values W reads that B computes (the carry)."""
-        b_eqns = _needed(self.eqns, self.dh_vars)
-        w_eqns = _needed(self.eqns, self.dw_vars) - b_eqns
-        self.b_eqns = [self.eqns[i] for i in sorted(b_eqns)]
-        self.w_eqns = [self.eqns[i] for i in sorted(w_eqns)]
-        made_by_w = {v for e in self.w_eqns for v in e.outvars}
-        known_to_w = set(self.in_vars) | set(self.jaxpr.constvars) | made_by_w
-        self.carry_vars = list(
-            dict.fromkeys(
-                v for v in self._w_reads() if not isinstance(v, Literal) and v not in known_to_w
-            )
-        )
-
-    def _open_remat(self) -> dict:
-        """Inlines B's rematerialised equations whose weight-gradient-only part holds a matmul
-        (module docstring); returns {an opened equation's output: the body's value for it}."""
-        carried = set(self.carry_vars)
-        b_reads = {v for e in self.b_eqns for v in e.invars if not isinstance(v, Literal)}
-        b_reads |= {v for v in self.dh_vars if not isinstance(v, Literal)}
-        opened, eqns = {}, []
-        for e in self.eqns:
-            e = e.replace(invars=[_rename(v, opened) for v in e.invars])
-            if e.primitive is remat_p and _weight_matmul_only_for_w(e, carried, b_reads):
-                body, outs = _inline(e)
-                eqns.extend(body)
-                opened.update(outs)
-            else:
-                eqns.append(e)
-        self.eqns = eqns
-        return opened
 
     def input_grad(self, free, stashed, dy):
         """B: (dh, carry)."""
@@ -122,6 +91,59 @@ class BackwardSplit:
         return env
 
 
+def _split(eqns, known, b_outs, w_outs):
+    """Cuts `eqns` into B's (what `b_outs` need) and W's (the rest of what `w_outs` need),
+    opening rematerialised equations and splitting conditionals in B until none is left to
+    open. `known`: the variables W has without B (inputs, constants). Returns (B equations,
+    W equations, carry: the values W reads that B computes, b_outs, w_outs), the outputs
+    renamed where an opened equation made them."""
+    while True:
+        b_eqns, w_eqns, carry = _cut(eqns, known, b_outs, w_outs)
+        eqns, opened = _open(eqns, b_eqns, carry, b_outs)
+        if opened is None:
+            return b_eqns, w_eqns, carry, b_outs, w_outs
+        b_outs = [_rename(v, opened) for v in b_outs]
+        w_outs = [_rename(v, opened) for v in w_outs]
+
+
+def _cut(eqns, known, b_outs, w_outs):
+    b_idx = _needed(eqns, b_outs)
+    w_idx = _needed(eqns, w_outs) - b_idx
+    b_eqns = [eqns[i] for i in sorted(b_idx)]
+    w_eqns = [eqns[i] for i in sorted(w_idx)]
+    known_to_w = set(known) | {v for e in w_eqns for v in e.outvars}
+    carry = list(dict.fromkeys(v for v in _reads(w_eqns, w_outs) if v not in known_to_w))
+    return b_eqns, w_eqns, carry
+
+
+def _open(eqns, b_eqns, carry, b_outs):
+    """Opens B's equations that hold a weight matmul only W needs (module docstring): returns
+    (the new equations, {an inlined equation's output: the body's value for it}), or
+    (eqns, None) when nothing opens."""
+    carried = set(carry)
+    b_reads = set(_reads(b_eqns, b_outs))
+    opened, new, changed = {}, [], False
+    for e in eqns:
+        e = e.replace(invars=[_rename(v, opened) for v in e.invars])
+        if e.primitive is remat_p and _weight_matmul_only_for_w(e, carried, b_reads):
+            body, outs = _inline(e)
+            new.extend(body)
+            opened.update(outs)
+            changed = True
+        elif e.primitive.name == "cond" and (pieces := _CondPiece.split(e, carried, b_reads)):
+            new.extend(pieces)
+            changed = True
+        else:
+            new.append(e)
+    return new, (opened if changed else None)
+
+
+def _reads(eqns, outs):
+    """The variables (not literals) that `eqns` read, then `outs`."""
+    vs = [v for e in eqns for v in e.invars] + list(outs)
+    return [v for v in vs if not isinstance(v, Literal)]
+
+
 def _weight_matmul_only_for_w(eqn, carried, b_reads) -> bool:
     """Whether a remat equation's body has a matmul that only outputs W reads depend on."""
     body = eqn.params["jaxpr"]
@@ -130,6 +152,103 @@ def _weight_matmul_only_for_w(eqn, carried, b_reads) -> bool:
     for_b = [u for o, u in pairs if o in b_reads]
     only_w = _needed(body.eqns, for_w) - _needed(body.eqns, for_b)
     return any(body.eqns[i].primitive.name == "dot_general" for i in only_w)
+
+
+def _has_matmul(eqns) -> bool:
+    for e in eqns:
+        if e.primitive.name == "dot_general" or getattr(e, "matmul", False):
+            return True
+        if any(_has_matmul(j.eqns) for j in jax.extend.core.jaxprs_in_params(e.params)):
+            return True
+    return False
+
+
+class _CondPiece:
+    """One half (B's or W's) of a split conditional: an equation-like object (`invars`,
+    `outvars`, `ctx`) that `_run` evaluates with `lax.switch` on the conditional's index."""
+
+    primitive = types.SimpleNamespace(name="split_cond", multiple_results=True)
+
+    def __init__(self, eqn, invars, outvars, branches, matmul):
+        self.eqn, self.invars, self.outvars, self.branches = eqn, invars, outvars, branches
+        self.ctx, self.params, self.matmul = eqn.ctx, {}, matmul
+
+    def replace(self, invars):
+        return _CondPiece(self.eqn, invars, self.outvars, self.branches, self.matmul)
+
+    @classmethod
+    def split(cls, eqn, carried, b_reads):
+        """(B's piece, W's piece) of a conditional whose W-only outputs need a matmul in some
+        branch, or None. Outputs B reads stay with B; those only W reads go to W."""
+        to_w = [o in carried and o not in b_reads for o in eqn.outvars]
+        if not any(to_w):
+            return None
+        index, ops = eqn.invars[0], eqn.invars[1:]
+        cuts = []
+        for branch in eqn.params["branches"]:
+            j = branch.jaxpr
+            b_outs = [u for u, w in zip(j.outvars, to_w, strict=True) if not w]
+            w_outs = [u for u, w in zip(j.outvars, to_w, strict=True) if w]
+            known = set(j.invars) | set(j.constvars)
+            cuts.append((branch, _split(list(j.eqns), known, b_outs, w_outs)))
+        if not any(_has_matmul(cut[1]) for _, cut in cuts):
+            return None
+        # Operands some branch's W reads; carries of every branch, in branch order.
+        w_read = set().union(*(_reads(cut[1], cut[4]) for _, cut in cuts))
+        w_ops = [i for i in range(len(ops)) if any(b.jaxpr.invars[i] in w_read for b, _ in cuts)]
+        carries = [[Var(v.aval) for v in cut[2]] for _, cut in cuts]
+        flat = [v for c in carries for v in c]
+
+        def b_fn(k):
+            branch, (b_eqns, _, carry, b_outs, _) = cuts[k]
+
+            def run(*vals):
+                env = _branch_env(branch, branch.jaxpr.invars, vals)
+                _run(b_eqns, env)
+                out = [_read(env, v) for v in b_outs]
+                for i, cs in enumerate(carries):
+                    out += [env[v] for v in carry] if i == k else [_zeros(v.aval) for v in cs]
+                return out
+
+            return run
+
+        def w_fn(k):
+            branch, (_, w_eqns, carry, _, w_outs) = cuts[k]
+            start = sum(len(c) for c in carries[:k])
+
+            def run(*vals):
+                invars = [branch.jaxpr.invars[i] for i in w_ops]
+                env = _branch_env(branch, invars, vals[: len(w_ops)])
+                mine = vals[len(w_ops) + start : len(w_ops) + start + len(carry)]
+                env.update(zip(carry, mine, strict=True))
+                _run(w_eqns, env)
+                return [_read(env, v) for v in w_outs]
+
+            return run
+
+        n = len(cuts)
+        b_out = [o for o, w in zip(eqn.outvars, to_w, strict=True) if not w]
+        w_out = [o for o, w in zip(eqn.outvars, to_w, strict=True) if w]
+        b_matmul = any(_has_matmul(cut[0]) for _, cut in cuts)
+        b_piece = cls(eqn, [index, *ops], b_out + flat, [b_fn(k) for k in range(n)], b_matmul)
+        w_piece = cls(eqn, [index, *(ops[i] for i in w_ops), *flat], w_out,
+                      [w_fn(k) for k in range(n)], True)
+        return b_piece, w_piece
+
+    def run(self, index, *vals):
+        return jax.lax.switch(index, self.branches, *vals)
+
+
+def _branch_env(branch, invars, vals):
+    env = dict(zip(branch.jaxpr.constvars, branch.consts, strict=True))
+    env.update(zip(invars, vals, strict=True))
+    return env
+
+
+def _zeros(aval):
+    z = jnp.zeros(aval.shape, aval.dtype)
+    axes = tuple(getattr(getattr(aval, "mat", None), "varying", ()))
+    return jax.lax.pcast(z, axes, to="varying") if axes else z
 
 
 def _inline(eqn):
@@ -172,10 +291,13 @@ def _read(env, v):
 
 
 def _run(eqns, env) -> None:
-    """Evaluates equations in order into `env` (as `jax.core.eval_jaxpr` does)."""
+    """Evaluates equations in order into `env` (as `jax.core.eval_jaxpr` does); a split
+    conditional's pieces run their own `lax.switch`."""
     for e in eqns:
+        vals = [_read(env, v) for v in e.invars]
         with e.ctx.manager:
-            out = e.primitive.bind(
-                *[_read(env, v) for v in e.invars], **e.primitive.get_bind_params(e.params)
-            )
+            if isinstance(e, _CondPiece):
+                out = e.run(*vals)
+            else:
+                out = e.primitive.bind(*vals, **e.primitive.get_bind_params(e.params))
         env.update(zip(e.outvars, out if e.primitive.multiple_results else [out], strict=True))

@@ -24,9 +24,9 @@ from jax.sharding import PartitionSpec as P
 
 from jaxpipe import model as M
 from jaxpipe import onef1b, placement
-from jaxpipe.config import FULL_TABLE_SCHEDULES, ConfigError, ModelConfig, PipelineConfig
+from jaxpipe.config import ConfigError, ModelConfig, PipelineConfig
 from jaxpipe.layout import StageLayout
-from jaxpipe.schedule import BWD, ScheduleTable, build_table, ring_table
+from jaxpipe.schedule import ScheduleTable, build_table, ring_table
 
 # Residual policies of one iteration of the tick loop (one unit) by remat mode. Without remat it
 # keeps what a lean block keeps (`model.KEEP_POLICY`): not the weight slice (in the compute
@@ -79,7 +79,7 @@ class Pipeline:
     def forward_table(self) -> ScheduleTable:
         """The forward-only ring table that `loss` and `logits` run (the schedule's own table
         when it has no backward ops; for 1F1B schedules, circular GPipe of the same shape)."""
-        if not (self.table.op == BWD).any():
+        if not self.table.explicit_backward:
             return self.table
         c = self.config
         name = "circular" if c.num_repeats > 1 else "gpipe"
@@ -249,7 +249,7 @@ class Pipeline:
 
     def value_and_grad(self, params, tokens_BT1):
         """(loss, grads) with grads in the same pipeline layout as params."""
-        if self.config.schedule in FULL_TABLE_SCHEDULES:
+        if self.table.explicit_backward:
             return onef1b.value_and_grad(self, self.gather(params), tokens_BT1)
         return jax.value_and_grad(self.loss)(params, tokens_BT1)
 

@@ -87,6 +87,12 @@ class ScheduleTable:
         return NEXT if dst == (src + 1) % self.num_stages else PREV
 
     @property
+    def explicit_backward(self) -> bool:
+        """The table holds the backward ops, which its executor runs tick by tick; a forward-only
+        (ring) table's backward is autodiff of its forward loop, the same ticks in reverse."""
+        return bool((self.op == BWD).any())
+
+    @property
     def split(self) -> bool:
         """B computes only the stage-input gradient and a W op the weight gradients."""
         return bool((self.op == WGT).any())

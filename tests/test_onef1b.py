@@ -302,29 +302,38 @@ def test_zbv_layout_must_be_vee():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("remat", ["none", "layer", "stage"])
-def test_split_backward_flops_and_values(remat):
+@pytest.mark.parametrize(
+    "remat,min_count,count",
+    [("none", 2, 2), ("layer", 2, 2), ("stage", 2, 2), ("none", 1, 2), ("none", 1, 1),
+     ("layer", 1, 2)],
+)
+def test_split_backward_flops_and_values(remat, min_count, count):
     """B + W cost what the fused backward costs (XLA's own count), W a real share of it, and
     together they give the fused backward's gradients. Under remat too: B recomputes the
     forward and W gets activations, not finished weight gradients (a rematerialised layer is
-    one equation of the backward, which B used to run whole)."""
+    one equation of the backward, which B used to run whole). min_count 1: the second slot is
+    a padded slot of an uneven layout, under `lax.cond` (run when count is 2, skipped when 1);
+    its conditional splits into one in B and one in W, which used to be one run whole in B."""
     cfg = get_preset("tiny", num_layers=2, max_seq_len=16, vocab_size=64)
     w_J = jax.jit(M.init_params, static_argnums=(0, 1))(cfg, 0)["blocks"]
     h = jax.random.normal(jax.random.key(1), (4, 16, cfg.d_model))
-    stage = _StageVjp(cfg, 2, 2, remat, split=True)
-    y, kept = jax.jit(lambda w, h: stage.forward(w, 2, h))(w_J, h)
+    stage = _StageVjp(cfg, 2, min_count, remat, split=True)
+    y, kept = jax.jit(lambda w, h: stage.forward(w, count, h))(w_J, h)
     dy = jnp.cos(y)
     compiled = lambda f, *a: jax.jit(f).lower(*a).compile()
-    fused = compiled(lambda w, k, d: stage.backward(w, 2, k, d), w_J, kept, dy)
-    b = compiled(lambda w, k, d: stage.input_grad(w, 2, k, d), w_J, kept, dy)
+    fused = compiled(lambda w, k, d: stage.backward(w, count, k, d), w_J, kept, dy)
+    b = compiled(lambda w, k, d: stage.input_grad(w, count, k, d), w_J, kept, dy)
     dh_b, carry = b(w_J, kept, dy)
     kept_w = [kept[i] for i in stage.split.w_stashed]
     if remat == "none":  # W reads only some of the stash (the matmuls' inputs)
         assert 0 < len(kept_w) < len(kept)
-    else:  # the stash holds layer or stage inputs, which only B's recompute reads
-        assert not kept_w
-        assert all(c.shape[:2] == h.shape[:2] for c in carry), [c.shape for c in carry]
-    w = compiled(lambda w, k, c: stage.weight_grad(w, 2, k, c), w_J, kept_w, carry)
+    else:  # the stash holds layer or stage inputs, which only B's recompute reads (W may read
+        # a padded slot's predicate)
+        assert not [k.shape for k in kept_w if k.ndim]
+    # Activations and cotangents (and a lean norm's finished [D] gradients), never a matrix of
+    # weight gradients.
+    assert all(c.shape[:2] == h.shape[:2] or c.ndim <= 1 for c in carry), [c.shape for c in carry]
+    w = compiled(lambda w, k, c: stage.weight_grad(w, count, k, c), w_J, kept_w, carry)
     dw, dh = fused(w_J, kept, dy)
     np.testing.assert_allclose(dh_b, dh, rtol=1e-6, atol=1e-7)
     for x, want in zip(jax.tree.leaves(w(w_J, kept_w, carry)), jax.tree.leaves(dw), strict=True):
