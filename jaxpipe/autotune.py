@@ -139,7 +139,7 @@ class LayerCosts:
 
             self._cache[(b, tp)] = ModelCosts(
                 line("block").scaled(tp), line("embed"), line("head").scaled(tp),
-                self.c1.boundary_bytes * b, b, self.c1.seq_len,
+                self.c1.boundary_bytes * b, b, self.c1.seq_len, self.c1.w_share,
             )
         return self._cache[(b, tp)]
 

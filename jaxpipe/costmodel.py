@@ -81,6 +81,11 @@ class CostModel:
     block_comm_time: float = 0.0  # the tensor all-reduces inside block_time
     grad_reduce_per_param: float = 0.0  # data all-reduce seconds per parameter held
     grad_reduce_latency: float = 0.0
+    # Shares of block_time that a forward and (in a split table) a W op take; a backward (B in
+    # a split table) takes the rest. Without remat a forward is a third of forward + backward;
+    # a recomputed forward counts to the backward (B).
+    fwd_share: float = 1 / 3
+    wgt_share: float = 1 / 3
     # Stages whose ops run at full speed at once where devices share cores (None: all): the
     # profile's concurrency over the data x tensor devices that run each stage's op alongside.
     concurrency: float | None = None
@@ -130,6 +135,8 @@ class CostModel:
             grad_reduce_per_param=grad_per_param,
             grad_reduce_latency=2 * (D - 1) * latency,
             concurrency=None if profile.concurrency is None else profile.concurrency / (D * T),
+            fwd_share=1 / (3 * recompute),
+            wgt_share=costs.w_share * 2 / (3 * recompute),
             **flags,
         )
 

@@ -83,7 +83,7 @@ def _tpu_links(ici: float, dcn: float, pod: int) -> Links:
 # neighbour link); GPU link = NVLink bandwidth per direction; across nodes one 200 Gb/s (A100,
 # HDR) or 400 Gb/s (H100/H200, NDR) InfiniBand adapter per GPU. The A100's matmul efficiency
 # is fitted to one published run (README, "Anchors"); the others keep the full peak.
-A100_FLOPS_EFFICIENCY = 0.75
+A100_FLOPS_EFFICIENCY = 0.85
 PROFILES: dict[str, DeviceProfile] = {
     "tpu-v4": DeviceProfile(
         "tpu-v4", 275e12, 1200 * GB, 32 * GiB, _tpu_links(50 * GB, 6.25 * GB, 4096)
@@ -380,6 +380,9 @@ class ModelCosts:
     boundary_bytes: float  # one micro-batch activation [b, T, D] sent between stages
     microbatch: int  # per-device micro-batch size b
     seq_len: int
+    # W's share of a block's backward (without remat) in a split table: its matmul FLOPs over
+    # the backward's (`backsplit`); 0.5 (B and W alike) where not measured.
+    w_share: float = 0.5
 
 
 def _abstract(tree):
@@ -393,16 +396,38 @@ def _residual_bytes(fn, *args) -> float:
     return float(sum(a.size * a.dtype.itemsize for a, _ in saved_residuals(fn, *args)))
 
 
-def _remat_carry_bytes(cfg: ModelConfig, w, x) -> float:
-    """Bytes of the carry B leaves W when it splits a rematerialised block's backward (the
-    executor's `model.block_fn(cfg, "layer")`), for weights `w` and input `x`."""
-    layer = M.block_fn(cfg, "layer")
+def _split_costs(cfg: ModelConfig, w, x) -> tuple[float, float]:
+    """What splitting a block's backward into B and W costs (`backsplit`), for weights `w` and
+    input `x`: (bytes of the carry B leaves W when the block is rematerialised, the executor's
+    `model.block_fn(cfg, "layer")`; W's share of the plain block's backward matmul FLOPs)."""
 
-    def backward(free, stashed, dy):
-        return jax.vjp(layer, free[0], stashed[0])[1](dy)
+    def split(remat):
+        layer = M.block_fn(cfg, remat)
 
-    split = BackwardSplit(backward, (w,), [x], x)
-    return float(sum(v.aval.size * v.aval.dtype.itemsize for v in split.carry_vars))
+        def backward(free, stashed, dy):
+            return jax.vjp(layer, free[0], stashed[0])[1](dy)
+
+        return BackwardSplit(backward, (w,), [x], x)
+
+    carry = split("layer").carry_vars
+    plain = split("none")
+    b, w_flops = _matmul_flops(plain.b_eqns), _matmul_flops(plain.w_eqns)
+    share = w_flops / (b + w_flops) if b + w_flops else 0.5
+    return float(sum(v.aval.size * v.aval.dtype.itemsize for v in carry)), share
+
+
+def _matmul_flops(eqns) -> float:
+    """FLOPs of the matmuls among `eqns` (and inside their sub-programs), from their shapes."""
+    total = 0.0
+    for e in eqns:
+        if e.primitive.name == "dot_general":
+            (contract, _), _ = e.params["dimension_numbers"]
+            lhs = e.invars[0].aval.shape
+            k = float(np.prod([lhs[i] for i in contract]))
+            total += 2.0 * float(np.prod(e.outvars[0].aval.shape)) * k
+        for sub in jax.extend.core.jaxprs_in_params(e.params):
+            total += _matmul_flops(sub.eqns)
+    return total
 
 
 def _layer_cost(make, b: int, params: int, device=None) -> LayerCost:
@@ -483,8 +508,8 @@ def model_costs(
         return fn, (p, x(b)), tokens(b)
 
     block = _layer_cost(make_block, b, cfg.block_params(), device)
-    carry = _remat_carry_bytes(cfg, block_p, x(b))
+    carry, w_share = _split_costs(cfg, block_p, x(b))
     block = dataclasses.replace(block, carry_bytes=carry).scaled(tp)
     embed = _layer_cost(make_embed, b, cfg.embed_params(), device)
     head = _layer_cost(make_head, b, cfg.head_params(), device).scaled(tp)
-    return ModelCosts(block, embed, head, float(b * T * D * dt.itemsize), b, T)
+    return ModelCosts(block, embed, head, float(b * T * D * dt.itemsize), b, T, w_share)

@@ -351,12 +351,13 @@ def build_plan(
         )
     times = [st.time_s for st in stages]
     table = step_table(pipe_cfg)
-    # A backward costs twice its forward (split: B and W once each); each op sends half of
-    # the per-stage transfer.
-    third = compute / 3
+    # A forward and a W take their shares of the compute, a backward (B) the rest; each op
+    # sends half of the per-stage transfer.
+    fwd = compute * cm.fwd_share
+    wgt = compute * cm.wgt_share if table.split else 0.0 * compute
     sim = simulate(
-        table, third, third if table.split else 2 * third, cm.transfer_time / 2, lockstep=True,
-        concurrency=cm.concurrency, wgt_time=third,
+        table, fwd, compute - fwd - wgt, cm.transfer_time / 2, lockstep=True,
+        concurrency=cm.concurrency, wgt_time=wgt,
     )
     outside = M * ((not cm.embed_in_first) * cm.embed_time + (not cm.head_in_last) * cm.head_time)
     grad_reduce = max(cm.grad_reduce_time(st.params) for st in stages)

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from conftest import needs_devices
 
+from jaxpipe import costs as C
 from jaxpipe import model as M
 from jaxpipe.balance import check_balance
 from jaxpipe.buffers import buffer_plan
 from jaxpipe.config import SCHEDULES, ConfigError, PipelineConfig, get_preset
-from jaxpipe.costmodel import CostModel
+from jaxpipe.costmodel import REMAT_COST, CostModel
 from jaxpipe.layout import StageLayout
 from jaxpipe.measure import StageTimes
 from jaxpipe.mesh import make_mesh
@@ -157,15 +158,15 @@ def _pipeline_shapes():
                     yield schedule, S, Mb, R
 
 
-def _lockstep_ticks(table, compute_V):
+def _lockstep_ticks(table, compute_V, f=1 / 3, w=1 / 3):
     """Step time of a forward + backward table whose ticks each last their slowest op
-    (a forward costs a third of its virtual stage's forward + backward, a backward the rest;
-    in a split table B and W a third each)."""
+    (a forward costs a share f of its virtual stage's forward + backward, a backward the rest;
+    in a split table W a share w and B the rest)."""
     S, total = table.num_stages, 0.0
-    b_share = 1 / 3 if table.split else 2 / 3
+    w = w if table.split else 0.0
     for op, rep in zip(table.op, table.repeat, strict=True):
-        share = np.where(op == FWD, 1 / 3, np.where(op == BWD, b_share, 0.0))
-        share = np.where(op == WGT, 1 / 3, share)
+        share = np.where(op == FWD, f, np.where(op == BWD, 1 - f - w, 0.0))
+        share = np.where(op == WGT, w, share)
         v = table.virtual_stage(np.arange(S), np.maximum(rep, 0))
         total += float((share * compute_V[v]).max())
     return total
@@ -203,6 +204,41 @@ def test_plan_reads_bubble_in_flight_and_step_time_off_the_executors_table():
         assert plan.step_time_s == pytest.approx(expected, rel=1e-9), where
         checked += 1
     assert checked > 400
+
+
+@pytest.mark.parametrize("schedule,R", [("zb_h1", 1), ("zbv", 2), ("1f1b", 1)])
+def test_plan_splits_a_backward_by_the_cost_models_shares(schedule, R):
+    """The forward, B and W shares of a virtual stage's time come from the cost model (a W a
+    third of the backward here, a forward a quarter of all under remat): the step time is the
+    table's ticks with those shares, and differs from equal thirds in split tables."""
+    cfg = get_preset("tiny").replace(num_layers=8)
+    pcfg = PipelineConfig(4, 8, R, schedule=schedule)
+    layout = StageLayout.uniform(8, 4, R, build_table(schedule, 4, 8, R).placement)
+    f, w = 0.25, 0.25
+    plan = build_plan(cfg, pcfg, layout, _cm(embed_time=0.0, head_time=0.0, fwd_share=f,
+                      wgt_share=w), "uniform", "test")
+    thirds = build_plan(cfg, pcfg, layout, _cm(embed_time=0.0, head_time=0.0), "uniform", "test")
+    table = build_table(schedule, 4, 8, R)
+    compute_V = np.array(layout.layer_counts) * 1.0
+    assert plan.step_time_s == pytest.approx(_lockstep_ticks(table, compute_V, f, w))
+    if table.split:
+        assert plan.step_time_s != pytest.approx(thirds.step_time_s)
+
+
+def test_w_share_is_measured_from_the_split_backward():
+    """W's share of a block's backward is its weight-gradient matmuls' FLOPs: about half of
+    the backward's (dW and dx of every matmul cost alike; attention's score matmuls are B's),
+    so under 0.5 for both block styles, and the cost model turns it into shares of a
+    block's time (remat moves the recomputed forward into B)."""
+    for style in ("tiny", "tiny-llama"):
+        cfg = get_preset(style)
+        costs = C.model_costs(cfg, PipelineConfig(), batch_size=2, seq_len=32)
+        assert 0.2 < costs.w_share < 0.5, (style, costs.w_share)
+        for remat, r in (("none", 1.0), ("layer", REMAT_COST)):
+            pcfg = PipelineConfig(remat=remat)
+            cm = CostModel.from_costs(costs, C.PROFILES["a100-80gb"], cfg, pcfg)
+            assert cm.fwd_share == pytest.approx(1 / (3 * r))
+            assert cm.wgt_share == pytest.approx(costs.w_share * 2 / (3 * r))
 
 
 def test_plan_step_time_charges_the_slowest_stage_of_every_tick_and_the_link():
