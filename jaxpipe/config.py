@@ -10,7 +10,8 @@ from typing import Literal
 BlockStyle = Literal["gpt2", "llama"]
 
 SCHEDULES = ("gpipe", "circular", "1f1b", "interleaved_1f1b", "zb_h1", "zbv")
-# Schedules whose table holds backward ops (run by `onef1b.py`; the others by the ring executor).
+# Schedules whose table is built from per-stage op orders only (gpipe and circular are too,
+# without overlapped sends; with them, a ring table).
 FULL_TABLE_SCHEDULES = ("1f1b", "interleaved_1f1b", "zb_h1", "zbv")
 # Attention kernels (`attention.py`): "xla" runs everywhere, "cudnn" is the fused cuDNN kernel
 # (NVIDIA GPUs, bfloat16 or float16 compute), "splash" the Pallas TPU splash-attention kernel

@@ -1,4 +1,5 @@
-"""The forward + backward executor: runs any `full_table` (1f1b, interleaved 1f1b, zb_h1, zbv).
+"""The forward + backward executor: runs any `full_table` (every schedule's training step, but
+GPipe's and circular's with overlapped sends, which autodiff the ring table).
 
 Every stage runs one `lax.scan` over the table's ticks. At a forward tick a stage runs its
 group of layers under `jax.vjp` and stashes the residuals (minus the weights, which it still
@@ -160,14 +161,19 @@ def value_and_grad(pipe, params, tokens_BT1):
         x_in = pipe.microbatch(inputs_BT)  # token ids [M, B/M, T]
     else:
         x_in, embed_vjp = jax.vjp(lambda e: pipe.embed(e, inputs_BT), params["embed"])
+    # Sums over `pipe` (the loss, the head's gradient); one stage returns its own instead
+    # (`_pipe_sum`), stacked over the size-1 axis.
+    summed = P("pipe") if pipe.config.num_stages == 1 else P()
     program = jax.shard_map(
         lambda w, hp, x, t: _stage_program(pipe, w, hp, x, t),
         mesh=pipe.mesh,
         in_specs=(P("pipe"), P(), P(), P()),
-        out_specs=(P(), P("pipe"), P()) + (() if inside else (P("pipe"),)),
+        out_specs=(summed, P("pipe"), summed) + (() if inside else (P("pipe"),)),
         axis_names={"pipe"},
     )
     loss, g_blocks, g_head, *dx_SMBTD = program(params["blocks"], head_params, x_in, t_MBT)
+    if pipe.config.num_stages == 1:
+        loss, g_head = _tree(lambda a: a[0], (loss, g_head))
     if inside:
         g_embed = g_head["embed"]  # the lookups' gradient (and the tied head's), summed
     else:
@@ -175,6 +181,12 @@ def value_and_grad(pipe, params, tokens_BT1):
         if pipe.model.tied:
             g_embed = _tree(jnp.add, g_embed, g_head["embed"])
     return loss, {"embed": g_embed, "blocks": g_blocks, "head": g_head["head"]}
+
+
+def _pipe_sum(S: int):
+    """Sum over `pipe`; with one stage, the stage's own value stacked over the size-1 axis (a
+    sum over it, with the batch split over `data`, breaks XLA's SPMD partitioner)."""
+    return (lambda a: a[None]) if S == 1 else (lambda a: jax.lax.psum(a, "pipe"))
 
 
 def _stage_program(pipe, w_1RJ, head_params, x_in, t_MBT):
@@ -368,7 +380,7 @@ def _stage_program(pipe, w_1RJ, head_params, x_in, t_MBT):
         return {**new, "g_w": g_w}, None
 
     st, _ = jax.lax.scan(tick, state, jnp.arange(tab.num_ticks))
-    g_head = _tree(lambda g: jax.lax.psum(g, "pipe"), st["head"]["g"])
+    g_head = _tree(_pipe_sum(S), st["head"]["g"])
     g_w = _tree(lambda g: g[None], st["g_w"])
-    out = jax.lax.psum(st["head"]["loss"], "pipe"), g_w, g_head
+    out = _pipe_sum(S)(st["head"]["loss"]), g_w, g_head
     return out if inside else (*out, st["dx"][None])

@@ -30,7 +30,6 @@ import numpy as np
 
 from jaxpipe import schedule
 from jaxpipe.config import (
-    FULL_TABLE_SCHEDULES,
     ConfigError,
     ModelConfig,
     PipelineConfig,
@@ -54,10 +53,11 @@ def static_bytes(pipe_cfg: PipelineConfig, blocks: bool = True, compute_bytes: f
     With a narrower compute dtype (`compute_bytes` < 4) the compiler converts each stage's
     block weights once per step, not per tick: a copy in that dtype lives through the step, and
     with FSDP the gather moves (and keeps) that copy instead of the fp32 values.
-    The 1F1B executors accumulate the head's gradient in every stage and then sum it over
-    `pipe`, so the embedding and head parameters (not `blocks`) hold two gradients there, unless
-    the moments are split over `data` (the summed gradient is then reduce-scattered as it forms,
-    as the TPU compiler's memory reports of the ZeRO-1 steps show)."""
+    The forward + backward executor (every table but a ring with overlapped sends) accumulates
+    the head's gradient in every stage and then sums it over `pipe`, so the embedding and head
+    parameters (not `blocks`) hold two gradients there, unless the moments are split over
+    `data` (the summed gradient is then reduce-scattered as it forms, as the TPU compiler's
+    memory reports of the ZeRO-1 steps show)."""
     D = pipe_cfg.data_parallel
     moments = 8 / D if pipe_cfg.shard_moments else 8
     copy = compute_bytes if blocks and compute_bytes < 4 else 0
@@ -65,7 +65,7 @@ def static_bytes(pipe_cfg: PipelineConfig, blocks: bool = True, compute_bytes: f
         value = 4 / D + (copy or 4) * (D > 1)
     else:
         value = 4 + copy
-    two = not blocks and pipe_cfg.schedule in FULL_TABLE_SCHEDULES and not pipe_cfg.shard_moments
+    two = not blocks and _explicit_backward(_shape(pipe_cfg)) and not pipe_cfg.shard_moments
     grads = 8 if two else 4
     return value + grads + moments
 
@@ -78,6 +78,12 @@ def _shape(pipe_cfg: PipelineConfig) -> tuple:
 @functools.lru_cache(maxsize=256)
 def _table(shape: tuple) -> schedule.ScheduleTable:
     return schedule.executor_table(*shape)
+
+
+@functools.lru_cache(maxsize=256)
+def _explicit_backward(shape: tuple) -> bool:
+    """Whether the executor runs the table's backward ops itself (not autodiff of a ring)."""
+    return schedule.build_table(*shape).explicit_backward
 
 
 def step_table(pipe_cfg: PipelineConfig) -> schedule.ScheduleTable:

@@ -1,4 +1,8 @@
-"""The `shard_map` executor: runs a stage layout and a ring schedule table on the `pipe` axis.
+"""The ring executor: runs a stage layout and a forward-only ring table on the `pipe` axis.
+
+It runs `loss` and `logits` for every schedule, and the training step (autodiff of the same
+loop) of GPipe and circular with overlapped sends (hop 2); every other training step runs the
+forward + backward table in `onef1b` (`Pipeline.value_and_grad` dispatches on the table).
 
 Inside `shard_map` every stage runs the same program: one `lax.scan` over the table's ticks
 and, within each tick, over the stage's layer slots. At each tick a stage looks up its op

@@ -170,6 +170,8 @@ def build_table(
     if schedule in ("gpipe", "circular"):
         if schedule == "gpipe" and num_repeats != 1:
             raise ConfigError("schedule 'gpipe' takes num_repeats=1; use 'circular' for repeats")
+        if hop == 1:  # the forward + backward executor runs it, as every other schedule
+            return full_table(schedule, num_stages, num_microbatches, num_repeats)
         table = ring_table(schedule, num_stages, num_microbatches, num_repeats, hop)
     elif schedule in FULL_TABLE_SCHEDULES:
         _check_hop(schedule, hop)
@@ -402,15 +404,15 @@ def executor_table(
 ) -> ScheduleTable:
     """The forward + backward table that jaxpipe's executor for `schedule` runs, tick by tick.
 
-    1f1b, interleaved_1f1b, zb_h1 and zbv run their `full_table`. gpipe and circular run the
-    ring table forward, and autodiff runs the same ticks in reverse for the backward: their
-    table is the ring table followed by its mirror image of backward ops (what every stage holds
-    in flight and how long a step takes follow from it, as for the other schedules).
+    Every schedule runs its `full_table` (`build_table`), except gpipe and circular with
+    overlapped sends (hop 2): those run the ring table forward, and autodiff runs the same
+    ticks in reverse for the backward, so their table is the ring table followed by its mirror
+    image of backward ops (what every stage holds in flight and how long a step takes follow
+    from it, as for the other schedules).
     """
-    if schedule not in ("gpipe", "circular"):
-        _check_hop(schedule, hop)
-        return full_table(schedule, num_stages, num_microbatches, num_repeats)
     ring = build_table(schedule, num_stages, num_microbatches, num_repeats, hop)
+    if ring.explicit_backward:
+        return ring
     back = np.where(ring.op[::-1] == FWD, BWD, IDLE).astype(np.int8)
     table = ScheduleTable(
         schedule,

@@ -14,6 +14,7 @@ from jaxpipe.config import ConfigError, PipelineConfig, get_preset
 from jaxpipe.layout import StageLayout
 from jaxpipe.mesh import make_mesh
 from jaxpipe.pipeline import Pipeline
+from jaxpipe.schedule import BWD, FWD, IDLE
 
 SEQ = 8
 BATCH = 16  # divisible by every (micro-batches x data) below except where an error is wanted
@@ -319,3 +320,23 @@ def test_tick_loop_saves_no_weight_slice_per_iteration(schedule):
     # Lean blocks: attention's scores and probabilities ([..., T, T]) are recomputed, not saved
     # per iteration (an outer policy that saved every intermediate overrode the block's own).
     assert not [shape for shape in saved if shape[-2:] == (SEQ, SEQ)], text
+
+
+@pytest.mark.parametrize("schedule,R", [("gpipe", 1), ("circular", 2)])
+def test_gpipe_and_circular_train_on_their_forward_backward_table(schedule, R):
+    """A GPipe or circular training step runs the schedule's forward + backward table (every
+    forward of a stage before its first backward) on the one forward + backward executor, and
+    gives autodiff's loss and gradients of the ring forward that `loss` runs."""
+    cfg = get_preset("tiny", num_layers=4, max_seq_len=SEQ)
+    pipe = _pipeline(cfg, 2, 3, R, schedule=schedule)
+    assert pipe.table.explicit_backward and not pipe.forward_table.explicit_backward
+    for s in range(2):
+        ops = [o for o in pipe.table.op[:, s] if o != IDLE]
+        assert ops == [FWD] * (3 * R) + [BWD] * (3 * R), ops
+    params = pipe.place(M.init_params(cfg, seed=3))
+    tokens = _tokens(6)
+    loss, grads = pipe.jit(pipe.value_and_grad)(params, tokens)
+    ring_loss, ring_grads = jax.jit(jax.value_and_grad(pipe.loss))(params, tokens)
+    np.testing.assert_allclose(loss, ring_loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ring_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)

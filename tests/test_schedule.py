@@ -279,9 +279,13 @@ def test_cli(tmp_path, capsys):
     assert json.loads((tmp_path / "a.json").read_text())["traceEvents"]
 
 
-def test_ring_table_still_valid_for_pipeline():
-    table = ring_table("circular", 3, 3, 2)
-    assert table.op.max() == FWD and build_table("circular", 3, 3, 2).num_ticks == table.num_ticks
+def test_ring_tables_run_overlapped_sends_and_full_tables_the_rest():
+    table = ring_table("circular", 3, 3, 2, hop=2)
+    built = build_table("circular", 3, 3, 2, hop=2)
+    assert table.op.max() == FWD and not built.explicit_backward
+    assert built.num_ticks == table.num_ticks
+    full = build_table("circular", 3, 3, 2)
+    assert full.explicit_backward and (full.op == BWD).sum() == (full.op == FWD).sum() == 18
 
 
 @pytest.mark.parametrize("S", [2, 3, 4, 8])
