@@ -29,6 +29,7 @@ finished weight gradients (the size of the layer's weights) and leaving W no mat
 from __future__ import annotations
 
 import types
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +61,7 @@ class BackwardSplit:
         cut = _split(list(jaxpr.eqns), known, outs[n_dw:], outs[:n_dw])
         self.b_eqns, self.w_eqns, self.carry_vars, self.dh_vars, self.dw_vars = cut
         n_free = len(jax.tree.leaves(free))
-        read = {v for v in _reads(self.w_eqns, self.dw_vars)}
+        read = set(_reads(self.w_eqns, self.dw_vars))
         self.w_stashed = tuple(
             i for i, v in enumerate(self.in_vars[n_free:]) if v in read
         )
@@ -91,17 +92,24 @@ class BackwardSplit:
         return env
 
 
-def _split(eqns, known, b_outs, w_outs):
+class _Cut(NamedTuple):
+    b_eqns: list
+    w_eqns: list
+    carry: list  # the values W reads that B computes
+    b_outs: list
+    w_outs: list
+
+
+def _split(eqns, known, b_outs, w_outs) -> _Cut:
     """Cuts `eqns` into B's (what `b_outs` need) and W's (the rest of what `w_outs` need),
     opening rematerialised equations and splitting conditionals in B until none is left to
-    open. `known`: the variables W has without B (inputs, constants). Returns (B equations,
-    W equations, carry: the values W reads that B computes, b_outs, w_outs), the outputs
+    open. `known`: the variables W has without B (inputs, constants). The outputs come back
     renamed where an opened equation made them."""
     while True:
         b_eqns, w_eqns, carry = _cut(eqns, known, b_outs, w_outs)
         eqns, opened = _open(eqns, b_eqns, carry, b_outs)
         if opened is None:
-            return b_eqns, w_eqns, carry, b_outs, w_outs
+            return _Cut(b_eqns, w_eqns, carry, b_outs, w_outs)
         b_outs = [_rename(v, opened) for v in b_outs]
         w_outs = [_rename(v, opened) for v in w_outs]
 
@@ -191,45 +199,44 @@ class _CondPiece:
             w_outs = [u for u, w in zip(j.outvars, to_w, strict=True) if w]
             known = set(j.invars) | set(j.constvars)
             cuts.append((branch, _split(list(j.eqns), known, b_outs, w_outs)))
-        if not any(_has_matmul(cut[1]) for _, cut in cuts):
+        if not any(_has_matmul(cut.w_eqns) for _, cut in cuts):
             return None
         # Operands some branch's W reads; carries of every branch, in branch order.
-        w_read = set().union(*(_reads(cut[1], cut[4]) for _, cut in cuts))
+        w_read = set().union(*(_reads(cut.w_eqns, cut.w_outs) for _, cut in cuts))
         w_ops = [i for i in range(len(ops)) if any(b.jaxpr.invars[i] in w_read for b, _ in cuts)]
-        carries = [[Var(v.aval) for v in cut[2]] for _, cut in cuts]
+        carries = [[Var(v.aval) for v in cut.carry] for _, cut in cuts]
         flat = [v for c in carries for v in c]
 
         def b_fn(k):
-            branch, (b_eqns, _, carry, b_outs, _) = cuts[k]
+            branch, cut = cuts[k]
 
             def run(*vals):
                 env = _branch_env(branch, branch.jaxpr.invars, vals)
-                _run(b_eqns, env)
-                out = [_read(env, v) for v in b_outs]
+                _run(cut.b_eqns, env)
+                out = [_read(env, v) for v in cut.b_outs]
                 for i, cs in enumerate(carries):
-                    out += [env[v] for v in carry] if i == k else [_zeros(v.aval) for v in cs]
+                    out += [env[v] for v in cut.carry] if i == k else [_zeros(v.aval) for v in cs]
                 return out
 
             return run
 
         def w_fn(k):
-            branch, (_, w_eqns, carry, _, w_outs) = cuts[k]
-            start = sum(len(c) for c in carries[:k])
+            branch, cut = cuts[k]
+            start = len(w_ops) + sum(len(c) for c in carries[:k])
 
             def run(*vals):
                 invars = [branch.jaxpr.invars[i] for i in w_ops]
                 env = _branch_env(branch, invars, vals[: len(w_ops)])
-                mine = vals[len(w_ops) + start : len(w_ops) + start + len(carry)]
-                env.update(zip(carry, mine, strict=True))
-                _run(w_eqns, env)
-                return [_read(env, v) for v in w_outs]
+                env.update(zip(cut.carry, vals[start : start + len(cut.carry)], strict=True))
+                _run(cut.w_eqns, env)
+                return [_read(env, v) for v in cut.w_outs]
 
             return run
 
         n = len(cuts)
         b_out = [o for o, w in zip(eqn.outvars, to_w, strict=True) if not w]
         w_out = [o for o, w in zip(eqn.outvars, to_w, strict=True) if w]
-        b_matmul = any(_has_matmul(cut[0]) for _, cut in cuts)
+        b_matmul = any(_has_matmul(cut.b_eqns) for _, cut in cuts)
         b_piece = cls(eqn, [index, *ops], b_out + flat, [b_fn(k) for k in range(n)], b_matmul)
         w_piece = cls(eqn, [index, *(ops[i] for i in w_ops), *flat], w_out,
                       [w_fn(k) for k in range(n)], True)

@@ -65,7 +65,8 @@ def static_bytes(pipe_cfg: PipelineConfig, blocks: bool = True, compute_bytes: f
         value = 4 / D + (copy or 4) * (D > 1)
     else:
         value = 4 + copy
-    two = not blocks and _explicit_backward(_shape(pipe_cfg)) and not pipe_cfg.shard_moments
+    on_ring = schedule.trains_on_ring(pipe_cfg.schedule, pipe_cfg.hop)
+    two = not blocks and not on_ring and not pipe_cfg.shard_moments
     grads = 8 if two else 4
     return value + grads + moments
 
@@ -78,12 +79,6 @@ def _shape(pipe_cfg: PipelineConfig) -> tuple:
 @functools.lru_cache(maxsize=256)
 def _table(shape: tuple) -> schedule.ScheduleTable:
     return schedule.executor_table(*shape)
-
-
-@functools.lru_cache(maxsize=256)
-def _explicit_backward(shape: tuple) -> bool:
-    """Whether the executor runs the table's backward ops itself (not autodiff of a ring)."""
-    return schedule.build_table(*shape).explicit_backward
 
 
 def step_table(pipe_cfg: PipelineConfig) -> schedule.ScheduleTable:
@@ -360,7 +355,7 @@ def build_plan(
     # A forward and a W take their shares of the compute, a backward (B) the rest; each op
     # sends half of the per-stage transfer.
     fwd = compute * cm.fwd_share
-    wgt = compute * cm.wgt_share if table.split else 0.0 * compute
+    wgt = compute * cm.wgt_share if table.split else np.zeros_like(compute)
     sim = simulate(
         table, fwd, compute - fwd - wgt, cm.transfer_time / 2, lockstep=True,
         concurrency=cm.concurrency, wgt_time=wgt,

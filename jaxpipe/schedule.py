@@ -164,13 +164,19 @@ def ring_table(
     return ScheduleTable(name, S, M, R, op, micro, repeat, hop)
 
 
+def trains_on_ring(schedule: str, hop: int) -> bool:
+    """Whether a training step autodiffs the forward-only ring table (gpipe and circular with
+    overlapped sends, hop 2) instead of running a forward + backward table."""
+    return schedule in ("gpipe", "circular") and hop != 1
+
+
 def build_table(
     schedule: str, num_stages: int, num_microbatches: int, num_repeats: int = 1, hop: int = 1
 ) -> ScheduleTable:
     if schedule in ("gpipe", "circular"):
         if schedule == "gpipe" and num_repeats != 1:
             raise ConfigError("schedule 'gpipe' takes num_repeats=1; use 'circular' for repeats")
-        if hop == 1:  # the forward + backward executor runs it, as every other schedule
+        if not trains_on_ring(schedule, hop):
             return full_table(schedule, num_stages, num_microbatches, num_repeats)
         table = ring_table(schedule, num_stages, num_microbatches, num_repeats, hop)
     elif schedule in FULL_TABLE_SCHEDULES:
@@ -411,8 +417,8 @@ def executor_table(
     from it, as for the other schedules).
     """
     ring = build_table(schedule, num_stages, num_microbatches, num_repeats, hop)
-    if ring.explicit_backward:
-        return ring
+    if not trains_on_ring(schedule, hop):
+        return ring  # the forward + backward table itself
     back = np.where(ring.op[::-1] == FWD, BWD, IDLE).astype(np.int8)
     table = ScheduleTable(
         schedule,
