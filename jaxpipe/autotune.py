@@ -45,7 +45,7 @@ from jaxpipe.costs import (
     GiB,
     LayerCost,
     ModelCosts,
-    get_profile,
+    get_profiles,
     model_costs,
 )
 from jaxpipe.flops import model_flops
@@ -97,11 +97,18 @@ class Cluster:
             raise ConfigError(f"--memory_gib must be > 0, got {self.memory_gib}")
 
     def profile(self, model_cfg=None, microbatch=None, seq_len=None) -> DeviceProfile:
-        p = get_profile(self.device, model_cfg, microbatch, seq_len)
-        p = p.with_devices_per_node(self.devices_per_node)
-        if self.memory_gib is not None:
-            p = dataclasses.replace(p, hbm_bytes=self.memory_gib * GiB)
-        return p
+        return self.profiles(model_cfg, (microbatch,), seq_len)[microbatch]
+
+    def profiles(self, model_cfg, microbatches, seq_len) -> dict[int, DeviceProfile]:
+        """{micro-batch: this cluster's device profile at it} (a measured CPU measures the
+        shapes together, so they compare)."""
+        out = {}
+        for b, p in get_profiles(self.device, model_cfg, microbatches, seq_len).items():
+            p = p.with_devices_per_node(self.devices_per_node)
+            if self.memory_gib is not None:
+                p = dataclasses.replace(p, hbm_bytes=self.memory_gib * GiB)
+            out[b] = p
+        return out
 
     @property
     def node_size(self) -> int:
@@ -443,6 +450,8 @@ def search(
         raise ConfigError(f"state splits must be among {', '.join(STATE_SPLITS)}, got {splits}")
     costs = layer_costs or LayerCosts.compile(model_cfg, seq_len, compile_on)
     L, N = model_cfg.num_layers, cluster.num_devices
+    shapes = [b for b in _divisors(global_batch) if max_microbatch is None or b <= max_microbatch]
+    profiles = cluster.profiles(model_cfg, shapes, seq_len)
     groups = []  # (lower bound, index, pipe config, costs, profile)
     searched = 0
     for t in _tensor_degrees(model_cfg, cluster):
@@ -456,7 +465,7 @@ def search(
                     break
                 M = per_replica // b
                 c = costs.at(b, t)
-                profile = cluster.profile(model_cfg, b, seq_len)
+                profile = profiles[b]
                 # (remat, split) pairs in the order they are tried; with data 1 nothing splits.
                 pairs = [(r, sp) for r in _remat_order(remats, profile)
                          for sp in (splits if D > 1 else ("none",))]

@@ -113,8 +113,7 @@ class CostModel:
         recompute = recompute_factor(profile, pipe_cfg.remat)
         sent = act * boundary_scale(model_cfg, pipe_cfg) / T
         transfer = 2 * links.send_time(sent, mesh.pipe_crosses) if S > 1 else 0.0
-        bandwidth, latency = links.link(mesh.data_crosses)
-        grad_per_param = 2 * (D - 1) / D * GRAD_BYTES / bandwidth
+        grad_per_byte, grad_latency = links.all_reduce_terms(D, mesh.data_crosses)
         embed_params, head_params = outer_params(model_cfg, T, flags.get("head_in_last", True))
         return cls(
             block_time=times["block"] * recompute + block_comm,
@@ -132,8 +131,8 @@ class CostModel:
             block_carry=costs.block.carry_bytes,
             compute_bytes=float(jnp.dtype(model_cfg.dtype).itemsize),
             block_comm_time=block_comm,
-            grad_reduce_per_param=grad_per_param,
-            grad_reduce_latency=2 * (D - 1) * latency,
+            grad_reduce_per_param=GRAD_BYTES * grad_per_byte,
+            grad_reduce_latency=grad_latency,
             concurrency=None if profile.concurrency is None else profile.concurrency / (D * T),
             fwd_share=1 / (3 * recompute),
             wgt_share=costs.w_share * 2 / (3 * recompute),

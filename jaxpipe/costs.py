@@ -107,7 +107,7 @@ PROFILES: dict[str, DeviceProfile] = {
 DEVICES = tuple(PROFILES) + ("cpu",)
 
 _CPU_PROFILE: dict[tuple, DeviceProfile] = {}
-# (model, micro-batch, seq_len) -> (`_shared_concurrency`, `_shared_links`)
+# (model, seq_len) -> `_shared_links`
 _SHARED: dict = {}
 
 
@@ -194,7 +194,7 @@ def _softmax_rate(tokens: int, d: int, vocab: int) -> float:
 CALIBRATION_ELEMENTS = 2**26
 # Forced CPU devices share the host's cores, and the calibration times one program using all of
 # them: ops of one tick on several devices then take as long as their sum (concurrency 1) unless
-# `_shared_concurrency` measures otherwise.
+# `_model_rates` measures otherwise.
 CPU_CONCURRENCY = 1.0
 
 
@@ -204,80 +204,134 @@ def _runs_here(cfg: ModelConfig, b: int, T: int) -> bool:
     return max(params, b * T * widest) <= CALIBRATION_ELEMENTS
 
 
-def _model_rates(programs: dict, reps: int = 7) -> tuple[float, float, float]:
-    """FLOP/s of the model's own block and of its head + loss (forward + backward, one
-    micro-batch; `layer_programs`): XLA's FLOP count of each program over its best time, timed
-    round-robin; and the block's time recomputed in its backward over its time without."""
-    progs = {k: v for k, v in programs.items() if k in ("block", "head", "block_remat")}
-    compiled = {k: _compile(fn, *args) for k, (fn, args) in progs.items()}
-    flops = {k: f for k, (_, f) in compiled.items()}
-    t = best_times({k: (compiled[k][0], args) for k, (_, args) in progs.items()}, reps)
-    block = flops["block"] / t["block"]
-    head_t = t["head"] - t["block"]
-    head = (flops["head"] - flops["block"]) / head_t if head_t > 0 else block
-    return block, head, t["block_remat"] / t["block"]
-
-
-def _shared_concurrency(block: tuple, reps: int = 5) -> float:
-    """How many of this process's CPU devices run the model's block (fn, args) at full speed at
-    once: k devices each running it (one SPMD program) against one device alone, k t_1 / t_k."""
+def _on_devices(fn, args):
+    """{"one": (program, args), "all": (program, args)}: k lockstep ticks on this process's k
+    CPU devices, as a pipeline's executor runs them. Each tick a device runs fn if it is busy
+    ("all": every device; "one": device t only, the others waiting), then every device joins a
+    `ppermute` (carrying a sum of fn's outputs, so none of fn is dead code). One program; who
+    is busy when is an input, so the compiler cannot tell the two apart. Each device holds its
+    own copy of args. None with one device; seconds per tick are the program's over k. Each
+    call returns when the program has finished."""
     devices = jax.devices("cpu")
     k = len(devices)
     if k == 1:
-        return CPU_CONCURRENCY
-    fn, args = block
+        return None
     mesh = jax.sharding.Mesh(np.array(devices), ("d",))
     spec = jax.sharding.PartitionSpec("d")
     on_all = jax.sharding.NamedSharding(mesh, spec)
+    shapes = jax.eval_shape(fn, *args)
+    ring = [(i, (i + 1) % k) for i in range(k)]
 
-    def each(*xs):
-        out = fn(*jax.tree.map(lambda x: x[0], xs))
-        return jax.tree.map(lambda y: y[None], out)
+    def idle(*_):
+        return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+
+    def each(busy_1K, *xs):
+        xs = jax.tree.map(lambda x: x[0], xs)
+
+        def tick(c, busy):
+            out = jax.lax.cond(busy, fn, idle, *xs)
+            total = sum(jnp.sum(leaf.astype(jnp.float32)) for leaf in jax.tree.leaves(out))
+            return jax.lax.ppermute(c + total, "d", ring), None
+
+        return jax.lax.scan(tick, jnp.zeros(()), busy_1K[0])[0][None]
 
     stacked = jax.tree.map(
         lambda a: jax.device_put(jnp.broadcast_to(a, (k, *a.shape)), on_all), args
     )
     spmd = jax.jit(jax.shard_map(each, mesh=mesh, in_specs=spec, out_specs=spec,
                                  check_vma=False))
-    t = best_times({"one": (fn, args), "all": (spmd, stacked)}, reps)
-    return k * t["one"] / t["all"]
+    busy = {"one": np.eye(k, dtype=bool), "all": np.ones((k, k), bool)}
+
+    def waited(*a):  # CPU collectives of several programs in flight at once can deadlock
+        return jax.block_until_ready(spmd(*a))
+
+    return {
+        name: (waited, (jax.device_put(b, on_all), *stacked)) for name, b in busy.items()
+    }
 
 
-def _shared_links(nbytes: float, reps: int = 5, messages: int = 20) -> tuple[float, float]:
-    """(bandwidth B/s, latency s) of a message between this process's CPU devices: every device
-    sends one array to the next, `messages` times in one program (a `ppermute` ring, as the
-    pipeline's sends), at 1 KiB and at `nbytes` (a stage boundary; 4 MiB at least). On forced
-    devices a message is a copy plus the devices' rendezvous, which costs far more than the copy
-    for small arrays.
+def _model_rates(programs: dict, reps: int = 7) -> dict:
+    """{micro-batch: `layer_programs` at it} -> {micro-batch: (block FLOP/s, head + loss FLOP/s,
+    remat cost, concurrency)}, every program timed in one round-robin (`best_times`), so the
+    figures of different micro-batches see the same machine conditions and rank as the
+    programs do (calibrated one at a time, as a search reaches them, they drifted with the
+    host by tens of percent against each other).
+
+    Rates: XLA's FLOP count of each program over its best time (the head's is its program's
+    minus the block's); remat cost: the block recomputed in its backward over the block.
+    With several forced CPU devices a pipeline's ops run inside one SPMD program over all of
+    them, in ticks that end in a collective, and a device whose turn it is runs on about one
+    core where alone it would use several (`small`'s block at micro-batch 16 x 128, 4 devices
+    on 2 cores: 85 ms a tick against 58-70 ms alone, 1.0 against 1.7-1.8 cores busy). So the
+    block's rate is measured as the executor runs it, one device busy a tick (`_on_devices`);
+    the head's is scaled by the same slowdown; and concurrency is how many devices run the
+    block at that speed at once, k devices all busy a tick against one, k t_one / t_all.
+    """
+    calls, flops = {}, {}
+    for b, progs in programs.items():
+        for kind in ("block", "head", "block_remat"):
+            fn, args = progs[kind]
+            compiled, flops[b, kind] = _compile(fn, *args)
+            calls[b, kind] = (compiled, args)
+        for busy, call in (_on_devices(*progs["block"]) or {}).items():
+            calls[b, busy] = call
+    t = best_times(calls, reps)
+    k = len(jax.devices("cpu"))
+    rates = {}
+    for b in programs:
+        alone = t[b, "block"]
+        one = t[b, "one"] / k if (b, "one") in t else alone
+        block = flops[b, "block"] / one
+        head_t = (t[b, "head"] - alone) * one / alone
+        head = (flops[b, "head"] - flops[b, "block"]) / head_t if head_t > 0 else block
+        shared = k * one / (t[b, "all"] / k) if (b, "all") in t else CPU_CONCURRENCY
+        rates[b] = (block, head, t[b, "block_remat"] / alone, shared)
+    return rates
+
+
+def _shared_links(nbytes: float, reps: int = 5, messages: int = 20) -> tuple:
+    """(bandwidth B/s, latency s) of a message between this process's CPU devices, and
+    (bandwidth, latency) of an all-reduce over all of them. A message: every device sends one
+    array to the next, `messages` times in one program (a `ppermute` ring, as the pipeline's
+    sends); an all-reduce: `psum` of one array per device, `messages` times; each at 1 KiB and
+    at `nbytes` (a stage boundary; 4 MiB at least). On forced devices either is one rendezvous
+    of the devices plus copies in shared memory (not a ring of messages), and the rendezvous
+    costs far more than the copy for small arrays.
     Each call is waited for before the next: CPU collectives of several programs in flight at
     once can deadlock."""
     devices = jax.devices("cpu")
     k = len(devices)
     if k == 1:
-        return float("inf"), 0.0
+        return float("inf"), 0.0, float("inf"), 0.0
     mesh = jax.sharding.Mesh(np.array(devices), ("d",))
     spec = jax.sharding.PartitionSpec("d")
     ring = [(i, (i + 1) % k) for i in range(k)]
-
-    def sends(x):
-        return jax.lax.fori_loop(0, messages, lambda _, x: jax.lax.ppermute(x, "d", ring), x)
-
-    send = jax.jit(jax.shard_map(sends, mesh=mesh, in_specs=spec, out_specs=spec))
+    ops = {
+        "send": lambda x: jax.lax.ppermute(x, "d", ring),
+        "reduce": lambda x: jax.lax.pcast(jax.lax.psum(x, "d") * (1 / k), "d", to="varying"),
+    }
     on_all = jax.sharding.NamedSharding(mesh, spec)
     # The large message is at least 4 MiB: a smaller one's copy time hides in the latency's noise.
     sizes = {"small": 256, "large": max(int(nbytes), 4 * 2**20) // 4}
-    t = {}
-    for name, n in sizes.items():
-        x = jax.device_put(jnp.ones((k * n,), jnp.float32), on_all)
-        jax.block_until_ready(send(x))  # compiles
-        best = float("inf")
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            jax.block_until_ready(send(x))
-            best = min(best, time.perf_counter() - t0)
-        t[name] = best / messages
-    extra = 4 * (sizes["large"] - sizes["small"])
-    return extra / max(t["large"] - t["small"], 1e-9), t["small"]
+    figures = []
+    for op in ops.values():
+        loop = jax.jit(jax.shard_map(
+            lambda x, op=op: jax.lax.fori_loop(0, messages, lambda _, x: op(x), x),
+            mesh=mesh, in_specs=spec, out_specs=spec,
+        ))
+        t = {}
+        for name, n in sizes.items():
+            x = jax.device_put(jnp.ones((k * n,), jnp.float32), on_all)
+            jax.block_until_ready(loop(x))  # compiles
+            best = float("inf")
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                jax.block_until_ready(loop(x))
+                best = min(best, time.perf_counter() - t0)
+            t[name] = best / messages
+        extra = 4 * (sizes["large"] - sizes["small"])
+        figures += [extra / max(t["large"] - t["small"], 1e-9), t["small"]]
+    return tuple(figures)
 
 
 def host_memory() -> float:
@@ -293,44 +347,57 @@ def calibrate_cpu(
     microbatch: int | None = None,
     seq_len: int | None = None,
 ) -> DeviceProfile:
-    """The running CPU's profile, measured at the model's own shapes.
+    """The running CPU's profile, measured at the model's own shapes (`calibrate_cpu_shapes`)."""
+    return calibrate_cpu_shapes(model_cfg, (microbatch,), seq_len)[microbatch]
+
+
+def calibrate_cpu_shapes(
+    model_cfg: ModelConfig | None, microbatches, seq_len: int | None
+) -> dict:
+    """{micro-batch: the running CPU's profile at (micro-batch, seq_len)}, measured once per
+    shape; the shapes not measured yet are measured together, in one round-robin.
 
     A CPU's FLOP rate depends strongly on the program and its shapes (small programs run far
     below a large matmul's rate, attention below the MLP's), so the peak is the FLOP/s of the
     model's own block, forward + backward at (micro-batch, seq_len), and the head's rate that of
     its own head + loss: XLA's FLOP count over the best measured time, the same count the
-    layers are costed with. A model too large to run one block here (see
+    layers are costed with (`_model_rates`). A model too large to run one block here (see
     `CALIBRATION_ELEMENTS`), or no model, is calibrated with generic kernels: causal attention
     + GELU MLP at (2, 128, 512, 2048, 8 heads), softmax cross-entropy at (256, 512, 32000).
-    With several forced CPU devices, the links between them are measured (`_shared_links`:
-    the pipeline's sends and, by the same figures, tensor and data collectives) and
-    `concurrency` too: how many of them run the
-    block at full speed at once (`_shared_concurrency`).
-    Memory bandwidth comes from a timed read-only reduction over 64 MiB (a copy into fresh
-    buffers would measure page faults)."""
-    key = (model_cfg, microbatch, seq_len)
-    if key in _CPU_PROFILE:
-        return _CPU_PROFILE[key]
-    concurrency, remat_cost = CPU_CONCURRENCY, None
-    buf = _cpu_array((16 * 2**20,))
-    bandwidth = buf.nbytes / best_time(jax.jit(jnp.sum), buf)
-    link = (bandwidth, 0.0)
-    if None not in key and _runs_here(model_cfg, microbatch, seq_len):
-        programs = layer_programs(model_cfg, microbatch, seq_len)
-        flops, head_flops, remat_cost = _model_rates(programs)
-        if key not in _SHARED:  # kept when profiles are re-measured: they barely move
-            boundary = microbatch * seq_len * model_cfg.d_model * 4
-            _SHARED[key] = (_shared_concurrency(programs["block"]), _shared_links(boundary))
-        concurrency, link = _SHARED[key]
-    else:
-        flops, head_flops = _block_rate(2, 128, 512, 2048, 8), _softmax_rate(256, 512, 32000)
-    links = Links(link[0], link[0], link[1], link[1], devices_per_node=2**20)
-    profile = DeviceProfile(
-        "cpu", flops, bandwidth, host_memory(), links, head_flops, concurrency=concurrency,
-        remat_cost=remat_cost,
-    )
-    _CPU_PROFILE[key] = profile
-    return profile
+    With several forced CPU devices, `concurrency` is measured too (how many of them run the
+    block at full speed at once), and so are the links between them (`_shared_links`: the
+    pipeline's sends, and an all-reduce for the tensor and data collectives; once per model and
+    sequence length). Memory bandwidth comes from a timed read-only reduction over 64 MiB (a
+    copy into fresh buffers would measure page faults)."""
+    microbatches = tuple(dict.fromkeys(microbatches))
+    todo = [b for b in microbatches if (model_cfg, b, seq_len) not in _CPU_PROFILE]
+    if todo:
+        buf = _cpu_array((16 * 2**20,))
+        bandwidth = buf.nbytes / best_time(jax.jit(jnp.sum), buf)
+        own = [
+            b for b in todo
+            if None not in (model_cfg, b, seq_len) and _runs_here(model_cfg, b, seq_len)
+        ]
+        rates = _model_rates({b: layer_programs(model_cfg, b, seq_len) for b in own})
+        if own and (model_cfg, seq_len) not in _SHARED:  # kept when profiles are re-measured
+            boundary = max(own) * seq_len * model_cfg.d_model * 4
+            _SHARED[model_cfg, seq_len] = _shared_links(boundary)
+        generic = None
+        if len(own) < len(todo):
+            generic = (_block_rate(2, 128, 512, 2048, 8), _softmax_rate(256, 512, 32000),
+                       None, CPU_CONCURRENCY)
+        for b in todo:
+            flops, head_flops, remat_cost, concurrency = rates[b] if b in rates else generic
+            bw, latency, r_bw, r_latency = (
+                _SHARED[model_cfg, seq_len] if b in rates else (bandwidth, 0.0, None, None)
+            )
+            links = Links(bw, bw, latency, latency, devices_per_node=2**20,
+                          reduce_bandwidth=r_bw, reduce_latency=r_latency)
+            _CPU_PROFILE[model_cfg, b, seq_len] = DeviceProfile(
+                "cpu", flops, bandwidth, host_memory(), links,
+                head_flops, concurrency=concurrency, remat_cost=remat_cost,
+            )
+    return {b: _CPU_PROFILE[model_cfg, b, seq_len] for b in microbatches}
 
 
 def get_profile(
@@ -347,6 +414,14 @@ def get_profile(
     if device not in PROFILES:
         raise ConfigError(f"unknown device {device!r}; choose one of {list(DEVICES)}")
     return PROFILES[device]
+
+
+def get_profiles(device: str | DeviceProfile, model_cfg, microbatches, seq_len) -> dict:
+    """{micro-batch: `get_profile` at it}; a measured CPU's shapes are measured together
+    (`calibrate_cpu_shapes`)."""
+    if device == "cpu":
+        return calibrate_cpu_shapes(model_cfg, microbatches, seq_len)
+    return {b: get_profile(device, model_cfg, b, seq_len) for b in microbatches}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,8 @@ t x pipe does, and a data group when the whole mesh does.
 Costs (bandwidth-optimal ring algorithms, the slowest link of the group setting the pace):
 a send of n bytes takes latency + n / bandwidth; an all-reduce of n bytes over k devices takes
 2 (k - 1) latencies + 2 (k - 1) / k x n / bandwidth (a reduce-scatter plus an all-gather, so
-ZeRO-1 and FSDP's split reductions cost the same volume).
+ZeRO-1 and FSDP's split reductions cost the same volume). Forced CPU devices measure their
+own all-reduce instead (`Links.reduce_latency`): there it is one rendezvous, not a ring.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ class Links:
     """Per-device link figures of one device type's cluster.
 
     efficiency: the achieved share of the spec-sheet bandwidths (protocol, NCCL/XLA overheads).
+    reduce_bandwidth, reduce_latency: a measured all-reduce inside a node that is not a ring of
+    messages (forced CPU devices: one rendezvous and copies in shared memory); when set, an
+    all-reduce of n bytes inside a node takes reduce_latency + n / reduce_bandwidth at any
+    group size.
     """
 
     intra_bandwidth: float
@@ -33,6 +38,8 @@ class Links:
     inter_latency: float = 0.0
     devices_per_node: int = 1
     efficiency: float = 1.0
+    reduce_bandwidth: float | None = None
+    reduce_latency: float | None = None
 
     def __post_init__(self):
         if self.devices_per_node < 1:
@@ -54,12 +61,20 @@ class Links:
         bandwidth, latency = self.link(crosses_nodes)
         return latency + nbytes / bandwidth
 
-    def all_reduce_time(self, nbytes: float, group: int, crosses_nodes: bool) -> float:
-        """A ring all-reduce of `nbytes` per device over `group` devices (0 for one device)."""
+    def all_reduce_terms(self, group: int, crosses_nodes: bool) -> tuple[float, float]:
+        """(seconds per byte, seconds) of an all-reduce over `group` devices: n bytes per
+        device take n x the first + the second (0, 0 for one device)."""
         if group <= 1:
-            return 0.0
+            return 0.0, 0.0
+        if self.reduce_latency is not None and not crosses_nodes:
+            return 1 / self.reduce_bandwidth, self.reduce_latency
         bandwidth, latency = self.link(crosses_nodes)
-        return 2 * (group - 1) * latency + 2 * (group - 1) / group * nbytes / bandwidth
+        return 2 * (group - 1) / group / bandwidth, 2 * (group - 1) * latency
+
+    def all_reduce_time(self, nbytes: float, group: int, crosses_nodes: bool) -> float:
+        """An all-reduce of `nbytes` per device over `group` devices (0 for one device)."""
+        per_byte, latency = self.all_reduce_terms(group, crosses_nodes)
+        return latency + nbytes * per_byte
 
 
 def crosses_nodes(stride: int, size: int, devices_per_node: int) -> bool:

@@ -68,6 +68,21 @@ def test_stage_sends_use_the_network_once_tensor_x_pipe_exceeds_a_node():
     assert across == pytest.approx(2 * (10e-6 + ACT / 4 / 25e9))
 
 
+def test_a_measured_all_reduce_replaces_the_ring_inside_a_node():
+    # Forced CPU devices: one rendezvous and copies, whatever the group size; across nodes the
+    # ring still applies. The data-parallel gradient reduction reads the same figures.
+    shared = LINKS.replace(reduce_bandwidth=2 * GB, reduce_latency=1e-4)
+    for group in (2, 4, 8):
+        assert shared.all_reduce_time(ACT, group, False) == pytest.approx(1e-4 + ACT / 2e9)
+    assert shared.all_reduce_time(ACT, 1, False) == 0
+    assert shared.all_reduce_time(ACT, 4, True) == LINKS.all_reduce_time(ACT, 4, True)
+    cfg = get_preset("small")
+    pcfg = PipelineConfig(2, 4, data_parallel=2)
+    cm = CostModel.from_costs(_costs(), DeviceProfile("test", 1e14, 2e12, 80 * GB, shared), cfg,
+                              pcfg)
+    assert cm.grad_reduce_time(1000) == pytest.approx(1e-4 + 4 * 1000 / 2e9)
+
+
 def test_data_parallel_gradient_reduction_is_charged_once_per_step():
     cfg = get_preset("small")
     layout = StageLayout.uniform(cfg.num_layers, 2)

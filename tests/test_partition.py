@@ -396,7 +396,7 @@ def test_uneven_cost_plan_runs_in_pipeline():
 
 
 def test_cpu_profile_is_calibrated_on_the_models_own_layers(monkeypatch):
-    from jaxpipe import costs, measure
+    from jaxpipe import costs
 
     tiny = get_preset("tiny")
     calls = []
@@ -410,21 +410,45 @@ def test_cpu_profile_is_calibrated_on_the_models_own_layers(monkeypatch):
     # The 8 forced devices' links and the block's recompute cost are measured, not assumed.
     assert 0 < profile.links.intra_latency < 0.1 and 0 < profile.links.intra_bandwidth < np.inf
     assert 0.3 < profile.remat_cost < 5.0
-    # The roofline of one block is then its measured time, up to timing noise. Another test
-    # process may share the cores during either timing, so a few fresh calibrate-then-measure
-    # pairs are tried; one of them must agree within 2x.
+    # The roofline of one block is then its time as a pipeline runs it: one device busy a
+    # lockstep tick that ends in a collective (on forced devices slower than the block alone),
+    # up to timing noise. Another test process may share
+    # the cores during either timing, so a few fresh calibrate-then-measure pairs are tried;
+    # one of them must agree within 2x.
     pcfg = PipelineConfig(1, 1)
     block_cost = costs.model_costs(tiny, pcfg, batch_size=2, seq_len=16).block
+    ticks = costs._on_devices(*real(tiny, 2, 16)["block"])["one"]
     ratios = []
     for attempt in range(3):
         if attempt:
             monkeypatch.setattr(costs, "_CPU_PROFILE", {})
             profile = costs.get_profile("cpu", tiny, 2, 16)
-        measured = measure.measure_layer_times(tiny, pcfg, batch_size=2, seq_len=16)["block"]
+        measured = costs.best_times({"one": ticks})["one"] / len(jax.devices())
         ratios.append(block_cost.time(profile) / measured)
         if 0.5 < ratios[-1] < 2.0:
             break
     assert 0.5 < ratios[-1] < 2.0, ratios
+
+
+def test_cpu_profiles_of_several_micro_batches_are_timed_in_one_round_robin(monkeypatch):
+    from jaxpipe import costs
+
+    tiny = get_preset("tiny")
+    rounds = []
+    real = costs.best_times
+    monkeypatch.setattr(costs, "best_times",
+                        lambda calls, *a, **k: rounds.append(set(calls)) or real(calls, *a, **k))
+    monkeypatch.setattr(costs, "_CPU_PROFILE", {})
+    profiles = costs.get_profiles("cpu", tiny, (1, 2), 16)
+    # Every micro-batch's block, head and recomputed block, and the block in lockstep ticks
+    # with one device busy and with all busy, in one timing.
+    kinds = ("block", "head", "block_remat", "one", "all")
+    model_rounds = [keys for keys in rounds if (1, "block") in keys]
+    assert model_rounds == [{(b, kind) for b in (1, 2) for kind in kinds}]
+    assert profiles[2] is costs.get_profile("cpu", tiny, 2, 16)  # measured once per shape
+    for p in profiles.values():
+        assert 0 < p.concurrency < 2 * len(jax.devices())
+        assert 0 < p.links.reduce_latency < 0.1 and 0 < p.links.reduce_bandwidth < np.inf
 
 
 def test_cpu_profile_of_a_model_too_large_to_run_here_uses_generic_kernels(monkeypatch):
