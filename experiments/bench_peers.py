@@ -48,6 +48,10 @@ at micro-batch 8 instead of 26.5 MB):
   unpipelined            5,413        1.30          8,966        0.89       0.60
   gpipe                  5,604        1.30          6,770        1.13       0.83
   1f1b                   6,496        1.09          7,316        1.02       0.89
+Since GPipe trains on the forward + backward table (the one executor every schedule's step
+runs), one run of the command above: unpipelined 0.64, gpipe 0.88, 1f1b 0.93 (jaxpipe 4,539 /
+4,942 / 5,644 tok/s, torch 7,147 / 5,645 / 6,104; the host ran about 25 % slower than on the
+day of the table, for both sides).
 Before lean blocks the default run gave 0.55 / 0.48 / 0.58: the stash's writes and reads of
 every intermediate cost more than the block's FLOPs. The unpipelined step is bound by XLA's CPU
 code for this model's small matmuls (K = 128): on one core the best formulation of the
