@@ -75,9 +75,9 @@ def pick(found, costs, n: int):
             distinct.append(k)
     times = np.array([k.plan.step_time_s for k in distinct])
     taken: list[int] = []
-    for target in np.linspace(times[0], times.max(), n - 2):
+    for target in np.linspace(times[0], times.max(), min(n - 2, len(times))):
         order = np.argsort(np.abs(times - target), kind="stable")
-        taken += [next(int(i) for i in order if i not in taken)] if len(taken) < len(times) else []
+        taken.append(next(int(i) for i in order if i not in taken))
     chosen = [distinct[i] for i in taken]
     model_cfg, T = found.model_cfg, found.seq_len
     for k in chosen[:2]:

@@ -204,6 +204,21 @@ def _runs_here(cfg: ModelConfig, b: int, T: int) -> bool:
     return max(params, b * T * widest) <= CALIBRATION_ELEMENTS
 
 
+def _cpu_mesh():
+    """(k, mesh over this process's k CPU devices on axis "d", its PartitionSpec, a sharding
+    that splits the leading axis over them)."""
+    devices = jax.devices("cpu")
+    mesh = jax.sharding.Mesh(np.array(devices), ("d",))
+    spec = jax.sharding.PartitionSpec("d")
+    return len(devices), mesh, spec, jax.sharding.NamedSharding(mesh, spec)
+
+
+def _waited(program):
+    """program, each call returning once it has finished: CPU collectives of several programs
+    in flight at once can deadlock."""
+    return lambda *a: jax.block_until_ready(program(*a))
+
+
 def _on_devices(fn, args):
     """{"one": (program, args), "all": (program, args)}: k lockstep ticks on this process's k
     CPU devices, as a pipeline's executor runs them. Each tick a device runs fn if it is busy
@@ -212,13 +227,9 @@ def _on_devices(fn, args):
     is busy when is an input, so the compiler cannot tell the two apart. Each device holds its
     own copy of args. None with one device; seconds per tick are the program's over k. Each
     call returns when the program has finished."""
-    devices = jax.devices("cpu")
-    k = len(devices)
+    k, mesh, spec, on_all = _cpu_mesh()
     if k == 1:
         return None
-    mesh = jax.sharding.Mesh(np.array(devices), ("d",))
-    spec = jax.sharding.PartitionSpec("d")
-    on_all = jax.sharding.NamedSharding(mesh, spec)
     shapes = jax.eval_shape(fn, *args)
     ring = [(i, (i + 1) % k) for i in range(k)]
 
@@ -238,16 +249,10 @@ def _on_devices(fn, args):
     stacked = jax.tree.map(
         lambda a: jax.device_put(jnp.broadcast_to(a, (k, *a.shape)), on_all), args
     )
-    spmd = jax.jit(jax.shard_map(each, mesh=mesh, in_specs=spec, out_specs=spec,
-                                 check_vma=False))
+    spmd = _waited(jax.jit(jax.shard_map(each, mesh=mesh, in_specs=spec, out_specs=spec,
+                                         check_vma=False)))
     busy = {"one": np.eye(k, dtype=bool), "all": np.ones((k, k), bool)}
-
-    def waited(*a):  # CPU collectives of several programs in flight at once can deadlock
-        return jax.block_until_ready(spmd(*a))
-
-    return {
-        name: (waited, (jax.device_put(b, on_all), *stacked)) for name, b in busy.items()
-    }
+    return {name: (spmd, (jax.device_put(b, on_all), *stacked)) for name, b in busy.items()}
 
 
 def _model_rates(programs: dict, reps: int = 7) -> dict:
@@ -284,7 +289,7 @@ def _model_rates(programs: dict, reps: int = 7) -> dict:
         block = flops[b, "block"] / one
         head_t = (t[b, "head"] - alone) * one / alone
         head = (flops[b, "head"] - flops[b, "block"]) / head_t if head_t > 0 else block
-        shared = k * one / (t[b, "all"] / k) if (b, "all") in t else CPU_CONCURRENCY
+        shared = k * t[b, "one"] / t[b, "all"] if (b, "all") in t else CPU_CONCURRENCY
         rates[b] = (block, head, t[b, "block_remat"] / alone, shared)
     return rates
 
@@ -296,41 +301,33 @@ def _shared_links(nbytes: float, reps: int = 5, messages: int = 20) -> tuple:
     sends); an all-reduce: `psum` of one array per device, `messages` times; each at 1 KiB and
     at `nbytes` (a stage boundary; 4 MiB at least). On forced devices either is one rendezvous
     of the devices plus copies in shared memory (not a ring of messages), and the rendezvous
-    costs far more than the copy for small arrays.
-    Each call is waited for before the next: CPU collectives of several programs in flight at
-    once can deadlock."""
-    devices = jax.devices("cpu")
-    k = len(devices)
+    costs far more than the copy for small arrays. All four are timed in one round-robin
+    (`best_times`), each call waited for (`_waited`)."""
+    k, mesh, spec, on_all = _cpu_mesh()
     if k == 1:
         return float("inf"), 0.0, float("inf"), 0.0
-    mesh = jax.sharding.Mesh(np.array(devices), ("d",))
-    spec = jax.sharding.PartitionSpec("d")
     ring = [(i, (i + 1) % k) for i in range(k)]
     ops = {
         "send": lambda x: jax.lax.ppermute(x, "d", ring),
         "reduce": lambda x: jax.lax.pcast(jax.lax.psum(x, "d") * (1 / k), "d", to="varying"),
     }
-    on_all = jax.sharding.NamedSharding(mesh, spec)
     # The large message is at least 4 MiB: a smaller one's copy time hides in the latency's noise.
     sizes = {"small": 256, "large": max(int(nbytes), 4 * 2**20) // 4}
-    figures = []
-    for op in ops.values():
-        loop = jax.jit(jax.shard_map(
+    calls = {}
+    for op_name, op in ops.items():
+        loop = _waited(jax.jit(jax.shard_map(
             lambda x, op=op: jax.lax.fori_loop(0, messages, lambda _, x: op(x), x),
             mesh=mesh, in_specs=spec, out_specs=spec,
-        ))
-        t = {}
+        )))
         for name, n in sizes.items():
             x = jax.device_put(jnp.ones((k * n,), jnp.float32), on_all)
-            jax.block_until_ready(loop(x))  # compiles
-            best = float("inf")
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                jax.block_until_ready(loop(x))
-                best = min(best, time.perf_counter() - t0)
-            t[name] = best / messages
-        extra = 4 * (sizes["large"] - sizes["small"])
-        figures += [extra / max(t["large"] - t["small"], 1e-9), t["small"]]
+            calls[op_name, name] = (loop, (x,))
+    t = {key: seconds / messages for key, seconds in best_times(calls, reps).items()}
+    extra = 4 * (sizes["large"] - sizes["small"])
+    figures = []
+    for op_name in ops:
+        gap = max(t[op_name, "large"] - t[op_name, "small"], 1e-9)
+        figures += [extra / gap, t[op_name, "small"]]
     return tuple(figures)
 
 
