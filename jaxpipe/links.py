@@ -46,6 +46,13 @@ class Links:
             raise ConfigError(f"devices per node must be >= 1, got {self.devices_per_node}")
         if min(self.intra_bandwidth, self.inter_bandwidth) <= 0 or self.efficiency <= 0:
             raise ConfigError("link bandwidths and efficiency must be > 0")
+        if (self.reduce_bandwidth is None) != (self.reduce_latency is None):
+            raise ConfigError("give reduce_bandwidth and reduce_latency together, or neither")
+        if self.reduce_bandwidth is not None and not (
+            self.reduce_bandwidth > 0 and self.reduce_latency >= 0
+        ):
+            raise ConfigError("a measured all-reduce needs reduce_bandwidth > 0 and "
+                              "reduce_latency >= 0")
 
     def replace(self, **kw) -> Links:
         return dataclasses.replace(self, **kw)

@@ -3,7 +3,7 @@
 import pytest
 
 from jaxpipe.autotune import _remat_order
-from jaxpipe.config import PipelineConfig, get_preset
+from jaxpipe.config import ConfigError, PipelineConfig, get_preset
 from jaxpipe.costmodel import CostModel
 from jaxpipe.costs import DeviceProfile, LayerCost, ModelCosts
 from jaxpipe.flops import megatron_eq3, model_flops, training_flops
@@ -76,6 +76,10 @@ def test_a_measured_all_reduce_replaces_the_ring_inside_a_node():
         assert shared.all_reduce_time(ACT, group, False) == pytest.approx(1e-4 + ACT / 2e9)
     assert shared.all_reduce_time(ACT, 1, False) == 0
     assert shared.all_reduce_time(ACT, 4, True) == LINKS.all_reduce_time(ACT, 4, True)
+    with pytest.raises(ConfigError, match="together"):
+        LINKS.replace(reduce_latency=1e-4)
+    with pytest.raises(ConfigError, match="reduce_bandwidth > 0"):
+        LINKS.replace(reduce_bandwidth=0.0, reduce_latency=1e-4)
     cfg = get_preset("small")
     pcfg = PipelineConfig(2, 4, data_parallel=2)
     cm = CostModel.from_costs(_costs(), DeviceProfile("test", 1e14, 2e12, 80 * GB, shared), cfg,
