@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpipe import model as M
+from jaxpipe.agree import process0_floats
 from jaxpipe.backsplit import BackwardSplit
 from jaxpipe.config import ConfigError, ModelConfig, PipelineConfig
 from jaxpipe.links import Links
@@ -118,7 +119,11 @@ def best_times(calls: dict, reps: int = 5, min_seconds: float = 0.05) -> dict:
     shared host, timing one program after another can differ by tens of percent). A sample of
     a short program is k back-to-back calls lasting about `min_seconds`: the best single call of
     a millisecond program is a lucky outlier more often than that of a longer one, which would
-    bias short programs fast against long ones."""
+    bias short programs fast against long ones.
+
+    Each process times its own devices, and every process gets process 0's figures
+    (`agree.process0_floats`): decisions taken from them must be the same everywhere. A
+    collective when there are several processes: every process calls it, in the same order."""
     k = {}
     for name, (fn, args) in calls.items():
         jax.block_until_ready(fn(*args))  # compiles on a first call
@@ -133,7 +138,7 @@ def best_times(calls: dict, reps: int = 5, min_seconds: float = 0.05) -> dict:
                 out = fn(*args)
             jax.block_until_ready(out)
             best[name] = min(best[name], (time.perf_counter() - t0) / k[name])
-    return best
+    return dict(zip(best, process0_floats(best.values()), strict=True))
 
 
 def best_time(fn, *args, reps: int = 5) -> float:
@@ -142,7 +147,7 @@ def best_time(fn, *args, reps: int = 5) -> float:
 
 
 def _cpu_array(shape, scale=1.0):
-    return jax.device_put(scale * jnp.ones(shape, jnp.float32), jax.devices("cpu")[0])
+    return jax.device_put(scale * jnp.ones(shape, jnp.float32), _cpu_devices()[0])
 
 
 def _compile(fn, *args):
@@ -204,10 +209,16 @@ def _runs_here(cfg: ModelConfig, b: int, T: int) -> bool:
     return max(params, b * T * widest) <= CALIBRATION_ELEMENTS
 
 
+def _cpu_devices() -> list:
+    """This process's CPU devices (with several processes, programs that span them would need
+    every process to time in lockstep)."""
+    return jax.local_devices(backend="cpu")
+
+
 def _cpu_mesh():
     """(k, mesh over this process's k CPU devices on axis "d", its PartitionSpec, a sharding
     that splits the leading axis over them)."""
-    devices = jax.devices("cpu")
+    devices = _cpu_devices()
     mesh = jax.sharding.Mesh(np.array(devices), ("d",))
     spec = jax.sharding.PartitionSpec("d")
     return len(devices), mesh, spec, jax.sharding.NamedSharding(mesh, spec)
@@ -281,7 +292,7 @@ def _model_rates(programs: dict, reps: int = 7) -> dict:
         for busy, call in (_on_devices(*progs["block"]) or {}).items():
             calls[b, busy] = call
     t = best_times(calls, reps)
-    k = len(jax.devices("cpu"))
+    k = len(_cpu_devices())
     rates = {}
     for b in programs:
         alone = t[b, "block"]
@@ -369,6 +380,7 @@ def calibrate_cpu_shapes(
     microbatches = tuple(dict.fromkeys(microbatches))
     todo = [b for b in microbatches if (model_cfg, b, seq_len) not in _CPU_PROFILE]
     if todo:
+        memory = process0_floats([host_memory()])[0]  # the same profile in every process
         buf = _cpu_array((16 * 2**20,))
         bandwidth = buf.nbytes / best_time(jax.jit(jnp.sum), buf)
         own = [
@@ -391,7 +403,7 @@ def calibrate_cpu_shapes(
             links = Links(bw, bw, latency, latency, devices_per_node=2**20,
                           reduce_bandwidth=r_bw, reduce_latency=r_latency)
             _CPU_PROFILE[model_cfg, b, seq_len] = DeviceProfile(
-                "cpu", flops, bandwidth, host_memory(), links,
+                "cpu", flops, bandwidth, memory, links,
                 head_flops, concurrency=concurrency, remat_cost=remat_cost,
             )
     return {b: _CPU_PROFILE[model_cfg, b, seq_len] for b in microbatches}

@@ -29,9 +29,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import jax
-import numpy as np
-from jax.experimental import multihost_utils
 
+from jaxpipe.agree import process0_text
 from jaxpipe.checkpoint import CKPT_DIR, describe_model
 from jaxpipe.config import ConfigError, ModelConfig
 
@@ -280,17 +279,6 @@ def lock_workdir(workdir: str | Path) -> WorkdirLock:
     return WorkdirLock(workdir)
 
 
-def _broadcast_text(text: str, size: int = 2048) -> str:
-    """Process 0's `text` in every process (a collective)."""
-    raw = text.encode()[: size - 4]
-    buf = np.zeros(size, np.uint8)
-    buf[:4] = np.frombuffer(np.uint32(len(raw)).tobytes(), np.uint8)
-    buf[4 : 4 + len(raw)] = np.frombuffer(raw, np.uint8)
-    got = np.asarray(multihost_utils.broadcast_one_to_all(buf)).astype(np.uint8)
-    n = int(np.frombuffer(got[:4].tobytes(), np.uint32)[0])
-    return got[4 : 4 + n].tobytes().decode("utf-8", "replace")
-
-
 @contextlib.contextmanager
 def hold_workdir(workdir: str | Path) -> Iterator[WorkdirLock | None]:
     """Holds the workdir for a run of any number of processes, until the block ends: process 0
@@ -305,7 +293,7 @@ def hold_workdir(workdir: str | Path) -> Iterator[WorkdirLock | None]:
                 lock = lock_workdir(workdir)
             except ConfigError as e:
                 error = str(e)
-        error = _broadcast_text(error)
+        error = process0_text(error)
         if error:
             raise ConfigError(error if jax.process_index() == 0 else f"process 0: {error}")
     try:
