@@ -59,7 +59,7 @@ from jaxpipe.partition import (
     virtual_counts,
 )
 from jaxpipe.report import Plan
-from jaxpipe.schedule import SPLIT_SCHEDULES, table_cells
+from jaxpipe.schedule import SPLIT_SCHEDULES, stash_bound, table_cells
 from jaxpipe.split import uniform_sizes
 
 REPEATS = (2, 3, 4, 6, 8)  # repeats tried by circular and interleaved_1f1b
@@ -348,16 +348,16 @@ def _may_fit(costs: ModelCosts, profile: DeviceProfile, model_cfg: ModelConfig,
 def _memory_screen(cm: CostModel, pipe_cfg: PipelineConfig, L: int) -> float:
     """About the least memory a device needs (no table built): the parameter state of the
     fewest slots that hold L layers, plus, under remat stage, the activations of one virtual
-    stage (a backward replays its forward first), without remat, the activations of stage 0's
-    micro-batches in flight (all M for the ring executors, at least min(S, M) for the 1F1B
-    ones) over an even share of the layers."""
+    stage (a backward replays its forward first), without remat, the activations of the most
+    micro-batches a stage holds in flight (`schedule.stash_bound`, the bound every table is
+    validated against, in whole stages: over R) over an even share of the layers."""
     S, R, M = pipe_cfg.num_stages, pipe_cfg.num_repeats, pipe_cfg.num_microbatches
     slots = math.ceil(L / (S * R))
     static = static_bytes(pipe_cfg, compute_bytes=cm.compute_bytes) * R * slots * cm.block_params
     static += cm.temp_bytes + replay_bytes(cm, pipe_cfg, slots)
     if pipe_cfg.remat != "none":
         return static
-    held = M if pipe_cfg.schedule in ("gpipe", "circular") else min(S, M)
+    held = stash_bound(pipe_cfg.schedule, S, M, R) / R
     return static + held * (L // S) * cm.block_act
 
 
