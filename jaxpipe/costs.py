@@ -266,14 +266,6 @@ def _on_devices(fn, args):
     return {name: (spmd, (jax.device_put(b, on_all), *stacked)) for name, b in busy.items()}
 
 
-def in_stage(one_block: float, two_blocks: float) -> float:
-    """A block's time inside a stage, from the times of programs of one and of two blocks: the
-    second block's. A block runs slower among others than alone (`small` at micro-batch
-    2 x 128: 5.3 ms alone, 5.7 ms the second of two, 5.8 ms a block in a stage of eight). Half
-    the two blocks' time where noise leaves the second less than that."""
-    return max(two_blocks - one_block, two_blocks / 2)
-
-
 def _model_rates(programs: dict, reps: int = 7) -> dict:
     """{micro-batch: `layer_programs` at it} -> {micro-batch: (block FLOP/s, head + loss FLOP/s,
     remat cost, concurrency)}, every program timed in one round-robin (`best_times`), so the
@@ -282,20 +274,18 @@ def _model_rates(programs: dict, reps: int = 7) -> dict:
     host by tens of percent against each other).
 
     Rates: XLA's FLOP count of each program over its best time (the head's is its program's
-    minus the block's; the block's time is its time inside a stage, `in_stage`); remat cost:
-    the block recomputed in its backward over the block.
+    minus the block's); remat cost: the block recomputed in its backward over the block.
     With several forced CPU devices a pipeline's ops run inside one SPMD program over all of
     them, in ticks that end in a collective, and a device whose turn it is runs on about one
     core where alone it would use several (`small`'s block at micro-batch 16 x 128, 4 devices
     on 2 cores: 85 ms a tick against 58-70 ms alone, 1.0 against 1.7-1.8 cores busy). So the
     block's rate is measured as the executor runs it, one device busy a tick (`_on_devices`);
     the head's is scaled by the same slowdown; and concurrency is how many devices run the
-    block at that speed at once, k devices all busy a tick against one, k t_one / t_all. The
-    block's lockstep time is scaled to inside a stage as its time alone is.
+    block at that speed at once, k devices all busy a tick against one, k t_one / t_all.
     """
     calls, flops = {}, {}
     for b, progs in programs.items():
-        for kind in ("block", "block2", "head", "block_remat"):
+        for kind in ("block", "head", "block_remat"):
             fn, args = progs[kind]
             compiled, flops[b, kind] = _compile(fn, *args)
             calls[b, kind] = (compiled, args)
@@ -307,7 +297,7 @@ def _model_rates(programs: dict, reps: int = 7) -> dict:
     for b in programs:
         alone = t[b, "block"]
         one = t[b, "one"] / k if (b, "one") in t else alone
-        block = flops[b, "block"] / (one * in_stage(alone, t[b, "block2"]) / alone)
+        block = flops[b, "block"] / one
         head_t = (t[b, "head"] - alone) * one / alone
         head = (flops[b, "head"] - flops[b, "block"]) / head_t if head_t > 0 else block
         shared = k * t[b, "one"] / t[b, "all"] if (b, "all") in t else CPU_CONCURRENCY

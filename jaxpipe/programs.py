@@ -59,11 +59,9 @@ class ProgramInputs:
 def layer_programs(model_cfg: ModelConfig, microbatch: int, seq_len: int) -> dict[str, tuple]:
     """{kind: (jitted fwd + bwd program, args)} at one micro-batch: "block" is one block,
     "embed" the embedding + one block, "head" one block + the head and loss (a layer's time is
-    its program's minus the block's), "block_remat" one block recomputed in its backward,
-    "block2" two blocks (a block inside a stage runs slower than alone: `costs.in_stage`)."""
-    inp = ProgramInputs(model_cfg, microbatch, seq_len, 2)
-    kinds = {"block": (1, False, False), "embed": (1, True, False), "head": (1, False, True),
-             "block2": (2, False, False)}
+    its program's minus the block's), "block_remat" one block recomputed in its backward."""
+    inp = ProgramInputs(model_cfg, microbatch, seq_len, 1)
+    kinds = {"block": (1, False, False), "embed": (1, True, False), "head": (1, False, True)}
     programs = {
         k: (stage_program(model_cfg, *key), inp.args(*key, model_cfg.tied))
         for k, key in kinds.items()
