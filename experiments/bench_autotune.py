@@ -19,9 +19,17 @@ profile came to time its block as the executor runs it (one device busy a lockst
 auto_rank_corr 0.75 (before the all-reduce was measured: 1x1x4 predicted 2.4x its step), 0.83,
 0.89; auto_median_error 0.16, 0.38, 0.27; auto_pick_vs_best 1.00 each time; on 8 devices, one
 run: 0.85 / 0.26 / 1.17 (the first choice, 4x2x1 1f1b at micro-batch 1, stepped 2.3x its
-prediction; before: 0.12 / 0.47 / 1.59). The predictions
-are low by 0.5-0.9x where the host ran slower while stepping than while calibrating (the same
-configuration measured 0.78 s in one run, 1.03 s in another). Before (the block timed alone,
+prediction; before: 0.12 / 0.47 / 1.59); the same day as two runs below, 4 devices
+0.93 / 0.28 / 1.00, 8 devices 0.82 / 0.31 / 1.27. The predictions are low by 0.5-0.9x: the host
+runs slower while stepping than while calibrating (the same configuration measured 0.78 s in
+one run, 1.03 s in another), and the executor's step costs more than its blocks (on one device,
+`small` at S = 1, M = 2, micro-batch 2: GPipe's step 1.22x its forward + backward program
+without remat, 1.11x with remat layer; 1F1B's 1.05x and 1.09x; `profile_step.py` puts it in
+copies and dynamic slices of stacked residuals and a weight-gradient matmul per micro-batch).
+Timing the block inside a stage instead (the second of two: a lone block runs faster, 5.3 ms
+against 5.7 ms at micro-batch 2) was tried and dropped: 4 devices 0.77 / 0.23 / 1.00 and
+0.54 / 0.28 / 1.05, 8 devices 0.96 / 0.30 / 1.00; at micro-batch 1 it drops the call cost that
+stands in for the executor's per-micro-batch work. Before (the block timed alone,
 each micro-batch when the search first reached it, configurations picked evenly over the
 ranking's index, whose top was crowded within 0.26-0.30 s): 0.64 / 0.27 / 1.05 and
 0.66 / 0.37 / 1.05; picked over predicted time, the old profile gave 0.09 / 0.27 / 1.00
