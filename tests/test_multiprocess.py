@@ -314,6 +314,14 @@ elif __name__ == "__main__" and sys.argv[1:2] == ["load_params"]:
     _load_params_worker(sys.argv[2])
 
 
+def test_process0_figures_come_back_exactly_with_none_kept():
+    from jaxpipe.agree import process0_floats, process0_text
+
+    values = [0.1 + 0.2, None, float("inf"), 3e-300]
+    assert process0_floats(values) == (0.1 + 0.2, None, float("inf"), 3e-300)
+    assert process0_text("process 0's error") == "process 0's error"
+
+
 def test_start_up_arguments(monkeypatch):
     from jaxpipe.config import ConfigError
     from jaxpipe.mesh import detected_cluster, initialize_distributed
