@@ -18,7 +18,7 @@ def process0_floats(values) -> tuple[float, ...]:
     """Process 0's float64 `values` in every process, bit for bit (sent as 32-bit words, which
     JAX passes through unchanged without x64); None goes as NaN and comes back as None."""
     raw = np.array([np.nan if v is None else v for v in values], np.float64)
-    if jax.process_count() > 1:
+    if jax.process_count() > 1 and raw.size:  # every process has the same count
         words = multihost_utils.broadcast_one_to_all(raw.view(np.uint32))
         raw = np.asarray(words).astype(np.uint32).view(np.float64)
     return tuple(None if np.isnan(v) else float(v) for v in raw)

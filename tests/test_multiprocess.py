@@ -319,6 +319,7 @@ def test_process0_figures_come_back_exactly_with_none_kept():
 
     values = [0.1 + 0.2, None, float("inf"), 3e-300]
     assert process0_floats(values) == (0.1 + 0.2, None, float("inf"), 3e-300)
+    assert process0_floats([]) == ()
     assert process0_text("process 0's error") == "process 0's error"
 
 
