@@ -19,8 +19,7 @@ def process0_floats(values) -> tuple[float, ...]:
     JAX passes through unchanged without x64); None goes as NaN and comes back as None."""
     raw = np.array([np.nan if v is None else v for v in values], np.float64)
     if jax.process_count() > 1 and raw.size:  # every process has the same count
-        words = multihost_utils.broadcast_one_to_all(raw.view(np.uint32))
-        raw = np.asarray(words).astype(np.uint32).view(np.float64)
+        raw = _from_process0(raw.view(np.uint32)).view(np.float64)
     return tuple(None if np.isnan(v) else float(v) for v in raw)
 
 
@@ -32,6 +31,11 @@ def process0_text(text: str, size: int = 2048) -> str:
     buf = np.zeros(size, np.uint8)
     buf[:4] = np.frombuffer(np.uint32(len(raw)).tobytes(), np.uint8)
     buf[4 : 4 + len(raw)] = np.frombuffer(raw, np.uint8)
-    got = np.asarray(multihost_utils.broadcast_one_to_all(buf)).astype(np.uint8)
+    got = _from_process0(buf)
     n = int(np.frombuffer(got[:4].tobytes(), np.uint32)[0])
     return got[4 : 4 + n].tobytes().decode("utf-8", "replace")
+
+
+def _from_process0(words: np.ndarray) -> np.ndarray:
+    """Process 0's array of unsigned words (the same shape and dtype in every process)."""
+    return np.asarray(multihost_utils.broadcast_one_to_all(words)).astype(words.dtype)

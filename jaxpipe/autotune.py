@@ -460,9 +460,9 @@ def search(
             if S > L or global_batch % D:
                 continue
             per_replica = global_batch // D
-            for b in _divisors(per_replica):
-                if max_microbatch is not None and b > max_microbatch:
-                    break
+            for b in shapes:
+                if per_replica % b:
+                    continue
                 M = per_replica // b
                 c = costs.at(b, t)
                 profile = profiles[b]

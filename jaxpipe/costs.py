@@ -217,11 +217,13 @@ def _cpu_devices() -> list:
 
 def _cpu_mesh():
     """(k, mesh over this process's k CPU devices on axis "d", its PartitionSpec, a sharding
-    that splits the leading axis over them)."""
+    that splits the leading axis over them, the `ppermute` pairs of a ring over them)."""
     devices = _cpu_devices()
     mesh = jax.sharding.Mesh(np.array(devices), ("d",))
     spec = jax.sharding.PartitionSpec("d")
-    return len(devices), mesh, spec, jax.sharding.NamedSharding(mesh, spec)
+    k = len(devices)
+    ring = [(i, (i + 1) % k) for i in range(k)]
+    return k, mesh, spec, jax.sharding.NamedSharding(mesh, spec), ring
 
 
 def _waited(program):
@@ -238,11 +240,10 @@ def _on_devices(fn, args):
     is busy when is an input, so the compiler cannot tell the two apart. Each device holds its
     own copy of args. None with one device; seconds per tick are the program's over k. Each
     call returns when the program has finished."""
-    k, mesh, spec, on_all = _cpu_mesh()
+    k, mesh, spec, on_all, ring = _cpu_mesh()
     if k == 1:
         return None
     shapes = jax.eval_shape(fn, *args)
-    ring = [(i, (i + 1) % k) for i in range(k)]
 
     def idle(*_):
         return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
@@ -314,10 +315,9 @@ def _shared_links(nbytes: float, reps: int = 5, messages: int = 20) -> tuple:
     of the devices plus copies in shared memory (not a ring of messages), and the rendezvous
     costs far more than the copy for small arrays. All four are timed in one round-robin
     (`best_times`), each call waited for (`_waited`)."""
-    k, mesh, spec, on_all = _cpu_mesh()
+    k, mesh, spec, on_all, ring = _cpu_mesh()
     if k == 1:
         return float("inf"), 0.0, float("inf"), 0.0
-    ring = [(i, (i + 1) % k) for i in range(k)]
     ops = {
         "send": lambda x: jax.lax.ppermute(x, "d", ring),
         "reduce": lambda x: jax.lax.pcast(jax.lax.psum(x, "d") * (1 / k), "d", to="varying"),
