@@ -7,11 +7,25 @@ measured here; its devices share the host's cores, `DeviceProfile.concurrency`),
 --ranked configurations, takes its first choice and others with different stages, repeats,
 micro-batches and schedules spread evenly over the predicted step times (`pick`), plus the
 other remat of the first two (at least --configs in all), runs each one's real training step
-(`Trainer`, the fastest of --reps, timed round-robin, after a compiling step) and prints JSON:
+(`steptime.measure_steps`: the fastest of --reps, timed round-robin, after a compiling step;
+the autotuner's own fit of the profile, `autotune.fit_executor`, uses the same function on three
+reference configurations of its own) and prints JSON:
 `auto_rank_corr` (Spearman correlation of predicted and measured step times),
 `auto_median_error` (median |predicted / measured - 1|), `auto_pick_vs_best` (the measured
 step of the autotuner's first choice over the fastest measured), and every configuration's
-figures. About 5-10 minutes on a 2-core host.
+figures; `executor_fit` is the fit's line of the autotuner's table. About 5-10 minutes on a
+2-core host.
+
+With the profile fitted to measured steps (compute rate from all devices on `pipe` at M = 1,
+recompute cost from all on `data` without and with remat), one run each, the same day:
+8 devices 0.96 / 0.16 / 1.00 (auto_rank_corr / auto_median_error / auto_pick_vs_best; compute
+rate x0.71), 4 devices 0.93 / 0.28 / 1.00 (x0.90; every configuration still stepped 1.2-1.85x
+its prediction: with all 4 devices busy the reference stepped 1.9x its prediction). Two
+variants were measured and dropped: the compute rate fitted to one mixed configuration (2
+stages, the rest `data`, M = 4): 4 devices 0.94 / 0.12 / 1.00, 8 devices 0.72 / 0.26 / 1.19
+(pipe-only configurations then predicted 1.2-1.5x their steps); and the concurrency fitted too,
+to the all-`data` step: 8 devices 0.75 / 0.28 / 1.08 (tensor-parallel configurations then
+predicted up to 1.85x their steps). Before any fit, see below.
 
 Measured on the 2-core host, 4 devices, three runs of the command above after the `cpu`
 profile came to time its block as the executor runs it (one device busy a lockstep tick,
@@ -40,7 +54,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 import numpy as np
 from bench_json import emit
@@ -91,51 +104,25 @@ def pick(found, costs, n: int):
     for k in chosen[:2]:
         p = k.pipe_cfg.replace(remat="layer" if k.pipe_cfg.remat == "none" else "none")
         b = found.global_batch // (p.num_microbatches * p.data_parallel)
-        profile = found.cluster.profile(model_cfg, b, T)
+        profile = found.profiles[b]
         plan = plan_for(model_cfg, p, costs.at(b, p.tensor_parallel), profile)
         if plan is not None:
             chosen.append(candidate(plan, found.global_batch, T, profile))
     return chosen
 
 
-def measure_steps(chosen, reps: int) -> list[float]:
-    """Each configuration's fastest training step, timed round-robin (every configuration sees
-    the same machine conditions) after a compiling first step."""
-    import jax
-
-    from jaxpipe.train import TrainConfig, Trainer
-
-    runs = []
-    for k in chosen:
-        p = k.pipe_cfg
-        tcfg = TrainConfig(steps=1, batch_size=k.global_batch, seq_len=k.seq_len)
-        trainer = Trainer.create(k.plan.model_cfg, p, tcfg, layout=k.plan.layout,
-                                 devices=jax.devices()[: p.num_devices])
-        tokens = np.random.default_rng(0).integers(0, 256, (k.global_batch, k.seq_len + 1))
-        batch = trainer.put_batch(tokens.astype(np.int32))
-        state, m = trainer.step_fn(trainer.init_state(), batch)  # compiles
-        jax.block_until_ready(m)
-        runs.append([trainer, state, batch])
-    best = [float("inf")] * len(runs)
-    for _ in range(reps):
-        for i, run in enumerate(runs):
-            trainer, state, batch = run
-            t0 = time.perf_counter()
-            run[1], m = trainer.step_fn(state, batch)
-            jax.block_until_ready(m)
-            best[i] = min(best[i], time.perf_counter() - t0)
-    return best
-
-
 def run(args) -> dict:
     from jaxpipe.autotune import Cluster, LayerCosts, search
     from jaxpipe.config import get_preset
+    from jaxpipe.steptime import StepRun, measure_steps
 
     model_cfg = get_preset("small")
     costs = LayerCosts.compile(model_cfg, args.seq_len)
     found = search(model_cfg, Cluster(args.devices, "cpu"), global_batch=args.batch,
                    seq_len=args.seq_len, top=args.ranked, layer_costs=costs)
     chosen = pick(found, costs, args.configs)
+    runs = [StepRun(k.plan.model_cfg, k.pipe_cfg, k.plan.layout, k.global_batch, k.seq_len)
+            for k in chosen]
     rows = [
         {
             "mesh": k.mesh(), "schedule": k.pipe_cfg.schedule, "R": k.pipe_cfg.num_repeats,
@@ -143,7 +130,7 @@ def run(args) -> dict:
             "embed_head": k.pipe_cfg.embed_head, "predicted_s": float(k.plan.step_time_s),
             "measured_s": measured,
         }
-        for k, measured in zip(chosen, measure_steps(chosen, args.reps), strict=True)
+        for k, measured in zip(chosen, measure_steps(runs, args.reps), strict=True)
     ]
     pred = np.array([r["predicted_s"] for r in rows])
     meas = np.array([r["measured_s"] for r in rows])
@@ -156,6 +143,7 @@ def run(args) -> dict:
         "seq_len": args.seq_len,
         "search_s": found.elapsed_s,
         "cpu_concurrency": found.cluster.profile(found.model_cfg, 1, args.seq_len).concurrency,
+        "executor_fit": None if found.fit is None else found.fit.describe(),
         "configs": rows,
     }
 

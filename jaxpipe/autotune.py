@@ -19,6 +19,10 @@ candidate gets a lower bound of its step time (its work spread evenly over the s
 time per tick, the fill and drain ticks, the gradient reduction of an even share of the
 parameters), candidates are planned in order of that bound, and the search stops when the bound
 reaches the k-th best plan's time: the top k are exact.
+
+A measured CPU profile is first fitted to real training steps on the devices present
+(`fit_executor`): the executor's per-micro-batch work and the optimizer are not in a profile
+that times the model's blocks.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ import heapq
 import json
 import math
 import time
+
+import jax
 
 from jaxpipe.config import (
     REMAT_MODES,
@@ -61,6 +67,7 @@ from jaxpipe.partition import (
 from jaxpipe.report import Plan
 from jaxpipe.schedule import SPLIT_SCHEDULES, stash_bound, table_cells
 from jaxpipe.split import uniform_sizes
+from jaxpipe.steptime import StepRun, measure_steps
 
 REPEATS = (2, 3, 4, 6, 8)  # repeats tried by circular and interleaved_1f1b
 # How the model state is split over `data`, cheapest first: PipelineConfig fields of each.
@@ -280,6 +287,96 @@ def plan_for(
     return build_plan(model_cfg, pipe_cfg, layout, cm, "memory", profile.name)
 
 
+@dataclasses.dataclass(frozen=True)
+class ExecutorFit:
+    """A profile fitted to the executor's measured training steps (`fit_executor`)."""
+
+    runs: tuple[str, ...]  # the reference configurations
+    predicted_s: tuple[float, ...]  # their steps as the profile predicted them before the fit
+    measured_s: tuple[float, ...]
+    efficiency: float = 1.0  # what the fit multiplies the profile's compute rates by,
+    remat_scale: float = 1.0  # ... and its recompute cost (`DeviceProfile.remat_cost`) by
+
+    def apply(self, profiles: dict) -> dict:
+        """{micro-batch: profile} fitted."""
+        return {b: self.fitted(p) for b, p in profiles.items()}
+
+    def fitted(self, profile: DeviceProfile) -> DeviceProfile:
+        return dataclasses.replace(
+            profile, flops_efficiency=profile.flops_efficiency * self.efficiency,
+            remat_cost=recompute_factor(profile, "layer") * self.remat_scale,
+        )
+
+    def describe(self) -> str:
+        steps = ", ".join(f"{r} {p:.3f} -> {m:.3f} s" for r, p, m in
+                          zip(self.runs, self.predicted_s, self.measured_s, strict=True))
+        return (
+            f"fitted to measured steps (predicted -> measured: {steps}): compute rate "
+            f"x{self.efficiency:.2f}, recompute cost x{self.remat_scale:.2f}"
+        )
+
+
+# Rounds of a fit: each moves a factor by the ratio of predicted to measured step; a step's
+# time is nearly linear in each.
+FIT_ROUNDS = 6
+
+
+def fit_executor(model_cfg: ModelConfig, costs: LayerCosts, profiles: dict, num_devices: int,
+                 global_batch: int, seq_len: int, reps: int = 5) -> ExecutorFit:
+    """Fits a measured profile to the executor's own steps. A profile times the model's blocks
+    alone, while a training step also runs the executor's per-micro-batch work (copies and
+    slices of the stacked residuals, each micro-batch's weight-gradient matmuls) and the
+    optimizer, and on a shared host all devices at once, where recomputing a block can cost
+    less than storing its residuals. Three reference configurations on the devices present (up
+    to `num_devices`, n), GPipe, each at the searched micro-batch nearest its share of the
+    global batch, run their real training steps (`steptime.measure_steps`):
+      "alone"       all devices on `pipe` (as many as there are layers), M = 1: one device
+                    busy at a time; the compute rate is scaled until the profile predicts it;
+      "together"    all on `data`, M = 2: every device busy at once, and
+      "recomputed"  the same under remat "layer": the recompute cost is scaled until the
+                    profile predicts the second over the first.
+    All devices busy, a step also pays what the profile's concurrency and the gradient
+    reduction model; the recompute cost is fitted on a ratio so that their error stays out of
+    it. Each factor is refitted `FIT_ROUNDS` times (the other parts of a step do not scale)."""
+    n = max(1, min(num_devices, jax.device_count()))
+    S = max(s for s in _divisors(n) if s <= model_cfg.num_layers)
+    pipes = {
+        "alone": PipelineConfig(S, 1, 1, "gpipe", "none", data_parallel=n // S),
+        "together": PipelineConfig(1, 2, 1, "gpipe", "none", data_parallel=n),
+        "recomputed": PipelineConfig(1, 2, 1, "gpipe", "layer", data_parallel=n),
+    }
+    shape = {}
+    for name, p in pipes.items():
+        share = global_batch / (p.num_microbatches * p.data_parallel)
+        shape[name] = min(profiles, key=lambda b: (abs(b - share), b))
+
+    def plan(name: str, profile: DeviceProfile) -> Plan:
+        b = shape[name]
+        return plan_for(model_cfg, pipes[name], costs.at(b, 1), profile, fit=False)
+
+    def predict(name: str, fit: ExecutorFit) -> float:
+        return plan(name, fit.fitted(profiles[shape[name]])).step_time_s
+
+    runs = [
+        StepRun(model_cfg, p, plan(name, profiles[shape[name]]).layout,
+                shape[name] * p.num_microbatches * p.data_parallel, seq_len)
+        for name, p in pipes.items()
+    ]
+    measured = dict(zip(pipes, measure_steps(runs, reps), strict=True))
+    labels = tuple(f"{p.data_parallel}x{p.num_stages}x1 M={p.num_microbatches} remat {p.remat}"
+                   for p in pipes.values())
+    fit = ExecutorFit(labels, (), tuple(measured.values()))
+    fit = dataclasses.replace(fit, predicted_s=tuple(predict(name, fit) for name in pipes))
+    for _ in range(FIT_ROUNDS):
+        scale = predict("alone", fit) / measured["alone"]
+        fit = dataclasses.replace(fit, efficiency=fit.efficiency * scale)
+    kept = measured["recomputed"] / measured["together"]
+    for _ in range(FIT_ROUNDS):
+        scale = kept / (predict("recomputed", fit) / predict("together", fit))
+        fit = dataclasses.replace(fit, remat_scale=fit.remat_scale * scale)
+    return fit
+
+
 @functools.lru_cache(maxsize=4096)
 def _cost_counts(cm: CostModel, pipe_cfg: PipelineConfig, L: int) -> tuple[int, ...]:
     """The `cost` split's layers per device: times only, so the same for every state split
@@ -371,6 +468,8 @@ class AutotuneResult:
     searched: int  # configurations enumerated
     planned: int  # configurations planned exactly
     elapsed_s: float
+    profiles: dict = dataclasses.field(default_factory=dict)  # micro-batch -> profile searched
+    fit: ExecutorFit | None = None  # how a measured CPU profile was fitted to real steps
 
     @property
     def best(self) -> Candidate:
@@ -387,6 +486,8 @@ class AutotuneResult:
             f"{'state':>5} {'layout':>12} {'step s':>8} {'tok/s':>10} {'MFU':>6} {'bubble':>6} "
             f"{'mem GiB':>8} {'neck':>4}",
         ]
+        if self.fit is not None:
+            rows.insert(1, self.fit.describe())
         for i, k in enumerate(self.candidates):
             p = k.pipe_cfg
             rows.append(
@@ -413,6 +514,7 @@ class AutotuneResult:
             "elapsed_s": self.elapsed_s,
             "candidates": [k.to_dict() for k in self.candidates],
             "best_command": self.best.flags(c.device),
+            "executor_fit": None if self.fit is None else dataclasses.asdict(self.fit),
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -433,9 +535,11 @@ def search(
     max_microbatch: int | None = None,
     layer_costs: LayerCosts | None = None,
     compile_on=None,
+    fit_steps: bool | None = None,
 ) -> AutotuneResult:
     """The `top` fastest fitting configurations (module docstring); raises a ConfigError naming
-    what would fit when none does."""
+    what would fit when none does. fit_steps: fit the profile to measured training steps first
+    (`fit_executor`); None: for a measured CPU profile (device "cpu") only."""
     t0 = time.perf_counter()
     if global_batch < 1 or seq_len < 1 or top < 1:
         raise ConfigError(
@@ -452,6 +556,10 @@ def search(
     L, N = model_cfg.num_layers, cluster.num_devices
     shapes = [b for b in _divisors(global_batch) if max_microbatch is None or b <= max_microbatch]
     profiles = cluster.profiles(model_cfg, shapes, seq_len)
+    fit = None
+    if cluster.device == "cpu" if fit_steps is None else fit_steps:
+        fit = fit_executor(model_cfg, costs, profiles, cluster.num_devices, global_batch, seq_len)
+        profiles = fit.apply(profiles)
     groups = []  # (lower bound, index, pipe config, costs, profile)
     searched = 0
     for t in _tensor_degrees(model_cfg, cluster):
@@ -504,7 +612,7 @@ def search(
         raise ConfigError(_nothing_fits(model_cfg, cluster, global_batch, seq_len, costs, remats))
     ranked = tuple(k for _, _, k in sorted(best, key=lambda e: (-e[0], -e[1])))
     return AutotuneResult(model_cfg, cluster, global_batch, seq_len, ranked, searched, planned,
-                          time.perf_counter() - t0)
+                          time.perf_counter() - t0, profiles, fit)
 
 
 def _remat_order(remats: tuple[str, ...], profile: DeviceProfile) -> list[str]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from jaxpipe import autotune
 from jaxpipe import plan as plan_cli
 from jaxpipe.autotune import Cluster, LayerCosts, plan_for, search
 from jaxpipe.config import ConfigError, get_preset
@@ -152,3 +153,52 @@ def test_zbv_plans_place_their_layers_in_a_vee(costs):
         assert [sorted(row) for row in k.plan.layout.v_SR.tolist()] == [
             sorted((d, 2 * S - 1 - d)) for d in range(S)
         ]
+
+
+def test_fit_makes_the_profile_predict_the_measured_steps(monkeypatch):
+    """`fit_executor` scales a profile's compute rate until it predicts the step with one device
+    busy at a time, and its recompute cost until it predicts the step with remat over the one
+    without (all devices busy); the search then ranks with the fitted profile: recomputing
+    measured cheaper than keeping, remat comes first."""
+    def at(b):  # compute-bound layers: 1 TFLOP per sample
+        layer = LayerCost(1e12 * b, 1e6 * b, 0.0, MODEL.block_params(), 0.0, 1e5 * b, 1e5 * b)
+        return ModelCosts(layer, layer, layer, 64 * 32 * 2 * b, b, 64)
+
+    big = LayerCosts(at(1), at(2))
+    shared = dataclasses.replace(Cluster(4, "h100").profile(), name="cpu", concurrency=2.0)
+    profiles = {b: shared for b in (1, 2, 4, 8, 16)}
+    runs, measured = [], []
+
+    def steps(batch, reps=5):
+        runs[:] = batch
+        return measured
+
+    monkeypatch.setattr(autotune, "measure_steps", steps)
+    measured[:] = [1.0, 1.0, 1.0]
+    before = autotune.fit_executor(MODEL, big, profiles, 4, 16, 64).predicted_s
+    p = [r.pipe_cfg for r in runs]
+    assert [(q.data_parallel, q.num_stages, q.num_microbatches, q.remat) for q in p] == [
+        (1, 4, 1, "none"), (4, 1, 2, "none"), (4, 1, 2, "layer")]
+    measured[:] = [before[0] * 1.5, before[1] * 2.0, before[2] * 1.2]
+    fit = autotune.fit_executor(MODEL, big, profiles, 4, 16, 64)
+    assert fit.efficiency == pytest.approx(1 / 1.5, rel=0.02)
+    assert fit.remat_scale < 1
+    after = []
+    for run in runs:
+        b = run.global_batch // (run.pipe_cfg.num_microbatches * run.pipe_cfg.data_parallel)
+        plan = plan_for(MODEL, run.pipe_cfg, big.at(b, 1), fit.fitted(shared), fit=False)
+        after.append(plan.step_time_s)
+    assert after[0] == pytest.approx(measured[0], rel=0.01)
+    assert after[2] / after[1] == pytest.approx(measured[2] / measured[1], rel=0.01)
+
+    own = Cluster(4, "h100").profiles(MODEL, (1, 2, 4, 8, 16), 64)  # devices of their own
+    measured[:] = [1.0, 1.0, 1.0]
+    before = autotune.fit_executor(MODEL, big, own, 4, 16, 64).predicted_s
+    measured[:] = [before[0] * 1.5, before[1] * 1.5, before[2] * 0.9]
+    found = search(MODEL, Cluster(4, "h100"), global_batch=16, seq_len=64, layer_costs=big,
+                   top=5, fit_steps=True)
+    assert found.fit.remat_scale < 0.75  # below 1 / (4/3): recomputing is cheaper
+    assert all(k.pipe_cfg.remat == "layer" for k in found.candidates)
+    assert "fitted to measured steps (predicted -> measured: 1x4x1 M=1" in found.table()
+    assert search(MODEL, Cluster(4, "h100"), global_batch=16, seq_len=64, layer_costs=big,
+                  top=5).fit is None  # a named device's profile is not fitted by default
