@@ -16,16 +16,25 @@ step of the autotuner's first choice over the fastest measured), and every confi
 figures; `executor_fit` is the fit's line of the autotuner's table. About 5-10 minutes on a
 2-core host.
 
-With the profile fitted to measured steps (compute rate from all devices on `pipe` at M = 1,
-recompute cost from all on `data` without and with remat), one run each, the same day:
-8 devices 0.96 / 0.16 / 1.00 (auto_rank_corr / auto_median_error / auto_pick_vs_best; compute
-rate x0.71), 4 devices 0.93 / 0.28 / 1.00 (x0.90; every configuration still stepped 1.2-1.85x
-its prediction: with all 4 devices busy the reference stepped 1.9x its prediction). Two
-variants were measured and dropped: the compute rate fitted to one mixed configuration (2
-stages, the rest `data`, M = 4): 4 devices 0.94 / 0.12 / 1.00, 8 devices 0.72 / 0.26 / 1.19
-(pipe-only configurations then predicted 1.2-1.5x their steps); and the concurrency fitted too,
-to the all-`data` step: 8 devices 0.75 / 0.28 / 1.08 (tensor-parallel configurations then
-predicted up to 1.85x their steps). Before any fit, see below.
+With the profile fitted to measured steps (`autotune.fit_executor`: all devices on `pipe`,
+the compute rate from M = 1 and the concurrency from M = 2S; all on `data` at M = 2, the
+recompute cost from the step with remat over the one without), one run each of the command
+above (auto_rank_corr / auto_median_error / auto_pick_vs_best): 4 devices 0.94 / 0.16 / 1.00,
+8 devices 0.92 / 0.15 / 1.00 (fits: compute rate x0.86 and x0.72, concurrency x0.68 and x0.88,
+recompute cost x0.82 and x1.01). Variants measured the same day and dropped, each run once
+unless two figures are given:
+  - the recompute cost from M = 2S with remat over without (remat gains less there): 4 devices
+    0.61 / 0.17 / 1.00 and 0.82 / 0.11 / 1.00; 8 devices 0.89 / 0.08 / 1.07 and
+    0.89 / 0.12 / 1.26 (the first choice, 4x2x1 without remat, stepped 1.26x the same with);
+  - the compute rate alone fitted to one mixed configuration (2 stages, the rest `data`,
+    M = 4): 4 devices 0.94 / 0.12 / 1.00, 8 devices 0.72 / 0.26 / 1.19 (pipe-only
+    configurations then predicted 1.2-1.5x their steps);
+  - the concurrency fitted to all devices on `data` (M = 2, where the gradient all-reduce's
+    model errs too): 8 devices 0.75 / 0.28 / 1.08 (tensor-parallel configurations predicted up
+    to 1.85x their steps);
+  - no concurrency fit: 4 devices 0.93 / 0.28 / 1.00 (every configuration stepped 1.2-1.85x
+    its prediction), 8 devices 0.96 / 0.16 / 1.00.
+Before any fit, see below.
 
 Measured on the 2-core host, 4 devices, three runs of the command above after the `cpu`
 profile came to time its block as the executor runs it (one device busy a lockstep tick,

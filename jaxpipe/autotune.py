@@ -295,6 +295,7 @@ class ExecutorFit:
     predicted_s: tuple[float, ...]  # their steps as the profile predicted them before the fit
     measured_s: tuple[float, ...]
     efficiency: float = 1.0  # what the fit multiplies the profile's compute rates by,
+    concurrency_scale: float = 1.0  # ... its concurrency by (devices sharing cores),
     remat_scale: float = 1.0  # ... and its recompute cost (`DeviceProfile.remat_cost`) by
 
     def apply(self, profiles: dict) -> dict:
@@ -302,8 +303,10 @@ class ExecutorFit:
         return {b: self.fitted(p) for b, p in profiles.items()}
 
     def fitted(self, profile: DeviceProfile) -> DeviceProfile:
+        shared = profile.concurrency
         return dataclasses.replace(
             profile, flops_efficiency=profile.flops_efficiency * self.efficiency,
+            concurrency=None if shared is None else shared * self.concurrency_scale,
             remat_cost=recompute_factor(profile, "layer") * self.remat_scale,
         )
 
@@ -312,7 +315,8 @@ class ExecutorFit:
                           zip(self.runs, self.predicted_s, self.measured_s, strict=True))
         return (
             f"fitted to measured steps (predicted -> measured: {steps}): compute rate "
-            f"x{self.efficiency:.2f}, recompute cost x{self.remat_scale:.2f}"
+            f"x{self.efficiency:.2f}, concurrency x{self.concurrency_scale:.2f}, recompute cost "
+            f"x{self.remat_scale:.2f}"
         )
 
 
@@ -327,22 +331,27 @@ def fit_executor(model_cfg: ModelConfig, costs: LayerCosts, profiles: dict, num_
     alone, while a training step also runs the executor's per-micro-batch work (copies and
     slices of the stacked residuals, each micro-batch's weight-gradient matmuls) and the
     optimizer, and on a shared host all devices at once, where recomputing a block can cost
-    less than storing its residuals. Three reference configurations on the devices present (up
+    less than storing its residuals. Four reference configurations on the devices present (up
     to `num_devices`, n), GPipe, each at the searched micro-batch nearest its share of the
     global batch, run their real training steps (`steptime.measure_steps`):
-      "alone"       all devices on `pipe` (as many as there are layers), M = 1: one device
-                    busy at a time; the compute rate is scaled until the profile predicts it;
-      "together"    all on `data`, M = 2: every device busy at once, and
-      "recomputed"  the same under remat "layer": the recompute cost is scaled until the
-                    profile predicts the second over the first.
-    All devices busy, a step also pays what the profile's concurrency and the gradient
-    reduction model; the recompute cost is fitted on a ratio so that their error stays out of
-    it. Each factor is refitted `FIT_ROUNDS` times (the other parts of a step do not scale)."""
+      "alone"     all devices on `pipe` (as many as there are layers; the rest on `data`),
+                  M = 1: one stage busy at a time; fits the compute rate;
+      "together"  the same at M = 2S: every stage busy in the steady state; fits the
+                  concurrency (how many devices sharing the host's cores run at full speed);
+      "kept", "recomputed"  all devices on `data`, M = 2, without and with remat "layer": the
+                  recompute cost is scaled until the profile predicts the second over the first.
+    The first two are refitted in turn, each factor `FIT_ROUNDS` times (the other parts of a
+    step do not scale with it). The recompute cost is fitted on a ratio, so that the error of
+    the rest stays out of it, and with every device holding a whole model's activations at
+    once: on a shared host recomputing gains the most there (`small` on 8 forced devices, 4 x 2
+    x 1 at M = 2: remat "layer" stepped 0.80x the step without; all on `pipe` at M = 16, 1.04x).
+    """
     n = max(1, min(num_devices, jax.device_count()))
     S = max(s for s in _divisors(n) if s <= model_cfg.num_layers)
     pipes = {
         "alone": PipelineConfig(S, 1, 1, "gpipe", "none", data_parallel=n // S),
-        "together": PipelineConfig(1, 2, 1, "gpipe", "none", data_parallel=n),
+        "together": PipelineConfig(S, 2 * S, 1, "gpipe", "none", data_parallel=n // S),
+        "kept": PipelineConfig(1, 2, 1, "gpipe", "none", data_parallel=n),
         "recomputed": PipelineConfig(1, 2, 1, "gpipe", "layer", data_parallel=n),
     }
     shape = {}
@@ -367,12 +376,17 @@ def fit_executor(model_cfg: ModelConfig, costs: LayerCosts, profiles: dict, num_
                    for p in pipes.values())
     fit = ExecutorFit(labels, (), tuple(measured.values()))
     fit = dataclasses.replace(fit, predicted_s=tuple(predict(name, fit) for name in pipes))
+    shared = profiles[shape["together"]].concurrency
+    most = n / shared if n > 1 and shared else None  # n devices at full speed at most
     for _ in range(FIT_ROUNDS):
         scale = predict("alone", fit) / measured["alone"]
         fit = dataclasses.replace(fit, efficiency=fit.efficiency * scale)
-    kept = measured["recomputed"] / measured["together"]
+        if most is not None:
+            scale = fit.concurrency_scale * predict("together", fit) / measured["together"]
+            fit = dataclasses.replace(fit, concurrency_scale=min(scale, most))
+    ratio = measured["recomputed"] / measured["kept"]
     for _ in range(FIT_ROUNDS):
-        scale = kept / (predict("recomputed", fit) / predict("together", fit))
+        scale = ratio / (predict("recomputed", fit) / predict("kept", fit))
         fit = dataclasses.replace(fit, remat_scale=fit.remat_scale * scale)
     return fit
 

@@ -156,10 +156,10 @@ def test_zbv_plans_place_their_layers_in_a_vee(costs):
 
 
 def test_fit_makes_the_profile_predict_the_measured_steps(monkeypatch):
-    """`fit_executor` scales a profile's compute rate until it predicts the step with one device
-    busy at a time, and its recompute cost until it predicts the step with remat over the one
-    without (all devices busy); the search then ranks with the fitted profile: recomputing
-    measured cheaper than keeping, remat comes first."""
+    """`fit_executor` scales a profile's compute rate and concurrency until it predicts the
+    steps with one stage busy at a time and with every stage busy, and its recompute cost until
+    it predicts the all-`data` step with remat over the one without; the search then ranks with
+    the fitted profile: recomputing measured cheaper than keeping, remat comes first."""
     def at(b):  # compute-bound layers: 1 TFLOP per sample
         layer = LayerCost(1e12 * b, 1e6 * b, 0.0, MODEL.block_params(), 0.0, 1e5 * b, 1e5 * b)
         return ModelCosts(layer, layer, layer, 64 * 32 * 2 * b, b, 64)
@@ -174,29 +174,30 @@ def test_fit_makes_the_profile_predict_the_measured_steps(monkeypatch):
         return measured
 
     monkeypatch.setattr(autotune, "measure_steps", steps)
-    measured[:] = [1.0, 1.0, 1.0]
+    measured[:] = [1.0] * 4
     before = autotune.fit_executor(MODEL, big, profiles, 4, 16, 64).predicted_s
     p = [r.pipe_cfg for r in runs]
     assert [(q.data_parallel, q.num_stages, q.num_microbatches, q.remat) for q in p] == [
-        (1, 4, 1, "none"), (4, 1, 2, "none"), (4, 1, 2, "layer")]
-    measured[:] = [before[0] * 1.5, before[1] * 2.0, before[2] * 1.2]
+        (1, 4, 1, "none"), (1, 4, 8, "none"), (4, 1, 2, "none"), (4, 1, 2, "layer")]
+    measured[:] = [before[0] * 1.5, before[1] * 2.0, before[2] * 1.5, before[3] * 1.2]
     fit = autotune.fit_executor(MODEL, big, profiles, 4, 16, 64)
     assert fit.efficiency == pytest.approx(1 / 1.5, rel=0.02)
-    assert fit.remat_scale < 1
+    assert 0.5 < fit.concurrency_scale < 1 and fit.remat_scale < 1
     after = []
     for run in runs:
         b = run.global_batch // (run.pipe_cfg.num_microbatches * run.pipe_cfg.data_parallel)
         plan = plan_for(MODEL, run.pipe_cfg, big.at(b, 1), fit.fitted(shared), fit=False)
         after.append(plan.step_time_s)
-    assert after[0] == pytest.approx(measured[0], rel=0.01)
-    assert after[2] / after[1] == pytest.approx(measured[2] / measured[1], rel=0.01)
+    assert after[:2] == pytest.approx(measured[:2], rel=0.01)
+    assert after[3] / after[2] == pytest.approx(measured[3] / measured[2], rel=0.01)
 
     own = Cluster(4, "h100").profiles(MODEL, (1, 2, 4, 8, 16), 64)  # devices of their own
-    measured[:] = [1.0, 1.0, 1.0]
+    measured[:] = [1.0] * 4
     before = autotune.fit_executor(MODEL, big, own, 4, 16, 64).predicted_s
-    measured[:] = [before[0] * 1.5, before[1] * 1.5, before[2] * 0.9]
+    measured[:] = [before[0] * 1.5, before[1] * 1.5, before[2] * 1.5, before[3] * 0.9]
     found = search(MODEL, Cluster(4, "h100"), global_batch=16, seq_len=64, layer_costs=big,
                    top=5, fit_steps=True)
+    assert found.fit.concurrency_scale == 1  # devices of their own: nothing shared to fit
     assert found.fit.remat_scale < 0.75  # below 1 / (4/3): recomputing is cheaper
     assert all(k.pipe_cfg.remat == "layer" for k in found.candidates)
     assert "fitted to measured steps (predicted -> measured: 1x4x1 M=1" in found.table()
