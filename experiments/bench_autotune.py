@@ -18,11 +18,14 @@ figures; `executor_fit` is the fit's line of the autotuner's table. About 5-10 m
 
 With the profile fitted to measured steps (`autotune.fit_executor`: all devices on `pipe`,
 the compute rate from M = 1 and the concurrency from M = 2S; all on `data` at M = 2, the
-recompute cost from the step with remat over the one without), one run each of the command
-above (auto_rank_corr / auto_median_error / auto_pick_vs_best): 4 devices 0.94 / 0.16 / 1.00,
-8 devices 0.92 / 0.15 / 1.00 (fits: compute rate x0.86 and x0.72, concurrency x0.68 and x0.88,
-recompute cost x0.82 and x1.01). Variants measured the same day and dropped, each run once
-unless two figures are given:
+recompute cost from the step with remat over the one without), two runs each of the command
+above (auto_rank_corr / auto_median_error / auto_pick_vs_best): 4 devices 0.94 / 0.16 / 1.00
+and 0.35 / 0.16 / 1.00, 8 devices 0.92 / 0.15 / 1.00 and 0.87 / 0.13 / 1.00 (fits: compute
+rate x0.68-0.89, concurrency x0.66-0.89, recompute cost x0.80-1.01). In the second 4-device
+run, pipe-only configurations with remat stepped 1.4-1.6x their prediction (remat gains less
+there than on the all-`data` pair the recompute cost is fitted on) and tensor-parallel ones
+0.75-0.85x; the measured steps spanned only 0.24-0.54 s. Variants measured the same day and
+dropped, each run once unless two figures are given:
   - the recompute cost from M = 2S with remat over without (remat gains less there): 4 devices
     0.61 / 0.17 / 1.00 and 0.82 / 0.11 / 1.00; 8 devices 0.89 / 0.08 / 1.07 and
     0.89 / 0.12 / 1.26 (the first choice, 4x2x1 without remat, stepped 1.26x the same with);

@@ -46,6 +46,7 @@ from jaxpipe.config import (
 )
 from jaxpipe.costmodel import CostModel, recompute_factor
 from jaxpipe.costs import (
+    CALIBRATION_ELEMENTS,
     PROFILES,
     DeviceProfile,
     GiB,
@@ -53,6 +54,7 @@ from jaxpipe.costs import (
     ModelCosts,
     get_profiles,
     model_costs,
+    runs_here,
 )
 from jaxpipe.flops import model_flops
 from jaxpipe.layout import StageLayout
@@ -320,6 +322,14 @@ class ExecutorFit:
         )
 
 
+def steps_run_here(model_cfg: ModelConfig, global_batch: int, seq_len: int) -> bool:
+    """Whether `fit_executor`'s reference steps can run on this host: the profile measures the
+    model's own layers at the global batch, and the whole model has at most
+    `CALIBRATION_ELEMENTS` parameters (a larger one is planned with the profile as measured)."""
+    return (model_cfg.num_params() <= CALIBRATION_ELEMENTS
+            and runs_here(model_cfg, global_batch, seq_len))
+
+
 # Rounds of a fit: each moves a factor by the ratio of predicted to measured step; a step's
 # time is nearly linear in each.
 FIT_ROUNDS = 6
@@ -553,7 +563,8 @@ def search(
 ) -> AutotuneResult:
     """The `top` fastest fitting configurations (module docstring); raises a ConfigError naming
     what would fit when none does. fit_steps: fit the profile to measured training steps first
-    (`fit_executor`); None: for a measured CPU profile (device "cpu") only."""
+    (`fit_executor`); None: for a measured CPU profile (device "cpu") when the model trains on
+    this host (`steps_run_here`)."""
     t0 = time.perf_counter()
     if global_batch < 1 or seq_len < 1 or top < 1:
         raise ConfigError(
@@ -570,8 +581,10 @@ def search(
     L, N = model_cfg.num_layers, cluster.num_devices
     shapes = [b for b in _divisors(global_batch) if max_microbatch is None or b <= max_microbatch]
     profiles = cluster.profiles(model_cfg, shapes, seq_len)
+    if fit_steps is None:
+        fit_steps = cluster.device == "cpu" and steps_run_here(model_cfg, global_batch, seq_len)
     fit = None
-    if cluster.device == "cpu" if fit_steps is None else fit_steps:
+    if fit_steps:
         fit = fit_executor(model_cfg, costs, profiles, cluster.num_devices, global_batch, seq_len)
         profiles = fit.apply(profiles)
     groups = []  # (lower bound, index, pipe config, costs, profile)

@@ -203,7 +203,9 @@ CALIBRATION_ELEMENTS = 2**26
 CPU_CONCURRENCY = 1.0
 
 
-def _runs_here(cfg: ModelConfig, b: int, T: int) -> bool:
+def runs_here(cfg: ModelConfig, b: int, T: int) -> bool:
+    """Whether one block, the embedding and the head of `cfg` at micro-batch b run here for
+    calibration (`CALIBRATION_ELEMENTS`)."""
     params = cfg.block_params() + cfg.embed_params() + cfg.head_params()
     widest = max(cfg.vocab_size, cfg.ff_dim, cfg.num_heads * T, cfg.d_model)
     return max(params, b * T * widest) <= CALIBRATION_ELEMENTS
@@ -385,7 +387,7 @@ def calibrate_cpu_shapes(
         bandwidth = buf.nbytes / best_time(jax.jit(jnp.sum), buf)
         own = [
             b for b in todo
-            if None not in (model_cfg, b, seq_len) and _runs_here(model_cfg, b, seq_len)
+            if None not in (model_cfg, b, seq_len) and runs_here(model_cfg, b, seq_len)
         ]
         rates = _model_rates({b: layer_programs(model_cfg, b, seq_len) for b in own})
         if own and (model_cfg, seq_len) not in _SHARED:  # kept when profiles are re-measured

@@ -203,3 +203,6 @@ def test_fit_makes_the_profile_predict_the_measured_steps(monkeypatch):
     assert "fitted to measured steps (predicted -> measured: 1x4x1 M=1" in found.table()
     assert search(MODEL, Cluster(4, "h100"), global_batch=16, seq_len=64, layer_costs=big,
                   top=5).fit is None  # a named device's profile is not fitted by default
+    # a model that does not train on this host is planned with its profile as measured
+    assert autotune.steps_run_here(MODEL, 16, 64)
+    assert not autotune.steps_run_here(get_preset("llama-3-70b"), 16, 64)
