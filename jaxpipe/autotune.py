@@ -381,7 +381,10 @@ def fit_executor(model_cfg: ModelConfig, costs: LayerCosts, profiles: dict, num_
                 shape[name] * p.num_microbatches * p.data_parallel, seq_len)
         for name, p in pipes.items()
     ]
-    measured = dict(zip(pipes, measure_steps(runs, reps), strict=True))
+    keys = [(r.pipe_cfg, r.global_batch) for r in runs]  # on one device two are the same
+    unique = dict(zip(keys, runs, strict=True))
+    times = dict(zip(unique, measure_steps(list(unique.values()), reps), strict=True))
+    measured = {name: times[key] for name, key in zip(pipes, keys, strict=True)}
     labels = tuple(f"{p.data_parallel}x{p.num_stages}x1 M={p.num_microbatches} remat {p.remat}"
                    for p in pipes.values())
     fit = ExecutorFit(labels, (), tuple(measured.values()))

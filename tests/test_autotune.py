@@ -205,4 +205,8 @@ def test_fit_makes_the_profile_predict_the_measured_steps(monkeypatch):
                   top=5).fit is None  # a named device's profile is not fitted by default
     # a model that does not train on this host is planned with its profile as measured
     assert autotune.steps_run_here(MODEL, 16, 64)
+    # on one device the M = 2S and the all-`data` references are the same step, measured once
+    measured[:] = [0.3, 0.5, 0.4]
+    one = autotune.fit_executor(MODEL, big, own, 1, 16, 64)
+    assert len(runs) == 3 and one.measured_s == (0.3, 0.5, 0.5, 0.4)
     assert not autotune.steps_run_here(get_preset("llama-3-70b"), 16, 64)
