@@ -8,7 +8,7 @@ measured here; its devices share the host's cores, `DeviceProfile.concurrency`),
 micro-batches and schedules spread evenly over the predicted step times (`pick`), plus the
 other remat of the first two (at least --configs in all), runs each one's real training step
 (`steptime.measure_steps`: the fastest of --reps, timed round-robin, after a compiling step;
-the autotuner's own fit of the profile, `autotune.fit_executor`, uses the same function on three
+the autotuner's own fit of the profile, `autotune.fit_executor`, uses the same function on four
 reference configurations of its own) and prints JSON:
 `auto_rank_corr` (Spearman correlation of predicted and measured step times),
 `auto_median_error` (median |predicted / measured - 1|), `auto_pick_vs_best` (the measured

@@ -364,7 +364,7 @@ def fit_executor(model_cfg: ModelConfig, costs: LayerCosts, profiles: dict, num_
         "kept": PipelineConfig(1, 2, 1, "gpipe", "none", data_parallel=n),
         "recomputed": PipelineConfig(1, 2, 1, "gpipe", "layer", data_parallel=n),
     }
-    shape = {}
+    shape = {}  # the searched micro-batch nearest each reference's share of the global batch
     for name, p in pipes.items():
         share = global_batch / (p.num_microbatches * p.data_parallel)
         shape[name] = min(profiles, key=lambda b: (abs(b - share), b))
@@ -376,8 +376,9 @@ def fit_executor(model_cfg: ModelConfig, costs: LayerCosts, profiles: dict, num_
     def predict(name: str, fit: ExecutorFit) -> float:
         return plan(name, fit.fitted(profiles[shape[name]])).step_time_s
 
+    before = {name: plan(name, profiles[shape[name]]) for name in pipes}
     runs = [
-        StepRun(model_cfg, p, plan(name, profiles[shape[name]]).layout,
+        StepRun(model_cfg, p, before[name].layout,
                 shape[name] * p.num_microbatches * p.data_parallel, seq_len)
         for name, p in pipes.items()
     ]
@@ -387,8 +388,8 @@ def fit_executor(model_cfg: ModelConfig, costs: LayerCosts, profiles: dict, num_
     measured = {name: times[key] for name, key in zip(pipes, keys, strict=True)}
     labels = tuple(f"{p.data_parallel}x{p.num_stages}x1 M={p.num_microbatches} remat {p.remat}"
                    for p in pipes.values())
-    fit = ExecutorFit(labels, (), tuple(measured.values()))
-    fit = dataclasses.replace(fit, predicted_s=tuple(predict(name, fit) for name in pipes))
+    fit = ExecutorFit(labels, tuple(before[name].step_time_s for name in pipes),
+                      tuple(measured.values()))
     shared = profiles[shape["together"]].concurrency
     most = n / shared if n > 1 and shared else None  # n devices at full speed at most
     for _ in range(FIT_ROUNDS):
