@@ -8,7 +8,7 @@ measured here; its devices share the host's cores, `DeviceProfile.concurrency`),
 micro-batches and schedules spread evenly over the predicted step times (`pick`), plus the
 other remat of the first two (at least --configs in all), runs each one's real training step
 (`steptime.measure_steps`: the fastest of --reps, timed round-robin, after a compiling step;
-the autotuner's own fit of the profile, `autotune.fit_executor`, uses the same function on four
+the autotuner's own fit of the profile, `autotune.fit_executor`, uses the same function on seven
 reference configurations of its own) and prints JSON:
 `auto_rank_corr` (Spearman correlation of predicted and measured step times),
 `auto_median_error` (median |predicted / measured - 1|), `auto_pick_vs_best` (the measured
@@ -17,13 +17,29 @@ figures; `executor_fit` is the fit's line of the autotuner's table. About 5-10 m
 2-core host.
 
 With the profile fitted to measured steps (`autotune.fit_executor`: all devices on `pipe`,
-the compute rate from M = 1 and the concurrency from M = 2S; all on `data` at M = 2, the
-recompute cost from the step with remat over the one without), two runs each of the command
-above (auto_rank_corr / auto_median_error / auto_pick_vs_best): 4 devices 0.94 / 0.16 / 1.00
-and 0.35 / 0.16 / 1.00, 8 devices 0.92 / 0.15 / 1.00 and 0.87 / 0.13 / 1.00 (fits: compute
-rate x0.68-0.89, concurrency x0.66-0.89, recompute cost x0.80-1.01). In the second 4-device
-run, pipe-only configurations with remat stepped 1.4-1.6x their prediction (remat gains less
-there than on the all-`data` pair the recompute cost is fitted on) and tensor-parallel ones
+the compute rate from GPipe at M = 1 and the concurrency from M = 2S; all on `data` at M = 2,
+the concurrency there; the recompute cost from three pairs of steps with remat over without:
+all on `data` for one stage, all on `pipe` at M = 2S with GPipe for S stages and with zb_h1
+for split tables), two runs each of the command above (auto_rank_corr / auto_median_error /
+auto_pick_vs_best): 4 devices 0.94 / 0.13 / 1.00 and 0.87 / 0.06 / 1.00, 8 devices
+0.84 / 0.07 / 1.10 and 0.82 / 0.11 / 1.03 (fits: compute rate x0.73-0.81, concurrency
+x0.71-0.91 and x0.66-0.90 more all on `data`, recompute cost x0.82-1.03 on one stage,
+x0.94-1.23 on S, x1.22-1.43 in split tables). Left: configurations with `tensor` and `data`
+or `pipe` (1x2x2, 2x1x4, 4x1x2) stepped 0.63-0.79x their prediction, pipe-only ones at M = 1
+with remat 1.14-1.17x. Variants run the same day:
+  - a concurrency for all devices on `tensor` fitted too (an eighth reference, as many on
+    `tensor` as the heads allow): 8 devices 0.76 / 0.12 / 1.00 and 0.78 / 0.08 / 1.00 (the
+    mixed tensor configurations still 0.68-0.73x);
+  - no all-`data` concurrency: 4 devices 0.86 / 0.13 / 1.00, 0.82 / 0.16 / 1.00 and
+    0.81 / 0.12 / 1.00; 8 devices 0.89 / 0.11 / 1.00 and 0.52 / 0.15 / 1.15 (the first
+    choice, all on `data` at micro-batch 1, stepped 1.57x its prediction);
+  - besides, no recompute cost for split tables: 4 devices 0.76 / 0.12 / 1.00 (zb_h1 and zbv
+    with remat stepped 1.24-1.50x their prediction).
+Earlier, with one recompute cost (the all-`data` pair) for every configuration, two runs
+each: 4 devices 0.94 / 0.16 / 1.00 and 0.35 / 0.16 / 1.00, 8 devices 0.92 / 0.15 / 1.00 and
+0.87 / 0.13 / 1.00 (fits: compute rate x0.68-0.89, concurrency x0.66-0.89, recompute cost
+x0.80-1.01). In the second 4-device run, pipe-only configurations with remat stepped 1.4-1.6x
+their prediction (remat gains less there than on the all-`data` pair) and tensor-parallel ones
 0.75-0.85x; the measured steps spanned only 0.24-0.54 s. Variants measured the same day and
 dropped, each run once unless two figures are given:
   - the recompute cost from M = 2S with remat over without (remat gains less there): 4 devices

@@ -52,6 +52,7 @@ from jaxpipe.costs import (
     GiB,
     LayerCost,
     ModelCosts,
+    StepFit,
     get_profiles,
     model_costs,
     runs_here,
@@ -298,18 +299,31 @@ class ExecutorFit:
     measured_s: tuple[float, ...]
     efficiency: float = 1.0  # what the fit multiplies the profile's compute rates by,
     concurrency_scale: float = 1.0  # ... its concurrency by (devices sharing cores),
-    remat_scale: float = 1.0  # ... and its recompute cost (`DeviceProfile.remat_cost`) by
+    remat_scale: float = 1.0  # ... its recompute cost on one stage (`remat_cost`) by,
+    devices: int = 1  # what the fit adds (`StepFit`, with more than one stage): the devices
+    stages: int = 1  # and stages of the references,
+    staged_remat_scale: float = 1.0  # the recompute cost on `stages` stages over the profile's,
+    split_remat_scale: float = 1.0  # ... and in split tables,
+    data_concurrency_scale: float = 1.0  # the concurrency with all devices on `data` over it
 
     def apply(self, profiles: dict) -> dict:
         """{micro-batch: profile} fitted."""
         return {b: self.fitted(p) for b, p in profiles.items()}
 
     def fitted(self, profile: DeviceProfile) -> DeviceProfile:
+        measured = recompute_factor(profile, "layer")  # the profile's own, on one stage
         shared = profile.concurrency
+        shared = None if shared is None else shared * self.concurrency_scale
+        step_fit = None
+        if self.stages > 1:
+            step_fit = StepFit(
+                self.devices, self.stages, measured * self.staged_remat_scale,
+                measured * self.split_remat_scale,
+                None if shared is None else shared * self.data_concurrency_scale,
+            )
         return dataclasses.replace(
             profile, flops_efficiency=profile.flops_efficiency * self.efficiency,
-            concurrency=None if shared is None else shared * self.concurrency_scale,
-            remat_cost=recompute_factor(profile, "layer") * self.remat_scale,
+            concurrency=shared, remat_cost=measured * self.remat_scale, fit=step_fit,
         )
 
     def describe(self) -> str:
@@ -317,8 +331,11 @@ class ExecutorFit:
                           zip(self.runs, self.predicted_s, self.measured_s, strict=True))
         return (
             f"fitted to measured steps (predicted -> measured: {steps}): compute rate "
-            f"x{self.efficiency:.2f}, concurrency x{self.concurrency_scale:.2f}, recompute cost "
-            f"x{self.remat_scale:.2f}"
+            f"x{self.efficiency:.2f}, concurrency x{self.concurrency_scale:.2f}"
+            + (f" (x{self.data_concurrency_scale:.2f} more all on data)" if self.stages > 1 else "")
+            + f", recompute cost x{self.remat_scale:.2f} on one stage"
+            + (f", x{self.staged_remat_scale:.2f} on {self.stages} (x{self.split_remat_scale:.2f} "
+               "in split tables)" if self.stages > 1 else "")
         )
 
 
@@ -341,29 +358,50 @@ def fit_executor(model_cfg: ModelConfig, costs: LayerCosts, profiles: dict, num_
     alone, while a training step also runs the executor's per-micro-batch work (copies and
     slices of the stacked residuals, each micro-batch's weight-gradient matmuls) and the
     optimizer, and on a shared host all devices at once, where recomputing a block can cost
-    less than storing its residuals. Four reference configurations on the devices present (up
-    to `num_devices`, n), GPipe, each at the searched micro-batch nearest its share of the
-    global batch, run their real training steps (`steptime.measure_steps`):
-      "alone"     all devices on `pipe` (as many as there are layers; the rest on `data`),
-                  M = 1: one stage busy at a time; fits the compute rate;
+    less than storing its residuals. Seven reference configurations on the devices present (up
+    to `num_devices`, n), GPipe unless said, each at the searched micro-batch nearest its share
+    of the global batch, run their real training steps (`steptime.measure_steps`):
+      "alone"     all devices on `pipe` (S of them: as many as there are layers, the rest on
+                  `data`), M = 1: one stage busy at a time; fits the compute rate;
       "together"  the same at M = 2S: every stage busy in the steady state; fits the
                   concurrency (how many devices sharing the host's cores run at full speed);
-      "kept", "recomputed"  all devices on `data`, M = 2, without and with remat "layer": the
-                  recompute cost is scaled until the profile predicts the second over the first.
-    The first two are refitted in turn, each factor `FIT_ROUNDS` times (the other parts of a
-    step do not scale with it). The recompute cost is fitted on a ratio, so that the error of
-    the rest stays out of it, and with every device holding a whole model's activations at
-    once: on a shared host recomputing gains the most there (`small` on 8 forced devices, 4 x 2
-    x 1 at M = 2: remat "layer" stepped 0.80x the step without; all on `pipe` at M = 16, 1.04x).
+      "together, recomputed"  the same with remat "layer": with "together", fits the
+                  recompute cost on S stages;
+      "split", "split, recomputed"  the same two with zb_h1: the recompute cost in split
+                  tables (B recomputes the forward and still hands W the matmul inputs);
+      "kept", "recomputed"  all devices on `data`, M = 2, without and with remat "layer":
+                  the first fits the concurrency with every device on `data`, running the whole
+                  model at once (`costmodel.concurrency`), the two the recompute cost on one
+                  stage.
+    The rate and concurrency factors are refitted in turn, each `FIT_ROUNDS` times (the
+    other parts of a step do not scale with them). Each recompute cost is fitted on a ratio of
+    two steps, so that the error of the rest stays out of it, and the planner interpolates
+    between one stage and S (`costmodel.recompute_factor`): on a shared host recomputing gains
+    the most where every device runs the whole model at once, and the least in split tables
+    (`small` on 4 forced devices, one run, remat "layer" over none: 4 x 1 x 1 gpipe at M = 2
+    0.76, 2 x 2 x 1 at M = 4 0.79, 1 x 4 x 1 at M = 8 0.95, at M = 1 1.08, zb_h1 at M = 4
+    1.10). With one
+    stage (one device, or one layer) only "alone", "together" and the all-`data` pair run, and
+    nothing is fitted by the mesh's split.
     """
     n = max(1, min(num_devices, jax.device_count()))
     S = max(s for s in _divisors(n) if s <= model_cfg.num_layers)
+    together = PipelineConfig(S, 2 * S, 1, "gpipe", "none", data_parallel=n // S)
     pipes = {
-        "alone": PipelineConfig(S, 1, 1, "gpipe", "none", data_parallel=n // S),
-        "together": PipelineConfig(S, 2 * S, 1, "gpipe", "none", data_parallel=n // S),
+        "alone": together.replace(num_microbatches=1),
+        "together": together,
         "kept": PipelineConfig(1, 2, 1, "gpipe", "none", data_parallel=n),
         "recomputed": PipelineConfig(1, 2, 1, "gpipe", "layer", data_parallel=n),
     }
+    pairs = [("kept", "recomputed", "remat_scale")]
+    if S > 1:
+        pipes.update({
+            "together, recomputed": together.replace(remat="layer"),
+            "split": together.replace(schedule="zb_h1"),
+            "split, recomputed": together.replace(schedule="zb_h1", remat="layer"),
+        })
+        pairs += [("together", "together, recomputed", "staged_remat_scale"),
+                  ("split", "split, recomputed", "split_remat_scale")]
     shape = {}  # the searched micro-batch nearest each reference's share of the global batch
     for name, p in pipes.items():
         share = global_batch / (p.num_microbatches * p.data_parallel)
@@ -382,26 +420,33 @@ def fit_executor(model_cfg: ModelConfig, costs: LayerCosts, profiles: dict, num_
                 shape[name] * p.num_microbatches * p.data_parallel, seq_len)
         for name, p in pipes.items()
     ]
-    keys = [(r.pipe_cfg, r.global_batch) for r in runs]  # on one device two are the same
+    keys = [(r.pipe_cfg, r.global_batch) for r in runs]  # on one device some are the same
     unique = dict(zip(keys, runs, strict=True))
     times = dict(zip(unique, measure_steps(list(unique.values()), reps), strict=True))
     measured = {name: times[key] for name, key in zip(pipes, keys, strict=True)}
-    labels = tuple(f"{p.data_parallel}x{p.num_stages}x1 M={p.num_microbatches} remat {p.remat}"
-                   for p in pipes.values())
+    labels = tuple(f"{p.data_parallel}x{p.num_stages}x1 {p.schedule} M={p.num_microbatches} "
+                   f"remat {p.remat}" for p in pipes.values())
     fit = ExecutorFit(labels, tuple(before[name].step_time_s for name in pipes),
-                      tuple(measured.values()))
+                      tuple(measured.values()), devices=n, stages=S)
     shared = profiles[shape["together"]].concurrency
     most = n / shared if n > 1 and shared else None  # n devices at full speed at most
     for _ in range(FIT_ROUNDS):
         scale = predict("alone", fit) / measured["alone"]
         fit = dataclasses.replace(fit, efficiency=fit.efficiency * scale)
-        if most is not None:
-            scale = fit.concurrency_scale * predict("together", fit) / measured["together"]
-            fit = dataclasses.replace(fit, concurrency_scale=min(scale, most))
-    ratio = measured["recomputed"] / measured["kept"]
-    for _ in range(FIT_ROUNDS):
-        scale = ratio / (predict("recomputed", fit) / predict("kept", fit))
-        fit = dataclasses.replace(fit, remat_scale=fit.remat_scale * scale)
+        if most is None:
+            continue
+        scale = fit.concurrency_scale * predict("together", fit) / measured["together"]
+        fit = dataclasses.replace(fit, concurrency_scale=min(scale, most))
+        if S > 1:
+            scale = fit.data_concurrency_scale * predict("kept", fit) / measured["kept"]
+            fit = dataclasses.replace(
+                fit, data_concurrency_scale=min(scale, most / fit.concurrency_scale)
+            )
+    for kept, recomputed, field in pairs:
+        ratio = measured[recomputed] / measured[kept]
+        for _ in range(FIT_ROUNDS):
+            scale = ratio / (predict(recomputed, fit) / predict(kept, fit))
+            fit = dataclasses.replace(fit, **{field: getattr(fit, field) * scale})
     return fit
 
 
@@ -605,10 +650,11 @@ def search(
                 M = per_replica // b
                 c = costs.at(b, t)
                 profile = profiles[b]
-                # (remat, split) pairs in the order they are tried; with data 1 nothing splits.
-                pairs = [(r, sp) for r in _remat_order(remats, profile)
-                         for sp in (splits if D > 1 else ("none",))]
                 for sched, R in _shapes(model_cfg, S, M, schedules):
+                    # (remat, split) pairs in the order they are tried; with data 1 nothing
+                    # splits.
+                    order = _remat_order(remats, profile, S, sched in SPLIT_SCHEDULES)
+                    pairs = [(r, sp) for r in order for sp in (splits if D > 1 else ("none",))]
                     for eh in embed_heads:
                         searched += len(pairs)
                         for j, (remat, sp) in enumerate(pairs):  # the first that may fit
@@ -646,10 +692,13 @@ def search(
                           time.perf_counter() - t0, profiles, fit)
 
 
-def _remat_order(remats: tuple[str, ...], profile: DeviceProfile) -> list[str]:
-    """Remat modes cheapest first: no remat, unless the profile measured recomputing a block
-    to cost less than keeping its residuals (a CPU can)."""
-    return sorted(remats, key=lambda r: recompute_factor(profile, r))
+def _remat_order(
+    remats: tuple[str, ...], profile: DeviceProfile, stages: int, split: bool
+) -> list[str]:
+    """Remat modes cheapest first on `stages` stages, in a split table or not: no remat,
+    unless the profile measured recomputing a block to cost less than keeping its residuals (a
+    CPU can)."""
+    return sorted(remats, key=lambda r: recompute_factor(profile, r, stages, split))
 
 
 def _nothing_fits(model_cfg, cluster, global_batch, seq_len, costs, remats) -> str:

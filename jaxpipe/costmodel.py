@@ -2,7 +2,9 @@
 
 Compute is the roofline of each layer's XLA costs on the device profile; under remat the
 blocks' forward runs twice (the backward recomputes it), so a block costs 4/3 of its forward +
-backward (or what the profile measured, `DeviceProfile.remat_cost`). Communication
+backward (or what the profile measured, `DeviceProfile.remat_cost`, on one stage and on
+several, `recompute_factor`; on a shared host, how many devices run at once with the mesh's
+split, `concurrency`). Communication
 (`links.py`), on the `data x pipe x tensor` mesh:
 
 - tensor: Megatron-style all-reduces of one activation [b, T, D] per block: two in the forward,
@@ -19,6 +21,7 @@ backward (or what the profile measured, `DeviceProfile.remat_cost`). Communicati
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax.numpy as jnp
 
@@ -26,6 +29,7 @@ from jaxpipe.config import ModelConfig, PipelineConfig
 from jaxpipe.costs import DeviceProfile, ModelCosts
 from jaxpipe.links import MeshLinks
 from jaxpipe.placement import vocab_rows
+from jaxpipe.schedule import SPLIT_SCHEDULES
 
 GRAD_BYTES = 4  # gradients are float32, as the parameters
 # A block's forward + backward with its forward recomputed, over without: one more forward of
@@ -33,12 +37,41 @@ GRAD_BYTES = 4  # gradients are float32, as the parameters
 REMAT_COST = 4 / 3
 
 
-def recompute_factor(profile: DeviceProfile, remat: str) -> float:
-    """A block's time under `remat` over its time without: `REMAT_COST`, or what the profile
-    measured (`DeviceProfile.remat_cost`); 1 without remat."""
+def recompute_factor(
+    profile: DeviceProfile, remat: str, stages: int = 1, split: bool = False
+) -> float:
+    """A block's time under `remat` over its time without, on `stages` pipeline stages, in a
+    split table or not: `REMAT_COST`, or what the profile measured (`DeviceProfile.remat_cost`);
+    1 without remat. With costs fitted on S stages too (`DeviceProfile.fit`), a split table
+    takes the split figure, and otherwise the cost goes geometrically from one stage to S with
+    log(stages) / log(S), held beyond S: on a shared host recomputing gains most where every
+    device runs the whole model at once."""
     if remat == "none":
         return 1.0
-    return REMAT_COST if profile.remat_cost is None else profile.remat_cost
+    one = REMAT_COST if profile.remat_cost is None else profile.remat_cost
+    fit = profile.fit
+    if fit is None or fit.stages <= 1 or stages <= 1:
+        return one
+    if split:
+        return fit.remat_split
+    return _between(one, fit.remat_staged, math.log(stages) / math.log(fit.stages))
+
+
+def concurrency(profile: DeviceProfile, data: int) -> float | None:
+    """How many devices sharing a host's cores run at full speed at once (None: devices of
+    their own) with `data`-way data parallelism: the profile's figure, or with a figure fitted
+    for all devices on `data` (`StepFit.data_concurrency`), geometrically between the two with
+    log(data) / log(devices)."""
+    fit, shared = profile.fit, profile.concurrency
+    if shared is None or fit is None or fit.data_concurrency is None or fit.devices <= 1:
+        return shared
+    return _between(shared, fit.data_concurrency, math.log(max(data, 1)) / math.log(fit.devices))
+
+
+def _between(a: float, b: float, w: float) -> float:
+    """a at w = 0, b at w >= 1, geometric in between."""
+    w = min(1.0, max(0.0, w))
+    return a ** (1 - w) * b**w
 
 
 def outer_params(cfg: ModelConfig, tp: int, head_in_last: bool = True) -> tuple[float, float]:
@@ -110,7 +143,10 @@ class CostModel:
         act = costs.boundary_bytes
         all_reduce = links.all_reduce_time(act, T, mesh.tensor_crosses)
         block_comm = tensor_all_reduces(pipe_cfg.remat) * all_reduce
-        recompute = recompute_factor(profile, pipe_cfg.remat)
+        recompute = recompute_factor(
+            profile, pipe_cfg.remat, S, pipe_cfg.schedule in SPLIT_SCHEDULES
+        )
+        shared = concurrency(profile, D)
         sent = act * boundary_scale(model_cfg, pipe_cfg) / T
         transfer = 2 * links.send_time(sent, mesh.pipe_crosses) if S > 1 else 0.0
         grad_per_byte, grad_latency = links.all_reduce_terms(D, mesh.data_crosses)
@@ -133,7 +169,7 @@ class CostModel:
             block_comm_time=block_comm,
             grad_reduce_per_param=GRAD_BYTES * grad_per_byte,
             grad_reduce_latency=grad_latency,
-            concurrency=None if profile.concurrency is None else profile.concurrency / (D * T),
+            concurrency=None if shared is None else shared / (D * T),
             fwd_share=1 / (3 * recompute),
             wgt_share=costs.w_share * 2 / (3 * recompute),
             **flags,

@@ -38,6 +38,25 @@ GiB = 2**30
 
 
 @dataclasses.dataclass(frozen=True)
+class StepFit:
+    """Costs of a shared host fitted to its training steps (`autotune.fit_executor`) where they
+    differ by how the mesh is split; `costmodel` reads them. With all `devices` on `data`,
+    every device runs the whole model at once, with no collective until the gradients' and
+    a whole model's working set: `data_concurrency` devices run at full speed at once (the
+    profile's `concurrency` holds with every device on `pipe`). The recompute cost
+    (a block's time under remat over its time without) on `stages` stages: `remat_staged` with
+    fused backward ops, `remat_split` in split tables (zero-bubble B and W), where B recomputes
+    the forward and still hands W the matmul inputs, so recomputing saves less residual
+    traffic (the profile's `remat_cost` holds on one stage)."""
+
+    devices: int
+    stages: int
+    remat_staged: float
+    remat_split: float
+    data_concurrency: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class DeviceProfile:
     """Peak dense bf16 FLOP/s, HBM bandwidth (B/s) and capacity (bytes), and the links.
 
@@ -47,6 +66,7 @@ class DeviceProfile:
     (forced CPU devices), so a tick's busy ops share the cores. remat_cost: a block's forward
     + backward time with its forward recomputed over its time without; None: by FLOPs (4/3).
     Measured on a CPU, where recomputing can cost less than writing and reading the residuals.
+    fit: what a shared host's training steps add to these by the mesh's split (`StepFit`).
     """
 
     name: str
@@ -58,6 +78,7 @@ class DeviceProfile:
     flops_efficiency: float = 1.0
     concurrency: float | None = None
     remat_cost: float | None = None  # measured CPU only: see `CostModel.from_costs`
+    fit: StepFit | None = None  # fitted CPU only
 
     def roofline(self, flops: float, bytes_accessed: float, head: bool = False) -> float:
         peak = self.head_flops if head and self.head_flops else self.peak_flops

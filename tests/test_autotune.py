@@ -13,6 +13,7 @@ from jaxpipe import autotune
 from jaxpipe import plan as plan_cli
 from jaxpipe.autotune import Cluster, LayerCosts, plan_for, search
 from jaxpipe.config import ConfigError, get_preset
+from jaxpipe.costmodel import concurrency, recompute_factor
 from jaxpipe.costs import GiB, LayerCost, ModelCosts
 
 MODEL = get_preset("tiny", dtype="bfloat16")
@@ -157,9 +158,11 @@ def test_zbv_plans_place_their_layers_in_a_vee(costs):
 
 def test_fit_makes_the_profile_predict_the_measured_steps(monkeypatch):
     """`fit_executor` scales a profile's compute rate and concurrency until it predicts the
-    steps with one stage busy at a time and with every stage busy, and its recompute cost until
-    it predicts the all-`data` step with remat over the one without; the search then ranks with
-    the fitted profile: recomputing measured cheaper than keeping, remat comes first."""
+    steps with one stage busy at a time, with every stage busy, and with every device on `data`,
+    and its recompute cost until it predicts the all-`data` step with remat over the one without
+    on one stage, and the all-`pipe` ones on S stages, with fused and with split backward ops;
+    the search then ranks with the fitted profile: recomputing measured cheaper than keeping,
+    remat comes first."""
     def at(b):  # compute-bound layers: 1 TFLOP per sample
         layer = LayerCost(1e12 * b, 1e6 * b, 0.0, MODEL.block_params(), 0.0, 1e5 * b, 1e5 * b)
         return ModelCosts(layer, layer, layer, 64 * 32 * 2 * b, b, 64)
@@ -174,39 +177,62 @@ def test_fit_makes_the_profile_predict_the_measured_steps(monkeypatch):
         return measured
 
     monkeypatch.setattr(autotune, "measure_steps", steps)
-    measured[:] = [1.0] * 4
+    measured[:] = [1.0] * 7
     before = autotune.fit_executor(MODEL, big, profiles, 4, 16, 64).predicted_s
     p = [r.pipe_cfg for r in runs]
-    assert [(q.data_parallel, q.num_stages, q.num_microbatches, q.remat) for q in p] == [
-        (1, 4, 1, "none"), (1, 4, 8, "none"), (4, 1, 2, "none"), (4, 1, 2, "layer")]
-    measured[:] = [before[0] * 1.5, before[1] * 2.0, before[2] * 1.5, before[3] * 1.2]
+    assert [(q.data_parallel, q.num_stages, q.num_microbatches, q.schedule, q.remat)
+            for q in p] == [
+        (1, 4, 1, "gpipe", "none"), (1, 4, 8, "gpipe", "none"), (4, 1, 2, "gpipe", "none"),
+        (4, 1, 2, "gpipe", "layer"), (1, 4, 8, "gpipe", "layer"), (1, 4, 8, "zb_h1", "none"),
+        (1, 4, 8, "zb_h1", "layer")]
+    scales = [1.5, 2.0, 2.5, 2.0, 2.2, 2.0, 2.6]
+    measured[:] = [b * x for b, x in zip(before, scales, strict=True)]
     fit = autotune.fit_executor(MODEL, big, profiles, 4, 16, 64)
     assert fit.efficiency == pytest.approx(1 / 1.5, rel=0.02)
-    assert 0.5 < fit.concurrency_scale < 1 and fit.remat_scale < 1
+    assert 0.5 < fit.concurrency_scale < 1 and fit.remat_scale < 1 < fit.staged_remat_scale
+    assert fit.staged_remat_scale < fit.split_remat_scale
     after = []
     for run in runs:
-        b = run.global_batch // (run.pipe_cfg.num_microbatches * run.pipe_cfg.data_parallel)
-        plan = plan_for(MODEL, run.pipe_cfg, big.at(b, 1), fit.fitted(shared), fit=False)
+        q = run.pipe_cfg
+        b = run.global_batch // (q.num_microbatches * q.data_parallel)
+        plan = plan_for(MODEL, q, big.at(b, 1), fit.fitted(shared), fit=False)
         after.append(plan.step_time_s)
-    assert after[:2] == pytest.approx(measured[:2], rel=0.01)
-    assert after[3] / after[2] == pytest.approx(measured[3] / measured[2], rel=0.01)
+    assert after[:3] == pytest.approx(measured[:3], rel=0.01)
+    assert 0.5 < fit.data_concurrency_scale < 1  # all on `data` ran slower than on `pipe`
+    for kept, recomputed in ((2, 3), (1, 4), (5, 6)):
+        assert after[recomputed] / after[kept] == pytest.approx(
+            measured[recomputed] / measured[kept], rel=0.01)
+    # between the all-`pipe` and the all-`data` concurrency: on log(data)
+    conc = [concurrency(fit.fitted(shared), d) for d in (1, 2, 4, 8)]
+    assert conc[0] == fit.fitted(shared).concurrency > conc[1] > conc[2] == conc[3]
+    assert conc[1] == pytest.approx((conc[0] * conc[2]) ** 0.5)
+    # between one stage and four the recompute cost is interpolated on log(stages)
+    two = fit.fitted(shared)
+    ends = recompute_factor(two, "layer", 1), recompute_factor(two, "layer", 4)
+    assert ends[0] < recompute_factor(two, "layer", 2) < ends[1]
+    assert recompute_factor(two, "layer", 2) == pytest.approx((ends[0] * ends[1]) ** 0.5)
+    assert recompute_factor(two, "layer", 8) == ends[1] and recompute_factor(two, "none", 4) == 1
+    assert recompute_factor(two, "layer", 2, split=True) == two.fit.remat_split > ends[1]
 
     own = Cluster(4, "h100").profiles(MODEL, (1, 2, 4, 8, 16), 64)  # devices of their own
-    measured[:] = [1.0] * 4
+    measured[:] = [1.0] * 7
     before = autotune.fit_executor(MODEL, big, own, 4, 16, 64).predicted_s
-    measured[:] = [before[0] * 1.5, before[1] * 1.5, before[2] * 1.5, before[3] * 0.9]
+    scales = [1.5, 1.5, 1.5, 0.9, 0.9, 1.5, 0.9]
+    measured[:] = [b * x for b, x in zip(before, scales, strict=True)]
     found = search(MODEL, Cluster(4, "h100"), global_batch=16, seq_len=64, layer_costs=big,
                    top=5, fit_steps=True)
     assert found.fit.concurrency_scale == 1  # devices of their own: nothing shared to fit
     assert found.fit.remat_scale < 0.75  # below 1 / (4/3): recomputing is cheaper
+    assert found.fit.staged_remat_scale < 0.75 and found.fit.split_remat_scale < 0.75
     assert all(k.pipe_cfg.remat == "layer" for k in found.candidates)
-    assert "fitted to measured steps (predicted -> measured: 1x4x1 M=1" in found.table()
+    assert "fitted to measured steps (predicted -> measured: 1x4x1 gpipe M=1" in found.table()
     assert search(MODEL, Cluster(4, "h100"), global_batch=16, seq_len=64, layer_costs=big,
                   top=5).fit is None  # a named device's profile is not fitted by default
     # a model that does not train on this host is planned with its profile as measured
     assert autotune.steps_run_here(MODEL, 16, 64)
-    # on one device the M = 2S and the all-`data` references are the same step, measured once
+    # on one device the M = 2S and the all-`data` references are the same steps, measured once
     measured[:] = [0.3, 0.5, 0.4]
     one = autotune.fit_executor(MODEL, big, own, 1, 16, 64)
     assert len(runs) == 3 and one.measured_s == (0.3, 0.5, 0.5, 0.4)
+    assert one.stages == 1 and one.fitted(shared).fit is None
     assert not autotune.steps_run_here(get_preset("llama-3-70b"), 16, 64)

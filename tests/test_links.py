@@ -1,11 +1,13 @@
 """Communication charges of the step-time model and FLOP counting by formula."""
 
+import dataclasses
+
 import pytest
 
 from jaxpipe.autotune import _remat_order
 from jaxpipe.config import ConfigError, PipelineConfig, get_preset
 from jaxpipe.costmodel import CostModel
-from jaxpipe.costs import DeviceProfile, LayerCost, ModelCosts
+from jaxpipe.costs import DeviceProfile, LayerCost, ModelCosts, StepFit
 from jaxpipe.flops import megatron_eq3, model_flops, training_flops
 from jaxpipe.layout import StageLayout
 from jaxpipe.links import Links, MeshLinks
@@ -140,5 +142,13 @@ def test_a_measured_recompute_cost_replaces_four_thirds_and_orders_the_remat_sea
     assert block_time(cheap, "layer") == pytest.approx(plain * 0.9)
     assert block_time(cheap, "none") == pytest.approx(plain)
     modes = ("none", "layer", "stage")
-    assert _remat_order(modes, PROFILE) == ["none", "layer", "stage"]
-    assert _remat_order(modes, cheap) == ["layer", "stage", "none"]
+    assert _remat_order(modes, PROFILE, 2, False) == ["none", "layer", "stage"]
+    assert _remat_order(modes, cheap, 2, False) == ["layer", "stage", "none"]
+    # fitted per stage count: cheap on one stage, dear on four and in split tables
+    fitted = dataclasses.replace(cheap, fit=StepFit(4, 4, 1.1, 1.2))
+    assert _remat_order(modes, fitted, 1, False) == ["layer", "stage", "none"]
+    assert _remat_order(modes, fitted, 4, False) == ["none", "layer", "stage"]
+    assert block_time(fitted, "layer") == pytest.approx(plain * (0.9 * 1.1) ** 0.5)
+    split = CostModel.from_costs(_costs(), fitted, get_preset("small"),
+                                 PipelineConfig(2, 4, schedule="zb_h1", remat="layer"))
+    assert split.block_time == pytest.approx(plain * 1.2)
