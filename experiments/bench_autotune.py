@@ -20,13 +20,14 @@ With the profile fitted to measured steps (`autotune.fit_executor`: all devices 
 the compute rate from GPipe at M = 1 and the concurrency from M = 2S; all on `data` at M = 2,
 the concurrency there; the recompute cost from three pairs of steps with remat over without:
 all on `data` for one stage, all on `pipe` at M = 2S with GPipe for S stages and with zb_h1
-for split tables), two runs each of the command above (auto_rank_corr / auto_median_error /
-auto_pick_vs_best): 4 devices 0.94 / 0.13 / 1.00 and 0.87 / 0.06 / 1.00, 8 devices
-0.84 / 0.07 / 1.10 and 0.82 / 0.11 / 1.03 (fits: compute rate x0.73-0.81, concurrency
-x0.71-0.91 and x0.66-0.90 more all on `data`, recompute cost x0.82-1.03 on one stage,
-x0.94-1.23 on S, x1.22-1.43 in split tables). Left: configurations with `tensor` and `data`
-or `pipe` (1x2x2, 2x1x4, 4x1x2) stepped 0.63-0.79x their prediction, pipe-only ones at M = 1
-with remat 1.14-1.17x. Variants run the same day:
+for split tables), three runs each of the command above (auto_rank_corr / auto_median_error /
+auto_pick_vs_best): 4 devices 0.94 / 0.13 / 1.00, 0.87 / 0.06 / 1.00 and 0.81 / 0.17 / 1.00;
+8 devices 0.84 / 0.07 / 1.10, 0.82 / 0.11 / 1.03 and 0.79 / 0.13 / 1.00 (fits: compute rate
+x0.69-0.88, concurrency x0.62-0.92 and x0.66-0.95 more all on `data`, recompute cost
+x0.79-1.03 on one stage, x0.89-1.23 on S, x1.16-1.43 in split tables). Left: configurations
+with `tensor` and `data` or `pipe` stepped 0.63-0.85x their prediction in most runs (1x2x2,
+2x1x4, 4x1x2), 1.11-1.44x in the last 8-device run (1x2x4, 1x4x2); pipe-only ones at M = 1
+with remat 1.14-1.20x. Variants run the same day:
   - a concurrency for all devices on `tensor` fitted too (an eighth reference, as many on
     `tensor` as the heads allow): 8 devices 0.76 / 0.12 / 1.00 and 0.78 / 0.08 / 1.00 (the
     mixed tensor configurations still 0.68-0.73x);
