@@ -52,6 +52,10 @@ Since GPipe trains on the forward + backward table (the one executor every sched
 runs), one run of the command above: unpipelined 0.64, gpipe 0.88, 1f1b 0.93 (jaxpipe 4,539 /
 4,942 / 5,644 tok/s, torch 7,147 / 5,645 / 6,104; the host ran about 25 % slower than on the
 day of the table, for both sides).
+Two runs of the command above on a later day: unpipelined 0.50 and 0.50, gpipe 0.79 and 0.80,
+1f1b 0.76 and 0.75 (jaxpipe 6,750 / 7,047 / 7,225 tok/s and 1.05 / 1.05 / 0.98 CPU s a step,
+torch 13,377 / 8,934 / 9,553 and 0.61 / 0.84 / 0.79 in the first): torch's unpipelined step ran
+1.5x faster than on the day of the table, jaxpipe's 1.1x.
 Before lean blocks the default run gave 0.55 / 0.48 / 0.58: the stash's writes and reads of
 every intermediate cost more than the block's FLOPs. The unpipelined step is bound by XLA's CPU
 code for this model's small matmuls (K = 128): on one core the best formulation of the
