@@ -33,8 +33,11 @@ process CPU time (`time.process_time`, all threads) spent in the step: this proc
 and torch unpipelined, the sum over the four stage processes for torch pipelined.
 
 Keys: torch_ratio_{unpipelined,gpipe,1f1b} = jaxpipe tokens/s / torch tokens/s (above 1: jaxpipe
-faster); jaxpipe / torch -> variant -> tokens_per_s, cpu_s_per_step, step_s; loss (the checked
-losses); config.
+faster); jaxpipe / torch -> variant -> tokens_per_s, cpu_s_per_step, step_s; matmuls: the
+seconds one unpipelined step spends in its dense matmuls in each framework, timed alone
+(`matmul_seconds`: forward, input_grad, weight_grad, total), and unpipelined_ratio_bound =
+torch step / (torch step - torch's matmuls + jaxpipe's), the ratio jaxpipe would reach with
+every other op as fast as torch's; loss (the checked losses); config.
 
 Measured on the idle 2-core host, torch 2.13, jax 0.10.2, medians of 5 rounds, one run each of
 the command above and of `--remat layer`, after blocks became lean (the backward recomputes
@@ -52,10 +55,17 @@ Since GPipe trains on the forward + backward table (the one executor every sched
 runs), one run of the command above: unpipelined 0.64, gpipe 0.88, 1f1b 0.93 (jaxpipe 4,539 /
 4,942 / 5,644 tok/s, torch 7,147 / 5,645 / 6,104; the host ran about 25 % slower than on the
 day of the table, for both sides).
-Two runs of the command above on a later day: unpipelined 0.50 and 0.50, gpipe 0.79 and 0.80,
-1f1b 0.76 and 0.75 (jaxpipe 6,750 / 7,047 / 7,225 tok/s and 1.05 / 1.05 / 0.98 CPU s a step,
-torch 13,377 / 8,934 / 9,553 and 0.61 / 0.84 / 0.79 in the first): torch's unpipelined step ran
-1.5x faster than on the day of the table, jaxpipe's 1.1x.
+Three runs of the command above on a later day: unpipelined 0.50, 0.50, 0.52, gpipe 0.79,
+0.80, 0.77, 1f1b 0.76, 0.75, 0.79 (jaxpipe 6,750 / 7,047 / 7,225 tok/s and 1.05 / 1.05 / 0.98
+CPU s a step, torch 13,377 / 8,934 / 9,553 and 0.61 / 0.84 / 0.79 in the first): torch's
+unpipelined step ran 1.5x faster than on the day of the table, jaxpipe's 1.1x. In the third,
+the step's dense matmuls alone took 0.202 s in XLA against 0.118 s in torch (forward 0.052
+against 0.037, input gradients 0.052 against 0.039, weight gradients x.T @ g 0.098 against
+0.042): unpipelined_ratio_bound 0.79, so with every other op as fast as torch's the unpipelined
+ratio stays below 0.9. A weight gradient on a pre-transposed x (which moves the transpose
+elsewhere) takes 2.0-2.1 ms against x.T @ g's 2.6-3.1 ms and torch's 1.8-1.9 ms at 4,096 x
+128 x 512 and 4,096 x 512 x 128; other forms ((g.T @ x).T, a batched einsum, chunked sums)
+are no faster.
 Before lean blocks the default run gave 0.55 / 0.48 / 0.58: the stash's writes and reads of
 every intermediate cost more than the block's FLOPs. The unpipelined step is bound by XLA's CPU
 code for this model's small matmuls (K = 128): on one core the best formulation of the
@@ -258,6 +268,57 @@ def torch_unpipelined(cfg, params, tokens, threads: int):
     return _timed(step)
 
 
+def dense_shapes(cfg) -> dict:
+    """(d_in, d_out) -> how many matmuls of that shape one step's forward runs: per block the
+    q, k, v and output projections and the MLP's two, then the head's projection onto the
+    (tied) vocabulary table."""
+    d, hk, f = cfg.d_model, cfg.num_heads * cfg.head_dim, cfg.ff_dim
+    counts: dict = {}
+    for shape, n in (((d, hk), 3), ((hk, d), 1), ((d, f), 1), ((f, d), 1)):
+        counts[shape] = counts.get(shape, 0) + n * cfg.num_layers
+    counts[(d, cfg.vocab_size)] = counts.get((d, cfg.vocab_size), 0) + 1
+    return counts
+
+
+def _best_seconds(fn, loops: int = 20, reps: int = 5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(loops):
+            fn()
+        best = min(best, (time.perf_counter() - t) / loops)
+    return best
+
+
+def matmul_seconds(cfg, tokens: int, threads: int) -> dict:
+    """Seconds one unpipelined step spends in its dense matmuls in each framework, alone: for
+    every shape of `dense_shapes`, the forward x @ W, the input gradient g @ W.T and the weight
+    gradient x.T @ g on [tokens, d_in] and [tokens, d_out] operands (jitted on one device for
+    jaxpipe's XLA; torch's BLAS on --torch_threads threads), each the best of 5 loops."""
+    torch = torch_gpt.torch
+    torch.set_num_threads(threads)
+    dev0 = jax.devices()[0]
+    forms = {
+        "forward": (lambda x, w, g: x @ w),
+        "input_grad": (lambda x, w, g: g @ w.T),
+        "weight_grad": (lambda x, w, g: x.T @ g),
+    }
+    out = {"jaxpipe": dict.fromkeys(forms, 0.0), "torch": dict.fromkeys(forms, 0.0)}
+    rng = np.random.default_rng(0)
+    for (d_in, d_out), count in dense_shapes(cfg).items():
+        x, w, g = (rng.standard_normal(s, np.float32)
+                   for s in ((tokens, d_in), (d_in, d_out), (tokens, d_out)))
+        jx, jw, jg = (jax.device_put(a, dev0) for a in (x, w, g))
+        tx, tw, tg = (torch.from_numpy(a) for a in (x, w, g))
+        for name, form in forms.items():
+            jitted = jax.jit(form)
+            out["jaxpipe"][name] += count * _best_seconds(
+                lambda f=jitted, a=(jx, jw, jg): f(*a).block_until_ready())
+            out["torch"][name] += count * _best_seconds(lambda f=form, a=(tx, tw, tg): f(*a))
+    return {side: {**forms_s, "total": sum(forms_s.values())} for side, forms_s in out.items()}
+
+
 def _summary(samples: list, tokens_per_step: int) -> dict:
     step = statistics.median(s[0] for s in samples)
     return {
@@ -308,6 +369,14 @@ def run(args) -> dict:
         for v in VARIANTS
     }
     result.update(out)
+    mm = matmul_seconds(cfg, n, args.torch_threads)
+    torch_step = out["torch"]["unpipelined"]["step_s"]
+    result["matmuls"] = {
+        **mm,
+        # jaxpipe's step with every op but its dense matmuls as fast as torch's
+        "unpipelined_ratio_bound": torch_step
+        / (torch_step - mm["torch"]["total"] + mm["jaxpipe"]["total"]),
+    }
     result["loss"] = {"jaxpipe_reference": ref_loss, "torch_unpipelined_check": torch_loss,
                       **first}
     result["config"] = {**vars(args), "cpu_cores": os.cpu_count(),

@@ -5,6 +5,9 @@ In-process, on the `tiny` preset: the loss check the benchmark runs before timin
 tested here.
 """
 
+import sys
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -14,6 +17,9 @@ torch = pytest.importorskip("torch")
 from experiments import torch_gpt  # noqa: E402 (needs torch)
 from jaxpipe import model as M  # noqa: E402
 from jaxpipe.config import ConfigError, get_preset  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
+import bench_peers  # noqa: E402 (a script next to torch_gpt)
 
 CFG = get_preset("tiny", num_layers=2)
 
@@ -88,3 +94,16 @@ def test_stage_holds_its_layers(setup):
 def test_other_block_styles_are_refused():
     with pytest.raises(ConfigError, match="gpt2-style blocks"):
         torch_gpt.check_config(get_preset("tiny-llama"))
+
+
+def test_dense_shapes_are_the_models_matmul_weights():
+    """The matmuls `bench_peers.matmul_seconds` times are the model's: one per block kernel
+    (by shape, every layer) and the tied head's projection onto the token table."""
+    kernels = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(M.abstract_params(CFG))[0]:
+        if jax.tree_util.keystr(path).endswith("['kernel']"):
+            layers, d_in, d_out = leaf.shape
+            kernels[d_in, d_out] = kernels.get((d_in, d_out), 0) + layers
+    table = (CFG.d_model, CFG.vocab_size)
+    kernels[table] = kernels.get(table, 0) + 1
+    assert bench_peers.dense_shapes(CFG) == kernels
