@@ -312,8 +312,9 @@ class ExecutorFit:
 
     def fitted(self, profile: DeviceProfile) -> DeviceProfile:
         measured = recompute_factor(profile, "layer")  # the profile's own, on one stage
-        shared = profile.concurrency
-        shared = None if shared is None else shared * self.concurrency_scale
+        shared = None if profile.concurrency is None else (
+            profile.concurrency * self.concurrency_scale
+        )
         step_fit = None
         if self.stages > 1:
             step_fit = StepFit(
