@@ -62,7 +62,9 @@ unpipelined step ran 1.5x faster than on the day of the table, jaxpipe's 1.1x. I
 the step's dense matmuls alone took 0.202 s in XLA against 0.118 s in torch (forward 0.052
 against 0.037, input gradients 0.052 against 0.039, weight gradients x.T @ g 0.098 against
 0.042): unpipelined_ratio_bound 0.79, so with every other op as fast as torch's the unpipelined
-ratio stays below 0.9. A weight gradient on a pre-transposed x (which moves the transpose
+ratio stays below 0.9. A fourth run, the matmuls timed in one round-robin: 0.50 / 0.77 / 0.74,
+matmuls 0.222 s against 0.135 s (weight gradients 0.107 against 0.048), bound 0.77.
+A weight gradient on a pre-transposed x (which moves the transpose
 elsewhere) takes 2.0-2.1 ms against x.T @ g's 2.6-3.1 ms and torch's 1.8-1.9 ms at 4,096 x
 128 x 512 and 4,096 x 512 x 128; other forms ((g.T @ x).T, a batched einsum, chunked sums)
 are no faster.
@@ -95,6 +97,7 @@ import numpy as np  # noqa: E402
 from jaxpipe import cli  # noqa: E402
 from jaxpipe import model as M  # noqa: E402
 from jaxpipe.config import ConfigError, PipelineConfig, get_preset  # noqa: E402
+from jaxpipe.costs import best_times  # noqa: E402
 from jaxpipe.mesh import force_cpu_devices, make_mesh  # noqa: E402
 from jaxpipe.pipeline import Pipeline  # noqa: E402
 
@@ -280,22 +283,12 @@ def dense_shapes(cfg) -> dict:
     return counts
 
 
-def _best_seconds(fn, loops: int = 20, reps: int = 5) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        for _ in range(loops):
-            fn()
-        best = min(best, (time.perf_counter() - t) / loops)
-    return best
-
-
 def matmul_seconds(cfg, tokens: int, threads: int) -> dict:
     """Seconds one unpipelined step spends in its dense matmuls in each framework, alone: for
     every shape of `dense_shapes`, the forward x @ W, the input gradient g @ W.T and the weight
     gradient x.T @ g on [tokens, d_in] and [tokens, d_out] operands (jitted on one device for
-    jaxpipe's XLA; torch's BLAS on --torch_threads threads), each the best of 5 loops."""
+    jaxpipe's XLA; torch's BLAS on --torch_threads threads), all timed in one round-robin
+    (`costs.best_times`)."""
     torch = torch_gpt.torch
     torch.set_num_threads(threads)
     dev0 = jax.devices()[0]
@@ -304,18 +297,20 @@ def matmul_seconds(cfg, tokens: int, threads: int) -> dict:
         "input_grad": (lambda x, w, g: g @ w.T),
         "weight_grad": (lambda x, w, g: x.T @ g),
     }
-    out = {"jaxpipe": dict.fromkeys(forms, 0.0), "torch": dict.fromkeys(forms, 0.0)}
+    shapes = dense_shapes(cfg)
     rng = np.random.default_rng(0)
-    for (d_in, d_out), count in dense_shapes(cfg).items():
+    calls = {}
+    for d_in, d_out in shapes:
         x, w, g = (rng.standard_normal(s, np.float32)
                    for s in ((tokens, d_in), (d_in, d_out), (tokens, d_out)))
-        jx, jw, jg = (jax.device_put(a, dev0) for a in (x, w, g))
-        tx, tw, tg = (torch.from_numpy(a) for a in (x, w, g))
         for name, form in forms.items():
-            jitted = jax.jit(form)
-            out["jaxpipe"][name] += count * _best_seconds(
-                lambda f=jitted, a=(jx, jw, jg): f(*a).block_until_ready())
-            out["torch"][name] += count * _best_seconds(lambda f=form, a=(tx, tw, tg): f(*a))
+            calls["jaxpipe", name, d_in, d_out] = (
+                jax.jit(form), tuple(jax.device_put(a, dev0) for a in (x, w, g)))
+            calls["torch", name, d_in, d_out] = (form, tuple(map(torch.from_numpy, (x, w, g))))
+    seconds = best_times(calls)
+    out = {side: dict.fromkeys(forms, 0.0) for side in ("jaxpipe", "torch")}
+    for (side, name, d_in, d_out), t in seconds.items():
+        out[side][name] += shapes[d_in, d_out] * t
     return {side: {**forms_s, "total": sum(forms_s.values())} for side, forms_s in out.items()}
 
 

@@ -330,13 +330,15 @@ class ExecutorFit:
     def describe(self) -> str:
         steps = ", ".join(f"{r} {p:.3f} -> {m:.3f} s" for r, p, m in
                           zip(self.runs, self.predicted_s, self.measured_s, strict=True))
+        data = staged = ""
+        if self.stages > 1:  # what the fit adds by the mesh's split
+            data = f" (x{self.data_concurrency_scale:.2f} more all on data)"
+            staged = (f", x{self.staged_remat_scale:.2f} on {self.stages} "
+                      f"(x{self.split_remat_scale:.2f} in split tables)")
         return (
             f"fitted to measured steps (predicted -> measured: {steps}): compute rate "
-            f"x{self.efficiency:.2f}, concurrency x{self.concurrency_scale:.2f}"
-            + (f" (x{self.data_concurrency_scale:.2f} more all on data)" if self.stages > 1 else "")
-            + f", recompute cost x{self.remat_scale:.2f} on one stage"
-            + (f", x{self.staged_remat_scale:.2f} on {self.stages} (x{self.split_remat_scale:.2f} "
-               "in split tables)" if self.stages > 1 else "")
+            f"x{self.efficiency:.2f}, concurrency x{self.concurrency_scale:.2f}{data}, "
+            f"recompute cost x{self.remat_scale:.2f} on one stage{staged}"
         )
 
 
