@@ -9,16 +9,18 @@ Activations go to the next stage with `ppermute`, gradients to the previous one 
 `ppermute`, on the ticks after which some stage receives (`buffers.send_ticks`); arrivals wait
 in small inboxes (slots from `buffers.buffer_plan`). The head and the
 loss run inside the last virtual stage's forward, so its backward has its loss gradient at
-hand. With embed_head="outside" the embedding runs before the program, and its gradient comes
-from the returned d(input); with "inside" the first virtual stage embeds each micro-batch at its
-forward tick and adds the lookups' gradient to the table's at its backward tick.
+hand. With embed_head="outside" the embedding runs before the program; with "inside" the first
+virtual stage embeds each micro-batch at its forward tick. The first virtual stage also adds the
+lookups' gradient to the table's at its backward ticks (always inside; outside when the table
+holds fewer elements than the batch's activations, `lookups_in_program`), else the program
+returns its d(input) for the embedding's backward outside.
 Idle ticks and padded slots are skipped with `lax.cond`, so they cost no FLOPs.
 
 What runs is read off the table's op codes: in a table with W ops (split) a B tick computes only
 the stage-input gradient (`backsplit.BackwardSplit`) and leaves what W needs from it (its carry)
 in the stash, over the residuals only B read when that costs fewer bytes (`stash.Stash`); the W
-tick turns that into the weight gradients, before the tick's sends (an optimization barrier
-orders them: a W left to run after the sends would land beside the next tick's op). Values
+tick turns that into the weight gradients, before the tick's sends (they send what comes out of
+its conditional: a W left to run after the sends would land beside the next tick's op). Values
 move on the channel the table names (`ScheduleTable.channel`): to the next stage, the previous
 one, or kept on the stage at the turn of a V (zbv), where virtual stage v sits on
 `table.virtual_stage`'s stage.
@@ -145,36 +147,64 @@ def _varying(a):
     return a if "pipe" in jax.typeof(a).mat.varying else jax.lax.pcast(a, "pipe", to="varying")
 
 
+def lookups_in_program(pipe, embed_params, inputs_BT) -> bool:
+    """Whether the program makes the embedding lookups' gradient itself (the first virtual stage,
+    at each of its backward ticks) and sums it over `pipe` with the head's; otherwise it returns
+    the first stage's d(input) [M, B/M, T, D] for the embedding's backward outside.
+
+    The table is the same on every stage, so its gradient must reach them all: either as the
+    d(input) (the batch's activations, summed over `pipe` from the one stage that has them) or
+    as the table's gradient. Always so with the embedding inside; outside, whichever of the two
+    holds fewer elements per device (the table's vocabulary split over `tensor`, the batch over
+    `data`): the table for pre-training batches, the d(input) for a small fine-tuning batch
+    against a large vocabulary.
+    """
+    if pipe.config.embed_head == "inside":
+        return True
+    tensor, data = pipe.mesh.shape["tensor"], pipe.mesh.shape["data"]
+    split = placement.vocab_split(embed_params["tok"].shape[0], tensor)
+    table = sum(
+        a.size // (tensor if split and path[-1].key == "tok" else 1)
+        for path, a in jax.tree_util.tree_leaves_with_path(embed_params)
+    )
+    return table < inputs_BT.size // data * pipe.model.d_model
+
+
 def value_and_grad(pipe, params, tokens_BT1):
     """(loss, grads) of `pipe` (a `Pipeline` with a forward + backward table); grads in the
     pipeline layout of params. Equal to `jax.value_and_grad(pipe.loss)` up to float rounding."""
     inputs_BT, targets_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
     inside = pipe.config.embed_head == "inside"
+    lookups = lookups_in_program(pipe, params["embed"], inputs_BT)
     t_MBT = pipe.microbatch(targets_BT)
+    ids_MBT = pipe.microbatch(inputs_BT)
     # The head reads the token table only when tied to it: an untied head's program does not
     # carry the table (nor accumulate a zero gradient for it). With the embedding inside, the
-    # first virtual stage looks its micro-batches up itself and the program carries the table.
+    # first virtual stage looks its micro-batches up itself and the program carries the table;
+    # so it does when it makes the lookups' gradient.
     head_params = {"head": params["head"]}
-    if pipe.model.tied or inside:
+    if pipe.model.tied or lookups:
         head_params["embed"] = params["embed"]
     if inside:
-        x_in = pipe.microbatch(inputs_BT)  # token ids [M, B/M, T]
+        x_in = ids_MBT
     else:
         x_in, embed_vjp = jax.vjp(lambda e: pipe.embed(e, inputs_BT), params["embed"])
     # Sums over `pipe` (the loss, the head's gradient); one stage returns its own instead
     # (`_pipe_sum`), stacked over the size-1 axis.
     summed = P("pipe") if pipe.config.num_stages == 1 else P()
     program = jax.shard_map(
-        lambda w, hp, x, t: _stage_program(pipe, w, hp, x, t),
+        lambda w, hp, x, ids, t: _stage_program(pipe, w, hp, x, ids, t, lookups),
         mesh=pipe.mesh,
-        in_specs=(P("pipe"), P(), P(), P()),
-        out_specs=(summed, P("pipe"), summed) + (() if inside else (P("pipe"),)),
+        in_specs=(P("pipe"), P(), P(), P(), P()),
+        out_specs=(summed, P("pipe"), summed) + (() if lookups else (P("pipe"),)),
         axis_names={"pipe"},
     )
-    loss, g_blocks, g_head, *dx_SMBTD = program(params["blocks"], head_params, x_in, t_MBT)
+    loss, g_blocks, g_head, *dx_SMBTD = program(
+        params["blocks"], head_params, x_in, ids_MBT, t_MBT
+    )
     if pipe.config.num_stages == 1:
         loss, g_head = _tree(lambda a: a[0], (loss, g_head))
-    if inside:
+    if lookups:
         g_embed = g_head["embed"]  # the lookups' gradient (and the tied head's), summed
     else:
         (g_embed,) = embed_vjp(dx_SMBTD[0][0].astype(x_in.dtype))
@@ -189,9 +219,10 @@ def _pipe_sum(S: int):
     return (lambda a: a[None]) if S == 1 else (lambda a: jax.lax.psum(a, "pipe"))
 
 
-def _stage_program(pipe, w_1RJ, head_params, x_in, t_MBT):
+def _stage_program(pipe, w_1RJ, head_params, x_in, ids_MBT, t_MBT, lookups):
     """One stage's tick loop. `x_in` is the embedded micro-batches [M, B/M, T, D], or with the
-    embedding inside, their token ids [M, B/M, T]."""
+    embedding inside, their token ids `ids_MBT` [M, B/M, T]. With `lookups`, the first virtual
+    stage adds the embedding lookups' gradient to the table's (`lookups_in_program`)."""
     cfg, tab, layout = pipe.model, pipe.table, pipe.layout
     inside = pipe.config.embed_head == "inside"
     S, Mb, V = tab.num_stages, tab.num_microbatches, tab.num_stages * tab.num_repeats
@@ -241,7 +272,7 @@ def _stage_program(pipe, w_1RJ, head_params, x_in, t_MBT):
             "send_b": {ch: zero_BTD for ch in grad_chs},
         }
     )
-    if not inside:  # d(input) of each micro-batch, for the embedding's backward outside
+    if not lookups:  # d(input) of each micro-batch, for the embedding's backward outside
         state["dx"] = vary(jnp.zeros(x_in.shape, zero_BTD.dtype))
 
     def head_loss(hp, y_BTD, t_BT):
@@ -249,7 +280,7 @@ def _stage_program(pipe, w_1RJ, head_params, x_in, t_MBT):
 
     def embed(e, m):
         """Micro-batch m embedded (embedding inside: the first virtual stage's input)."""
-        return M.embed_apply(cfg, {"embed": e}, x_in[m]).astype(zero_BTD.dtype)
+        return M.embed_apply(cfg, {"embed": e}, ids_MBT[m]).astype(zero_BTD.dtype)
 
     def embed_grad(g_e, dh, m):
         """The lookups' gradient of micro-batch m, from d(input) of the first virtual stage."""
@@ -299,9 +330,10 @@ def _stage_program(pipe, w_1RJ, head_params, x_in, t_MBT):
     def no_bwd(g_w, *_):
         return g_w, zero_BTD
 
-    def wgt(g_w, w_J, count, bufs, k, r):
+    def wgt(g_w, w_J, count, bufs, k, r, y, dh):
         kept_w, carry = stash.read_weight(bufs, k)
-        return add_grads(g_w, stage.weight_grad(w_J, count, kept_w, carry), r)
+        g_w = add_grads(g_w, stage.weight_grad(w_J, count, kept_w, carry), r)
+        return g_w, jnp.zeros_like(y), jnp.zeros_like(dh)
 
     def put(buf, x, slot, ok):
         return jax.lax.dynamic_update_index_in_dim(buf, jnp.where(ok, x, buf[slot]), slot, 0)
@@ -353,13 +385,15 @@ def _stage_program(pipe, w_1RJ, head_params, x_in, t_MBT):
         )
         if tab.split:  # B leaves the weight gradients alone: they do not pass its conditional
             dh, bufs = jax.lax.cond(is_b, b_input, no_b_input, w_J, count, bufs, k, dy_in)
-            g_w = jax.lax.cond(
-                op == WGT, wgt, lambda g_w, *_: g_w, st["g_w"], w_J, count, bufs, k, r
+            # The tick's W finishes before its sends, as in the table: a W run after them lands
+            # beside the next tick's op while the other stages wait at the next send. So what
+            # the tick sends comes out of W's conditional (zeros at a W tick, where the stage ran
+            # no F or B; passed through otherwise), and the sends wait for it. An optimization
+            # barrier does not order them on a runtime that runs whatever is ready (XLA's CPU).
+            g_w, y, dh = jax.lax.cond(
+                op == WGT, wgt, lambda g_w, *a: (g_w, *a[-2:]), st["g_w"], w_J, count, bufs, k,
+                r, y, dh,
             )
-            # The tick's W finishes before its sends, as in the table: nothing else orders them,
-            # and a W run after the sends lands in the next tick, beside that tick's own op,
-            # while the other stages wait at the next send.
-            g_w, y, dh = jax.lax.optimization_barrier((g_w, y, dh))
         else:
             g_w, dh = jax.lax.cond(is_b, bwd, no_bwd, st["g_w"], w_J, count, bufs, k, dy_in, r)
         new = {
@@ -370,7 +404,7 @@ def _stage_program(pipe, w_1RJ, head_params, x_in, t_MBT):
             "send_f": send(y, needs_f, t),
             "send_b": send(dh, needs_b, t),
         }
-        if inside:
+        if lookups:
             g_e = jax.lax.cond(
                 is_b & (v == 0), embed_grad, lambda g_e, *_: g_e, head["g"]["embed"], dh, m
             )
@@ -383,4 +417,4 @@ def _stage_program(pipe, w_1RJ, head_params, x_in, t_MBT):
     g_head = _tree(_pipe_sum(S), st["head"]["g"])
     g_w = _tree(lambda g: g[None], st["g_w"])
     out = _pipe_sum(S)(st["head"]["loss"]), g_w, g_head
-    return out if inside else (*out, st["dx"][None])
+    return out if lookups else (*out, st["dx"][None])
