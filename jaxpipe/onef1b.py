@@ -187,6 +187,8 @@ def value_and_grad(pipe, params, tokens_BT1):
         head_params["embed"] = params["embed"]
     if inside:
         x_in = ids_MBT
+    elif lookups:
+        x_in = pipe.embed(params["embed"], inputs_BT)
     else:
         x_in, embed_vjp = jax.vjp(lambda e: pipe.embed(e, inputs_BT), params["embed"])
     # Sums over `pipe` (the loss, the head's gradient); one stage returns its own instead
