@@ -50,10 +50,10 @@ whatever is ready, so a trace still showed a stage sending first and running its
 next tick's op. Since each tick's sends read the output of W's conditional, and the first stage
 makes the embedding lookups' gradient itself (the all-reduce of the batch's d(input) over `pipe`
 took 14 ms of the 150 ms step, now one of the table's gradient, 1 ms): pinned_zb_ratio 0.96 and
-0.98 in two runs with the first change, 1.00, 0.98 and 0.97 in three with both;
-pinned_gpipe_ratio 1.03, 1.09 and 1.02, 1.03, 1.03; measured bubbles in the last three: 1f1b
-0.42-0.47 against its table's 0.41, zb_h1 0.43-0.48 against 0.25-0.26, gpipe 0.44-0.48 against
-0.23-0.24. The trace now shows each stage's ops in the
+0.98 in two runs with the first change, 1.00, 0.98, 0.97, 1.00 and 1.03 in five with both;
+pinned_gpipe_ratio 1.03, 1.09 and 1.02, 1.03, 1.03, 0.99, 1.08; measured bubbles in the last
+five: 1f1b 0.42-0.48 against its table's 0.41-0.46, zb_h1 0.43-0.49 against 0.25-0.35, gpipe
+0.44-0.48 against 0.23-0.31. The trace now shows each stage's ops in the
 table's ticks; what stays between zb_h1 and its table is the split's own cost inside the
 program: per stage and step, 123-127 ms of XLA ops against 1f1b's 108-110 ms (traced), where
 standalone B + W take the fused backward's time. The difference is in the carries B writes to

@@ -34,11 +34,11 @@ these 4 devices share 2 cores, the step takes about twice its ops' simulated tim
 zb_h1's 27 ticks (1f1b: 22) each pay that overhead. Four runs after each tick's sends came to
 read W's conditional (the barrier had not ordered them) and the first stage came to make the
 embedding lookups' gradient itself (no all-reduce of d(input) over `pipe`): zb_step_ratio 1.07,
-1.08, 1.07, 1.13 (zbv 1.03, 1.07, 1.05, 1.14), sim ratios 0.67-0.68 and 0.62-0.65. What stays:
-on one core, the two stages of `small` (S = 2, M = 4) run zb_h1's step in 1.11 x 1f1b's time
-with the same op time standalone, the difference being 3 more ticks (about 2 ms of inbox and
-send bookkeeping per stage and tick) and the carries, which B writes to the stash and W reads
-back (activation-sized per weight matmul: 4.7 MB per micro-batch and stage here).
+1.08, 1.07, 1.13, 1.08 (zbv 1.03, 1.07, 1.05, 1.14, 1.11), sim ratios 0.67-0.69 and
+0.62-0.66. What stays: on one core, the two stages of `small` (S = 2, M = 4) run zb_h1's step
+in 1.11 x 1f1b's time with the same op time standalone; an idle tick costs 0.17 ms, so the 3
+more ticks matter little, and the carries do: B writes them to the stash and W reads them back
+(activation-sized per weight matmul: 4.7 MB per micro-batch and stage here).
 
 Before, with lean blocks but carries in buffers of their own and every buffer written outside
 the conditionals: zb_temp_ratio 1.34 (zbv 1.24; 1f1b 27.9 MB, zb_h1 37.3 MB, zbv 34.4 MB),
