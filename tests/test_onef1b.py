@@ -18,8 +18,8 @@ SEQ = 8
 
 
 def _check(schedule, S, Mb, R=1, style="tiny", layers=None, layout=None, data=1, remat="none",
-           **kw):
-    cfg = get_preset(style, num_layers=layers or 2 * S * R, max_seq_len=SEQ)
+           vocab=None, **kw):
+    cfg = get_preset(style, num_layers=layers or 2 * S * R, max_seq_len=SEQ, vocab_size=vocab)
     pcfg = PipelineConfig(
         num_stages=S,
         num_microbatches=Mb,
@@ -29,7 +29,7 @@ def _check(schedule, S, Mb, R=1, style="tiny", layers=None, layout=None, data=1,
         remat=remat,
         **kw,
     )
-    mesh = make_mesh(pcfg, jax.devices()[: S * data])
+    mesh = make_mesh(pcfg, jax.devices()[: S * data * pcfg.tensor_parallel])
     pipe = Pipeline.create(cfg, pcfg, mesh, layout)
     params = jax.jit(M.init_params, static_argnums=(0, 1))(cfg, 3)
     tokens = jax.random.randint(jax.random.key(7), (2 * Mb * data, SEQ + 1), 0, cfg.vocab_size)
@@ -300,8 +300,11 @@ def test_the_embeddings_gradient_either_side_of_the_program(schedule, style, loo
                                                             monkeypatch):
     """With the embedding outside, the table's gradient equals the reference whether the
     program makes the lookups' gradient itself (summed over `pipe` with the head's) or returns
-    the first stage's d(input); tied (gpt2) and untied (llama) tables, data x pipe."""
+    the first stage's d(input); tied (gpt2) and untied (llama) tables, data x pipe, and a padded
+    vocabulary split over `tensor`."""
     monkeypatch.setattr(onef1b, "lookups_in_program", lambda *a: lookups)
+    if lookups:  # and with the table's vocabulary split over `tensor`, padded from 250 to 256
+        _check(schedule, 2, 4, style=style, vocab=250, tensor_parallel=2)
     pipe, _ = _check(schedule, 2, 4, style=style, data=2)
     params = pipe.place(jax.jit(M.init_params, static_argnums=(0, 1))(pipe.model, 3))
     jaxpr = jax.make_jaxpr(pipe.value_and_grad)(params, jnp.zeros((16, SEQ + 1), jnp.int32))
