@@ -186,7 +186,7 @@ def value_and_grad(pipe, params, tokens_BT1):
     if pipe.model.tied or lookups:
         head_params["embed"] = params["embed"]
     if inside:
-        x_in = ids_MBT
+        x_in = None  # the first virtual stage looks its micro-batches up itself
     elif lookups:
         x_in = pipe.embed(params["embed"], inputs_BT)
     else:
@@ -222,8 +222,8 @@ def _pipe_sum(S: int):
 
 
 def _stage_program(pipe, w_1RJ, head_params, x_in, ids_MBT, t_MBT, lookups):
-    """One stage's tick loop. `x_in` is the embedded micro-batches [M, B/M, T, D], or with the
-    embedding inside, their token ids `ids_MBT` [M, B/M, T]. With `lookups`, the first virtual
+    """One stage's tick loop. `x_in` is the embedded micro-batches [M, B/M, T, D] (None with the
+    embedding inside), `ids_MBT` their token ids [M, B/M, T]. With `lookups`, the first virtual
     stage adds the embedding lookups' gradient to the table's (`lookups_in_program`)."""
     cfg, tab, layout = pipe.model, pipe.table, pipe.layout
     inside = pipe.config.embed_head == "inside"
@@ -252,7 +252,7 @@ def _stage_program(pipe, w_1RJ, head_params, x_in, ids_MBT, t_MBT, lookups):
     w_RJ = M.compute_weights(cfg, _tree(lambda a: a[0], w_1RJ))
     hp = vary(head_params)
     x_in = vary(x_in)
-    zero_BTD = _varying(jnp.zeros(x_in.shape[1:3] + (cfg.d_model,), jnp.dtype(cfg.dtype)))
+    zero_BTD = _varying(jnp.zeros(ids_MBT.shape[1:] + (cfg.d_model,), jnp.dtype(cfg.dtype)))
     w_J0, count0 = _tree(lambda a: a[0], w_RJ), _varying(counts_SR[s, 0])
     res_shapes = jax.eval_shape(lambda w, n, h: stage.forward(w, n, h)[1], w_J0, count0, zero_BTD)
     zeros_res = [jnp.zeros(r.shape, r.dtype) for r in res_shapes]
