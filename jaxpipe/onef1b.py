@@ -54,6 +54,63 @@ _tree = jax.tree.map
 _UNROLL_MAX_SLOTS = 2  # stages with at most this many layer slots run them unrolled
 
 
+def _zeros_like(shape: jax.ShapeDtypeStruct):
+    """Zeros of `shape`'s shape and dtype, varying over the same manual mesh axes."""
+    z = jnp.zeros(shape.shape, shape.dtype)
+    manual = shape.manual_axis_type  # None outside shard_map
+    axes = tuple(sorted(manual.varying)) if manual is not None else ()
+    return jax.lax.pcast(z, axes, to="varying") if axes else z
+
+
+def _skippable(layer):
+    """`(p, h, active) -> layer(p, h) if active else h` for a layer slot that may be padding, with
+    its own backward, so that what a forward keeps for it holds no copy of the weights.
+
+    Under `jax.vjp` a `lax.cond` around the layer hands out its residuals as the conditional's
+    outputs, the weights the backward reads among them: new values, which the stage's stash would
+    then hold for every micro-batch in flight (a bfloat16 copy of the layer's weights each; at
+    70B scale tens of GiB per device). Here the forward keeps the layer's residuals minus its
+    weights (zeros when the slot is padding), and the backward takes the weights back from its
+    arguments, as `_StageVjp` does for the stage."""
+    structure = {}  # the layer's pullback: (treedef, weight position or -1 per residual leaf)
+
+    def run(p, h):
+        y, pull = jax.vjp(layer, p, h)
+        leaves, treedef = jax.tree.flatten(pull)
+        index = {id(leaf): i for i, leaf in enumerate(jax.tree.leaves(p))}
+        where = tuple(index.get(id(leaf), -1) for leaf in leaves)
+        structure["pull"] = (treedef, where)
+        return y, [leaf for leaf, i in zip(leaves, where, strict=True) if i < 0]
+
+    @jax.custom_vjp
+    def skippable(p, h, active):
+        return jax.lax.cond(active, layer, lambda p, h: h, p, h)
+
+    def fwd(p, h, active):
+        shapes = jax.eval_shape(run, p, h)[1]
+        skip = lambda p, h: (h, [_zeros_like(a) for a in shapes])  # noqa: E731
+        y, kept = jax.lax.cond(active, run, skip, p, h)
+        return y, (p, kept, active)
+
+    def bwd(res, dy):
+        p, kept, active = res
+        treedef, where = structure["pull"]
+
+        def back(p, kept, dy):
+            w_leaves, kept = jax.tree.leaves(p), iter(kept)
+            leaves = [w_leaves[i] if i >= 0 else next(kept) for i in where]
+            return jax.tree.unflatten(treedef, leaves)(dy)
+
+        def through(p, kept, dy):
+            return _tree(jnp.zeros_like, p), dy
+
+        dp, dh = jax.lax.cond(active, back, through, p, kept, dy)
+        return dp, dh, None
+
+    skippable.defvjp(fwd, bwd)
+    return skippable
+
+
 class _StageVjp:
     """One stage's group of J layer slots, forward with residuals and backward from them.
 
@@ -61,8 +118,8 @@ class _StageVjp:
     stage's weights back in. When every virtual stage has J layers the slots run as one
     `lax.scan` over the stacked weights (autodiff hands the scanned weights to the backward as
     the same arrays, and compile time does not grow with J). Uneven layouts unroll the slots,
-    the padded ones under `lax.cond` (a conditional inside the scan would hide the weights
-    from that check, and they would be stashed). With `recompute`, only the stage input is
+    the padded ones behind a conditional with a backward of its own (`_skippable`), whose
+    residuals leave the weights out as well. With `recompute`, only the stage input is
     stashed and the backward runs the forward again.
     """
 
@@ -81,11 +138,9 @@ class _StageVjp:
         layer = M.block_fn(self.cfg, self.remat)
         if self.scanned:
             return jax.lax.scan(lambda h, p: (layer(p, h), None), h, w)[0]
+        skippable = _skippable(layer)
         for j, p in enumerate(w):
-            if j < self.min_count:
-                h = layer(p, h)
-            else:
-                h = jax.lax.cond(j < count, layer, lambda p, h: h, p, h)
+            h = layer(p, h) if j < self.min_count else skippable(p, h, j < count)
         return h
 
     def weights(self, w_J):
