@@ -202,6 +202,8 @@ class Candidate:
             f"--remat {p.remat} --embed_head {p.embed_head} --batch_size {self.global_batch} "
             f"--seq_len {self.seq_len} --partition {self.plan.method} --device_profile {device}"
             + ("" if self.state_split == "none" else f" --{self.state_split}")
+            + ("" if self.plan.model_cfg.attention == "xla"
+               else f" --attention {self.plan.model_cfg.attention}")
         )
 
     def to_dict(self) -> dict:
@@ -546,6 +548,7 @@ class AutotuneResult:
     elapsed_s: float
     profiles: dict = dataclasses.field(default_factory=dict)  # micro-batch -> profile searched
     fit: ExecutorFit | None = None  # how a measured CPU profile was fitted to real steps
+    costed_on: str = "cpu"  # what the layers were compiled for (`search`'s compile_on)
 
     @property
     def best(self) -> Candidate:
@@ -557,7 +560,8 @@ class AutotuneResult:
             f"autotune: {self.model_cfg.name} on {c.num_devices} x {c.device} "
             f"({c.node_size} per node), global batch {self.global_batch} x {self.seq_len} "
             f"tokens; {self.searched} configurations, {self.planned} planned, "
-            f"{self.elapsed_s:.1f} s",
+            f"{self.elapsed_s:.1f} s; attention {self.model_cfg.attention}, layers compiled for "
+            f"{self.costed_on}",
             f"{'#':>2} {'DxPxT':>10} {'schedule':>16} {'R':>2} {'M':>4} {'remat':>5} "
             f"{'state':>5} {'layout':>12} {'step s':>8} {'tok/s':>10} {'MFU':>6} {'bubble':>6} "
             f"{'mem GiB':>8} {'neck':>4}",
@@ -588,6 +592,8 @@ class AutotuneResult:
             "searched": self.searched,
             "planned": self.planned,
             "elapsed_s": self.elapsed_s,
+            "attention": self.model_cfg.attention,
+            "costed_on": self.costed_on,
             "candidates": [k.to_dict() for k in self.candidates],
             "best_command": self.best.flags(c.device),
             "executor_fit": None if self.fit is None else dataclasses.asdict(self.fit),
@@ -614,9 +620,10 @@ def search(
     fit_steps: bool | None = None,
 ) -> AutotuneResult:
     """The `top` fastest fitting configurations (module docstring); raises a ConfigError naming
-    what would fit when none does. fit_steps: fit the profile to measured training steps first
-    (`fit_executor`); None: for a measured CPU profile (device "cpu") when the model trains on
-    this host (`steps_run_here`)."""
+    what would fit when none does. compile_on: the device the layers are compiled for when
+    costed (a compile-only TPU chip, `topology.costing_target`; None: JAX's default device).
+    fit_steps: fit the profile to measured training steps first (`fit_executor`); None: for a
+    measured CPU profile (device "cpu") when the model trains on this host (`steps_run_here`)."""
     t0 = time.perf_counter()
     if global_batch < 1 or seq_len < 1 or top < 1:
         raise ConfigError(
@@ -691,8 +698,9 @@ def search(
     if not best:
         raise ConfigError(_nothing_fits(model_cfg, cluster, global_batch, seq_len, costs, remats))
     ranked = tuple(k for _, _, k in sorted(best, key=lambda e: (-e[0], -e[1])))
+    costed_on = jax.default_backend() if compile_on is None else compile_on.device_kind
     return AutotuneResult(model_cfg, cluster, global_batch, seq_len, ranked, searched, planned,
-                          time.perf_counter() - t0, profiles, fit)
+                          time.perf_counter() - t0, profiles, fit, costed_on)
 
 
 def _remat_order(

@@ -21,6 +21,10 @@ train_lm.py command of the best (about 30 s for this one on a 2-core host):
 
     python -m jaxpipe.plan --auto --model llama-3-70b --devices 64 --devices_per_node 8 \\
         --device h100 --global_batch 512 --seq_len 8192 [--memory_gib 80] [--top 10] [--json]
+
+For a TPU device (--device tpu-v5p, ...) with libtpu installed, the layers are compiled for a
+compile-only chip of that generation (`topology.costing_target`), and --attention splash plans
+for the fused kernel there.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import argparse
 import sys
 
 from jaxpipe import aot, autotune, cli, topology
+from jaxpipe.attention import check_kernel, compiling_for
 from jaxpipe.config import (
     ATTENTION_KERNELS,
     PRESETS,
@@ -203,10 +208,18 @@ def _auto(args: argparse.Namespace) -> autotune.AutotuneResult:
     if args.batch_size is None:
         raise ConfigError("--auto needs --global_batch, the sequences per step")
     cluster = autotune.Cluster(args.devices, device, args.devices_per_node, args.memory_gib)
-    return autotune.search(
-        model_cfg, cluster, global_batch=args.batch_size, seq_len=seq_len, top=args.top,
-        splits=autotune.searched_splits(args.zero1, args.fsdp),
-    )
+    chip, platform = topology.costing_target(device)
+    if model_cfg.attention == "splash" and platform != "tpu" and topology.chip_topology(device):
+        raise ConfigError(
+            f"--attention splash on {device} is costed by compiling for a TPU chip, which needs "
+            f"libtpu; install it with {topology.TPU_EXTRA}, or plan with --attention xla"
+        )
+    with compiling_for(platform):  # e.g. the splash kernel traces for a compile-only TPU chip
+        check_kernel(model_cfg, seq_len)
+        return autotune.search(
+            model_cfg, cluster, global_batch=args.batch_size, seq_len=seq_len, top=args.top,
+            splits=autotune.searched_splits(args.zero1, args.fsdp), compile_on=chip,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

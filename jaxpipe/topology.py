@@ -54,6 +54,27 @@ def profile_name(topology: str) -> str:
     return "cpu" if kind == "cpu" else f"tpu-{kind}"
 
 
+def chip_topology(profile: str) -> str | None:
+    """The one-chip topology of a `tpu-<generation>` device profile (`v5p:1x1x1`, `v5e:1x1`);
+    None for other profiles."""
+    gen = profile.removeprefix("tpu-")
+    if not profile.startswith("tpu-") or gen not in TPU_GENERATIONS:
+        return None
+    return f"{gen}:1x1" if gen in ("v5e", "v6e") else f"{gen}:1x1x1"
+
+
+def costing_target(profile: str):
+    """(device, platform) to compile layers on when planning for the device profile `profile`:
+    for a TPU generation, one compile-only chip of it when libtpu is installed (the target
+    compiler's own temporaries and kernels, the splash attention kernel included); else
+    (None, this process's backend): the layers compile for the devices JAX has here, which is
+    the target itself on a TPU host."""
+    name = chip_topology(profile)
+    if name is None or jax.default_backend() == "tpu" or importlib.util.find_spec("libtpu") is None:
+        return None, jax.default_backend()
+    return get_topology(name).devices[0], "tpu"
+
+
 def prepare_host(topology: str) -> None:
     """Call before JAX starts: N CPU devices for `cpu:N`, and the host CPU as JAX's platform
     (unless JAX_PLATFORMS names one), so that no attached accelerator is opened."""

@@ -1,6 +1,7 @@
 """Autotuner: exact pruning, memory, tensor within a node, what fits when nothing does."""
 
 import dataclasses
+import importlib.util
 import json
 import os
 import subprocess
@@ -9,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from jaxpipe import autotune
+from jaxpipe import autotune, topology
 from jaxpipe import plan as plan_cli
+from jaxpipe.attention import compiling_for
 from jaxpipe.autotune import Cluster, LayerCosts, plan_for, search
-from jaxpipe.config import ConfigError, get_preset
+from jaxpipe.config import ConfigError, PipelineConfig, get_preset
 from jaxpipe.costmodel import concurrency, recompute_factor
 from jaxpipe.costs import GiB, LayerCost, ModelCosts
 
@@ -236,3 +238,48 @@ def test_fit_makes_the_profile_predict_the_measured_steps(monkeypatch):
     assert len(runs) == 3 and one.measured_s == (0.3, 0.5, 0.5, 0.4)
     assert one.stages == 1 and one.fitted(shared).fit is None
     assert not autotune.steps_run_here(get_preset("llama-3-70b"), 16, 64)
+
+
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason=f"libtpu is not installed; {topology.TPU_EXTRA} (the tpu extra) runs this test",
+)
+AUTO_TPU = ["--auto", "--model", "small-llama", "--devices", "8", "--device", "tpu-v5p",
+            "--global_batch", "8", "--seq_len", "128", "--top", "2"]
+
+
+@needs_libtpu
+def test_planning_for_a_tpu_costs_the_layers_as_its_compiler_does(capsys):
+    """For a TPU profile the search compiles the layers for a compile-only chip of that
+    generation: the splash kernel is allowed on this CPU host, the best candidate is the plan of
+    the TPU-compiled costs (not of the host's), and its train_lm.py command names the kernel."""
+    assert plan_cli.main([*AUTO_TPU, "--attention", "splash", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["costed_on"] == "TPU v5" and out["attention"] == "splash"
+    assert out["best_command"].endswith(" --attention splash")
+    best = out["candidates"][0]
+    cfg = get_preset("small-llama", dtype="bfloat16", attention="splash")
+    mesh = best["mesh"]
+    pcfg = PipelineConfig(mesh["pipe"], best["num_microbatches"], best["num_repeats"],
+                          best["schedule"], best["remat"], data_parallel=mesh["data"],
+                          tensor_parallel=mesh["tensor"], embed_head=best["embed_head"],
+                          **autotune.STATE_SPLITS[best["state_split"]])
+    profile = Cluster(8, "tpu-v5p").profile(cfg, best["microbatch_size"], 128)
+    chip, platform = topology.costing_target("tpu-v5p")
+    with compiling_for(platform):
+        tpu = LayerCosts.compile(cfg, 128, chip).at(best["microbatch_size"], mesh["tensor"])
+    plan = plan_for(cfg, pcfg, tpu, profile)
+    assert plan.step_time_s == pytest.approx(best["step_time_s"], rel=1e-9)
+    assert max(st.memory_bytes for st in plan.stages) == pytest.approx(best["memory_bytes"])
+    host = LayerCosts.compile(cfg.replace(attention="xla"), 128).at(
+        best["microbatch_size"], mesh["tensor"])
+    assert host.block.temp_bytes != tpu.block.temp_bytes  # the two compilers differ
+
+
+def test_splash_for_a_tpu_without_libtpu_names_the_install(monkeypatch, capsys):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "libtpu" else find_spec(name, *a))
+    assert plan_cli.main([*AUTO_TPU, "--attention", "splash"]) == 2
+    err = capsys.readouterr().err
+    assert "needs libtpu" in err and topology.TPU_EXTRA in err, err
