@@ -54,6 +54,23 @@ _tree = jax.tree.map
 _UNROLL_MAX_SLOTS = 2  # stages with at most this many layer slots run them unrolled
 
 
+def _without_weights(pull, weights):
+    """A pullback's residual leaves split from the weights it holds: ((treedef, weight position
+    or -1 per leaf), the leaves that are not weights). Weights are told by identity: a residual
+    leaf that is the very array passed in as a weight."""
+    leaves, treedef = jax.tree.flatten(pull)
+    index = {id(leaf): i for i, leaf in enumerate(jax.tree.leaves(weights))}
+    where = tuple(index.get(id(leaf), -1) for leaf in leaves)
+    return (treedef, where), [leaf for leaf, i in zip(leaves, where, strict=True) if i < 0]
+
+
+def _with_weights(structure, weights, kept):
+    """The pullback `_without_weights` split, rebuilt from the weights and the kept leaves."""
+    treedef, where = structure
+    w_leaves, kept = jax.tree.leaves(weights), iter(kept)
+    return jax.tree.unflatten(treedef, [w_leaves[i] if i >= 0 else next(kept) for i in where])
+
+
 def _zeros_like(shape: jax.ShapeDtypeStruct):
     """Zeros of `shape`'s shape and dtype, varying over the same manual mesh axes."""
     z = jnp.zeros(shape.shape, shape.dtype)
@@ -72,15 +89,12 @@ def _skippable(layer):
     70B scale tens of GiB per device). Here the forward keeps the layer's residuals minus its
     weights (zeros when the slot is padding), and the backward takes the weights back from its
     arguments, as `_StageVjp` does for the stage."""
-    structure = {}  # the layer's pullback: (treedef, weight position or -1 per residual leaf)
+    structure = {}  # the layer's pullback, as `_without_weights` splits it
 
     def run(p, h):
         y, pull = jax.vjp(layer, p, h)
-        leaves, treedef = jax.tree.flatten(pull)
-        index = {id(leaf): i for i, leaf in enumerate(jax.tree.leaves(p))}
-        where = tuple(index.get(id(leaf), -1) for leaf in leaves)
-        structure["pull"] = (treedef, where)
-        return y, [leaf for leaf, i in zip(leaves, where, strict=True) if i < 0]
+        structure["pull"], kept = _without_weights(pull, p)
+        return y, kept
 
     @jax.custom_vjp
     def skippable(p, h, active):
@@ -94,12 +108,9 @@ def _skippable(layer):
 
     def bwd(res, dy):
         p, kept, active = res
-        treedef, where = structure["pull"]
 
         def back(p, kept, dy):
-            w_leaves, kept = jax.tree.leaves(p), iter(kept)
-            leaves = [w_leaves[i] if i >= 0 else next(kept) for i in where]
-            return jax.tree.unflatten(treedef, leaves)(dy)
+            return _with_weights(structure["pull"], p, kept)(dy)
 
         def through(p, kept, dy):
             return _tree(jnp.zeros_like, p), dy
@@ -154,13 +165,11 @@ class _StageVjp:
         if self.recompute:
             return self.layers(w, count, h), [h]
         y, pull = jax.vjp(lambda w, h: self.layers(w, count, h), w, h)
-        leaves, treedef = jax.tree.flatten(pull)
-        index = {id(leaf): i for i, leaf in enumerate(jax.tree.leaves(w))}
-        where = tuple(index.get(id(leaf), -1) for leaf in leaves)
-        if self.meta is not None and self.meta[1] != where:
+        meta, kept = _without_weights(pull, w)
+        if self.meta is not None and self.meta[1] != meta[1]:
             raise AssertionError("stage residual structure changed between traces")
-        self.meta = (treedef, where)
-        return y, [leaf for leaf, i in zip(leaves, where, strict=True) if i < 0]
+        self.meta = meta
+        return y, kept
 
     def input_grad(self, w_J, count, kept, dy):
         """B of a split backward: (d(stage input), what W needs that B computed)."""
@@ -179,11 +188,7 @@ class _StageVjp:
         if self.recompute:
             pull = jax.vjp(lambda w, h: self.layers(w, count, h), self.weights(w_J), kept[0])[1]
         else:
-            treedef, where = self.meta
-            w_leaves = jax.tree.leaves(self.weights(w_J))
-            kept = iter(kept)
-            leaves = [w_leaves[i] if i >= 0 else next(kept) for i in where]
-            pull = jax.tree.unflatten(treedef, leaves)
+            pull = _with_weights(self.meta, self.weights(w_J), kept)
         dw, dh = pull(dy)
         return (dw if self.scanned else _tree(lambda *a: jnp.stack(a), *dw)), dh
 

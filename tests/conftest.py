@@ -1,5 +1,6 @@
 """Forces 8 CPU devices once, before JAX initialises, for every test."""
 
+import importlib.util
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -12,6 +13,20 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 def needs_devices(n: int):
     return pytest.mark.skipif(len(jax.devices()) < n, reason=f"needs {n} devices")
+
+
+# Tests that compile for TPU chips on this host (the tpu extra installs libtpu).
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="libtpu is not installed; pip install 'jaxpipe[tpu]' (the tpu extra) runs this test",
+)
+
+
+def hide_libtpu(monkeypatch) -> None:
+    """Makes libtpu look uninstalled for the rest of the test."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "libtpu" else find_spec(name, *a))
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import hide_libtpu, needs_libtpu
 
 from jaxpipe import aot, topology
 from jaxpipe import plan as plan_cli
@@ -20,10 +21,6 @@ from jaxpipe.hlo import permute_overlap
 from jaxpipe.train import TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-needs_libtpu = pytest.mark.skipif(
-    importlib.util.find_spec("libtpu") is None,
-    reason=f"libtpu is not installed; {topology.TPU_EXTRA} (the tpu extra) runs these tests",
-)
 TINY = get_preset("tiny").replace(num_layers=2)  # one layer a stage: the quickest compile
 
 
@@ -180,9 +177,7 @@ def test_cli_errors(capsys, monkeypatch):
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err, err
         assert err.count("\n") == 1
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "libtpu" else find_spec(name, *a))
+    hide_libtpu(monkeypatch)
     assert plan_cli.main([*AOT_ARGS, "--topology", "v5p:2x2x1", "--pipe", "2"]) == 2
     assert "pip install 'jaxpipe[tpu]'" in capsys.readouterr().err
 

@@ -1,7 +1,6 @@
 """Autotuner: exact pruning, memory, tensor within a node, what fits when nothing does."""
 
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import hide_libtpu, needs_libtpu
 
 from jaxpipe import autotune, topology
 from jaxpipe import plan as plan_cli
@@ -240,10 +240,6 @@ def test_fit_makes_the_profile_predict_the_measured_steps(monkeypatch):
     assert not autotune.steps_run_here(get_preset("llama-3-70b"), 16, 64)
 
 
-needs_libtpu = pytest.mark.skipif(
-    importlib.util.find_spec("libtpu") is None,
-    reason=f"libtpu is not installed; {topology.TPU_EXTRA} (the tpu extra) runs this test",
-)
 AUTO_TPU = ["--auto", "--model", "small-llama", "--devices", "8", "--device", "tpu-v5p",
             "--global_batch", "8", "--seq_len", "128", "--top", "2"]
 
@@ -277,9 +273,7 @@ def test_planning_for_a_tpu_costs_the_layers_as_its_compiler_does(capsys):
 
 
 def test_splash_for_a_tpu_without_libtpu_names_the_install(monkeypatch, capsys):
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "libtpu" else find_spec(name, *a))
+    hide_libtpu(monkeypatch)
     assert plan_cli.main([*AUTO_TPU, "--attention", "splash"]) == 2
     err = capsys.readouterr().err
     assert "needs libtpu" in err and topology.TPU_EXTRA in err, err
