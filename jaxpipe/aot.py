@@ -128,7 +128,7 @@ class AotReport:
     hbm_bytes: float
     hbm_source: str
     fits: bool
-    predicted_bytes: float  # the planner's largest per-stage memory estimate
+    predicted_bytes: float  # the planner's memory estimate per device (`device_memory`)
     flops: float | None
     largest_buffers: list | None
     permute_overlap: list | None

@@ -522,13 +522,16 @@ def _may_fit(costs: ModelCosts, profile: DeviceProfile, model_cfg: ModelConfig,
 
 def _memory_screen(cm: CostModel, pipe_cfg: PipelineConfig, L: int) -> float:
     """About the least memory a device needs (no table built): the parameter state of the
-    fewest slots that hold L layers, plus, under remat stage, the activations of one virtual
-    stage (a backward replays its forward first), without remat, the activations of the most
-    micro-batches a stage holds in flight (`schedule.stash_bound`, the bound every table is
-    validated against, in whole stages: over R) over an even share of the layers."""
+    fewest slots that hold L layers and of the embedding and head, plus, under remat stage,
+    the activations of one virtual stage (a backward replays its forward first), without
+    remat, the activations of the most micro-batches a stage holds in flight
+    (`schedule.stash_bound`, the bound every table is validated against, in whole stages: over
+    R) over an even share of the layers."""
     S, R, M = pipe_cfg.num_stages, pipe_cfg.num_repeats, pipe_cfg.num_microbatches
     slots = math.ceil(L / (S * R))
     static = static_bytes(pipe_cfg, compute_bytes=cm.compute_bytes) * R * slots * cm.block_params
+    outer = static_bytes(pipe_cfg, blocks=False, compute_bytes=cm.compute_bytes)
+    static += outer * (cm.embed_params + cm.head_params)
     static += cm.temp_bytes + replay_bytes(cm, pipe_cfg, slots)
     if pipe_cfg.remat != "none":
         return static

@@ -6,19 +6,24 @@ the last, plus the activation and its gradient crossing the link. `cost` minimis
 device exactly (`split.min_max_split`); `memory` does the same subject to every device fitting
 in memory; `profile` feeds the same optimiser with measured single-layer times.
 
-Memory per device: every device holds R x J block slots (SPMD pads all stages to the largest,
-J layers) of parameters, gradients and AdamW's two fp32 moments (16 bytes per fp32 parameter;
-`static_bytes`: the moments split over `data` with ZeRO-1, and the block values too with FSDP,
-which then holds one gathered copy for the step; a copy of the blocks in a narrower compute
-dtype), plus the activations the schedule keeps in
-flight (only stage inputs, per layer or per stage, under remat, split over `tensor`); under remat
-stage, the one virtual stage a backward replays; in a split table under remat, the
-recomputed matmul inputs and output cotangents each B hands its W (in as many slots as the
-most pending on any stage, `schedule.pending_weight_grads`). How many
-micro-batches a stage holds at its peak, the bubble and the step time are read off the table the
-executor runs (`schedule.executor_table`): the peak count of forwards awaiting their backward,
-its idle share of cells, and its tick-synchronous simulation (`simulate.simulate(lockstep=True)`)
-fed with each virtual stage's forward and backward time.
+Memory per device (`device_memory`): the step is one SPMD program, so every device allocates
+what the fullest stage needs: R x J block slots (all stages padded to the largest, J layers) of
+parameters, gradients and AdamW's two fp32 moments (16 bytes per fp32 parameter; `static_bytes`:
+the moments and gradients split over `data` with ZeRO-1, and the block values too with FSDP,
+which then holds one gathered copy for the step; a copy of the weights in a narrower compute
+dtype); the embedding and head state, replicated over `pipe`; a stash as deep as the most micro-
+batches any stage keeps in flight, each entry R x J layers' activations (only stage inputs, per
+layer or per stage, under remat, split over `tensor`); the largest layer program's temporaries
+(the head's forward and backward run back to back on one micro-batch); under remat stage, the
+one virtual stage a backward replays; with the gradients split over `data`, one stage's gradient
+whole as a backward forms it (`formed_gradient`); in a split table under remat, the recomputed
+matmul inputs and output cotangents each B hands its W (in as many slots as the most pending on
+any stage, `schedule.pending_weight_grads`).
+
+How many micro-batches a stage holds at its peak, the bubble and the step time are read off the
+table the executor runs (`schedule.executor_table`): the peak count of forwards awaiting their
+backward, its idle share of cells, and its tick-synchronous simulation
+(`simulate.simulate(lockstep=True)`) fed with each virtual stage's forward and backward time.
 """
 
 from __future__ import annotations
@@ -49,25 +54,27 @@ METHODS = ("uniform", "cost", "memory", "profile")
 def static_bytes(pipe_cfg: PipelineConfig, blocks: bool = True, compute_bytes: float = 4) -> float:
     """Bytes per fp32 parameter held through a step: its value, its gradient and AdamW's two
     moments (16 when nothing is split over `data`). ZeRO-1 and FSDP split the moments over
-    `data`; FSDP splits block values (`blocks`) too, and holds one gathered copy for the step.
-    With a narrower compute dtype (`compute_bytes` < 4) the compiler converts each stage's
-    block weights once per step, not per tick: a copy in that dtype lives through the step, and
-    with FSDP the gather moves (and keeps) that copy instead of the fp32 values.
+    `data`, and with them the gradient: the compiler reduce-scatters each gradient as it
+    accumulates, so a device holds only its part (as the TPU compiler's memory reports of the
+    ZeRO-1 steps show: block and vocabulary gradients `[..., d / data, ...]`). FSDP splits block
+    values (`blocks`) too, and holds one gathered copy for the step. With a narrower compute
+    dtype (`compute_bytes` < 4) the compiler converts the weights once per step, not per tick:
+    a copy in that dtype lives through the step, and with FSDP the gather moves (and keeps)
+    that copy instead of the fp32 values.
     The forward + backward executor (every table but a ring with overlapped sends) accumulates
-    the head's gradient in every stage and then sums it over `pipe`, so the embedding and head
-    parameters (not `blocks`) hold two gradients there, unless the moments are split over
-    `data` (the summed gradient is then reduce-scattered as it forms, as the TPU compiler's
-    memory reports of the ZeRO-1 steps show)."""
+    the head's gradient in every stage and then sums it over `pipe`, so without a split over
+    `data` the embedding and head parameters (not `blocks`) hold two gradients there."""
     D = pipe_cfg.data_parallel
-    moments = 8 / D if pipe_cfg.shard_moments else 8
-    copy = compute_bytes if blocks and compute_bytes < 4 else 0
+    split = pipe_cfg.shard_moments
+    moments = 8 / D if split else 8
+    copy = compute_bytes if compute_bytes < 4 else 0
     if blocks and pipe_cfg.fsdp:
         value = 4 / D + (copy or 4) * (D > 1)
     else:
         value = 4 + copy
     on_ring = schedule.trains_on_ring(pipe_cfg.schedule, pipe_cfg.hop)
-    two = not blocks and not on_ring and not pipe_cfg.shard_moments
-    grads = 8 if two else 4
+    two = not blocks and not on_ring and not split
+    grads = 4 / D if split else 8 if two else 4
     return value + grads + moments
 
 
@@ -128,28 +135,44 @@ def weight_grad_carry(cm: CostModel, pipe_cfg: PipelineConfig, slots: int) -> fl
     return _carry_slots(_shape(pipe_cfg)) * slots * cm.block_carry
 
 
-def stage_memory(cm: CostModel, pipe_cfg: PipelineConfig, s: int, layers: int, slots: int):
-    """Bytes on device s holding `layers` blocks when every device has R x `slots` slots."""
+def device_memory(cm: CostModel, pipe_cfg: PipelineConfig, slots: int) -> float:
+    """Bytes every device needs when each holds R x `slots` block slots.
+
+    The step is one SPMD program, so every device allocates the buffers of the fullest stage,
+    whatever its own layers (as the TPU compiler's memory reports show): R x `slots` slots of
+    block state; the embedding and head state (replicated over `pipe`); a stash as deep as
+    the most micro-batches any stage of the table holds in flight, each entry R x `slots`
+    layers' saved activations (without remat), layer inputs (remat layer) or stage inputs
+    (remat stage), split over `tensor`; the replay and W carries; with the gradients split
+    over `data`, one stage's gradient as a backward forms it; the temporaries of the
+    largest layer program (a block's or the head's forward + backward: every executor runs the
+    head's backward right after its forward, one micro-batch at a time, so its activations
+    never join the stash)."""
     R = pipe_cfg.num_repeats
-    first = s == 0 or not cm.embed_in_first
-    last = s == head_stage(pipe_cfg) or not cm.head_in_last
-    outer = first * cm.embed_params + last * cm.head_params
     static = static_bytes(pipe_cfg, compute_bytes=cm.compute_bytes) * R * slots * cm.block_params
-    static += static_bytes(pipe_cfg, blocks=False) * outer
-    layers = np.asarray(layers)
+    outer = static_bytes(pipe_cfg, blocks=False, compute_bytes=cm.compute_bytes)
+    static += outer * (cm.embed_params + cm.head_params)
     # Stashed layer or stage inputs: the compiler splits their buffers over `tensor` (their
     # last dim, as the TPU compiler's memory reports of the 1F1B and GPipe steps show).
     boundary = cm.boundary_bytes / pipe_cfg.tensor_parallel
-    if pipe_cfg.remat == "layer":
-        act = layers * boundary
-    elif pipe_cfg.remat == "stage":
-        act = R * boundary
-    else:
-        act = layers * cm.block_act
-        act += (s == 0) * cm.embed_act * cm.embed_in_first
-        act += (s == head_stage(pipe_cfg)) * cm.head_act * cm.head_in_last
-    static += replay_bytes(cm, pipe_cfg, slots) + weight_grad_carry(cm, pipe_cfg, slots)
-    return static + in_flight(pipe_cfg, s) * act + cm.temp_bytes
+    entry = {
+        "none": R * slots * cm.block_act,
+        "layer": R * slots * boundary,
+        "stage": R * boundary,
+    }[pipe_cfg.remat]
+    depth = max(_peak_in_flight(_shape(pipe_cfg)))
+    held = replay_bytes(cm, pipe_cfg, slots) + weight_grad_carry(cm, pipe_cfg, slots)
+    return static + depth * entry + held + formed_gradient(cm, pipe_cfg, slots) + cm.temp_bytes
+
+
+def formed_gradient(cm: CostModel, pipe_cfg: PipelineConfig, slots: int) -> float:
+    """With the gradients split over `data` (ZeRO-1, FSDP), a backward still forms its stage's
+    weight gradient whole, in the compute dtype, before the reduce-scatter takes this device's
+    part (as the TPU compiler's memory reports show: a bfloat16 gradient of every slot beside
+    the split fp32 one)."""
+    if not pipe_cfg.shard_moments:
+        return 0.0
+    return pipe_cfg.num_repeats * slots * cm.block_params * cm.compute_bytes
 
 
 def device_counts(
@@ -175,26 +198,19 @@ def device_counts(
     prefix = cm.block_time * np.arange(num_layers + 1)
     head = head_stage(pipe_cfg)
 
-    def cost_fn(slots):
-        def cost(p, starts, end):
-            t = prefix[end] - prefix[starts] + R * cm.transfer_time + cm.extra_time(p, S, head)
-            if capacity is None:
-                return t
-            mem = stage_memory(cm, pipe_cfg, p, end - starts, slots)
-            return np.where(mem <= capacity, t, np.inf)
-
-        return cost
+    def cost(p, starts, end):
+        return prefix[end] - prefix[starts] + R * cm.transfer_time + cm.extra_time(p, S, head)
 
     if capacity is None:
-        return min_max_split(num_layers, S, cost_fn(None), min_size=R)[0]
+        return min_max_split(num_layers, S, cost, min_size=R)[0]
+    # Every device needs the memory of R x slots slots (`device_memory`), whatever its layers:
+    # more slots allow a less even split, so the search widens them while they fit, keeping
+    # the fewest that reach the best split.
     best = None
     for slots in range(math.ceil(num_layers / (S * R)), num_layers - S * R + 2):
-        if stage_memory(cm, pipe_cfg, S // 2, R, slots) > capacity and slots > 1:
-            break  # static memory alone no longer fits; larger slots only grow it
-        try:
-            sizes, neck = min_max_split(num_layers, S, cost_fn(slots), R, R * slots)
-        except ConfigError:
-            continue
+        if device_memory(cm, pipe_cfg, slots) > capacity:
+            break
+        sizes, neck = min_max_split(num_layers, S, cost, R, R * slots)
         if best is None or neck < best[1] * (1 - 1e-9):
             best = (sizes, neck)
         if any_fit:
@@ -221,6 +237,15 @@ def _no_fit_message(cm: CostModel, pipe_cfg: PipelineConfig, num_layers: int, ca
         f"fits in {capacity / 2**30:.1f} GiB per device"
     )
     R = pipe_cfg.num_repeats
+    outer = static_bytes(pipe_cfg, blocks=False, compute_bytes=cm.compute_bytes)
+    outer *= cm.embed_params + cm.head_params
+    fewest = static_bytes(pipe_cfg, compute_bytes=cm.compute_bytes) * cm.block_params * R
+    if outer + fewest > capacity:
+        return msg + (
+            f": the embedding and head state alone (replicated over `pipe`) take "
+            f"{outer / 2**30:.1f} GiB per device; split the vocabulary over more --tensor "
+            "devices or the optimizer moments over --data_parallel with --zero1"
+        )
     for more in range(S + 1, num_layers // R + 1):
         cfg = pipe_cfg.replace(num_stages=more)
         if _fits_somehow(cm, cfg, num_layers, capacity):
@@ -334,6 +359,7 @@ def build_plan(
     )
     vtime = compute + cm.transfer_time
     v_SR, last = layout.v_SR, head_stage(pipe_cfg)
+    memory = device_memory(cm, pipe_cfg, layout.slots)
     stages = []
     for s, ranges in enumerate(layout.stage_ranges()):
         layers = sum(b - a for a, b in ranges)
@@ -345,7 +371,7 @@ def build_plan(
             StageReport(
                 ranges=tuple(ranges),
                 time_s=float(sum(vtime[v_SR[s, r]] for r in range(R))),
-                memory_bytes=float(stage_memory(cm, pipe_cfg, s, layers, layout.slots)),
+                memory_bytes=float(memory),
                 params=int(round(params)),
                 in_flight=in_flight(pipe_cfg, s),
             )

@@ -21,9 +21,9 @@ from jaxpipe.mesh import make_mesh
 from jaxpipe.partition import (
     build_plan,
     device_counts,
+    device_memory,
     in_flight,
     make_plan,
-    stage_memory,
     virtual_counts,
     weight_grad_carry,
 )
@@ -278,30 +278,62 @@ def test_circular_bubble_with_fewer_microbatches_than_stages_is_the_executors_ta
 def test_memory_plan_fits_and_names_smallest_stage_count():
     cm = _cm()
     pcfg = PipelineConfig(2, 4, remat="none")
-    # 8 layers, 2 stages: static 16 B/param x 100 x slots + 4 micro-batches x 10 B per layer;
-    # the embedding and head hold two gradients (20 B/param): every stage accumulates the
-    # head's, summed over `pipe` at the end.
-    cap = 16 * 100 * 5 + 4 * (5 * 10 + 50) + 20 * 300 + 20 * 200
-    counts = device_counts(cm, pcfg, 8, "memory", capacity=cap)
-    slots = max(counts)
-    for s, n in enumerate(counts):
-        assert stage_memory(cm, pcfg, s, n, slots) <= cap
-    # Two stages hold >= 4 slots each: 6400 B static + 6000 B embedding > 11000 B.
-    cap2 = 11_000
-    with pytest.raises(ConfigError, match=r"smallest stage count that fits is 3") as err:
+
+    def need(slots):
+        # Every device: 16 B/param x 100 per slot; the embedding and head (replicated over
+        # `pipe`) with two gradients, 20 B/param; GPipe's 4 micro-batches x slots x 10 B.
+        return 16 * 100 * slots + 20 * (300 + 200) + 4 * slots * 10
+
+    assert device_memory(cm, pcfg, 5) == need(5)
+    # Unconstrained, the head's stage takes fewer layers: (5, 3), 5 slots a device.
+    assert device_counts(cm, pcfg, 8, "cost") == [5, 3]
+    assert device_counts(cm, pcfg, 8, "memory", capacity=need(5)) == [5, 3]
+    # One byte less and only 4 slots fit: the even split, though slower.
+    assert device_counts(cm, pcfg, 8, "memory", capacity=need(5) - 1) == [4, 4]
+    # 2 stages need 16,560 B, 3 need 14,920 B, 4 need 13,280 B.
+    cap2 = 14_000
+    with pytest.raises(ConfigError, match=r"smallest stage count that fits is 4"):
         device_counts(cm, pcfg, 8, "memory", capacity=cap2)
-    need = int(err.value.args[0].split("fits is ")[1].split()[0])
-    device_counts(cm, pcfg.replace(num_stages=need), 8, "memory", capacity=cap2)
+    device_counts(cm, pcfg.replace(num_stages=4), 8, "memory", capacity=cap2)
     with pytest.raises(ConfigError):
-        fewer = pcfg.replace(num_stages=need - 1)
-        device_counts(cm, fewer, 8, "memory", capacity=cap2, any_fit=True)
+        device_counts(cm, pcfg.replace(num_stages=3), 8, "memory", capacity=cap2, any_fit=True)
+
+
+def test_every_device_is_charged_the_fullest_stages_buffers():
+    """One SPMD program: the plan charges every stage the same bytes, those of R x J slots
+    with the deepest stash of the table (1F1B's first stage: S micro-batches) and the
+    embedding and head, whatever the stage's own layers."""
+    cm = _cm()
+    pcfg = PipelineConfig(4, 8, schedule="1f1b")
+    cfg = get_preset("tiny").replace(num_layers=10)
+    plan = build_plan(cfg, pcfg, StageLayout(4, 1, (2, 3, 3, 2)), cm, "cost", "test")
+    expect = 16 * 100 * 3 + 20 * (300 + 200) + 4 * 3 * 10
+    assert [st.memory_bytes for st in plan.stages] == [expect] * 4
+    assert [st.in_flight for st in plan.stages] == [4, 3, 2, 1]
+
+
+def test_gradients_split_with_the_moments_but_form_whole_per_stage():
+    """ZeRO-1 over 4 data devices, bfloat16 compute: per fp32 parameter the value (4 B), its
+    bfloat16 copy (2), a quarter of the gradient (1) and of the moments (2), for blocks and the
+    embedding and head alike; plus one stage's gradient whole in bfloat16 as a backward forms
+    it (R x J x 100 x 2 B). Replicated, the same layout needs 18 B/param for blocks and 22 for
+    the embedding and head (two gradients), and nothing formed beside."""
+    cm = _cm(compute_bytes=2.0)
+    zero1 = PipelineConfig(2, 4, 2, schedule="interleaved_1f1b", data_parallel=4, zero1=True)
+    depth = max(in_flight(zero1, s) for s in range(2))
+    stash = depth * 2 * 3 * 10
+    assert device_memory(cm, zero1, 3) == 9 * 2 * 3 * 100 + 9 * 500 + stash + 2 * 3 * 100 * 2
+    fsdp = zero1.replace(zero1=False, fsdp=True)  # block values split too: 1 + gathered 2
+    assert device_memory(cm, fsdp, 3) == 6 * 2 * 3 * 100 + 9 * 500 + stash + 2 * 3 * 100 * 2
+    replicated = zero1.replace(zero1=False)
+    assert device_memory(cm, replicated, 3) == 18 * 2 * 3 * 100 + 22 * 500 + stash
 
 
 def test_remat_shrinks_activation_memory():
     cm = _cm()
-    full = stage_memory(cm, PipelineConfig(3, 8), 1, 4, 4)
-    layer = stage_memory(cm, PipelineConfig(3, 8, remat="layer"), 1, 4, 4)
-    stage = stage_memory(cm, PipelineConfig(3, 8, remat="stage"), 1, 4, 4)
+    full = device_memory(cm, PipelineConfig(3, 8), 4)
+    layer = device_memory(cm, PipelineConfig(3, 8, remat="layer"), 4)
+    stage = device_memory(cm, PipelineConfig(3, 8, remat="stage"), 4)
     # remat stage keeps one input per stage, but a backward replays the whole stage first.
     assert full - layer == 8 * 4 * (10 - 2) and layer - stage == 8 * 3 * 2 - 4 * 10
 
@@ -317,7 +349,7 @@ def test_what_b_hands_w_under_remat_fills_the_executors_carry_slots(schedule, R)
             assert weight_grad_carry(cm, pcfg, 3) == slots * 3 * 70.0
             assert (slots > 0) == (schedule != "1f1b")
             assert weight_grad_carry(cm, pcfg.replace(remat="none"), 3) == 0.0
-            held = stage_memory(cm, pcfg, 0, 3, 3) - stage_memory(cm, pcfg, 0, 3, 3 - 1)
+            held = device_memory(cm, pcfg, 3) - device_memory(cm, pcfg, 3 - 1)
             assert held >= slots * 70.0  # one layer slot fewer: one layer's carry fewer
 
 
@@ -369,8 +401,12 @@ def test_make_plan_errors(method, device, pcfg, match):
 
 
 def test_make_plan_nothing_fits():
+    """llama-3-8b's embedding and head (1.05 B parameters, two gradients each) need 19.6 GiB
+    on every device of the pipeline: no stage count fits a v5e's 16 GiB; the error says what
+    splits them."""
     cfg = get_preset("llama-3-8b")
-    with pytest.raises(ConfigError, match="smallest stage count that fits is"):
+    with pytest.raises(ConfigError, match=r"embedding and head state alone .* take 19.6 GiB.*"
+                       r"--tensor.*--zero1"):
         make_plan(cfg, PipelineConfig(2, 1), "memory", batch_size=1, seq_len=128, device="tpu-v5e")
 
 
