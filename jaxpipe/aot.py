@@ -37,6 +37,7 @@ from jaxpipe.hlo import (
     size_bytes,
 )
 from jaxpipe.partition import make_plan
+from jaxpipe.report import Plan
 from jaxpipe.topology import first_line, get_topology, profile_name
 from jaxpipe.train import TrainConfig, Trainer
 
@@ -156,19 +157,19 @@ class AotReport:
             "per device (compiler):",
         ]
         if self.memory is not None:
-            rows += [f"  {k:<13} {_size(self.memory[k]):>12}" for k in MEMORY_FIELDS]
+            rows += [f"  {k:<13} {size_text(self.memory[k]):>12}" for k in MEMORY_FIELDS]
         else:
             o = self.oom
-            need = "?" if o["required"] is None else _size(o["required"])
-            have = "?" if o["available"] is None else _size(o["available"])
+            need = "?" if o["required"] is None else size_text(o["required"])
+            have = "?" if o["available"] is None else size_text(o["available"])
             rows.append(f"  out of memory: {o['what'] or 'memory'} {need} > available {have}")
         if self.largest_buffers:
             rows.append("largest buffers (compiler's memory-usage report):")
-            rows += [f"  {_size(b['bytes']):>12}  {b['shapes']}" for b in self.largest_buffers]
+            rows += [f"  {size_text(b['bytes']):>12}  {b['shapes']}" for b in self.largest_buffers]
         rows += [
-            f"HBM per device {_size(self.hbm_bytes)} ({self.hbm_source})",
+            f"HBM per device {size_text(self.hbm_bytes)} ({self.hbm_source})",
             f"fits: {'yes' if self.fits else 'no'}",
-            f"planner predicted {_size(self.predicted_bytes)} per device"
+            f"planner predicted {size_text(self.predicted_bytes)} per device"
             + ("" if self.ratio is None else f"; compiled / predicted {self.ratio:.2f}"),
         ]
         if self.flops is not None:
@@ -191,7 +192,8 @@ class AotReport:
         return self.table()
 
 
-def _size(n: float) -> str:
+def size_text(n: float) -> str:
+    """Bytes in the largest unit (GiB, MiB, KiB) that keeps them >= 1."""
     for unit, k in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= k:
             return f"{n / k:.2f} {unit}"
@@ -222,12 +224,7 @@ def compile_step(
       compiler's figures in `oom`), not raised.
     """
     topo = get_topology(topology)
-    if pcfg.num_devices != len(topo.devices):
-        raise ConfigError(
-            f"data x pipe x tensor = {pcfg.data_parallel} x {pcfg.num_stages} x "
-            f"{pcfg.tensor_parallel} = {pcfg.num_devices} devices, but topology {topology} has "
-            f"{len(topo.devices)}; make the product {len(topo.devices)}"
-        )
+    _check_devices(pcfg, topology, len(topo.devices))
     inside = pcfg.embed_head == "inside"
     with compiling_for(topo.platform):  # e.g. attention="splash" traces for a TPU topology
         plan = make_plan(
@@ -236,6 +233,25 @@ def compile_step(
             embed_in_first=inside, head_in_last=inside,
             compile_on=topo.devices[0] if topo.platform == "tpu" else None,
         )
+    return compile_plan(plan, batch_size=batch_size, seq_len=seq_len, topology=topology)
+
+
+def _check_devices(pcfg: PipelineConfig, topology: str, count: int) -> None:
+    if pcfg.num_devices != count:
+        raise ConfigError(
+            f"data x pipe x tensor = {pcfg.data_parallel} x {pcfg.num_stages} x "
+            f"{pcfg.tensor_parallel} = {pcfg.num_devices} devices, but topology {topology} has "
+            f"{count}; make the product {count}"
+        )
+
+
+def compile_plan(plan: Plan, *, batch_size: int, seq_len: int, topology: str) -> AotReport:
+    """Compiles the training step of `plan` (its model, pipeline shape and layout) for
+    `topology`, abstractly; the report's prediction is the plan's own memory per device."""
+    model, pcfg = plan.model_cfg, plan.pipe_cfg
+    topo = get_topology(topology)
+    _check_devices(pcfg, topology, len(topo.devices))
+    with compiling_for(topo.platform):
         tcfg = TrainConfig(batch_size=batch_size, seq_len=seq_len)
         trainer = Trainer.create(model, pcfg, tcfg, layout=plan.layout, devices=topo.devices)
         state, batch = abstract_inputs(trainer, batch_size, seq_len)

@@ -24,7 +24,9 @@ train_lm.py command of the best (about 30 s for this one on a 2-core host):
 
 For a TPU device (--device tpu-v5p, ...) with libtpu installed, the layers are compiled for a
 compile-only chip of that generation (`topology.costing_target`), and --attention splash plans
-for the fused kernel there.
+for the fused kernel there. With --topology too (v5p:4x4x4, or cpu:N) it compiles the best
+candidates' whole training steps for it, best first, until one fits the memory per device
+(at most --verify of them, default 3; `jaxpipe.verify`), and names that one best.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from jaxpipe.config import (
 )
 from jaxpipe.costs import DEVICES
 from jaxpipe.partition import METHODS, make_plan
+from jaxpipe.verify import DEFAULT_COUNT, Verification, verify
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -127,7 +130,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument(
         "--topology",
         default=None,
-        help="with --aot: a TPU slice such as v5p:4x4x4 (needs the tpu extra) or cpu:N",
+        help="with --aot: a TPU slice such as v5p:4x4x4 (needs the tpu extra) or cpu:N; "
+        "with --auto: compile the best candidates for it until one fits",
+    )
+    ap.add_argument(
+        "--verify", type=int, default=None,
+        help=f"with --auto --topology: candidates compiled at most (default {DEFAULT_COUNT})",
     )
     ap.add_argument(
         "--auto",
@@ -153,7 +161,7 @@ def compute_dtype(name: str) -> str:
 
 def run(args: argparse.Namespace):
     """The plan, with --aot the compiled step's `aot.AotReport`, with --auto the search's
-    `autotune.AutotuneResult`."""
+    `autotune.AutotuneResult` (with --topology too, its `verify.Verification`)."""
     if args.auto:
         return _auto(args)
     device = args.device or (topology.profile_name(args.topology) if args.aot else "cpu")
@@ -193,7 +201,7 @@ def run(args: argparse.Namespace):
     )
 
 
-def _auto(args: argparse.Namespace) -> autotune.AutotuneResult:
+def _auto(args: argparse.Namespace) -> autotune.AutotuneResult | Verification:
     if args.devices is None:
         raise ConfigError("--auto needs --devices, the number of devices to plan for")
     if args.aot:
@@ -216,10 +224,13 @@ def _auto(args: argparse.Namespace) -> autotune.AutotuneResult:
         )
     with compiling_for(platform):  # e.g. the splash kernel traces for a compile-only TPU chip
         check_kernel(model_cfg, seq_len)
-        return autotune.search(
+        result = autotune.search(
             model_cfg, cluster, global_batch=args.batch_size, seq_len=seq_len, top=args.top,
             splits=autotune.searched_splits(args.zero1, args.fsdp), compile_on=chip,
         )
+    if args.topology is None:
+        return result
+    return verify(result, args.topology, args.verify or DEFAULT_COUNT)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,9 +244,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"{', '.join(given)} plan(s) a cluster for the autotuner; add --auto")
         if args.aot and args.topology is None:
             raise ConfigError("--aot needs --topology, e.g. --topology v5p:4x4x4 or cpu:8")
-        if args.topology is not None and not args.aot:
+        if args.topology is not None and not (args.aot or args.auto):
             raise ConfigError("--topology is for compiling the training step; add --aot")
-        if args.aot:
+        if args.verify is not None and not (args.auto and args.topology):
+            raise ConfigError("--verify compiles the autotuner's candidates for a topology; "
+                              "add --auto and --topology (e.g. v5p:4x4x4 or cpu:8)")
+        if args.topology is not None:
             topology.prepare_host(args.topology)  # before JAX starts
         result = run(args)
         print(result.to_json() if args.json else result.table())

@@ -1,0 +1,67 @@
+"""The autotuner's candidates compiled for a topology: the first that fits is named best."""
+
+import json
+
+import pytest
+
+from jaxpipe import autotune, plan
+from jaxpipe.aot import compile_plan
+from jaxpipe.config import ConfigError, get_preset
+from jaxpipe.verify import verify
+
+MODEL = get_preset("small", num_layers=4)
+
+
+@pytest.fixture(scope="module")
+def searched():
+    """A search for 4 devices and three candidates' compiled totals on forced CPU devices."""
+    result = autotune.search(MODEL, autotune.Cluster(4, "tpu-v5p"), global_batch=16,
+                             seq_len=64, top=3)
+    totals = [
+        compile_plan(k.plan, batch_size=16, seq_len=64, topology="cpu:4").memory["total"]
+        for k in result.candidates
+    ]
+    return result, totals
+
+
+def test_the_best_is_the_first_candidate_that_compiles_within_the_budget(searched):
+    result, totals = searched
+    assert len(totals) == 3
+    roomy = verify(result, "cpu:4", count=3)  # a v5p's 95 GiB: the first fits, no more compile
+    assert len(roomy.reports) == 1 and roomy.best is result.candidates[0]
+    assert roomy.reports[0].memory["total"] == pytest.approx(totals[0])
+    # A budget only the leanest of the three meets: the ones before it are compiled and
+    # reported over it, the ones after it are not compiled.
+    j = totals.index(min(totals))
+    tight = verify(result, "cpu:4", count=3, capacity=totals[j])
+    assert len(tight.reports) == j + 1 and tight.best is result.candidates[j]
+    assert [tight.fits(r) for r in tight.reports] == [False] * j + [True]
+    text = tight.table()
+    assert text.count("over the budget") == j
+    assert text.splitlines()[-1] == "best (compiled to fit): " + result.candidates[j].flags(
+        "tpu-v5p")
+    out = json.loads(tight.to_json())
+    assert out["verified_best"] == j and len(out["verified"]) == j + 1
+    assert out["candidates"][j]["mesh"] == json.loads(result.to_json())["candidates"][j]["mesh"]
+
+
+def test_when_none_compiles_within_the_budget_the_table_says_what_to_try(searched):
+    result, totals = searched
+    none = verify(result, "cpu:4", count=2, capacity=min(totals) - 1)
+    assert none.best is None and len(none.reports) == 2
+    assert json.loads(none.to_json())["verified_best"] is None
+    last = none.table().splitlines()[-1]
+    assert "none of the first 2 candidates compiled within" in last and "--verify" in last
+
+
+def test_a_topology_of_another_size_or_a_count_below_one_is_refused(searched):
+    result, _ = searched
+    with pytest.raises(ConfigError, match=r"cpu:2 has 2 devices but the search planned for 4"):
+        verify(result, "cpu:2")
+    with pytest.raises(ConfigError, match=r"--verify must be >= 1"):
+        verify(result, "cpu:4", count=0)
+
+
+def test_verify_flag_needs_auto_and_a_topology(capsys):
+    assert plan.main(["--verify", "2"]) == 2
+    assert "add --auto and --topology" in capsys.readouterr().err
