@@ -108,6 +108,9 @@ class CostModel:
     temp_bytes: float  # working memory of the largest single layer program
     # What B hands W for a rematerialised block per micro-batch in a split table.
     block_carry: float = 0.0
+    # One block's attention scores and probabilities per micro-batch (float32 and the compute
+    # dtype) where the kernel materialises them (xla): what a replayed stage forward keeps.
+    replay_scores: float = 0.0
     compute_bytes: float = 4.0  # bytes of the compute dtype (the blocks' converted copy)
     embed_in_first: bool = True
     head_in_last: bool = True
@@ -165,6 +168,7 @@ class CostModel:
             boundary_bytes=costs.boundary_bytes,
             temp_bytes=max(costs.block.temp_bytes, costs.head.temp_bytes),
             block_carry=costs.block.carry_bytes,
+            replay_scores=scores_bytes(model_cfg, costs.microbatch, costs.seq_len, T),
             compute_bytes=float(jnp.dtype(model_cfg.dtype).itemsize),
             block_comm_time=block_comm,
             grad_reduce_per_param=GRAD_BYTES * grad_per_byte,
@@ -186,6 +190,16 @@ class CostModel:
     def grad_reduce_time(self, params: float) -> float:
         """The data-parallel gradient all-reduce of a device holding `params` parameters."""
         return params * self.grad_reduce_per_param + self.grad_reduce_latency * (params > 0)
+
+
+def scores_bytes(model_cfg: ModelConfig, microbatch: int, seq_len: int, tp: int) -> float:
+    """Bytes of one block's attention scores [b, H / tp, T, T] in float32 plus its
+    probabilities in the compute dtype, where the kernel materialises them (`xla`); 0 for the
+    fused kernels (splash, cudnn)."""
+    if model_cfg.attention != "xla":
+        return 0.0
+    itemsize = jnp.dtype(model_cfg.dtype).itemsize
+    return microbatch * model_cfg.num_heads / tp * seq_len**2 * (4 + itemsize)
 
 
 def boundary_scale(model_cfg: ModelConfig, pipe_cfg: PipelineConfig) -> float:

@@ -120,8 +120,14 @@ def head_stage(pipe_cfg: PipelineConfig) -> int:
 
 def replay_bytes(cm: CostModel, pipe_cfg: PipelineConfig, slots: int) -> float:
     """Under remat stage a backward replays its whole virtual stage's forward first: every
-    layer's saved activations of that micro-batch are alive at once."""
-    return slots * cm.block_act if pipe_cfg.remat == "stage" else 0.0
+    layer's saved activations of that micro-batch are alive at once, and with a kernel that
+    materialises the attention scores, every layer's scores but the last's (which are among
+    its own program's temporaries): the replayed forward and the backward are one region of
+    the program, where the compiler keeps the scores rather than compute them twice (as the
+    TPU compiler's memory reports of circular remat-stage steps show)."""
+    if pipe_cfg.remat != "stage":
+        return 0.0
+    return slots * cm.block_act + (slots - 1) * cm.replay_scores
 
 
 def weight_grad_carry(cm: CostModel, pipe_cfg: PipelineConfig, slots: int) -> float:

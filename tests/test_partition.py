@@ -14,7 +14,7 @@ from jaxpipe import model as M
 from jaxpipe.balance import check_balance
 from jaxpipe.buffers import buffer_plan
 from jaxpipe.config import SCHEDULES, ConfigError, PipelineConfig, get_preset
-from jaxpipe.costmodel import REMAT_COST, CostModel
+from jaxpipe.costmodel import REMAT_COST, CostModel, scores_bytes
 from jaxpipe.layout import StageLayout
 from jaxpipe.measure import StageTimes
 from jaxpipe.mesh import make_mesh
@@ -204,6 +204,20 @@ def test_plan_reads_bubble_in_flight_and_step_time_off_the_executors_table():
         assert plan.step_time_s == pytest.approx(expected, rel=1e-9), where
         checked += 1
     assert checked > 400
+
+
+def test_a_replayed_stage_keeps_every_layers_attention_scores_but_the_last():
+    """Under remat stage the replay keeps each layer's residuals and, where the kernel
+    materialises them, its scores (the last layer's are its program's temporaries)."""
+    pcfg = PipelineConfig(3, 8, remat="stage")
+    plain = device_memory(_cm(), pcfg, 4)
+    assert device_memory(_cm(replay_scores=7.0), pcfg, 4) - plain == 3 * 7.0
+    assert device_memory(_cm(replay_scores=7.0), pcfg.replace(remat="layer"), 4) == (
+        device_memory(_cm(), pcfg.replace(remat="layer"), 4))
+    cfg = get_preset("small")  # 4 heads, float32: scores and probabilities 4 + 4 bytes
+    assert scores_bytes(cfg, 2, 128, 2) == 2 * 2 * 128 * 128 * 8
+    assert scores_bytes(cfg.replace(dtype="bfloat16"), 2, 128, 1) == 2 * 4 * 128 * 128 * 6
+    assert scores_bytes(cfg.replace(attention="splash"), 2, 128, 1) == 0.0
 
 
 @pytest.mark.parametrize("schedule,R", [("zb_h1", 1), ("zbv", 2), ("1f1b", 1)])
