@@ -75,7 +75,8 @@ flags.DEFINE_string("embed_head", "outside", "outside | inside (embedding in the
                     "head + loss in the last).")
 flags.DEFINE_bool("auto", False, "Choose the mesh, schedule, repeats, micro-batches, remat, "
                   "embedding placement and layer split for the devices present "
-                  "(jaxpipe.autotune); the shape flags are then ignored.")
+                  "(jaxpipe.autotune; on accelerators the first candidate whose step compiles "
+                  "within their memory, jaxpipe.verify); the shape flags are then ignored.")
 flags.DEFINE_bool("check_balance", False, "Measure each stage's time, compare with the plan, "
                   "warn above 1.2x imbalance and print the suggested re-partition.")
 flags.DEFINE_string("boundary_dtype", None, "dtype of activations sent between stages.")
@@ -197,6 +198,7 @@ def _run(argv, initial, load, held):
     from jaxpipe.data import load_data
     from jaxpipe.partition import make_plan
     from jaxpipe.tokenizer import check_same_tokenizer, save_tokenizer
+    from jaxpipe.verify import choose_compiled
 
     if initial is None:
         model = get_preset(_F.model, num_layers=_F.num_layers, vocab_size=_F.vocab_size)
@@ -223,13 +225,10 @@ def _run(argv, initial, load, held):
     data.check(tcfg.seq_len)
     check_same_tokenizer(workdir, data.tokenizer)
     if _F.auto:
-        from jaxpipe.autotune import choose
-
-        found = choose(model, pcfg, num_devices=jax.device_count(), device=_F.device_profile,
-                       global_batch=tcfg.batch_size, seq_len=tcfg.seq_len,
-                       devices_per_node=jax.local_device_count())
+        found, best = choose_compiled(model, pcfg, device=_F.device_profile,
+                                      global_batch=tcfg.batch_size, seq_len=tcfg.seq_len)
         print(found.table())
-        plan, pcfg = found.best.plan, found.best.pipe_cfg
+        plan, pcfg = best.plan, best.pipe_cfg
     else:
         inside = pcfg.embed_head == "inside"
         plan = make_plan(model, pcfg, _F.partition, batch_size=tcfg.batch_size,

@@ -38,7 +38,7 @@ from jaxpipe.hlo import (
 )
 from jaxpipe.partition import make_plan
 from jaxpipe.report import Plan
-from jaxpipe.topology import first_line, get_topology, profile_name
+from jaxpipe.topology import Topology, first_line, get_topology, profile_name, resolve
 from jaxpipe.train import TrainConfig, Trainer
 
 
@@ -245,11 +245,15 @@ def _check_devices(pcfg: PipelineConfig, topology: str, count: int) -> None:
         )
 
 
-def compile_plan(plan: Plan, *, batch_size: int, seq_len: int, topology: str) -> AotReport:
+def compile_plan(plan: Plan, *, batch_size: int, seq_len: int,
+                 topology: str | Topology) -> AotReport:
     """Compiles the training step of `plan` (its model, pipeline shape and layout) for
-    `topology`, abstractly; the report's prediction is the plan's own memory per device."""
+    `topology` (a topology string, or a `Topology` such as `topology.present()`, the devices
+    this program runs on), abstractly; the report's prediction is the plan's own memory per
+    device."""
     model, pcfg = plan.model_cfg, plan.pipe_cfg
-    topo = get_topology(topology)
+    topo = resolve(topology)
+    topology = topo.name
     _check_devices(pcfg, topology, len(topo.devices))
     with compiling_for(topo.platform):
         tcfg = TrainConfig(batch_size=batch_size, seq_len=seq_len)

@@ -752,15 +752,18 @@ def choose(
     seq_len: int,
     devices_per_node: int | None = None,
 ) -> AutotuneResult:
-    """The search for a training run on `num_devices` present devices; the winner keeps
+    """The search for a training run on `num_devices` present devices; every candidate keeps
     `base`'s choices that the search does not make (boundary dtype). A state split that `base`
     asks for (ZeRO-1 or FSDP) is the only one searched."""
     cluster = Cluster(num_devices, device, devices_per_node)
     found = search(model_cfg, cluster, global_batch=global_batch, seq_len=seq_len, top=5,
                    splits=searched_splits(base.zero1, base.fsdp))
     keep = dict(boundary_dtype=base.boundary_dtype)
-    best = found.best
-    if any(getattr(best.pipe_cfg, k) != v for k, v in keep.items()):
-        plan = dataclasses.replace(best.plan, pipe_cfg=best.pipe_cfg.replace(**keep))
-        best = dataclasses.replace(best, plan=plan)
-    return dataclasses.replace(found, candidates=(best,) + found.candidates[1:])
+
+    def keeping(k: Candidate) -> Candidate:
+        if all(getattr(k.pipe_cfg, f) == v for f, v in keep.items()):
+            return k
+        return dataclasses.replace(
+            k, plan=dataclasses.replace(k.plan, pipe_cfg=k.pipe_cfg.replace(**keep)))
+
+    return dataclasses.replace(found, candidates=tuple(keeping(k) for k in found.candidates))

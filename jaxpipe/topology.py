@@ -97,6 +97,25 @@ class Topology:
     hbm_source: str
 
 
+def present(devices=None) -> Topology:
+    """The devices this program runs on (default: all of JAX's), as a topology to compile for:
+    their memory from the runtime's `memory_stats` where it reports a limit (GPU, TPU), else
+    host RAM over the CPU devices."""
+    devices = tuple(jax.devices() if devices is None else devices)
+    platform = devices[0].platform
+    stats = (devices[0].memory_stats() or {}) if platform != "cpu" else {}
+    if "bytes_limit" in stats:
+        hbm, source = float(stats["bytes_limit"]), "runtime"
+    else:
+        hbm, source = host_memory() / len(devices), f"host RAM / {len(devices)}"
+    return Topology(f"{len(devices)} x {devices[0].device_kind}", platform, devices, hbm, source)
+
+
+def resolve(topology: str | Topology) -> Topology:
+    """A topology string's devices (`get_topology`), or a `Topology` itself."""
+    return topology if isinstance(topology, Topology) else get_topology(topology)
+
+
 def _chip_attached() -> bool:
     return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 

@@ -16,9 +16,9 @@ import dataclasses
 import json
 
 from jaxpipe.aot import AotReport, compile_plan, size_text
-from jaxpipe.autotune import AutotuneResult, Candidate
-from jaxpipe.config import ConfigError
-from jaxpipe.topology import get_topology
+from jaxpipe.autotune import AutotuneResult, Candidate, choose
+from jaxpipe.config import ConfigError, ModelConfig, PipelineConfig
+from jaxpipe.topology import Topology, present, resolve
 
 DEFAULT_COUNT = 3  # candidates compiled at most
 
@@ -95,14 +95,17 @@ class Verification:
         return json.dumps(self.to_dict(), indent=indent)
 
 
-def verify(result: AutotuneResult, topology: str, count: int = DEFAULT_COUNT,
+def verify(result: AutotuneResult, topology: str | Topology, count: int = DEFAULT_COUNT,
            capacity: float | None = None) -> Verification:
-    """Compiles `result`'s candidates, best first, for `topology` until one fits `capacity`
-    bytes per device (default: the memory per device the search was given), at most `count`
-    of them."""
+    """Compiles `result`'s candidates, best first, for `topology` (a topology string, or a
+    `Topology` such as `topology.present()`) until one fits `capacity` bytes per device
+    (default: the memory per device the search was given, and at most the devices' own), at
+    most `count` of them."""
     if count < 1:
         raise ConfigError(f"--verify must be >= 1 candidate, got {count}")
-    devices = len(get_topology(topology).devices)
+    topo = resolve(topology)
+    topology = topo.name
+    devices = len(topo.devices)
     if devices != result.cluster.num_devices:
         raise ConfigError(
             f"topology {topology} has {devices} devices but the search planned for "
@@ -112,12 +115,34 @@ def verify(result: AutotuneResult, topology: str, count: int = DEFAULT_COUNT,
     if capacity is None:
         searched = next(iter(result.profiles.values()), None)
         profile = searched or result.cluster.profile(result.model_cfg, 1, result.seq_len)
-        capacity = profile.hbm_bytes
+        capacity = min(profile.hbm_bytes, topo.hbm_bytes)
     reports = []
     for k in result.candidates[:count]:
         report = compile_plan(k.plan, batch_size=k.global_batch, seq_len=k.seq_len,
-                              topology=topology)
+                              topology=topo)
         reports.append(report)
         if fits_in(report, capacity):
             break
     return Verification(result, topology, capacity, tuple(reports))
+
+
+def choose_compiled(model_cfg: ModelConfig, base: PipelineConfig, *, device: str,
+                    global_batch: int, seq_len: int, devices=None, compile: bool | None = None,
+                    ) -> tuple[AutotuneResult | Verification, Candidate]:
+    """(the search's result, the candidate to train) for the devices present (`devices`,
+    default all of JAX's; `autotune.choose`). With `compile` (default: on accelerators, whose
+    memory a step can overrun; not on a CPU host), the candidates are compiled for those
+    devices, best first (`verify`), and the first that fits is the one to train; a
+    ConfigError when none of the first `DEFAULT_COUNT` does."""
+    topo = present(devices)
+    per_node = max(1, len(topo.devices) // max(1, len({d.process_index for d in topo.devices})))
+    found = choose(model_cfg, base, num_devices=len(topo.devices), device=device,
+                   global_batch=global_batch, seq_len=seq_len, devices_per_node=per_node)
+    if compile is None:
+        compile = topo.platform != "cpu"
+    if not compile:
+        return found, found.best
+    checked = verify(found, topo)
+    if checked.best is None:
+        raise ConfigError(checked.table().splitlines()[-1].removeprefix("best: "))
+    return checked, checked.best

@@ -2,12 +2,13 @@
 
 import json
 
+import jax
 import pytest
 
 from jaxpipe import autotune, plan
 from jaxpipe.aot import compile_plan
-from jaxpipe.config import ConfigError, get_preset
-from jaxpipe.verify import verify
+from jaxpipe.config import ConfigError, PipelineConfig, get_preset
+from jaxpipe.verify import choose_compiled, verify
 
 MODEL = get_preset("small", num_layers=4)
 
@@ -65,3 +66,19 @@ def test_a_topology_of_another_size_or_a_count_below_one_is_refused(searched):
 def test_verify_flag_needs_auto_and_a_topology(capsys):
     assert plan.main(["--verify", "2"]) == 2
     assert "add --auto and --topology" in capsys.readouterr().err
+
+
+def test_choosing_for_the_devices_present_trains_the_first_candidate_that_compiles():
+    """On a CPU host the winner is trained as searched; compiled (as on accelerators), the
+    first candidate whose step fits the devices' memory, here the search's own best."""
+    devices = jax.devices()[:4]
+    base = PipelineConfig(boundary_dtype="bfloat16")
+    found, best = choose_compiled(MODEL, base, device="tpu-v5p", global_batch=16, seq_len=64,
+                                  devices=devices)
+    assert best is found.best and best.pipe_cfg.boundary_dtype == "bfloat16"
+    assert all(k.pipe_cfg.boundary_dtype == "bfloat16" for k in found.candidates)
+    checked, chosen = choose_compiled(MODEL, base, device="tpu-v5p", global_batch=16,
+                                      seq_len=64, devices=devices, compile=True)
+    assert len(checked.reports) == 1 and checked.fits(checked.reports[0])
+    assert chosen.pipe_cfg == found.best.pipe_cfg
+    assert checked.topology == f"4 x {devices[0].device_kind}"
