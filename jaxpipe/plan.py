@@ -26,7 +26,11 @@ For a TPU device (--device tpu-v5p, ...) with libtpu installed, the layers are c
 compile-only chip of that generation (`topology.costing_target`), and --attention splash plans
 for the fused kernel there. With --topology too (v5p:4x4x4, or cpu:N) it compiles the best
 candidates' whole training steps for it, best first, until one fits the memory per device
-(at most --verify of them, default 3; `jaxpipe.verify`), and names that one best.
+(at most --verify of them, default 3; `jaxpipe.verify`), and names that one best; --devices
+and --device then default to the topology's (64 and tpu-v5p for v5p:4x4x4):
+
+    python -m jaxpipe.plan --auto --model llama-3-70b --topology v5p:4x4x4 \
+        --global_batch 256 --seq_len 4096 --memory_gib 85
 """
 
 from __future__ import annotations
@@ -202,11 +206,16 @@ def run(args: argparse.Namespace):
 
 
 def _auto(args: argparse.Namespace) -> autotune.AutotuneResult | Verification:
-    if args.devices is None:
-        raise ConfigError("--auto needs --devices, the number of devices to plan for")
     if args.aot:
         raise ConfigError("--auto and --aot are separate modes; drop one of them")
-    device = args.device or "cpu"
+    devices, device = args.devices, args.device
+    if args.topology is not None:  # by default, plan for the topology's devices and chips
+        devices = devices or len(topology.get_topology(args.topology).devices)
+        device = device or topology.profile_name(args.topology)
+    if devices is None:
+        raise ConfigError("--auto needs --devices, the number of devices to plan for (or "
+                          "--topology, whose devices it then plans for)")
+    device = device or "cpu"
     dtype = args.dtype if args.dtype is not None else ("bfloat16" if device != "cpu" else None)
     model_cfg = get_preset(
         args.model, dtype=None if dtype is None else compute_dtype(dtype),
@@ -215,7 +224,7 @@ def _auto(args: argparse.Namespace) -> autotune.AutotuneResult | Verification:
     seq_len = model_cfg.max_seq_len if args.seq_len is None else args.seq_len
     if args.batch_size is None:
         raise ConfigError("--auto needs --global_batch, the sequences per step")
-    cluster = autotune.Cluster(args.devices, device, args.devices_per_node, args.memory_gib)
+    cluster = autotune.Cluster(devices, device, args.devices_per_node, args.memory_gib)
     chip, platform = topology.costing_target(device)
     if model_cfg.attention == "splash" and platform != "tpu" and topology.chip_topology(device):
         raise ConfigError(

@@ -4,6 +4,7 @@ import json
 
 import jax
 import pytest
+from conftest import needs_libtpu
 
 from jaxpipe import autotune, plan
 from jaxpipe.aot import compile_plan
@@ -82,3 +83,23 @@ def test_choosing_for_the_devices_present_trains_the_first_candidate_that_compil
     assert len(checked.reports) == 1 and checked.fits(checked.reports[0])
     assert chosen.pipe_cfg == found.best.pipe_cfg
     assert checked.topology == f"4 x {devices[0].device_kind}"
+
+
+def test_the_topology_gives_the_device_count(capsys):
+    """`plan --auto --topology cpu:4` plans for its 4 devices; the table ends with the
+    compiled best."""
+    args = ["--auto", "--model", "small", "--device", "tpu-v5p", "--topology", "cpu:4",
+            "--global_batch", "16", "--seq_len", "64", "--top", "2", "--json"]
+    assert plan.main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["devices"] == 4 and out["device"] == "tpu-v5p" and out["verified_best"] == 0
+
+
+@needs_libtpu
+def test_a_tpu_topology_gives_the_device_profile(capsys):
+    args = ["--auto", "--model", "small", "--topology", "v5p:2x2x1", "--global_batch", "16",
+            "--seq_len", "64", "--top", "2"]
+    assert plan.main(args) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("autotune: small on 4 x tpu-v5p")
+    assert "compiled for v5p:2x2x1 (budget" in text and "best (compiled to fit): " in text
