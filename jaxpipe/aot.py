@@ -233,7 +233,7 @@ def compile_step(
             embed_in_first=inside, head_in_last=inside,
             compile_on=topo.devices[0] if topo.platform == "tpu" else None,
         )
-    return compile_plan(plan, batch_size=batch_size, seq_len=seq_len, topology=topology)
+    return compile_plan(plan, batch_size=batch_size, seq_len=seq_len, topology=topo)
 
 
 def _check_devices(pcfg: PipelineConfig, topology: str, count: int) -> None:

@@ -63,6 +63,7 @@ from jaxpipe.partition import (
     build_plan,
     device_counts,
     replay_bytes,
+    state_bytes,
     static_bytes,
     step_table,
     virtual_counts,
@@ -529,10 +530,7 @@ def _memory_screen(cm: CostModel, pipe_cfg: PipelineConfig, L: int) -> float:
     R) over an even share of the layers."""
     S, R, M = pipe_cfg.num_stages, pipe_cfg.num_repeats, pipe_cfg.num_microbatches
     slots = math.ceil(L / (S * R))
-    static = static_bytes(pipe_cfg, compute_bytes=cm.compute_bytes) * R * slots * cm.block_params
-    outer = static_bytes(pipe_cfg, blocks=False, compute_bytes=cm.compute_bytes)
-    static += outer * (cm.embed_params + cm.head_params)
-    static += cm.temp_bytes + replay_bytes(cm, pipe_cfg, slots)
+    static = state_bytes(cm, pipe_cfg, slots) + cm.temp_bytes + replay_bytes(cm, pipe_cfg, slots)
     if pipe_cfg.remat != "none":
         return static
     held = stash_bound(pipe_cfg.schedule, S, M, R) / R

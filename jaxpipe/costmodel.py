@@ -102,8 +102,6 @@ class CostModel:
     embed_params: float
     head_params: float
     block_act: float  # saved per block per micro-batch
-    embed_act: float
-    head_act: float
     boundary_bytes: float  # one stage input
     temp_bytes: float  # working memory of the largest single layer program
     # What B hands W for a rematerialised block per micro-batch in a split table.
@@ -163,8 +161,6 @@ class CostModel:
             embed_params=embed_params,
             head_params=head_params,
             block_act=costs.block.activation_bytes,
-            embed_act=costs.embed.activation_bytes,
-            head_act=costs.head.activation_bytes,
             boundary_bytes=costs.boundary_bytes,
             temp_bytes=max(costs.block.temp_bytes, costs.head.temp_bytes),
             block_carry=costs.block.carry_bytes,

@@ -141,6 +141,15 @@ def weight_grad_carry(cm: CostModel, pipe_cfg: PipelineConfig, slots: int) -> fl
     return _carry_slots(_shape(pipe_cfg)) * slots * cm.block_carry
 
 
+def state_bytes(cm: CostModel, pipe_cfg: PipelineConfig, slots: int) -> float:
+    """Bytes of model state every device holds through a step (`static_bytes`): R x `slots`
+    block slots, and the embedding and head (replicated over `pipe`)."""
+    blocks = static_bytes(pipe_cfg, compute_bytes=cm.compute_bytes)
+    outer = static_bytes(pipe_cfg, blocks=False, compute_bytes=cm.compute_bytes)
+    slot_params = pipe_cfg.num_repeats * slots * cm.block_params
+    return blocks * slot_params + outer * (cm.embed_params + cm.head_params)
+
+
 def device_memory(cm: CostModel, pipe_cfg: PipelineConfig, slots: int) -> float:
     """Bytes every device needs when each holds R x `slots` block slots.
 
@@ -155,9 +164,7 @@ def device_memory(cm: CostModel, pipe_cfg: PipelineConfig, slots: int) -> float:
     head's backward right after its forward, one micro-batch at a time, so its activations
     never join the stash)."""
     R = pipe_cfg.num_repeats
-    static = static_bytes(pipe_cfg, compute_bytes=cm.compute_bytes) * R * slots * cm.block_params
-    outer = static_bytes(pipe_cfg, blocks=False, compute_bytes=cm.compute_bytes)
-    static += outer * (cm.embed_params + cm.head_params)
+    static = state_bytes(cm, pipe_cfg, slots)
     # Stashed layer or stage inputs: the compiler splits their buffers over `tensor` (their
     # last dim, as the TPU compiler's memory reports of the 1F1B and GPipe steps show).
     boundary = cm.boundary_bytes / pipe_cfg.tensor_parallel
@@ -243,10 +250,9 @@ def _no_fit_message(cm: CostModel, pipe_cfg: PipelineConfig, num_layers: int, ca
         f"fits in {capacity / 2**30:.1f} GiB per device"
     )
     R = pipe_cfg.num_repeats
-    outer = static_bytes(pipe_cfg, blocks=False, compute_bytes=cm.compute_bytes)
-    outer *= cm.embed_params + cm.head_params
-    fewest = static_bytes(pipe_cfg, compute_bytes=cm.compute_bytes) * cm.block_params * R
-    if outer + fewest > capacity:
+    if state_bytes(cm, pipe_cfg, 1) > capacity:
+        outer = static_bytes(pipe_cfg, blocks=False, compute_bytes=cm.compute_bytes)
+        outer *= cm.embed_params + cm.head_params
         return msg + (
             f": the embedding and head state alone (replicated over `pipe`) take "
             f"{outer / 2**30:.1f} GiB per device; split the vocabulary over more --tensor "

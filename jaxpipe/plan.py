@@ -209,8 +209,9 @@ def _auto(args: argparse.Namespace) -> autotune.AutotuneResult | Verification:
     if args.aot:
         raise ConfigError("--auto and --aot are separate modes; drop one of them")
     devices, device = args.devices, args.device
-    if args.topology is not None:  # by default, plan for the topology's devices and chips
-        devices = devices or len(topology.get_topology(args.topology).devices)
+    topo = None if args.topology is None else topology.get_topology(args.topology)
+    if topo is not None:  # by default, plan for the topology's devices and chips
+        devices = devices or len(topo.devices)
         device = device or topology.profile_name(args.topology)
     if devices is None:
         raise ConfigError("--auto needs --devices, the number of devices to plan for (or "
@@ -237,9 +238,9 @@ def _auto(args: argparse.Namespace) -> autotune.AutotuneResult | Verification:
             model_cfg, cluster, global_batch=args.batch_size, seq_len=seq_len, top=args.top,
             splits=autotune.searched_splits(args.zero1, args.fsdp), compile_on=chip,
         )
-    if args.topology is None:
+    if topo is None:
         return result
-    return verify(result, args.topology, args.verify or DEFAULT_COUNT)
+    return verify(result, topo, args.verify or DEFAULT_COUNT)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -97,10 +97,10 @@ class Topology:
     hbm_source: str
 
 
-def present(devices=None) -> Topology:
-    """The devices this program runs on (default: all of JAX's), as a topology to compile for:
-    their memory from the runtime's `memory_stats` where it reports a limit (GPU, TPU), else
-    host RAM over the CPU devices."""
+def present(devices=None, name: str | None = None) -> Topology:
+    """The devices this program runs on (default: all of JAX's), as a topology to compile for
+    (named `name`, default "<count> x <device kind>"): their memory from the runtime's
+    `memory_stats` where it reports a limit (GPU, TPU), else host RAM over the CPU devices."""
     devices = tuple(jax.devices() if devices is None else devices)
     platform = devices[0].platform
     stats = (devices[0].memory_stats() or {}) if platform != "cpu" else {}
@@ -108,7 +108,8 @@ def present(devices=None) -> Topology:
         hbm, source = float(stats["bytes_limit"]), "runtime"
     else:
         hbm, source = host_memory() / len(devices), f"host RAM / {len(devices)}"
-    return Topology(f"{len(devices)} x {devices[0].device_kind}", platform, devices, hbm, source)
+    name = name or f"{len(devices)} x {devices[0].device_kind}"
+    return Topology(name, platform, devices, hbm, source)
 
 
 def resolve(topology: str | Topology) -> Topology:
@@ -131,8 +132,7 @@ def get_topology(name: str) -> Topology:
                 f"force them before JAX starts with jaxpipe.mesh.force_cpu_devices({size}) "
                 f"(python -m jaxpipe.plan --aot does so itself)"
             )
-        ram = host_memory()
-        return Topology(name, "cpu", tuple(have[:size]), ram / size, f"host RAM / {size}")
+        return present(have[:size], name)
     if importlib.util.find_spec("libtpu") is None:
         raise ConfigError(
             f"compiling for TPU topology {name} needs libtpu, which is not installed; "

@@ -51,8 +51,6 @@ def _cm(**kw):
         embed_params=300.0,
         head_params=200.0,
         block_act=10.0,
-        embed_act=1.0,
-        head_act=50.0,
         boundary_bytes=2.0,
         temp_bytes=0.0,
     )
