@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 
-from jaxpipe.schedule import BWD, FWD, WGT, ScheduleTable, op_deps
+from jaxpipe.schedule import BWD, FWD, WGT, ScheduleTable, fused_backward, op_deps, op_ticks
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -22,7 +22,8 @@ class BufferPlan:
     res_slot: stash slot of a forward's residuals (written by the forward, read by the backward).
     wres_slot: split tables: stash slot of the residuals W reads too (written by the forward,
         read by B and by W, which frees it).
-    carry_slot: split tables: slot of what B leaves for its W (written by B, read by W).
+    carry_slot: split tables: slot of what B leaves for its W (written by B, read by W); -1 for
+        the pairs the executor runs as one fused backward (`schedule.fused_backward`).
     """
 
     act_write: np.ndarray
@@ -48,10 +49,8 @@ def buffer_plan(table: ScheduleTable) -> BufferPlan:
     (about S for 1f1b), never with the number of micro-batches as such.
     """
     S, V = table.num_stages, table.num_stages * table.num_repeats
-    where = {}
-    for t, s in zip(*np.nonzero(table.busy), strict=True):
-        v = int(table.virtual_stage(int(s), int(table.repeat[t, s])))
-        where[(int(table.op[t, s]), int(table.micro[t, s]), v)] = int(t)
+    where = op_ticks(table)
+    fused = fused_backward(table)
     shape = table.op.shape
     act = {"write": -np.ones((3,) + shape, np.int32), "read": -np.ones(shape, np.int32)}
     grad = {"write": -np.ones((3,) + shape, np.int32), "read": -np.ones(shape, np.int32)}
@@ -73,7 +72,7 @@ def buffer_plan(table: ScheduleTable) -> BufferPlan:
             wress[s].append((t, where[(WGT, m, v)], ("w", m, v, -1)))
         if o == BWD and v == V - 1:
             grads[s].append((where[(FWD, m, v)], t, ("h", m, v, -1)))
-        if o == WGT:
+        if o == WGT and not fused[t, s]:  # a fused pair's B leaves W no carry
             carries[s].append((where[(BWD, m, v)], t, ("c", m, v, -1)))
     sizes = []
     for lists in (acts, grads, ress, wress, carries):

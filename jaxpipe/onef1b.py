@@ -20,7 +20,10 @@ What runs is read off the table's op codes: in a table with W ops (split) a B ti
 the stage-input gradient (`backsplit.BackwardSplit`) and leaves what W needs from it (its carry)
 in the stash, over the residuals only B read when that costs fewer bytes (`stash.Stash`); the W
 tick turns that into the weight gradients, before the tick's sends (they send what comes out of
-its conditional: a W left to run after the sends would land beside the next tick's op). Values
+its conditional: a W left to run after the sends would land beside the next tick's op). A B whose
+W is its stage's next op, with no value crossing between stages in between
+(`schedule.fused_backward`: the first stage's pairs in ZB-H1 at S = 2), runs as the fused
+backward at its tick instead: the same work before the same meeting point, without the carry. Values
 move on the channel the table names (`ScheduleTable.channel`): to the next stage, the previous
 one, or kept on the stage at the turn of a V (zbv), where virtual stage v sits on
 `table.virtual_stage`'s stage.
@@ -45,7 +48,7 @@ from jaxpipe import model as M
 from jaxpipe import placement
 from jaxpipe.backsplit import BackwardSplit
 from jaxpipe.buffers import buffer_plan, send_ticks
-from jaxpipe.schedule import BWD, FWD, NEXT, PREV, SELF, WGT
+from jaxpipe.schedule import BWD, FWD, NEXT, PREV, SELF, WGT, fused_backward
 from jaxpipe.stash import Stash
 
 _tree = jax.tree.map
@@ -301,6 +304,8 @@ def _stage_program(pipe, w_1RJ, head_params, x_in, ids_MBT, t_MBT, lookups):
     head_w = c(plan.head_write)
     slots_TS = {"res": c(plan.res_slot), "wres": c(plan.wres_slot), "carry": c(plan.carry_slot)}
     counts_SR = jnp.asarray(layout.counts_SR)
+    fused = fused_backward(tab)  # B and W cells run as one backward at the B's tick
+    fused_TS = jnp.asarray(fused)
     stage = _StageVjp(cfg, layout.slots, min(layout.layer_counts), pipe.config.remat, tab.split)
     vary = lambda tree: _tree(_varying, tree)
 
@@ -446,15 +451,24 @@ def _stage_program(pipe, w_1RJ, head_params, x_in, ids_MBT, t_MBT, lookups):
             is_f, fwd, no_fwd, st["head"], st["stash"], k, w_J, count, h, m, v == 0, v == V - 1
         )
         if tab.split:  # B leaves the weight gradients alone: they do not pass its conditional
-            dh, bufs = jax.lax.cond(is_b, b_input, no_b_input, w_J, count, bufs, k, dy_in)
+            paired = fused_TS[t, s]
+            dh, bufs = jax.lax.cond(
+                is_b & ~paired, b_input, no_b_input, w_J, count, bufs, k, dy_in
+            )
+            g_w = st["g_w"]
+            if fused.any():  # the pair's W runs inside its B: no carry written or read back
+                g_w, dh = jax.lax.cond(
+                    is_b & paired, lambda g_w, dh, *a: bwd(g_w, *a), lambda g_w, dh, *a: (g_w, dh),
+                    g_w, dh, w_J, count, bufs, k, dy_in, r,
+                )
             # The tick's W finishes before its sends, as in the table: a W run after them lands
             # beside the next tick's op while the other stages wait at the next send. So what
             # the tick sends comes out of W's conditional (zeros at a W tick, where the stage ran
             # no F or B; passed through otherwise), and the sends wait for it. An optimization
             # barrier does not order them on a runtime that runs whatever is ready (XLA's CPU).
             g_w, y, dh = jax.lax.cond(
-                op == WGT, wgt, lambda g_w, *a: (g_w, *a[-2:]), st["g_w"], w_J, count, bufs, k,
-                r, y, dh,
+                (op == WGT) & ~paired, wgt, lambda g_w, *a: (g_w, *a[-2:]), g_w, w_J, count,
+                bufs, k, r, y, dh,
             )
         else:
             g_w, dh = jax.lax.cond(is_b, bwd, no_bwd, st["g_w"], w_J, count, bufs, k, dy_in, r)

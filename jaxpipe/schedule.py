@@ -498,6 +498,57 @@ def pending_weight_grads(table: ScheduleTable) -> np.ndarray:
     return np.cumsum((table.op == BWD).astype(np.int32) * table.split - (table.op == WGT), axis=0)
 
 
+def op_ticks(table: ScheduleTable) -> dict[Key, int]:
+    """(op, micro-batch, virtual stage) -> the tick it runs at."""
+    return {
+        (int(table.op[t, s]), int(table.micro[t, s]),
+         int(table.virtual_stage(int(s), int(table.repeat[t, s])))): int(t)
+        for t, s in zip(*np.nonzero(table.busy), strict=True)
+    }
+
+
+def crossing_ticks(table: ScheduleTable) -> np.ndarray:
+    """[ticks] bool: ticks that end with some value crossing to another stage (an F's output
+    to the next virtual stage's device, a B's to the previous one's): the points where the SPMD
+    executor's stages meet. Values kept on a device (the turn of a V) cross nothing."""
+    V = table.num_stages * table.num_repeats
+    crossing = np.zeros(table.num_ticks, bool)
+    at = op_ticks(table)
+    for (o, m, v) in at:
+        for d in op_deps(o, m, v, V):
+            if d[0] == o and d in at and table.channel(d[2], v) != SELF:
+                crossing[at[d]] = True
+    return crossing
+
+
+def fused_backward(table: ScheduleTable) -> np.ndarray:
+    """[ticks, stages] bool: the B and W cells of a split table that the executor runs as one
+    fused backward at the B's tick (nothing at the W's).
+
+    A pair fuses when the W is its stage's next op and no tick from the B's up to the one before
+    the W's ends with a value crossing between stages (`crossing_ticks`): the stage then does the
+    same work before the same meeting point, so the schedule is unchanged, while B's carry
+    (the output cotangents it would leave W in the stash) is never written nor read back. The
+    first virtual stage's B sends nothing, so in ZB-H1 its pairs fuse wherever no other stage
+    sends meanwhile (every pair of the first stage at S = 2)."""
+    fused = np.zeros(table.op.shape, bool)
+    if not table.split:
+        return fused
+    crossing = crossing_ticks(table)
+    for s in range(table.num_stages):
+        busy = np.flatnonzero(table.busy[:, s])
+        for t, u in zip(busy[:-1], busy[1:], strict=True):
+            if (
+                table.op[t, s] == BWD
+                and table.op[u, s] == WGT
+                and table.micro[t, s] == table.micro[u, s]
+                and table.repeat[t, s] == table.repeat[u, s]
+                and not crossing[t:u].any()
+            ):
+                fused[t, s] = fused[u, s] = True
+    return fused
+
+
 def validate(table: ScheduleTable, max_in_flight: int | None = None) -> None:
     """Checks a forward + backward table; raises ConfigError with the grid and the bad cell.
 

@@ -18,7 +18,9 @@ from jaxpipe.schedule import (
     WGT,
     ScheduleTable,
     build_table,
+    crossing_ticks,
     full_table,
+    fused_backward,
     in_flight,
     ring_table,
     validate,
@@ -158,6 +160,7 @@ def test_sends_are_taken_exactly_where_a_value_crosses(args):
         ("zb_h1", 4, 6, 1),
         ("zbv", 3, 5, 2),
         ("zbv", 2, 2, 2),
+        ("zb_h1", 2, 4, 1),
     ],
 )
 def test_buffer_plan_replays(args):
@@ -165,6 +168,7 @@ def test_buffer_plan_replays(args):
     table = full_table(*args)
     plan = buffer_plan(table)
     S, V = table.num_stages, table.num_stages * table.num_repeats
+    fused = fused_backward(table)  # pairs run as one backward: B leaves W no carry
     assert (plan.num_wres if table.split else plan.num_res) == in_flight(table).max()
     act = [dict() for _ in range(S)]
     grad = [dict() for _ in range(S)]
@@ -206,13 +210,46 @@ def test_buffer_plan_replays(args):
                 assert grad[s].pop(plan.grad_read[t, s]) == (m, v + 1)
                 if v > 0:
                     sent_b[s][table.channel(v, v - 1)] = (m, v)
-                if table.split:
+                if table.split and fused[t, s]:
+                    assert plan.carry_slot[t, s] == -1
+                elif table.split:
                     assert plan.carry_slot[t, s] not in carry[s]
                     carry[s][plan.carry_slot[t, s]] = (m, v)
             elif o == WGT:
                 assert wres[s].pop(plan.wres_slot[t, s]) == (m, v)
-                assert carry[s].pop(plan.carry_slot[t, s]) == (m, v)
+                if not fused[t, s]:
+                    assert carry[s].pop(plan.carry_slot[t, s]) == (m, v)
     assert all(not d for d in act + grad + res + wres + carry)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("zb_h1", 2, 4, 1), ("zb_h1", 2, 7, 1), ("zb_h1", 4, 8, 1), ("zb_h1", 3, 2, 1),
+     ("zbv", 2, 4, 2), ("zbv", 3, 5, 2), ("1f1b", 2, 4, 1), ("interleaved_1f1b", 2, 4, 2)],
+)
+def test_fused_pairs_keep_the_stages_meeting_points(args):
+    """A B and its W run as one backward only where that changes nothing another stage sees:
+    the W is the stage's next op and no tick from the B's to the one before the W's sends a
+    value across stages (`crossing_ticks`, the ticks the executor's sends run on)."""
+    table = full_table(*args)
+    fused = fused_backward(table)
+    plan = buffer_plan(table)
+    crossing = crossing_ticks(table)
+    sends = np.zeros(table.num_ticks, bool)
+    for writes in (plan.act_write, plan.grad_write):
+        sends |= send_ticks(writes)[[NEXT, PREV]].any(axis=0)
+    assert (crossing == sends).all()
+    if not table.split:
+        assert not fused.any()
+    for t, s in zip(*np.nonzero(fused & (table.op == BWD)), strict=True):
+        u = t + 1 + np.flatnonzero(table.busy[t + 1 :, s])[0]  # the stage's next op
+        assert table.op[u, s] == WGT and fused[u, s]
+        assert (table.micro[u, s], table.repeat[u, s]) == (table.micro[t, s], table.repeat[t, s])
+        assert not crossing[t:u].any()
+    assert (fused & (table.op == BWD)).sum() == (fused & (table.op == WGT)).sum()
+    if args[:3] == ("zb_h1", 2, 4):  # every pair of the first stage, none of the last (its
+        # B sends to the first)
+        assert (fused & (table.op == BWD)).sum(axis=0).tolist() == [4, 0]
 
 
 def test_simulation_unit_costs_match_ticks():
