@@ -59,6 +59,14 @@ program: per stage and step, 123-127 ms of XLA ops against 1f1b's 108-110 ms (tr
 standalone B + W take the fused backward's time. The difference is in the carries B writes to
 the stash and W reads back (2.8 ms more dynamic-update-slice, 3.3 ms more transposing copies),
 and in 3 more ticks of inbox and send bookkeeping.
+
+Since a B whose W is its stage's next op, with nothing crossing between stages meanwhile, runs
+as one fused backward (`schedule.fused_backward`: every pair of the first stage here), five
+runs: pinned_zb_ratio 0.92, 0.97, 0.88, 0.92, 0.96 (two runs of the previous build the same
+hour: 0.97, 0.97); pinned_gpipe_ratio 1.06, 1.00, 0.97, 1.06, 1.03; measured bubbles 1f1b
+0.43-0.50 against its table's 0.40-0.42, zb_h1 0.41-0.43 against 0.24-0.28 (the table still
+charges the first stage's W at its own tick; with nothing sent between, that is the same
+time). The last stage still writes its carries: its B sends at once, so its W cannot join it.
 """
 
 from __future__ import annotations
