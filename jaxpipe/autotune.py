@@ -307,6 +307,8 @@ class ExecutorFit:
     stages: int = 1  # and stages of the references,
     staged_remat_scale: float = 1.0  # the recompute cost on `stages` stages over the profile's,
     split_remat_scale: float = 1.0  # ... and in split tables,
+    alone_remat_scale: float | None = None  # ... and with one stage busy at a time (M = 1),
+    split_cost: float = 1.0  # a block's time in split tables over fused (`StepFit.split_cost`),
     data_concurrency_scale: float = 1.0  # the concurrency with all devices on `data` over it
 
     def apply(self, profiles: dict) -> dict:
@@ -324,6 +326,8 @@ class ExecutorFit:
                 self.devices, self.stages, measured * self.staged_remat_scale,
                 measured * self.split_remat_scale,
                 None if shared is None else shared * self.data_concurrency_scale,
+                None if self.alone_remat_scale is None else measured * self.alone_remat_scale,
+                self.split_cost,
             )
         return dataclasses.replace(
             profile, flops_efficiency=profile.flops_efficiency * self.efficiency,
@@ -335,9 +339,12 @@ class ExecutorFit:
                           zip(self.runs, self.predicted_s, self.measured_s, strict=True))
         data = staged = ""
         if self.stages > 1:  # what the fit adds by the mesh's split
-            data = f" (x{self.data_concurrency_scale:.2f} more all on data)"
+            data = (f" (x{self.data_concurrency_scale:.2f} more all on data), split tables' "
+                    f"blocks x{self.split_cost:.2f}")
+            alone = ("" if self.alone_remat_scale is None
+                     else f", x{self.alone_remat_scale:.2f} one stage busy")
             staged = (f", x{self.staged_remat_scale:.2f} on {self.stages} "
-                      f"(x{self.split_remat_scale:.2f} in split tables)")
+                      f"(x{self.split_remat_scale:.2f} in split tables{alone})")
         return (
             f"fitted to measured steps (predicted -> measured: {steps}): compute rate "
             f"x{self.efficiency:.2f}, concurrency x{self.concurrency_scale:.2f}{data}, "
@@ -364,7 +371,7 @@ def fit_executor(model_cfg: ModelConfig, costs: LayerCosts, profiles: dict, num_
     alone, while a training step also runs the executor's per-micro-batch work (copies and
     slices of the stacked residuals, each micro-batch's weight-gradient matmuls) and the
     optimizer, and on a shared host all devices at once, where recomputing a block can cost
-    less than storing its residuals. Seven reference configurations on the devices present (up
+    less than storing its residuals. Eight reference configurations on the devices present (up
     to `num_devices`, n), GPipe unless said, each at the searched micro-batch nearest its share
     of the global batch, run their real training steps (`steptime.measure_steps`):
       "alone"     all devices on `pipe` (S of them: as many as there are layers, the rest on
@@ -373,8 +380,12 @@ def fit_executor(model_cfg: ModelConfig, costs: LayerCosts, profiles: dict, num_
                   concurrency (how many devices sharing the host's cores run at full speed);
       "together, recomputed"  the same with remat "layer": with "together", fits the
                   recompute cost on S stages;
-      "split", "split, recomputed"  the same two with zb_h1: the recompute cost in split
-                  tables (B recomputes the forward and still hands W the matmul inputs);
+      "alone, recomputed"  "alone" with remat "layer": with "alone", fits the recompute cost
+                  with one stage busy at a time (it gains least there);
+      "split", "split, recomputed"  the same two with zb_h1: the first fits what a block
+                  costs in a split table over fused backward ops (B writes the output
+                  cotangents W reads back), the pair the recompute cost in split tables (B
+                  recomputes the forward and still hands W the matmul inputs);
       "kept", "recomputed"  all devices on `data`, M = 2, without and with remat "layer":
                   the first fits the concurrency with every device on `data`, running the whole
                   model at once (`costmodel.concurrency`), the two the recompute cost on one
@@ -402,11 +413,13 @@ def fit_executor(model_cfg: ModelConfig, costs: LayerCosts, profiles: dict, num_
     pairs = [("kept", "recomputed", "remat_scale")]
     if S > 1:
         pipes.update({
+            "alone, recomputed": together.replace(num_microbatches=1, remat="layer"),
             "together, recomputed": together.replace(remat="layer"),
             "split": together.replace(schedule="zb_h1"),
             "split, recomputed": together.replace(schedule="zb_h1", remat="layer"),
         })
-        pairs += [("together", "together, recomputed", "staged_remat_scale"),
+        pairs += [("alone", "alone, recomputed", "alone_remat_scale"),
+                  ("together", "together, recomputed", "staged_remat_scale"),
                   ("split", "split, recomputed", "split_remat_scale")]
     shape = {}  # the searched micro-batch nearest each reference's share of the global batch
     for name, p in pipes.items():
@@ -448,8 +461,14 @@ def fit_executor(model_cfg: ModelConfig, costs: LayerCosts, profiles: dict, num_
             fit = dataclasses.replace(
                 fit, data_concurrency_scale=min(scale, most / fit.concurrency_scale)
             )
+    if S > 1:  # what a split table's blocks cost over fused ones, from its step
+        for _ in range(FIT_ROUNDS):
+            scale = measured["split"] / predict("split", fit)
+            fit = dataclasses.replace(fit, split_cost=fit.split_cost * scale)
     for kept, recomputed, field in pairs:
         ratio = measured[recomputed] / measured[kept]
+        if getattr(fit, field) is None:  # not fitted until now: the profile's own to start
+            fit = dataclasses.replace(fit, **{field: 1.0})
         for _ in range(FIT_ROUNDS):
             scale = ratio / (predict(recomputed, fit) / predict(kept, fit))
             fit = dataclasses.replace(fit, **{field: getattr(fit, field) * scale})
@@ -664,7 +683,7 @@ def search(
                 for sched, R in _shapes(model_cfg, S, M, schedules):
                     # (remat, split) pairs in the order they are tried; with data 1 nothing
                     # splits.
-                    order = _remat_order(remats, profile, S, sched in SPLIT_SCHEDULES)
+                    order = _remat_order(remats, profile, S, sched in SPLIT_SCHEDULES, M)
                     pairs = [(r, sp) for r in order for sp in (splits if D > 1 else ("none",))]
                     for eh in embed_heads:
                         searched += len(pairs)
@@ -705,12 +724,14 @@ def search(
 
 
 def _remat_order(
-    remats: tuple[str, ...], profile: DeviceProfile, stages: int, split: bool
+    remats: tuple[str, ...], profile: DeviceProfile, stages: int, split: bool,
+    microbatches: int | None = None,
 ) -> list[str]:
-    """Remat modes cheapest first on `stages` stages, in a split table or not: no remat,
-    unless the profile measured recomputing a block to cost less than keeping its residuals (a
-    CPU can)."""
-    return sorted(remats, key=lambda r: recompute_factor(profile, r, stages, split))
+    """Remat modes cheapest first on `stages` stages, in a split table or not, with
+    `microbatches` (None: at least `stages`): no remat, unless the profile measured recomputing
+    a block to cost less than keeping its residuals (a CPU can)."""
+    busy = None if microbatches is None else min(microbatches, stages)
+    return sorted(remats, key=lambda r: recompute_factor(profile, r, stages, split, busy))
 
 
 def _nothing_fits(model_cfg, cluster, global_batch, seq_len, costs, remats) -> str:

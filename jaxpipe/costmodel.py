@@ -4,7 +4,8 @@ Compute is the roofline of each layer's XLA costs on the device profile; under r
 blocks' forward runs twice (the backward recomputes it), so a block costs 4/3 of its forward +
 backward (or what the profile measured, `DeviceProfile.remat_cost`, on one stage and on
 several, `recompute_factor`; on a shared host, how many devices run at once with the mesh's
-split, `concurrency`). Communication
+split, `concurrency`, and what a split table's B and W cost over the fused backward,
+`split_factor`). Communication
 (`links.py`), on the `data x pipe x tensor` mesh:
 
 - tensor: Megatron-style all-reduces of one activation [b, T, D] per block: two in the forward,
@@ -38,14 +39,18 @@ REMAT_COST = 4 / 3
 
 
 def recompute_factor(
-    profile: DeviceProfile, remat: str, stages: int = 1, split: bool = False
+    profile: DeviceProfile, remat: str, stages: int = 1, split: bool = False,
+    busy: int | None = None,
 ) -> float:
     """A block's time under `remat` over its time without, on `stages` pipeline stages, in a
-    split table or not: `REMAT_COST`, or what the profile measured (`DeviceProfile.remat_cost`);
-    1 without remat. With costs fitted on S stages too (`DeviceProfile.fit`), a split table
-    takes the split figure, and otherwise the cost goes geometrically from one stage to S with
+    split table or not, with `busy` of the stages running at once (min(M, S); None: all):
+    `REMAT_COST`, or what the profile measured (`DeviceProfile.remat_cost`); 1 without remat.
+    With costs fitted on S stages too (`DeviceProfile.fit`), a split table takes the split
+    figure, and otherwise the cost goes geometrically from one stage to S with
     log(stages) / log(S), held beyond S: on a shared host recomputing gains most where every
-    device runs the whole model at once."""
+    device runs the whole model at once. With a figure fitted for one stage busy at a time
+    (`StepFit.remat_alone`), it goes from that one (busy = 1) to the former with
+    log(busy) / log(stages): recomputing gains least where a single device computes."""
     if remat == "none":
         return 1.0
     one = REMAT_COST if profile.remat_cost is None else profile.remat_cost
@@ -54,7 +59,17 @@ def recompute_factor(
         return one
     if split:
         return fit.remat_split
-    return _between(one, fit.remat_staged, math.log(stages) / math.log(fit.stages))
+    staged = _between(one, fit.remat_staged, math.log(stages) / math.log(fit.stages))
+    if fit.remat_alone is None or busy is None:
+        return staged
+    return _between(fit.remat_alone, staged, math.log(max(busy, 1)) / math.log(stages))
+
+
+def split_factor(profile: DeviceProfile, split: bool) -> float:
+    """A block's time in a split table (zero-bubble B and W) over its time with fused backward
+    ops: 1 (B + W do the fused backward's work), or what a shared host's steps measured
+    (`StepFit.split_cost`)."""
+    return profile.fit.split_cost if split and profile.fit is not None else 1.0
 
 
 def concurrency(profile: DeviceProfile, data: int) -> float | None:
@@ -144,9 +159,11 @@ class CostModel:
         act = costs.boundary_bytes
         all_reduce = links.all_reduce_time(act, T, mesh.tensor_crosses)
         block_comm = tensor_all_reduces(pipe_cfg.remat) * all_reduce
+        split = pipe_cfg.schedule in SPLIT_SCHEDULES
+        # Recomputing and splitting make the backward dearer; the forward's time stays.
         recompute = recompute_factor(
-            profile, pipe_cfg.remat, S, pipe_cfg.schedule in SPLIT_SCHEDULES
-        )
+            profile, pipe_cfg.remat, S, split, min(pipe_cfg.num_microbatches, S)
+        ) * split_factor(profile, split)
         shared = concurrency(profile, D)
         sent = act * boundary_scale(model_cfg, pipe_cfg) / T
         transfer = 2 * links.send_time(sent, mesh.pipe_crosses) if S > 1 else 0.0

@@ -47,13 +47,19 @@ class StepFit:
     (a block's time under remat over its time without) on `stages` stages: `remat_staged` with
     fused backward ops, `remat_split` in split tables (zero-bubble B and W), where B recomputes
     the forward and still hands W the matmul inputs, so recomputing saves less residual
-    traffic (the profile's `remat_cost` holds on one stage)."""
+    traffic (the profile's `remat_cost` holds on one stage); `remat_alone` on `stages` stages
+    with one micro-batch, one stage busy at a time, where recomputing saves the least (None:
+    `remat_staged`). `split_cost`: a block's time in a split table over its time with fused
+    backward ops (B writes the output cotangents W reads back: on a CPU those bytes cost about
+    what the matmuls do)."""
 
     devices: int
     stages: int
     remat_staged: float
     remat_split: float
     data_concurrency: float | None = None
+    remat_alone: float | None = None
+    split_cost: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)

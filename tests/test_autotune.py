@@ -162,7 +162,8 @@ def test_fit_makes_the_profile_predict_the_measured_steps(monkeypatch):
     """`fit_executor` scales a profile's compute rate and concurrency until it predicts the
     steps with one stage busy at a time, with every stage busy, and with every device on `data`,
     and its recompute cost until it predicts the all-`data` step with remat over the one without
-    on one stage, and the all-`pipe` ones on S stages, with fused and with split backward ops;
+    on one stage, and the all-`pipe` ones on S stages (one busy at a time, and all), with fused
+    and with split backward ops;
     the search then ranks with the fitted profile: recomputing measured cheaper than keeping,
     remat comes first."""
     def at(b):  # compute-bound layers: 1 TFLOP per sample
@@ -179,15 +180,15 @@ def test_fit_makes_the_profile_predict_the_measured_steps(monkeypatch):
         return measured
 
     monkeypatch.setattr(autotune, "measure_steps", steps)
-    measured[:] = [1.0] * 7
+    measured[:] = [1.0] * 8
     before = autotune.fit_executor(MODEL, big, profiles, 4, 16, 64).predicted_s
     p = [r.pipe_cfg for r in runs]
     assert [(q.data_parallel, q.num_stages, q.num_microbatches, q.schedule, q.remat)
             for q in p] == [
         (1, 4, 1, "gpipe", "none"), (1, 4, 8, "gpipe", "none"), (4, 1, 2, "gpipe", "none"),
-        (4, 1, 2, "gpipe", "layer"), (1, 4, 8, "gpipe", "layer"), (1, 4, 8, "zb_h1", "none"),
-        (1, 4, 8, "zb_h1", "layer")]
-    scales = [1.5, 2.0, 2.5, 2.0, 2.2, 2.0, 2.6]
+        (4, 1, 2, "gpipe", "layer"), (1, 4, 1, "gpipe", "layer"), (1, 4, 8, "gpipe", "layer"),
+        (1, 4, 8, "zb_h1", "none"), (1, 4, 8, "zb_h1", "layer")]
+    scales = [1.5, 2.0, 2.5, 2.0, 1.8, 2.2, 2.0, 2.6]
     measured[:] = [b * x for b, x in zip(before, scales, strict=True)]
     fit = autotune.fit_executor(MODEL, big, profiles, 4, 16, 64)
     assert fit.efficiency == pytest.approx(1 / 1.5, rel=0.02)
@@ -200,8 +201,10 @@ def test_fit_makes_the_profile_predict_the_measured_steps(monkeypatch):
         plan = plan_for(MODEL, q, big.at(b, 1), fit.fitted(shared), fit=False)
         after.append(plan.step_time_s)
     assert after[:3] == pytest.approx(measured[:3], rel=0.01)
+    assert after[6] == pytest.approx(measured[6], rel=0.01)  # the split table's blocks
+    assert fit.split_cost != 1 and fit.fitted(shared).fit.split_cost == fit.split_cost
     assert 0.5 < fit.data_concurrency_scale < 1  # all on `data` ran slower than on `pipe`
-    for kept, recomputed in ((2, 3), (1, 4), (5, 6)):
+    for kept, recomputed in ((2, 3), (0, 4), (1, 5), (6, 7)):
         assert after[recomputed] / after[kept] == pytest.approx(
             measured[recomputed] / measured[kept], rel=0.01)
     # between the all-`pipe` and the all-`data` concurrency: on log(data)
@@ -215,17 +218,24 @@ def test_fit_makes_the_profile_predict_the_measured_steps(monkeypatch):
     assert recompute_factor(two, "layer", 2) == pytest.approx((ends[0] * ends[1]) ** 0.5)
     assert recompute_factor(two, "layer", 8) == ends[1] and recompute_factor(two, "none", 4) == 1
     assert recompute_factor(two, "layer", 2, split=True) == two.fit.remat_split > ends[1]
+    # with fewer micro-batches than stages, fewer stages run at once: between the cost with one
+    # busy (M = 1, dearer here) and with all, on log(busy)
+    alone = recompute_factor(two, "layer", 4, busy=1)
+    assert alone == two.fit.remat_alone > ends[1] == recompute_factor(two, "layer", 4, busy=4)
+    assert recompute_factor(two, "layer", 4, busy=2) == pytest.approx((alone * ends[1]) ** 0.5)
+    assert recompute_factor(two, "layer", 4, split=True, busy=1) == two.fit.remat_split
 
     own = Cluster(4, "h100").profiles(MODEL, (1, 2, 4, 8, 16), 64)  # devices of their own
-    measured[:] = [1.0] * 7
+    measured[:] = [1.0] * 8
     before = autotune.fit_executor(MODEL, big, own, 4, 16, 64).predicted_s
-    scales = [1.5, 1.5, 1.5, 0.9, 0.9, 1.5, 0.9]
+    scales = [1.5, 1.5, 1.5, 0.9, 0.9, 0.9, 1.5, 0.9]
     measured[:] = [b * x for b, x in zip(before, scales, strict=True)]
     found = search(MODEL, Cluster(4, "h100"), global_batch=16, seq_len=64, layer_costs=big,
                    top=5, fit_steps=True)
     assert found.fit.concurrency_scale == 1  # devices of their own: nothing shared to fit
     assert found.fit.remat_scale < 0.75  # below 1 / (4/3): recomputing is cheaper
     assert found.fit.staged_remat_scale < 0.75 and found.fit.split_remat_scale < 0.75
+    assert found.fit.alone_remat_scale < 0.75
     assert all(k.pipe_cfg.remat == "layer" for k in found.candidates)
     assert "fitted to measured steps (predicted -> measured: 1x4x1 gpipe M=1" in found.table()
     assert search(MODEL, Cluster(4, "h100"), global_batch=16, seq_len=64, layer_costs=big,

@@ -152,3 +152,14 @@ def test_a_measured_recompute_cost_replaces_four_thirds_and_orders_the_remat_sea
     split = CostModel.from_costs(_costs(), fitted, get_preset("small"),
                                  PipelineConfig(2, 4, schedule="zb_h1", remat="layer"))
     assert split.block_time == pytest.approx(plain * 1.2)
+    # a split table's measured overhead makes its backward dearer, not its forward
+    dear = dataclasses.replace(fitted, fit=dataclasses.replace(fitted.fit, split_cost=1.1))
+    for remat, base in (("layer", 1.2), ("none", 1.0)):
+        pcfg = PipelineConfig(2, 4, schedule="zb_h1", remat=remat)
+        cm = CostModel.from_costs(_costs(), dear, get_preset("small"), pcfg)
+        assert cm.block_time == pytest.approx(plain * base * 1.1)
+        assert cm.block_time * cm.fwd_share == pytest.approx(plain / 3)
+        fused = CostModel.from_costs(_costs(), dear, get_preset("small"),
+                                     pcfg.replace(schedule="1f1b"))
+        assert fused.block_time == pytest.approx(
+            plain * ((0.9 * 1.1) ** 0.5 if remat == "layer" else 1.0))
