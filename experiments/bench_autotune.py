@@ -16,7 +16,19 @@ step of the autotuner's first choice over the fastest measured), and every confi
 figures; `executor_fit` is the fit's line of the autotuner's table. About 5-10 minutes on a
 2-core host.
 
-With the profile fitted to measured steps (`autotune.fit_executor`: all devices on `pipe`,
+With the fit's eighth reference (all on `pipe`, GPipe at M = 1 with remat: the recompute
+cost with one stage busy, interpolated to the M = 2S figure on log(min(M, S))) and the zb_h1
+step without remat fitting what a split table's block costs over a fused one (x0.95-1.00 on 4
+devices, x1.14 on 8): 4 devices 0.98 / 0.03 / 1.00, 0.92 / 0.08 / 1.00, 0.88 / 0.04 / 1.08
+and 0.92 / 0.09 / 1.08; 8 devices 0.75 / 0.11 / 1.11 (tensor 4 x data 2 stepped 0.69-0.76x
+its prediction; the first choice, 1x8x1 GPipe at M = 8 without remat, 1.11x the same with).
+With the M = 1 figure alone, two runs each: 4 devices 0.93 / 0.05 / 1.00 and
+0.94 / 0.04 / 1.06, 8 devices 0.75 / 0.07 / 1.00 and 0.84 / 0.11 / 1.10. Measured alongside:
+an all-reduce's rendezvous over 2, 4 and 8 of 8 forced devices takes 0.027, 0.033 and 0.122 ms
+(1 KiB; 3.3-3.9 ms at 4 MiB for any group), a few per cent of a tensor-parallel step here,
+not the 0.7x.
+
+Before, with the profile fitted to measured steps (`autotune.fit_executor`: all devices on `pipe`,
 the compute rate from GPipe at M = 1 and the concurrency from M = 2S; all on `data` at M = 2,
 the concurrency there; the recompute cost from three pairs of steps with remat over without:
 all on `data` for one stage, all on `pipe` at M = 2S with GPipe for S stages and with zb_h1
