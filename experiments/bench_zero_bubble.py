@@ -38,7 +38,13 @@ embedding lookups' gradient itself (no all-reduce of d(input) over `pipe`): zb_s
 0.62-0.66. What stays: on one core, the two stages of `small` (S = 2, M = 4) run zb_h1's step
 in 1.11 x 1f1b's time with the same op time standalone; an idle tick costs 0.17 ms, so the 3
 more ticks matter little, and the carries do: B writes them to the stash and W reads them back
-(activation-sized per weight matmul: 4.7 MB per micro-batch and stage here).
+(activation-sized per weight matmul: 4.7 MB per micro-batch and stage here). With B/W pairs
+fused where nothing crosses stages between them (`schedule.fused_backward`; one pair of 32 at
+S = 4, M = 8), one run: zb_step_ratio 1.09 (zbv 1.08), zb_temp_ratio 1.01, sim ratios 0.70
+and 0.60. A trace of this step (`profile_step.py --step zb_h1 --seq_len 64 --microbatches 8`
+against `--step 1f1b`) puts 0.78 CPU-s per step against 0.67-0.70, the difference in W's
+transposing copies of its operands ([512, 256], 17 ms against 4 ms per step), carry writes
+(dynamic-update-slice 42 ms against 19 ms) and a copy of the gradient inbox per tick.
 
 Before, with lean blocks but carries in buffers of their own and every buffer written outside
 the conditionals: zb_temp_ratio 1.34 (zbv 1.24; 1f1b 27.9 MB, zb_h1 37.3 MB, zbv 34.4 MB),
