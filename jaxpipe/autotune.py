@@ -309,6 +309,9 @@ class ExecutorFit:
     split_remat_scale: float = 1.0  # ... and in split tables,
     alone_remat_scale: float | None = None  # ... and with one stage busy at a time (M = 1),
     split_cost: float = 1.0  # a block's time in split tables over fused (`StepFit.split_cost`),
+    # what the recompute scales multiply: the one-stage cost the profile measured at the
+    # all-`data` references' micro-batch, for every micro-batch (None: each profile's own)
+    remat_base: float | None = None
     data_concurrency_scale: float = 1.0  # the concurrency with all devices on `data` over it
 
     def apply(self, profiles: dict) -> dict:
@@ -316,7 +319,12 @@ class ExecutorFit:
         return {b: self.fitted(p) for b, p in profiles.items()}
 
     def fitted(self, profile: DeviceProfile) -> DeviceProfile:
-        measured = recompute_factor(profile, "layer")  # the profile's own, on one stage
+        # The recompute costs are fitted ratios of whole steps, the same at every micro-batch:
+        # a profile's own figure per micro-batch varies more between calibrations than between
+        # micro-batches (`small` on 8 forced devices: 0.84-1.05 at micro-batch 1-16).
+        measured = self.remat_base
+        if measured is None:
+            measured = recompute_factor(profile, "layer")  # the profile's own, on one stage
         shared = None if profile.concurrency is None else (
             profile.concurrency * self.concurrency_scale
         )
@@ -390,6 +398,8 @@ def fit_executor(model_cfg: ModelConfig, costs: LayerCosts, profiles: dict, num_
                   the first fits the concurrency with every device on `data`, running the whole
                   model at once (`costmodel.concurrency`), the two the recompute cost on one
                   stage.
+    The recompute costs are scales of one base (the profile's own figure at the all-`data`
+    references' micro-batch), so every micro-batch takes the same fitted figures.
     The rate and concurrency factors are refitted in turn, each `FIT_ROUNDS` times (the
     other parts of a step do not scale with them). Each recompute cost is fitted on a ratio of
     two steps, so that the error of the rest stays out of it, and the planner interpolates
@@ -446,7 +456,8 @@ def fit_executor(model_cfg: ModelConfig, costs: LayerCosts, profiles: dict, num_
     labels = tuple(f"{p.data_parallel}x{p.num_stages}x1 {p.schedule} M={p.num_microbatches} "
                    f"remat {p.remat}" for p in pipes.values())
     fit = ExecutorFit(labels, tuple(before[name].step_time_s for name in pipes),
-                      tuple(measured.values()), devices=n, stages=S)
+                      tuple(measured.values()), devices=n, stages=S,
+                      remat_base=recompute_factor(profiles[shape["kept"]], "layer"))
     shared = profiles[shape["together"]].concurrency
     most = n / shared if n > 1 and shared else None  # n devices at full speed at most
     for _ in range(FIT_ROUNDS):

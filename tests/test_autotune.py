@@ -203,6 +203,10 @@ def test_fit_makes_the_profile_predict_the_measured_steps(monkeypatch):
     assert after[:3] == pytest.approx(measured[:3], rel=0.01)
     assert after[6] == pytest.approx(measured[6], rel=0.01)  # the split table's blocks
     assert fit.split_cost != 1 and fit.fitted(shared).fit.split_cost == fit.split_cost
+    # the fitted recompute costs hold at every micro-batch, whatever each profile measured
+    other = dataclasses.replace(shared, remat_cost=1.3 * (shared.remat_cost or 4 / 3))
+    assert fit.fitted(other).remat_cost == fit.fitted(shared).remat_cost
+    assert fit.fitted(other).fit == fit.fitted(shared).fit
     assert 0.5 < fit.data_concurrency_scale < 1  # all on `data` ran slower than on `pipe`
     for kept, recomputed in ((2, 3), (0, 4), (1, 5), (6, 7)):
         assert after[recomputed] / after[kept] == pytest.approx(
