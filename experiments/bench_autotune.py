@@ -22,6 +22,13 @@ step without remat fitting what a split table's block costs over a fused one (x0
 devices, x1.14 on 8): 4 devices 0.98 / 0.03 / 1.00, 0.92 / 0.08 / 1.00, 0.88 / 0.04 / 1.08
 and 0.92 / 0.09 / 1.08; 8 devices 0.75 / 0.11 / 1.11 (tensor 4 x data 2 stepped 0.69-0.76x
 its prediction; the first choice, 1x8x1 GPipe at M = 8 without remat, 1.11x the same with).
+With the fitted recompute costs the same at every micro-batch (`ExecutorFit.remat_base`):
+4 devices 0.93 / 0.02 / 1.00, 0.93 / 0.08 / 1.04 and 0.78 / 0.07 / 1.00 (tensor configurations
+0.72-0.81x, zb_h1 at M = 1 1.22x); 8 devices 0.88 / 0.09 / 1.06 and 0.93 / 0.01 / 1.00. Before
+that, a fifth and sixth run on 4 devices: 0.89 / 0.10 / 1.09 and 0.82 / 0.06 / 1.18 (all on
+`data` at M = 4 with remat stepped 1.30x its prediction). A split table's block cost fitted at
+M = 1 too (zb_h1 at M = 1, a ninth reference, interpolated on log(busy)): 4 devices
+0.83 / 0.03 / 1.00 and 0.83 / 0.05 / 1.13; dropped.
 With the M = 1 figure alone, two runs each: 4 devices 0.93 / 0.05 / 1.00 and
 0.94 / 0.04 / 1.06, 8 devices 0.75 / 0.07 / 1.00 and 0.84 / 0.11 / 1.10. Measured alongside:
 an all-reduce's rendezvous over 2, 4 and 8 of 8 forced devices takes 0.027, 0.033 and 0.122 ms
