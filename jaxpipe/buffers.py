@@ -119,12 +119,3 @@ def _colour(intervals) -> list[int]:
             slot_free_at.append(0)
         slot_free_at[k], out[i] = c + 1, k
     return out
-
-
-def send_ticks(writes: np.ndarray) -> np.ndarray:
-    """[3, ticks] bool from a plan's `act_write` or `grad_write`: whether some stage receives on
-    each channel at the start of tick t + 1, so tick t has to send on it. The same for every
-    stage, so a send taken only on these ticks stays a matched collective."""
-    arrive = (writes[:, 1:] >= 0).any(axis=2)
-    return np.concatenate([arrive, np.zeros((writes.shape[0], 1), bool)], axis=1)
-

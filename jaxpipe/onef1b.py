@@ -6,7 +6,7 @@ group of layers under `jax.vjp` and stashes the residuals (minus the weights, wh
 holds) in a slot of a buffer sized by what is in flight, not by the micro-batch count; at a
 backward tick it rebuilds the pullback from that slot and accumulates its weight gradients.
 Activations go to the next stage with `ppermute`, gradients to the previous one with the reverse
-`ppermute`, on the ticks after which some stage receives (`buffers.send_ticks`); arrivals wait
+`ppermute`, on the ticks after which some stage receives (`schedule.sends`); arrivals wait
 in small inboxes (slots from `buffers.buffer_plan`). The head and the
 loss run inside the last virtual stage's forward, so its backward has its loss gradient at
 hand. With embed_head="outside" the embedding runs before the program; with "inside" the first
@@ -47,8 +47,8 @@ from jax.sharding import PartitionSpec as P
 from jaxpipe import model as M
 from jaxpipe import placement
 from jaxpipe.backsplit import BackwardSplit
-from jaxpipe.buffers import buffer_plan, send_ticks
-from jaxpipe.schedule import BWD, FWD, NEXT, PREV, SELF, WGT, fused_backward
+from jaxpipe.buffers import buffer_plan
+from jaxpipe.schedule import BWD, FWD, NEXT, PREV, SELF, WGT, fused_backward, sends
 from jaxpipe.stash import Stash
 
 _tree = jax.tree.map
@@ -413,7 +413,8 @@ def _stage_program(pipe, w_1RJ, head_params, x_in, ids_MBT, t_MBT, lookups):
     wire = jnp.dtype(pipe.config.boundary_dtype or zero_BTD.dtype)
 
     # Ticks after which no stage receives on a channel skip its ppermute.
-    sends_f, sends_b = send_ticks(plan.act_write), send_ticks(plan.grad_write)
+    outs = sends(tab)
+    sends_f, sends_b = outs[FWD], outs[BWD]
     needs_f = {ch: jnp.asarray(sends_f[ch]) for ch in act_chs}
     needs_b = {ch: jnp.asarray(sends_b[ch]) for ch in grad_chs}
 

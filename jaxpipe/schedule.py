@@ -507,18 +507,26 @@ def op_ticks(table: ScheduleTable) -> dict[Key, int]:
     }
 
 
+def sends(table: ScheduleTable) -> dict[int, np.ndarray]:
+    """{FWD: [3, ticks] bool, BWD: the same}: whether the tick's forward outputs (activations)
+    or backward outputs (gradients) go out on each channel (`NEXT`, `PREV`, `SELF`), because
+    some op consumes them from there at a later tick. The same for every stage, so a send
+    taken only on these ticks stays a matched collective."""
+    V = table.num_stages * table.num_repeats
+    out = {o: np.zeros((3, table.num_ticks), bool) for o in (FWD, BWD)}
+    at = op_ticks(table)
+    for (o, m, v) in at:
+        for d in op_deps(o, m, v, V):
+            if d[0] == o and d in at:
+                out[o][table.channel(d[2], v), at[d]] = True
+    return out
+
+
 def crossing_ticks(table: ScheduleTable) -> np.ndarray:
     """[ticks] bool: ticks that end with some value crossing to another stage (an F's output
     to the next virtual stage's device, a B's to the previous one's): the points where the SPMD
     executor's stages meet. Values kept on a device (the turn of a V) cross nothing."""
-    V = table.num_stages * table.num_repeats
-    crossing = np.zeros(table.num_ticks, bool)
-    at = op_ticks(table)
-    for (o, m, v) in at:
-        for d in op_deps(o, m, v, V):
-            if d[0] == o and d in at and table.channel(d[2], v) != SELF:
-                crossing[at[d]] = True
-    return crossing
+    return np.any([a[[NEXT, PREV]].any(axis=0) for a in sends(table).values()], axis=0)
 
 
 def fused_backward(table: ScheduleTable) -> np.ndarray:
