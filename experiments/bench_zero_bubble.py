@@ -1,6 +1,6 @@
 """Zero-bubble schedules against 1F1B: the split backward's FLOPs, simulated and measured steps.
 
-Run (CPU, forces 4 devices; about 3-5 minutes on two cores):
+Run (CPU, forces 4 devices; about a minute on two cores):
   PYTHONPATH=. python experiments/bench_zero_bubble.py --preset small --stages 4 \
       --microbatches 8 --batch 32 --seq_len 64 --reps 5
 
@@ -45,6 +45,14 @@ and 0.60. A trace of this step (`profile_step.py --step zb_h1 --seq_len 64 --mic
 against `--step 1f1b`) puts 0.78 CPU-s per step against 0.67-0.70, the difference in W's
 transposing copies of its operands ([512, 256], 17 ms against 4 ms per step), carry writes
 (dynamic-update-slice 42 ms against 19 ms) and a copy of the gradient inbox per tick.
+Some of those copies were B copying paired stash buffers whole: a carry took the slot of
+another layer's residual, so each B's write into one buffer read another that its next write
+overwrote. Pairing each carry with the residual it is computed from (`BackwardSplit.carry_near`),
+three runs alternating with three of the build before: zb_step_ratio 1.06, 1.02, 1.00 against
+1.06, 1.06, 1.06 (zb_h1 steps 0.256, 0.238, 0.238 s against 0.269, 0.257, 0.247 s; zbv 1.07,
+1.03, 1.06 against 1.03, 1.06, 1.09), zb_temp_ratio 1.01. On one core a stage's B + W still
+take 1.09 x its fused backward (F 2.6 ms, fused 5.2 ms, B 3.5 ms, W 2.1 ms, `stage_ops` pinned):
+W reads its carries back from memory where the fused backward consumes them as they are made.
 
 Before, with lean blocks but carries in buffers of their own and every buffer written outside
 the conditionals: zb_temp_ratio 1.34 (zbv 1.24; 1f1b 27.9 MB, zb_h1 37.3 MB, zbv 34.4 MB),

@@ -65,6 +65,7 @@ class BackwardSplit:
         self.w_stashed = tuple(
             i for i, v in enumerate(self.in_vars[n_free:]) if v in read
         )
+        self.carry_near = _nearest_inputs(self.b_eqns, self.carry_vars, self.in_vars[n_free:])
 
     def input_grad(self, free, stashed, dy):
         """B: (dh, carry)."""
@@ -291,6 +292,28 @@ def _needed(eqns, outvars) -> set[int]:
             needed.add(i)
             todo.extend(u for u in eqns[i].invars if not isinstance(u, Literal))
     return needed
+
+
+def _nearest_inputs(eqns, outvars, invars) -> list[tuple[int, ...]]:
+    """For each of `outvars`, the indices of the `invars` it depends on through `eqns`, nearest
+    (fewest equations between them) first."""
+    producer = {v: e for e in eqns for v in e.outvars}
+    index = {v: i for i, v in enumerate(invars)}
+    near = []
+    for out in outvars:
+        found, frontier, seen = [], [out], {out}
+        while frontier:
+            found += [index[v] for v in frontier if v in index]
+            nxt = []
+            for v in frontier:
+                e = producer.get(v)
+                for u in () if e is None else e.invars:
+                    if not isinstance(u, Literal) and u not in seen:
+                        seen.add(u)
+                        nxt.append(u)
+            frontier = nxt
+        near.append(tuple(found))
+    return near
 
 
 def _read(env, v):

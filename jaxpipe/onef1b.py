@@ -321,13 +321,14 @@ def _stage_program(pipe, w_1RJ, head_params, x_in, ids_MBT, t_MBT, lookups):
     w_J0, count0 = _tree(lambda a: a[0], w_RJ), _varying(counts_SR[s, 0])
     res_shapes = jax.eval_shape(lambda w, n, h: stage.forward(w, n, h)[1], w_J0, count0, zero_BTD)
     zeros_res = [jnp.zeros(r.shape, r.dtype) for r in res_shapes]
-    carry_shapes, w_kept = [], ()
+    carry_shapes, w_kept, near = [], (), ()
     if tab.split:
         carry_shapes = jax.eval_shape(
             lambda *a: stage.input_grad(*a)[1], w_J0, count0, vary(zeros_res), zero_BTD
         )
-        w_kept = stage.split.w_stashed
-    stash = Stash(plan, res_shapes, w_kept, carry_shapes, pair=_pairs_stay_in_place(pipe.mesh))
+        w_kept, near = stage.split.w_stashed, stage.split.carry_near
+    pair = _pairs_stay_in_place(pipe.mesh)
+    stash = Stash(plan, res_shapes, w_kept, carry_shapes, pair=pair, near=near)
     state = vary(
         {
             "act": jnp.zeros((plan.num_act,) + zero_BTD.shape, zero_BTD.dtype),

@@ -53,19 +53,28 @@ class Stash:
     {"res", "wres", "carry"} (the plan's `res_slot`, `wres_slot`, `carry_slot` at the tick).
     `pair=False` keeps every leaf in a buffer of its own: XLA's generic copy insertion (GPU's;
     CPU's without region analysis) copies a buffer whole on every tick when two conditionals of
-    the tick update it in place, as the forward's and B's do a pair's."""
+    the tick update it in place, as the forward's and B's do a pair's.
 
-    def __init__(self, plan, res_shapes, w_kept=(), carry_shapes=(), pair=True):
+    `near[j]`: the residual leaves carry leaf j is computed from, nearest first
+    (`BackwardSplit.carry_near`). A carry takes the slot of the nearest one that fits: B then
+    reads that residual and writes the carry over it in one pass. Paired across layers instead
+    (the backward makes the last layer's carries first), B's write into one buffer would read
+    another that its next write overwrites, and XLA copies a buffer whole to order them."""
+
+    def __init__(self, plan, res_shapes, w_kept=(), carry_shapes=(), pair=True, near=()):
         self.plan, self.w_kept = plan, tuple(w_kept)
         self.res_shapes, self.carry_shapes = list(res_shapes), list(carry_shapes)
         b_only = [i for i in range(len(res_shapes)) if i not in self.w_kept]
         self.pairs: list[tuple[int, int]] = []  # (residual leaf, carry leaf) sharing a buffer
         if pair and self.carry_shapes and plan.num_wres <= plan.num_res + plan.num_carry:
             free, unpaired = list(b_only), list(range(len(self.carry_shapes)))
+            near = list(near) or [()] * len(self.carry_shapes)
             for key in _KEYS:
                 for j in list(unpaired):
                     a = self.carry_shapes[j]
-                    i = next((i for i in free if key(self.res_shapes[i]) == key(a)), None)
+                    fits = [i for i in (*near[j], *free)
+                            if i in free and key(self.res_shapes[i]) == key(a)]
+                    i = fits[0] if fits else None
                     if i is not None:
                         free.remove(i)
                         unpaired.remove(j)

@@ -1,5 +1,6 @@
 """The executor's stash: residuals for the backward and B's carries for W, sharing slots."""
 
+import re
 import types
 
 import jax
@@ -74,6 +75,15 @@ def test_no_pairs_when_a_shared_slot_costs_more():
     assert Stash(_plan(), res).pairs == []  # a fused backward has no carry
 
 
+def test_a_carry_takes_the_nearest_residual_that_fits():
+    """`near` (the residuals each carry is computed from, nearest first) picks the partner
+    among leaves that fit; a carry whose near leaves do not fit takes the first free one."""
+    res, carry = [S32(4), S32(4), S16(4)], [S32(4), S32(4)]
+    assert Stash(_plan(), res, (), carry).pairs == [(0, 0), (1, 1)]
+    assert Stash(_plan(), res, (), carry, near=[(1, 0), (0,)]).pairs == [(0, 1), (1, 0)]
+    assert Stash(_plan(), res, (), carry, near=[(2, 1), ()]).pairs == [(0, 1), (1, 0)]
+
+
 @needs_devices(4)
 def test_zb_h1_needs_no_more_temporaries_than_1f1b():
     """Compiled on CPU (S = 4, M = 8), the zb_h1 step's temporaries are within 5 % of 1f1b's;
@@ -124,3 +134,31 @@ def test_a_narrow_compute_dtype_stashes_no_weights(preset, schedule, monkeypatch
     flat = lambda t: np.concatenate([np.ravel(a) for a in jax.tree.leaves(t["blocks"])])
     g, r = flat(got), flat(ref)
     assert np.linalg.norm(g - r) <= 0.05 * np.linalg.norm(r)
+
+
+@needs_devices(2)
+def test_a_carry_goes_over_a_residual_of_its_own_layer(monkeypatch):
+    """B writes each carry over the residual of the same stage-local layer it reads, so no
+    conditional of the tick loop copies a paired buffer whole (S = 2, M = 4, two layers a
+    stage). Paired across layers, as carries and residuals come in opposite layer order, each
+    B copied its layers' paired buffers whole."""
+    made = []
+
+    class Recording(Stash):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(onef1b, "Stash", Recording)
+    cfg = get_preset("tiny", num_layers=4, max_seq_len=32)
+    pcfg = PipelineConfig(num_stages=2, num_microbatches=4, schedule="zb_h1")
+    pipe = Pipeline.create(cfg, pcfg, make_mesh(pcfg, jax.devices()[:2]))
+    params = pipe.place(M.init_params(cfg, 0))
+    text = pipe.jit(pipe.value_and_grad).lower(params, jnp.zeros((8, 33), jnp.int32)).compile()
+    text = text.as_text()
+    (stash,) = made
+    assert stash.pairs
+    dims = lambda i: ",".join(map(str, (stash.plan.num_wres, *stash.res_shapes[i].shape)))  # noqa: E731
+    paired = {f"f32[{dims(i)}]" for i, _ in stash.pairs}
+    copies = re.findall(r"= (f32\[[\d,]+\])\{[\d,]*\} copy\(%get-tuple-element", text)
+    assert not [c for c in copies if c in paired], (paired, copies)
