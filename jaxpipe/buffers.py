@@ -23,7 +23,7 @@ class BufferPlan:
     wres_slot: split tables: stash slot of the residuals W reads too (written by the forward,
         read by B and by W, which frees it).
     carry_slot: split tables: slot of what B leaves for its W (written by B, read by W); -1 for
-        the pairs the executor runs as one fused backward (`schedule.fused_backward`).
+        the pairs the executor runs together at the B's tick (`schedule.fused_backward`).
     """
 
     act_write: np.ndarray

@@ -22,8 +22,9 @@ in the stash, over the residuals only B read when that costs fewer bytes (`stash
 tick turns that into the weight gradients, before the tick's sends (they send what comes out of
 its conditional: a W left to run after the sends would land beside the next tick's op). A B whose
 W is its stage's next op, with no value crossing between stages in between
-(`schedule.fused_backward`: the first stage's pairs in ZB-H1 at S = 2), runs as the fused
-backward at its tick instead: the same work before the same meeting point, without the carry. Values
+(`schedule.fused_backward`: the first stage's pairs in ZB-H1 at S = 2), runs with its W at its
+tick instead, W on the carry as B made it: the same work before the same meeting point, without
+the stash round trip. Values
 move on the channel the table names (`ScheduleTable.channel`): to the next stage, the previous
 one, or kept on the stage at the turn of a V (zbv), where virtual stage v sits on
 `table.virtual_stage`'s stage.
@@ -395,6 +396,16 @@ def _stage_program(pipe, w_1RJ, head_params, x_in, ids_MBT, t_MBT, lookups):
         dw_J, dh = stage.backward(w_J, count, stash.read_backward(bufs, k), dy)
         return add_grads(g_w, dw_J, r), dh
 
+    def b_then_w(g_w, w_J, count, bufs, k, dy, r):
+        """A fused pair: B, then W on B's carry as B left it (not through the stash). The barrier
+        keeps W's weight gradients from being made while B's intermediates are alive, so the
+        pair peaks at B's or W's temporaries, not at the fused backward's."""
+        kept = stash.read_backward(bufs, k)
+        dh, carry = stage.input_grad(w_J, count, kept, dy)
+        kept_w = [kept[i] for i in stage.split.w_stashed]
+        dh, kept_w, carry = jax.lax.optimization_barrier((dh, kept_w, carry))
+        return add_grads(g_w, stage.weight_grad(w_J, count, kept_w, carry), r), dh
+
     def no_bwd(g_w, *_):
         return g_w, zero_BTD
 
@@ -458,10 +469,10 @@ def _stage_program(pipe, w_1RJ, head_params, x_in, ids_MBT, t_MBT, lookups):
                 is_b & ~paired, b_input, no_b_input, w_J, count, bufs, k, dy_in
             )
             g_w = st["g_w"]
-            if fused.any():  # the pair's W runs inside its B: no carry written or read back
+            if fused.any():  # the pair's W runs at its B's tick: no carry written or read back
                 g_w, dh = jax.lax.cond(
-                    is_b & paired, lambda g_w, dh, *a: bwd(g_w, *a), lambda g_w, dh, *a: (g_w, dh),
-                    g_w, dh, w_J, count, bufs, k, dy_in, r,
+                    is_b & paired, lambda g_w, dh, *a: b_then_w(g_w, *a),
+                    lambda g_w, dh, *a: (g_w, dh), g_w, dh, w_J, count, bufs, k, dy_in, r,
                 )
             # The tick's W finishes before its sends, as in the table: a W run after them lands
             # beside the next tick's op while the other stages wait at the next send. So what

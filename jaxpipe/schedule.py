@@ -530,8 +530,8 @@ def crossing_ticks(table: ScheduleTable) -> np.ndarray:
 
 
 def fused_backward(table: ScheduleTable) -> np.ndarray:
-    """[ticks, stages] bool: the B and W cells of a split table that the executor runs as one
-    fused backward at the B's tick (nothing at the W's).
+    """[ticks, stages] bool: the B and W cells of a split table that the executor runs together
+    at the B's tick, W on the carry as B made it (nothing at the W's).
 
     A pair fuses when the W is its stage's next op and no tick from the B's up to the one before
     the W's ends with a value crossing between stages (`crossing_ticks`): the stage then does the
