@@ -55,9 +55,10 @@ three runs alternating with three of the build before: zb_step_ratio 1.06, 1.02,
 1.03, 1.06 against 1.03, 1.06, 1.09), zb_temp_ratio 1.01. On one core a stage's B + W still
 take 1.09 x its fused backward (F 2.6 ms, fused 5.2 ms, B 3.5 ms, W 2.1 ms, `stage_ops` pinned):
 W reads its carries back from memory where the fused backward consumes them as they are made.
-In one program on one core, B then W take 0.97-0.99 x the fused backward (5.9-6.0 ms against
-6.1-6.3 ms): the split's work is the fused backward's, and what the step adds is the executor's
-carry writes and reads and its extra ticks.
+In one program (`stage_ops`' "BW"), B then W take about the fused backward's time: one run,
+1.02 x on one core (6.33 against 6.22 ms; B and W as programs of their own 6.35 ms), 1.03 x on
+the shared cores (5.06 against 4.91 ms; apart 5.76 ms). The split's work is the fused
+backward's, and what the step adds is the executor's carry writes and reads and its extra ticks.
 
 With a joined pair run as B, a barrier and W, and the step ratio taken per round (the median
 over 11 rounds of the ratio within each), five runs: zb_step_ratio 0.99, 1.02, 1.00, 1.04,
@@ -148,9 +149,15 @@ def _looped(fn, n: int):
     return run
 
 
+def _b_then_w(stage, w, count, kept, dy):
+    dh, carry = stage.input_grad(w, count, kept, dy)
+    return stage.weight_grad(w, count, [kept[i] for i in stage.split.w_stashed], carry), dh
+
+
 def stage_ops(cfg, layers: int, x_BTD, reps: int, loop: int = 10) -> dict:
-    """Compiled F, B, W and fused backward of one stage of `layers` layers: seconds per op
-    (each timed as `loop` runs inside one program), FLOPs of one run."""
+    """Compiled F, B, W and fused backward of one stage of `layers` layers, and B then W in one
+    program ("BW", W on B's carry as the executor runs a joined pair): seconds per op (each
+    timed as `loop` runs inside one program), FLOPs of one run."""
     import jax
     import jax.numpy as jnp
 
@@ -164,12 +171,14 @@ def stage_ops(cfg, layers: int, x_BTD, reps: int, loop: int = 10) -> dict:
         "fused": lambda w, k, d: stage.backward(w, layers, k, d),
         "B": lambda w, k, d: stage.input_grad(w, layers, k, d),
         "W": lambda w, k, c: stage.weight_grad(w, layers, k, c),
+        "BW": lambda w, k, d: _b_then_w(stage, w, layers, k, d),
     }
     y, kept = jax.jit(ops["F"])(w_J, x_BTD)
     dy = jnp.cos(y)
     carry = jax.jit(ops["B"])(w_J, kept, dy)[1]
     kept_w = [kept[i] for i in stage.split.w_stashed]
     args = {"F": (w_J, x_BTD), "fused": (w_J, kept, dy), "B": (w_J, kept, dy)}
+    args["BW"] = args["B"]
     args["W"] = (w_J, kept_w, carry)
     flops = {
         name: float(jax.jit(fn).lower(*args[name]).compile().cost_analysis()["flops"])
