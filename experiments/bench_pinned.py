@@ -71,7 +71,9 @@ time). The last stage still writes its carries: its B sends at once, so its W ca
 Since each carry takes its own layer's residual slot and a joined pair runs B, then W on B's
 carry, with a barrier between (in place of the fused backward, whose temporaries were higher
 compiled for TPU), two runs alternating with two of the build before: pinned_zb_ratio 0.93,
-0.87 against 0.92, 0.94; pinned_gpipe_ratio 1.03, 1.04 against 1.00, 1.05.
+0.87 against 0.92, 0.94; pinned_gpipe_ratio 1.03, 1.04 against 1.00, 1.05. Three more runs:
+0.89, 0.91, 0.95 (gpipe 1.04, 1.06, 1.03); bubbles 1f1b 0.44 against its table's 0.40-0.43,
+zb_h1 0.39-0.43 against 0.24-0.29, gpipe 0.46-0.48 against 0.22-0.26.
 """
 
 from __future__ import annotations
