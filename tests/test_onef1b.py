@@ -296,8 +296,15 @@ def test_embedding_inside_matches_reference(schedule, S, Mb, R, style, data):
 
 
 @needs_devices(4)
-@pytest.mark.parametrize("lookups", [True, False])
-@pytest.mark.parametrize("schedule,style", [("zb_h1", "tiny"), ("1f1b", "tiny-llama")])
+@pytest.mark.parametrize(
+    "schedule,style,lookups",
+    [
+        ("zb_h1", "tiny", True),
+        ("1f1b", "tiny-llama", False),
+        pytest.param("zb_h1", "tiny", False, marks=pytest.mark.slow),
+        pytest.param("1f1b", "tiny-llama", True, marks=pytest.mark.slow),
+    ],
+)
 def test_the_embeddings_gradient_either_side_of_the_program(schedule, style, lookups,
                                                             monkeypatch):
     """With the embedding outside, the table's gradient equals the reference whether the
