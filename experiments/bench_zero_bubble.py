@@ -1,6 +1,6 @@
 """Zero-bubble schedules against 1F1B: the split backward's FLOPs, simulated and measured steps.
 
-Run (CPU, forces 4 devices; about a minute on two cores):
+Run (CPU, forces 4 devices; about 2 minutes on two cores):
   PYTHONPATH=. python experiments/bench_zero_bubble.py --preset small --stages 4 \
       --microbatches 8 --batch 32 --seq_len 64 --reps 5
 
@@ -20,9 +20,11 @@ Prints one JSON object:
   zb_temp_ratio: the larger of zb_h1's and zbv's per-device temp bytes
     (`memory_analysis()`) over 1f1b's, for the whole compiled step. Expect <= 1.15.
   zb_step_ratio: zb_h1 step time over 1f1b's on forced CPU devices (they share the host's
-    cores, so bubbles cost little here): the median over --reps rounds, each running every
-    schedule's step once, of the ratio within the round (drift between rounds cancels). Expect
-    <= 1.05. step_seconds_median: each schedule's median step.
+    cores, so bubbles cost little here). Each of --step_processes fresh processes compiles the
+    steps and times --reps rounds, each running every schedule's step once; its ratio is the
+    median of the ratios within a round (drift between rounds cancels), and zb_step_ratio the
+    median over processes (per process under step_ratios_per_process). Expect <= 1.05.
+    step_seconds_median: each schedule's median step.
 
 Measured on the idle 2-core host, two runs: zb_flops_split 1.00, zb_h1_sim_ratio 0.71 / 0.69,
 zbv_sim_ratio 0.65 / 0.69 (one core: F 4.2 ms, fused backward 11.4 ms, B 6.2 / 5.8 ms, W 5.8 /
@@ -64,6 +66,11 @@ With a joined pair run as B, a barrier and W, and the step ratio taken per round
 over 11 rounds of the ratio within each), five runs: zb_step_ratio 0.99, 1.02, 1.00, 1.04,
 1.07 (zbv 1.01, 1.09, 1.05, 1.08, 1.11), zb_temp_ratio 1.01, sim ratios 0.67-0.69 and
 0.61-0.65; five runs before with 5 rounds and medians' ratio: 1.05, 1.04, 1.04, 1.06, 1.01.
+Those runs differ by more than their rounds do: a process's compiled programs and thread
+placement shift its ratio. With the median over three fresh processes (the command above),
+five runs: zb_step_ratio 1.03, 1.03, 1.03, 1.03, 1.03 (1.032, 1.029, 1.032, 1.025, 1.026;
+per process 0.99-1.06, 13 of 15 at most 1.05), zbv_step_ratio 1.04-1.07, zb_temp_ratio 1.01,
+zb_h1_sim_ratio 0.68-0.70, zbv_sim_ratio 0.62-0.66, zb_flops_split 1.00.
 
 Before, with lean blocks but carries in buffers of their own and every buffer written outside
 the conditionals: zb_temp_ratio 1.34 (zbv 1.24; 1f1b 27.9 MB, zb_h1 37.3 MB, zbv 34.4 MB),
@@ -84,6 +91,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import bench_json  # noqa: E402
 
 from jaxpipe import cli  # noqa: E402 (after JAX_PLATFORMS is set)
+from jaxpipe.config import ConfigError  # noqa: E402
 
 SCHEDULES = (("1f1b", 1), ("zb_h1", 1), ("zbv", 2))
 
@@ -96,6 +104,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq_len", type=int, default=64)
     p.add_argument("--reps", type=int, default=11)
+    p.add_argument("--step_processes", type=int, default=3,
+                   help="fresh processes that each compile and time the steps")
     return p
 
 
@@ -250,10 +260,10 @@ def _simulated(S: int, Mb: int, full: dict, half: dict) -> dict:
     return sims
 
 
-def measure(args) -> dict:
-    """The JSON figures for parsed `args` (JAX must already have >= args.stages devices)."""
+def _steps(args) -> tuple[dict, dict]:
+    """Each schedule's step seconds per round (`_timed_rounds`) and temp bytes, compiled and run
+    on this process's first `args.stages` devices."""
     import jax
-    import numpy as np
 
     from jaxpipe import model as M
     from jaxpipe.config import PipelineConfig, get_preset
@@ -261,11 +271,7 @@ def measure(args) -> dict:
     from jaxpipe.pipeline import Pipeline
 
     S, Mb = args.stages, args.microbatches
-    print(f"process {jax.process_index()} devices {jax.devices()[:S]}", file=sys.stderr)
     cfg = get_preset(args.preset, num_layers=2 * S)
-    ops = {"one_core": _pinned_op_times(args), "shared": op_times(args)}
-    sims = {where: _simulated(S, Mb, *ops[where]) for where in ops}
-    full = ops["one_core"][0]
     params = M.init_params(cfg, 0)
     tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq_len + 1), 0, 256)
     steps, temps = {}, {}
@@ -280,7 +286,51 @@ def measure(args) -> dict:
         {name: (compiled, (placed, tokens)) for name, (compiled, placed) in steps.items()},
         args.reps,
     )
-    median = {name: float(np.median(t)) for name, t in times.items()}
+    return times, temps
+
+
+def _steps_in_this_process(args, queue) -> None:
+    from jaxpipe.mesh import force_cpu_devices
+
+    force_cpu_devices(args.stages)
+    queue.put(_steps(args))
+
+
+def _steps_in_fresh_processes(args) -> list[tuple[dict, dict]]:
+    """`_steps` in --step_processes fresh processes, one after another: a process's compiled
+    programs and thread placement shift its ratios by a few per cent, which the median over
+    processes evens out."""
+    ctx = multiprocessing.get_context("spawn")
+    out = []
+    for _ in range(args.step_processes):
+        queue = ctx.Queue()
+        child = ctx.Process(target=_steps_in_this_process, args=(args, queue))
+        child.start()
+        try:
+            out.append(queue.get(timeout=900))
+        finally:
+            child.join()
+    return out
+
+
+def measure(args) -> dict:
+    """The JSON figures for parsed `args` (JAX must already have >= args.stages devices)."""
+    import jax
+    import numpy as np
+
+    S, Mb = args.stages, args.microbatches
+    if args.reps < 1 or args.step_processes < 1:
+        raise ConfigError("--reps and --step_processes must be >= 1")
+    print(f"process {jax.process_index()} devices {jax.devices()[:S]}", file=sys.stderr)
+    ops = {"one_core": _pinned_op_times(args), "shared": op_times(args)}
+    sims = {where: _simulated(S, Mb, *ops[where]) for where in ops}
+    full = ops["one_core"][0]
+    runs = _steps_in_fresh_processes(args)
+    temps = runs[0][1]
+    step_ratios = {k: [median_ratio(times, k, "1f1b") for times, _ in runs]
+                   for k in ("zb_h1", "zbv")}
+    median = {name: float(np.median([np.median(times[name]) for times, _ in runs]))
+              for name in runs[0][0]}
     lock = sims["one_core"]["lockstep"]
     ratios = lambda sim: {k: sim[k] / sim["1f1b"] for k in ("zb_h1", "zbv")}
     return {
@@ -289,7 +339,7 @@ def measure(args) -> dict:
         "zb_h1_sim_ratio": lock["zb_h1"] / lock["1f1b"],
         "zbv_sim_ratio": lock["zbv"] / lock["1f1b"],
         "zb_temp_ratio": max(temps["zb_h1"], temps["zbv"]) / temps["1f1b"],
-        "zb_step_ratio": median_ratio(times, "zb_h1", "1f1b"),
+        "zb_step_ratio": float(np.median(step_ratios["zb_h1"])),
         "stage_ops": {where: {"full": f, "half": h} for where, (f, h) in ops.items()},
         "sim": sims,
         "sim_ratios": {
@@ -298,7 +348,8 @@ def measure(args) -> dict:
         "temp_bytes": temps,
         "temp_ratios": {k: temps[k] / temps["1f1b"] for k in ("zb_h1", "zbv")},
         "step_seconds_median": median,
-        "zbv_step_ratio": median_ratio(times, "zbv", "1f1b"),
+        "zbv_step_ratio": float(np.median(step_ratios["zbv"])),
+        "step_ratios_per_process": step_ratios,
     }
 
 

@@ -465,8 +465,8 @@ def test_a_ticks_weight_gradients_finish_before_its_sends(schedule):
     through an optimization barrier does not count), and a W run
     after the sends lands beside the next tick's op (pinned processes, S = 2, M = 4: zb_h1 /
     1f1b step 1.18-1.22 with nothing ordering them, 1.02-1.09 with a barrier, 0.96-0.98 with
-    the sends reading W's conditional). The fused backward of a pair that runs as one
-    (`schedule.fused_backward`) is one of them."""
+    the sends reading W's conditional). The conditional of a B/W pair that runs at one tick
+    (`schedule.fused_backward`: B, then W on its carry) is one of them."""
     cfg = get_preset("tiny", num_layers=4, max_seq_len=SEQ)
     params = jax.jit(M.init_params, static_argnums=(0, 1))(cfg, 3)
     tokens = jnp.zeros((4, SEQ + 1), jnp.int32)
@@ -477,7 +477,7 @@ def test_a_ticks_weight_gradients_finish_before_its_sends(schedule):
     sends = [e for e in conds if any(x.primitive.name == "ppermute" for x in _eqns_of(e))]
     ops = [e for e in conds if any(x.primitive.name == "dot_general" for x in _eqns_of(e))]
     ops = [e for e in ops if e not in sends]
-    # F, B and W, and the fused backward where the table fuses a pair (zb_h1 at S = 2)
+    # F, B and W, and a joined pair's B + W where the table joins one (zb_h1 at S = 2)
     fuses = bool(fused_backward(pipe.table).any())
     assert fuses == (schedule == "zb_h1")
     assert sends and len(ops) == 3 + fuses, [e.primitive.name for e in body.eqns]
