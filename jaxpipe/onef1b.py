@@ -22,12 +22,11 @@ in the stash, over the residuals only B read when that costs fewer bytes (`stash
 tick turns that into the weight gradients, before the tick's sends (they send what comes out of
 its conditional: a W left to run after the sends would land beside the next tick's op). A B whose
 W is its stage's next op, with no value crossing between stages in between
-(`schedule.fused_backward`: the first stage's pairs in ZB-H1 at S = 2), runs with its W at its
-tick instead, W on the carry as B made it: the same work before the same meeting point, without
-the stash round trip. Values
-move on the channel the table names (`ScheduleTable.channel`): to the next stage, the previous
-one, or kept on the stage at the turn of a V (zbv), where virtual stage v sits on
-`table.virtual_stage`'s stage.
+(`schedule.fused_backward`: the first stage's pairs in ZB-H1 at S = 2, where they are a
+stage's worth), runs with its W at its tick instead, W on the carry as B made it: the same work
+before the same meeting point, without the stash round trip. Values move on the channel the
+table names (`ScheduleTable.channel`): to the next stage, the previous one, or kept on the stage
+at the turn of a V (zbv), where virtual stage v sits on `table.virtual_stage`'s stage.
 
 Config: remat="layer" runs each layer under `jax.checkpoint`, so a forward stashes only each
 layer's input and the backward recomputes one layer at a time; remat="stage" stashes only each

@@ -250,6 +250,10 @@ def test_fused_pairs_keep_the_stages_meeting_points(args):
         assert (table.micro[u, s], table.repeat[u, s]) == (table.micro[t, s], table.repeat[t, s])
         assert not crossing[t:u].any()
     assert (fused & (table.op == BWD)).sum() == (fused & (table.op == WGT)).sum()
+    joined = (fused & (table.op == BWD)).sum()  # none, or at least a stage's worth of pairs
+    assert joined == 0 or joined * table.num_stages >= (table.op == BWD).sum()
+    if args[:3] == ("zb_h1", 4, 8):  # one pair could fuse; alone it is not worth a conditional
+        assert not fused.any()
     if args[:3] == ("zb_h1", 2, 4):  # every pair of the first stage, none of the last (its
         # B sends to the first)
         assert (fused & (table.op == BWD)).sum(axis=0).tolist() == [4, 0]
