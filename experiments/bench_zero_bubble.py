@@ -70,7 +70,10 @@ Those runs differ by more than their rounds do: a process's compiled programs an
 placement shift its ratio. With the median over three fresh processes (the command above),
 five runs: zb_step_ratio 1.03, 1.03, 1.03, 1.03, 1.03 (1.032, 1.029, 1.032, 1.025, 1.026;
 per process 0.99-1.06, 13 of 15 at most 1.05), zbv_step_ratio 1.04-1.07, zb_temp_ratio 1.01,
-zb_h1_sim_ratio 0.68-0.70, zbv_sim_ratio 0.62-0.66, zb_flops_split 1.00.
+zb_h1_sim_ratio 0.68-0.70, zbv_sim_ratio 0.62-0.66, zb_flops_split 1.00. Since pairs join only
+where they are a stage's worth (`schedule.fused_backward`; here the one pair that had joined no
+longer does), three runs: zb_step_ratio 1.046, 1.035, 1.027 (per process 0.97-1.06), zbv
+1.06-1.09, zb_temp_ratio 1.00, sim ratios 0.68-0.69 and 0.65-0.69.
 
 Before, with lean blocks but carries in buffers of their own and every buffer written outside
 the conditionals: zb_temp_ratio 1.34 (zbv 1.24; 1f1b 27.9 MB, zb_h1 37.3 MB, zbv 34.4 MB),
