@@ -229,9 +229,14 @@ def _pinned_op_times(args) -> tuple[dict, dict]:
     """`op_times` in a fresh process pinned to one core: a device runs a stage's ops one after
     another, as an accelerator does, while on the shared cores XLA's CPU runtime overlaps a
     fused backward's independent weight-gradient matmuls with its input-gradient chain."""
+    return _in_fresh_process(_op_times_on_one_core, args)
+
+
+def _in_fresh_process(target, args):
+    """What `target(args, queue)` puts on the queue, run in a fresh (spawned) process."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    child = ctx.Process(target=_op_times_on_one_core, args=(args, queue))
+    child = ctx.Process(target=target, args=(args, queue))
     child.start()
     try:
         return queue.get(timeout=900)
@@ -303,17 +308,7 @@ def _steps_in_fresh_processes(args) -> list[tuple[dict, dict]]:
     """`_steps` in --step_processes fresh processes, one after another: a process's compiled
     programs and thread placement shift its ratios by a few per cent, which the median over
     processes evens out."""
-    ctx = multiprocessing.get_context("spawn")
-    out = []
-    for _ in range(args.step_processes):
-        queue = ctx.Queue()
-        child = ctx.Process(target=_steps_in_this_process, args=(args, queue))
-        child.start()
-        try:
-            out.append(queue.get(timeout=900))
-        finally:
-            child.join()
-    return out
+    return [_in_fresh_process(_steps_in_this_process, args) for _ in range(args.step_processes)]
 
 
 def measure(args) -> dict:
