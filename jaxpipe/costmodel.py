@@ -9,9 +9,11 @@ split, `concurrency`, and what a split table's B and W cost over the fused backw
 (`links.py`), on the `data x pipe x tensor` mesh:
 
 - tensor: Megatron-style all-reduces of one activation [b, T, D] per block: two in the forward,
-  two in the backward, two more in the recomputed forward under remat; one for the embedding's
-  output and one for the head's input gradient. They sit on the critical path (not overlapped)
-  and are added to the layers' times.
+  two in the backward, and those of the replayed forward under remat that the backward reads
+  (`tensor_all_reduces`: one more under remat "layer", where the block's output is saved, not
+  replayed; two under remat "stage"); one for the embedding's output and one for the head's
+  input gradient. They sit on the critical path (not overlapped) and are added to the layers'
+  times.
 - pipe: each virtual stage sends its output forward and receives its gradient back; each tensor
   rank sends its 1/t share of the activation (charged as `transfer_time`).
 - data: the gradients (fp32, the device's own parameters) are all-reduced once per step after
@@ -101,8 +103,12 @@ def outer_params(cfg: ModelConfig, tp: int, head_in_last: bool = True) -> tuple[
 
 
 def tensor_all_reduces(remat: str) -> int:
-    """All-reduces of one activation per block and micro-batch under tensor parallelism."""
-    return 6 if remat != "none" else 4
+    """All-reduces of one activation per block and micro-batch under tensor parallelism: two
+    in the forward and two in the backward, and those of a replayed forward whose outputs the
+    backward reads. Under remat "layer" that is the attention output's, not the MLP's (it makes
+    the block's output, saved as the next block's input); under remat "stage" both (the stage's
+    blocks replay in a loop, each making the next one's input)."""
+    return {"none": 4, "layer": 5}.get(remat, 6)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -111,7 +111,7 @@ def _tpu_links(ici: float, dcn: float, pod: int) -> Links:
 # neighbour link); GPU link = NVLink bandwidth per direction; across nodes one 200 Gb/s (A100,
 # HDR) or 400 Gb/s (H100/H200, NDR) InfiniBand adapter per GPU. The A100's matmul efficiency
 # is fitted to one published run (README, "Anchors"); the others keep the full peak.
-A100_FLOPS_EFFICIENCY = 0.85
+A100_FLOPS_EFFICIENCY = 0.84
 PROFILES: dict[str, DeviceProfile] = {
     "tpu-v4": DeviceProfile(
         "tpu-v4", 275e12, 1200 * GB, 32 * GiB, _tpu_links(50 * GB, 6.25 * GB, 4096)

@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 from jaxpipe import model as M
 from jaxpipe import placement
 from jaxpipe.config import ConfigError, PipelineConfig, get_preset
+from jaxpipe.costmodel import tensor_all_reduces
 from jaxpipe.mesh import make_mesh
 from jaxpipe.pipeline import Pipeline
 from tests.conftest import needs_devices
@@ -128,6 +129,28 @@ def test_compiled_matmuls_are_split_and_all_reduced_over_tensor(schedule):
         tuple(map(int, g.split(","))) for g in re.findall(r"\{([0-9,]+)\}", reduce_groups[0])
     )
     assert groups == _tensor_groups(pipe.mesh)
+
+
+def _activation_all_reduces(schedule, remat):
+    """Activations [rows, SEQ, d_model] all-reduced in the compiled training gradient of one
+    block a stage (XLA combines some all-reduces into one of a tuple: each element counts)."""
+    cfg = get_preset("tiny", num_layers=2, max_seq_len=SEQ)
+    pcfg = PipelineConfig(num_stages=2, num_microbatches=2, schedule=schedule, remat=remat,
+                          tensor_parallel=2)
+    pipe = Pipeline.create(cfg, pcfg, make_mesh(pcfg, jax.devices()[:4]))
+    params = pipe.place(M.init_params(cfg))
+    hlo = pipe.jit(pipe.value_and_grad).lower(params, _tokens(8)).compile().as_text()
+    results = re.findall(r"= (.*?) all-reduce(?:-start)?\(", hlo)
+    return sum(len(re.findall(rf"f32\[\d+,{SEQ},{cfg.d_model}\]", r)) for r in results)
+
+
+@needs_devices(4)
+@pytest.mark.parametrize("schedule", ["gpipe", pytest.param("1f1b", marks=pytest.mark.slow)])
+def test_the_planner_counts_the_all_reduces_a_replayed_forward_runs(schedule):
+    # remat "layer" replays a block's forward but not its MLP all-reduce, which makes the
+    # block's output (saved as the next block's input): one more per block, not two.
+    extra = _activation_all_reduces(schedule, "layer") - _activation_all_reduces(schedule, "none")
+    assert extra == tensor_all_reduces("layer") - tensor_all_reduces("none") == 1
 
 
 @needs_devices(8)
