@@ -162,6 +162,11 @@ class LayerCosts:
         return self._cache[(b, tp)]
 
 
+# The first columns of a table of candidates (`Candidate.columns`).
+CANDIDATE_COLUMNS = (f"{'#':>2} {'DxPxT':>10} {'schedule':>16} {'R':>2} {'M':>4} {'remat':>5} "
+                     f"{'state':>5} {'layout':>12}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Candidate:
     """A fitting plan and what it predicts for the whole cluster."""
@@ -177,6 +182,12 @@ class Candidate:
     @property
     def pipe_cfg(self) -> PipelineConfig:
         return self.plan.pipe_cfg
+
+    def columns(self, rank: int) -> str:
+        """Its first columns in a table of candidates (`CANDIDATE_COLUMNS`)."""
+        p = self.pipe_cfg
+        return (f"{rank:>2} {self.mesh():>10} {p.schedule:>16} {p.num_repeats:>2} "
+                f"{p.num_microbatches:>4} {p.remat:>5} {self.state_split:>5} {self.layout():>12}")
 
     def mesh(self) -> str:
         p = self.pipe_cfg
@@ -593,19 +604,15 @@ class AutotuneResult:
             f"tokens; {self.searched} configurations, {self.planned} planned, "
             f"{self.elapsed_s:.1f} s; attention {self.model_cfg.attention}, layers compiled for "
             f"{self.costed_on}",
-            f"{'#':>2} {'DxPxT':>10} {'schedule':>16} {'R':>2} {'M':>4} {'remat':>5} "
-            f"{'state':>5} {'layout':>12} {'step s':>8} {'tok/s':>10} {'MFU':>6} {'bubble':>6} "
+            f"{CANDIDATE_COLUMNS} {'step s':>8} {'tok/s':>10} {'MFU':>6} {'bubble':>6} "
             f"{'mem GiB':>8} {'neck':>4}",
         ]
         if self.fit is not None:
             rows.insert(1, self.fit.describe())
         for i, k in enumerate(self.candidates):
-            p = k.pipe_cfg
             rows.append(
-                f"{i + 1:>2} {k.mesh():>10} {p.schedule:>16} {p.num_repeats:>2} "
-                f"{p.num_microbatches:>4} {p.remat:>5} {k.state_split:>5} {k.layout():>12} "
-                f"{k.plan.step_time_s:>8.3f} {k.tokens_per_s:>10,.0f} {k.mfu:>6.1%} "
-                f"{k.plan.bubble_fraction:>6.1%} {k.memory_bytes / GiB:>8.1f} "
+                f"{k.columns(i + 1)} {k.plan.step_time_s:>8.3f} {k.tokens_per_s:>10,.0f} "
+                f"{k.mfu:>6.1%} {k.plan.bubble_fraction:>6.1%} {k.memory_bytes / GiB:>8.1f} "
                 f"{k.bottleneck_stage:>4}"
             )
         rows.append("best: " + self.best.flags(c.device))

@@ -31,6 +31,13 @@ and --device then default to the topology's (64 and tpu-v5p for v5p:4x4x4):
 
     python -m jaxpipe.plan --auto --model llama-3-70b --topology v5p:4x4x4 \
         --global_batch 256 --seq_len 4096 --memory_gib 85
+
+With --time K it runs the training steps of the first K candidates on the devices present
+instead (they must be the cluster's: --devices of the --device's platform; with --device cpu,
+that many CPU devices are forced) and ranks them by the measured step (`jaxpipe.trial`):
+
+    python -m jaxpipe.plan --auto --model small --devices 4 --global_batch 16 --seq_len 128 \
+        --time 3
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ from jaxpipe.config import (
 )
 from jaxpipe.costs import DEVICES
 from jaxpipe.partition import METHODS, make_plan
+from jaxpipe.trial import Trial, trial
 from jaxpipe.verify import DEFAULT_COUNT, Verification, verify
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
@@ -142,6 +150,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help=f"with --auto --topology: candidates compiled at most (default {DEFAULT_COUNT})",
     )
     ap.add_argument(
+        "--time", type=int, default=None,
+        help="with --auto: run the first TIME candidates' steps on the devices present and "
+        "rank them by the measured step",
+    )
+    ap.add_argument(
         "--auto",
         action="store_true",
         help="search the fastest configuration for --devices devices (jaxpipe.autotune)",
@@ -165,7 +178,8 @@ def compute_dtype(name: str) -> str:
 
 def run(args: argparse.Namespace):
     """The plan, with --aot the compiled step's `aot.AotReport`, with --auto the search's
-    `autotune.AutotuneResult` (with --topology too, its `verify.Verification`)."""
+    `autotune.AutotuneResult` (with --topology too, its `verify.Verification`; with --time,
+    its `trial.Trial`)."""
     if args.auto:
         return _auto(args)
     device = args.device or (topology.profile_name(args.topology) if args.aot else "cpu")
@@ -205,7 +219,7 @@ def run(args: argparse.Namespace):
     )
 
 
-def _auto(args: argparse.Namespace) -> autotune.AutotuneResult | Verification:
+def _auto(args: argparse.Namespace) -> autotune.AutotuneResult | Verification | Trial:
     if args.aot:
         raise ConfigError("--auto and --aot are separate modes; drop one of them")
     devices, device = args.devices, args.device
@@ -238,6 +252,8 @@ def _auto(args: argparse.Namespace) -> autotune.AutotuneResult | Verification:
             model_cfg, cluster, global_batch=args.batch_size, seq_len=seq_len, top=args.top,
             splits=autotune.searched_splits(args.zero1, args.fsdp), compile_on=chip,
         )
+    if args.time is not None:
+        return trial(result, args.time)
     if topo is None:
         return result
     return verify(result, topo, args.verify or DEFAULT_COUNT)
@@ -259,8 +275,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.verify is not None and not (args.auto and args.topology):
             raise ConfigError("--verify compiles the autotuner's candidates for a topology; "
                               "add --auto and --topology (e.g. v5p:4x4x4 or cpu:8)")
+        if args.time is not None and not args.auto:
+            raise ConfigError("--time runs the autotuner's candidates; add --auto")
+        if args.time is not None and args.topology is not None:
+            raise ConfigError("--time runs the candidates on the devices present, --topology "
+                              "compiles them for other devices; use one of them")
         if args.topology is not None:
             topology.prepare_host(args.topology)  # before JAX starts
+        if args.time is not None and (args.device or "cpu") == "cpu" and args.devices:
+            topology.prepare_host(f"cpu:{args.devices}")  # before JAX starts: devices to time
         result = run(args)
         print(result.to_json() if args.json else result.table())
 
