@@ -8,6 +8,10 @@ warnings.filterwarnings(
     "ignore", message=r"'jaxpipe\.\w+' found in sys\.modules", category=RuntimeWarning
 )
 
+from jaxpipe.tpuhost import compile_only_env
+
+compile_only_env()  # before JAX starts its backends: libtpu quiet on a host with no TPU chip
+
 from jaxpipe.checkpoint import Checkpoints, load_params, train_resumable
 from jaxpipe.config import (
     PRESETS,

@@ -5,7 +5,6 @@ devices."""
 from __future__ import annotations
 
 import dataclasses
-import glob
 import importlib.util
 import os
 import re
@@ -16,6 +15,7 @@ from jax.experimental import topologies
 from jaxpipe.config import ConfigError
 from jaxpipe.costs import PROFILES, host_memory
 from jaxpipe.mesh import force_cpu_devices
+from jaxpipe.tpuhost import compile_only_env
 
 TPU_GENERATIONS = ("v4", "v5e", "v5p", "v6e")
 # HBM per chip from the device profiles' spec-sheet figures (v4 32 GiB, v5e 16, v5p 95, v6e 32).
@@ -24,15 +24,6 @@ TPU_GENERATIONS = ("v4", "v5e", "v5p", "v6e")
 CHIP_HBM_BYTES = {gen: PROFILES[f"tpu-{gen}"].hbm_bytes for gen in TPU_GENERATIONS}
 TPU_EXTRA = "pip install 'jaxpipe[tpu]'"
 _TOPOLOGY = re.compile(r"^(?:cpu:(\d+)|(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2}))$")
-# libtpu on a host with no TPU chip only compiles. Its lock against a second process using the
-# chips is then moot (without ALLOW_MULTIPLE_LIBTPU_LOAD two compiling processes fail with
-# "libtpu multi-process lockfile"), and naming the host a one-host slice stops libtpu from
-# warning that it cannot read TPU metadata. Set only where unset and no chip is attached.
-_COMPILE_ONLY_ENV = {
-    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
-    "TPU_HOST_BOUNDS": "1,1,1",
-    "TPU_WORKER_HOSTNAMES": "localhost",
-}
 
 
 def parse_topology(name: str) -> tuple[str, str | int]:
@@ -117,10 +108,6 @@ def resolve(topology: str | Topology) -> Topology:
     return topology if isinstance(topology, Topology) else get_topology(topology)
 
 
-def _chip_attached() -> bool:
-    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
-
-
 def get_topology(name: str) -> Topology:
     """The devices of a topology string (see the module docstring); raises naming the fix."""
     kind, size = parse_topology(name)
@@ -138,9 +125,7 @@ def get_topology(name: str) -> Topology:
             f"compiling for TPU topology {name} needs libtpu, which is not installed; "
             f"install it with {TPU_EXTRA}"
         )
-    if not _chip_attached():
-        for var, value in _COMPILE_ONLY_ENV.items():
-            os.environ.setdefault(var, value)
+    compile_only_env()  # in case JAX's backends have not started yet
     try:
         devices = topologies.get_topology_desc(name, "tpu").devices
     except jax.errors.JaxRuntimeError as e:
