@@ -19,6 +19,9 @@ prints its table of candidates first, then trains the best):
 
     python experiments/train_lm.py --auto --devices 4 --workdir runs/auto
 
+With --auto_time 3 it first runs the first 3 candidates' steps on those devices and trains the
+fastest measured.
+
 Writes WORKDIR/config.json, metrics.jsonl (one JSON row per logged step), summary.json,
 loss.png and WORKDIR/checkpoints/<step> every --checkpoint_every steps (the last
 --keep_checkpoints kept). Re-running with the same --workdir resumes from the newest complete
@@ -77,6 +80,9 @@ flags.DEFINE_bool("auto", False, "Choose the mesh, schedule, repeats, micro-batc
                   "embedding placement and layer split for the devices present "
                   "(jaxpipe.autotune; on accelerators the first candidate whose step compiles "
                   "within their memory, jaxpipe.verify); the shape flags are then ignored.")
+flags.DEFINE_integer("auto_time", 0, "With --auto: run the first N candidates' steps on the "
+                     "devices present and train the fastest measured (jaxpipe.trial); 0: train "
+                     "the predicted best.")
 flags.DEFINE_bool("check_balance", False, "Measure each stage's time, compare with the plan, "
                   "warn above 1.2x imbalance and print the suggested re-partition.")
 flags.DEFINE_string("boundary_dtype", None, "dtype of activations sent between stages.")
@@ -180,6 +186,10 @@ def _run(argv, initial, load, held):
     )
     if _F.devices is not None and _F.devices < 1:
         raise ConfigError(f"--devices must be >= 1, got {_F.devices}; or leave it out")
+    if _F.auto_time < 0 or (_F.auto_time and not _F.auto):
+        raise ConfigError(f"--auto_time times the autotuner's first candidates: a count >= 1 "
+                          f"with --auto (0: off), got {_F.auto_time}"
+                          + ("" if _F.auto else " without --auto"))
     num_processes = _F.num_processes or int(os.environ.get("JAXPIPE_NUM_PROCESSES") or 1)
     n_dev = _F.devices or max(pcfg.num_devices // num_processes, 1)
     if jax.config.jax_platforms == "cpu":
@@ -226,7 +236,8 @@ def _run(argv, initial, load, held):
     check_same_tokenizer(workdir, data.tokenizer)
     if _F.auto:
         found, best = choose_compiled(model, pcfg, device=_F.device_profile,
-                                      global_batch=tcfg.batch_size, seq_len=tcfg.seq_len)
+                                      global_batch=tcfg.batch_size, seq_len=tcfg.seq_len,
+                                      time=_F.auto_time)
         print(found.table())
         plan, pcfg = best.plan, best.pipe_cfg
     else:

@@ -19,6 +19,7 @@ from jaxpipe.aot import AotReport, compile_plan, size_text
 from jaxpipe.autotune import AutotuneResult, Candidate, choose
 from jaxpipe.config import ConfigError, ModelConfig, PipelineConfig
 from jaxpipe.topology import Topology, present, resolve
+from jaxpipe.trial import Trial, trial
 
 DEFAULT_COUNT = 3  # candidates compiled at most
 
@@ -96,11 +97,11 @@ class Verification:
 
 
 def verify(result: AutotuneResult, topology: str | Topology, count: int = DEFAULT_COUNT,
-           capacity: float | None = None) -> Verification:
+           capacity: float | None = None, fitting: int = 1) -> Verification:
     """Compiles `result`'s candidates, best first, for `topology` (a topology string, or a
-    `Topology` such as `topology.present()`) until one fits `capacity` bytes per device
-    (default: the memory per device the search was given, and at most the devices' own), at
-    most `count` of them."""
+    `Topology` such as `topology.present()`) until `fitting` of them fit `capacity` bytes per
+    device (default: the memory per device the search was given, and at most the devices'
+    own), at most `count` of them."""
     if count < 1:
         raise ConfigError(f"--verify must be >= 1 candidate, got {count}")
     topo = resolve(topology)
@@ -121,19 +122,21 @@ def verify(result: AutotuneResult, topology: str | Topology, count: int = DEFAUL
         report = compile_plan(k.plan, batch_size=k.global_batch, seq_len=k.seq_len,
                               topology=topo)
         reports.append(report)
-        if fits_in(report, capacity):
+        if sum(fits_in(r, capacity) for r in reports) >= fitting:
             break
     return Verification(result, topology, capacity, tuple(reports))
 
 
 def choose_compiled(model_cfg: ModelConfig, base: PipelineConfig, *, device: str,
                     global_batch: int, seq_len: int, devices=None, compile: bool | None = None,
-                    ) -> tuple[AutotuneResult | Verification, Candidate]:
+                    time: int = 0) -> tuple[AutotuneResult | Verification | Trial, Candidate]:
     """(the search's result, the candidate to train) for the devices present (`devices`,
     default all of JAX's; `autotune.choose`). With `compile` (default: on accelerators, whose
     memory a step can overrun; not on a CPU host), the candidates are compiled for those
     devices, best first (`verify`), and the first that fits is the one to train; a
-    ConfigError when none of the first `DEFAULT_COUNT` does."""
+    ConfigError when none of the first `DEFAULT_COUNT` does. With `time` = K, the first K
+    candidates (that compile within the memory, where compiled) run their steps there and the
+    fastest measured is the one to train (`trial`)."""
     topo = present(devices)
     per_node = max(1, len(topo.devices) // max(1, len({d.process_index for d in topo.devices})))
     found = choose(model_cfg, base, num_devices=len(topo.devices), device=device,
@@ -141,8 +144,17 @@ def choose_compiled(model_cfg: ModelConfig, base: PipelineConfig, *, device: str
     if compile is None:
         compile = topo.platform != "cpu"
     if not compile:
+        if time:
+            timed = trial(found, time)
+            return timed, timed.best
         return found, found.best
-    checked = verify(found, topo)
+    want = max(time, 1)
+    checked = verify(found, topo, DEFAULT_COUNT + want - 1, fitting=want)
     if checked.best is None:
         raise ConfigError(checked.table().splitlines()[-1].removeprefix("best: "))
-    return checked, checked.best
+    if not time:
+        return checked, checked.best
+    fits = tuple(k for k, r in zip(found.candidates, checked.reports, strict=False)
+                 if checked.fits(r))
+    timed = trial(dataclasses.replace(found, candidates=fits), time)
+    return timed, timed.best

@@ -1,5 +1,12 @@
 """The autotuner's first candidates timed on the devices present (`jaxpipe.trial`)."""
 
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from jaxpipe import plan as plan_cli
@@ -9,6 +16,7 @@ from jaxpipe.trial import trial
 from tests.conftest import needs_devices
 
 MODEL = get_preset("tiny", num_layers=4, max_seq_len=32)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _unsearched(cluster: Cluster) -> AutotuneResult:
@@ -53,3 +61,28 @@ def test_the_cli_times_only_with_auto_and_without_a_topology(capsys):
             "--topology", "cpu:2"]
     assert plan_cli.main(argv) == 2
     assert "use one of them" in capsys.readouterr().err
+
+
+def _train_lm(tmp_path, *flags):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, str(ROOT / "experiments" / "train_lm.py"), "--devices", "2",
+           "--model", "tiny", "--num_layers", "2", "--batch_size", "4", "--seq_len", "16",
+           "--steps", "1", f"--workdir={tmp_path / 'run'}", *flags]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_train_lm_auto_time_trains_the_fastest_measured(tmp_path):
+    proc = _train_lm(tmp_path, "--auto", "--auto_time", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "timed on 2 cpu devices" in proc.stdout
+    flags = next(line for line in proc.stdout.splitlines() if line.startswith("best (timed): "))
+    value = dict(re.findall(r"--(\w+) (\S+)", flags))
+    pipeline = json.loads((tmp_path / "run" / "config.json").read_text())["pipeline"]
+    for name in ("data_parallel", "num_stages", "num_microbatches", "schedule", "remat"):
+        assert str(pipeline[name]) == value[name], name
+
+
+def test_train_lm_auto_time_needs_auto(tmp_path):
+    proc = _train_lm(tmp_path, "--auto_time", "2")
+    assert proc.returncode != 0 and "--auto_time times the autotuner's" in proc.stderr

@@ -85,6 +85,18 @@ def test_choosing_for_the_devices_present_trains_the_first_candidate_that_compil
     assert checked.topology == f"4 x {devices[0].device_kind}"
 
 
+@pytest.mark.slow
+def test_timing_on_accelerators_times_only_candidates_that_compile_within_memory():
+    """Compiled (as on accelerators) and timed: the compile goes on until two candidates fit,
+    and the one to train is the faster measured of those two."""
+    devices = jax.devices()[:4]
+    timed, chosen = choose_compiled(MODEL, PipelineConfig(), device="cpu", global_batch=16,
+                                    seq_len=64, devices=devices, compile=True, time=2)
+    assert len(timed.measured_s) == 2 and chosen is timed.best
+    assert chosen is timed.result.candidates[timed.ranked[0]]
+    assert timed.measured_s[timed.ranked[0]] == min(timed.measured_s)
+
+
 def test_the_topology_gives_the_device_count(capsys):
     """`plan --auto --topology cpu:4` plans for its 4 devices; the table ends with the
     compiled best."""
