@@ -18,8 +18,8 @@ figures; `executor_fit` is the fit's line of the autotuner's table. About 5-10 m
 
 With a block under remat "layer" charged five tensor all-reduces, not six (the compiled step's
 count): 4 devices 0.89 / 0.10 / 1.01, 0.84 / 0.05 / 1.00 and 0.98 / 0.03 / 1.00; 8 devices
-0.87 / 0.06 / 1.02, 0.77 / 0.07 / 1.01 and 0.87 / 0.11 / 1.03 (tensor 4 x data 2 with remat
-0.71-0.83x its prediction, from 0.68-0.72x). The same day before it: 4 devices
+0.87 / 0.06 / 1.02, 0.77 / 0.07 / 1.01, 0.87 / 0.11 / 1.03 and 0.87 / 0.08 / 1.00 (tensor
+4 x data 2 with remat 0.71-0.83x its prediction, from 0.68-0.72x). The same day before it: 4 devices
 0.92 / 0.08 / 1.00, 8 devices 0.89 / 0.11 / 1.10 (1.104: 1x8x1 GPipe at M = 8 without remat,
 predicted 0.265 s against 0.266 s with, stepped 1.10x the remat one).
 
