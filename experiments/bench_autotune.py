@@ -169,15 +169,14 @@ def pick(found, costs, n: int):
 def run(args) -> dict:
     from jaxpipe.autotune import Cluster, LayerCosts, search
     from jaxpipe.config import get_preset
-    from jaxpipe.steptime import StepRun, measure_steps
+    from jaxpipe.steptime import measure_steps
 
     model_cfg = get_preset("small")
     costs = LayerCosts.compile(model_cfg, args.seq_len)
     found = search(model_cfg, Cluster(args.devices, "cpu"), global_batch=args.batch,
                    seq_len=args.seq_len, top=args.ranked, layer_costs=costs)
     chosen = pick(found, costs, args.configs)
-    runs = [StepRun(k.plan.model_cfg, k.pipe_cfg, k.plan.layout, k.global_batch, k.seq_len)
-            for k in chosen]
+    runs = [k.step_run() for k in chosen]
     rows = [
         {
             "mesh": k.mesh(), "schedule": k.pipe_cfg.schedule, "R": k.pipe_cfg.num_repeats,

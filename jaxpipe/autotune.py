@@ -183,6 +183,11 @@ class Candidate:
     def pipe_cfg(self) -> PipelineConfig:
         return self.plan.pipe_cfg
 
+    def step_run(self) -> StepRun:
+        """Its training step, as `steptime.measure_steps` times it."""
+        return StepRun(self.plan.model_cfg, self.pipe_cfg, self.plan.layout, self.global_batch,
+                       self.seq_len)
+
     def columns(self, rank: int) -> str:
         """Its first columns in a table of candidates (`CANDIDATE_COLUMNS`)."""
         p = self.pipe_cfg

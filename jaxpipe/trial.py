@@ -1,7 +1,7 @@
 """The autotuner's first choices timed on the devices present.
 
 The autotuner ranks configurations by predicted step time, and its model errs by some per cent
-(on forced CPU devices `experiments/bench_autotune.py` measures a median error of 5-12 %), so
+(on forced CPU devices `experiments/bench_autotune.py` measures its median error), so
 candidates predicted within that of each other are a toss-up to the prediction: the same mesh
 with and without remat, or two schedules with the same bubble. Where the devices are at hand,
 `trial` settles it: it runs the real training steps of the search's first `count` candidates
@@ -18,7 +18,7 @@ import jax
 
 from jaxpipe.autotune import CANDIDATE_COLUMNS, AutotuneResult, Candidate
 from jaxpipe.config import ConfigError
-from jaxpipe.steptime import StepRun, measure_steps
+from jaxpipe.steptime import measure_steps
 
 DEFAULT_COUNT = 3  # candidates timed
 
@@ -99,7 +99,5 @@ def trial(result: AutotuneResult, count: int = DEFAULT_COUNT, reps: int = 5) -> 
             f"and this host has {len(devices)}: plan with --devices {len(devices)}, or leave "
             f"timing out{hint}"
         )
-    timed = result.candidates[:count]
-    runs = [StepRun(k.plan.model_cfg, k.pipe_cfg, k.plan.layout, k.global_batch, k.seq_len)
-            for k in timed]
+    runs = [k.step_run() for k in result.candidates[:count]]
     return Trial(result, tuple(measure_steps(runs, reps)), reps)

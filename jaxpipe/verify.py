@@ -42,12 +42,15 @@ class Verification:
         return fits_in(report, self.capacity)
 
     @property
+    def fitting(self) -> tuple[Candidate, ...]:
+        """The candidates whose compiled step fits, best first."""
+        return tuple(k for k, report in zip(self.result.candidates, self.reports, strict=False)
+                     if self.fits(report))
+
+    @property
     def best(self) -> Candidate | None:
         """The first candidate whose compiled step fits, or None when none of those tried did."""
-        for k, report in zip(self.result.candidates, self.reports, strict=False):
-            if self.fits(report):
-                return k
-        return None
+        return next(iter(self.fitting), None)
 
     def _row(self, i: int, report: AotReport) -> str:
         k = self.result.candidates[i]
@@ -117,12 +120,13 @@ def verify(result: AutotuneResult, topology: str | Topology, count: int = DEFAUL
         searched = next(iter(result.profiles.values()), None)
         profile = searched or result.cluster.profile(result.model_cfg, 1, result.seq_len)
         capacity = min(profile.hbm_bytes, topo.hbm_bytes)
-    reports = []
+    reports, fit = [], 0
     for k in result.candidates[:count]:
         report = compile_plan(k.plan, batch_size=k.global_batch, seq_len=k.seq_len,
                               topology=topo)
         reports.append(report)
-        if sum(fits_in(r, capacity) for r in reports) >= fitting:
+        fit += fits_in(report, capacity)
+        if fit >= fitting:
             break
     return Verification(result, topology, capacity, tuple(reports))
 
@@ -143,18 +147,16 @@ def choose_compiled(model_cfg: ModelConfig, base: PipelineConfig, *, device: str
                    global_batch=global_batch, seq_len=seq_len, devices_per_node=per_node)
     if compile is None:
         compile = topo.platform != "cpu"
-    if not compile:
-        if time:
-            timed = trial(found, time)
-            return timed, timed.best
-        return found, found.best
-    want = max(time, 1)
-    checked = verify(found, topo, DEFAULT_COUNT + want - 1, fitting=want)
-    if checked.best is None:
-        raise ConfigError(checked.table().splitlines()[-1].removeprefix("best: "))
+    chosen = found
+    if compile:
+        want = max(time, 1)
+        checked = verify(found, topo, DEFAULT_COUNT + want - 1, fitting=want)
+        if checked.best is None:
+            raise ConfigError(checked.table().splitlines()[-1].removeprefix("best: "))
+        if not time:
+            return checked, checked.best
+        chosen = dataclasses.replace(found, candidates=checked.fitting)
     if not time:
-        return checked, checked.best
-    fits = tuple(k for k, r in zip(found.candidates, checked.reports, strict=False)
-                 if checked.fits(r))
-    timed = trial(dataclasses.replace(found, candidates=fits), time)
+        return found, found.best
+    timed = trial(chosen, time)
     return timed, timed.best
