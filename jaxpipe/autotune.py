@@ -44,7 +44,7 @@ from jaxpipe.config import (
     PipelineConfig,
     check_tensor_parallel,
 )
-from jaxpipe.costmodel import CostModel, recompute_factor
+from jaxpipe.costmodel import CostModel, recompute_factor, tensor_factor
 from jaxpipe.costs import (
     CALIBRATION_ELEMENTS,
     PROFILES,
@@ -329,6 +329,9 @@ class ExecutorFit:
     # all-`data` references' micro-batch, for every micro-batch (None: each profile's own)
     remat_base: float | None = None
     data_concurrency_scale: float = 1.0  # the concurrency with all devices on `data` over it
+    tensor: int = 1  # the tensor ranks of the references on `tensor` (1: none ran),
+    tensor_scale: float = 1.0  # a block's time there over the model's (`StepFit.tensor_cost`),
+    tensor_remat_scale: float = 1.0  # ... and under remat, relative to that (`remat_tensor`)
 
     def apply(self, profiles: dict) -> dict:
         """{micro-batch: profile} fitted."""
@@ -351,7 +354,7 @@ class ExecutorFit:
                 measured * self.split_remat_scale,
                 None if shared is None else shared * self.data_concurrency_scale,
                 None if self.alone_remat_scale is None else measured * self.alone_remat_scale,
-                self.split_cost,
+                self.split_cost, self.tensor, self.tensor_scale, self.tensor_remat_scale,
             )
         return dataclasses.replace(
             profile, flops_efficiency=profile.flops_efficiency * self.efficiency,
@@ -369,6 +372,9 @@ class ExecutorFit:
                      else f", x{self.alone_remat_scale:.2f} one stage busy")
             staged = (f", x{self.staged_remat_scale:.2f} on {self.stages} "
                       f"(x{self.split_remat_scale:.2f} in split tables{alone})")
+            if self.tensor > 1:
+                staged += (f"; blocks on {self.tensor} tensor ranks x{self.tensor_scale:.2f}, "
+                           f"x{self.tensor_remat_scale:.2f} more under remat")
         return (
             f"fitted to measured steps (predicted -> measured: {steps}): compute rate "
             f"x{self.efficiency:.2f}, concurrency x{self.concurrency_scale:.2f}{data}, "
@@ -390,12 +396,12 @@ FIT_ROUNDS = 6
 
 
 def fit_executor(model_cfg: ModelConfig, costs: LayerCosts, profiles: dict, num_devices: int,
-                 global_batch: int, seq_len: int, reps: int = 5) -> ExecutorFit:
+                 global_batch: int, seq_len: int, reps: int = 5, tensor: int = 1) -> ExecutorFit:
     """Fits a measured profile to the executor's own steps. A profile times the model's blocks
     alone, while a training step also runs the executor's per-micro-batch work (copies and
     slices of the stacked residuals, each micro-batch's weight-gradient matmuls) and the
     optimizer, and on a shared host all devices at once, where recomputing a block can cost
-    less than storing its residuals. Eight reference configurations on the devices present (up
+    less than storing its residuals. Up to ten reference configurations on the devices present (up
     to `num_devices`, n), GPipe unless said, each at the searched micro-batch nearest its share
     of the global batch, run their real training steps (`steptime.measure_steps`):
       "alone"     all devices on `pipe` (S of them: as many as there are layers, the rest on
@@ -413,7 +419,14 @@ def fit_executor(model_cfg: ModelConfig, costs: LayerCosts, profiles: dict, num_
       "kept", "recomputed"  all devices on `data`, M = 2, without and with remat "layer":
                   the first fits the concurrency with every device on `data`, running the whole
                   model at once (`costmodel.concurrency`), the two the recompute cost on one
-                  stage.
+                  stage;
+      "tensor", "tensor, recomputed"  the devices on `tensor` (t: the largest searched degree,
+                  `tensor`, that divides n) and `data`, one stage, M = 2t (the all-`data`
+                  pair's micro-batch), without and with remat "layer": the first fits a
+                  tensor-parallel block's time over the model's figure, the pair what remat
+                  gains there over the model's figure (`costmodel.tensor_factor`; on 8 forced
+                  CPU devices, `small`, data 2 x tensor 4 stepped 0.95x its prediction without
+                  remat and 0.78x with, where all on `data` stepped 0.98x and 0.94x).
     The recompute costs are scales of one base (the profile's own figure at the all-`data`
     references' micro-batch), so every micro-batch takes the same fitted figures.
     The rate and concurrency factors are refitted in turn, each `FIT_ROUNDS` times (the
@@ -425,7 +438,7 @@ def fit_executor(model_cfg: ModelConfig, costs: LayerCosts, profiles: dict, num_
     0.76, 2 x 2 x 1 at M = 4 0.79, 1 x 4 x 1 at M = 8 0.95, at M = 1 1.08, zb_h1 at M = 4
     1.10). With one
     stage (one device, or one layer) only "alone", "together" and the all-`data` pair run, and
-    nothing is fitted by the mesh's split.
+    nothing is fitted by the mesh's split; with t = 1 the tensor pair does not run.
     """
     n = max(1, min(num_devices, jax.device_count()))
     S = max(s for s in _divisors(n) if s <= model_cfg.num_layers)
@@ -447,6 +460,12 @@ def fit_executor(model_cfg: ModelConfig, costs: LayerCosts, profiles: dict, num_
         pairs += [("alone", "alone, recomputed", "alone_remat_scale"),
                   ("together", "together, recomputed", "staged_remat_scale"),
                   ("split", "split, recomputed", "split_remat_scale")]
+    t = math.gcd(n, tensor) if S > 1 else 1
+    if t > 1:
+        ranks = PipelineConfig(1, 2 * t, 1, "gpipe", "none", data_parallel=n // t,
+                               tensor_parallel=t)
+        pipes.update({"tensor": ranks, "tensor, recomputed": ranks.replace(remat="layer")})
+        pairs.append(("tensor", "tensor, recomputed", "tensor_remat_scale"))
     shape = {}  # the searched micro-batch nearest each reference's share of the global batch
     for name, p in pipes.items():
         share = global_batch / (p.num_microbatches * p.data_parallel)
@@ -454,7 +473,8 @@ def fit_executor(model_cfg: ModelConfig, costs: LayerCosts, profiles: dict, num_
 
     def plan(name: str, profile: DeviceProfile) -> Plan:
         b = shape[name]
-        return plan_for(model_cfg, pipes[name], costs.at(b, 1), profile, fit=False)
+        p = pipes[name]
+        return plan_for(model_cfg, p, costs.at(b, p.tensor_parallel), profile, fit=False)
 
     def predict(name: str, fit: ExecutorFit) -> float:
         return plan(name, fit.fitted(profiles[shape[name]])).step_time_s
@@ -469,10 +489,10 @@ def fit_executor(model_cfg: ModelConfig, costs: LayerCosts, profiles: dict, num_
     unique = dict(zip(keys, runs, strict=True))
     times = dict(zip(unique, measure_steps(list(unique.values()), reps), strict=True))
     measured = {name: times[key] for name, key in zip(pipes, keys, strict=True)}
-    labels = tuple(f"{p.data_parallel}x{p.num_stages}x1 {p.schedule} M={p.num_microbatches} "
-                   f"remat {p.remat}" for p in pipes.values())
+    labels = tuple(f"{p.data_parallel}x{p.num_stages}x{p.tensor_parallel} {p.schedule} "
+                   f"M={p.num_microbatches} remat {p.remat}" for p in pipes.values())
     fit = ExecutorFit(labels, tuple(before[name].step_time_s for name in pipes),
-                      tuple(measured.values()), devices=n, stages=S,
+                      tuple(measured.values()), devices=n, stages=S, tensor=t,
                       remat_base=recompute_factor(profiles[shape["kept"]], "layer"))
     shared = profiles[shape["together"]].concurrency
     most = n / shared if n > 1 and shared else None  # n devices at full speed at most
@@ -492,6 +512,10 @@ def fit_executor(model_cfg: ModelConfig, costs: LayerCosts, profiles: dict, num_
         for _ in range(FIT_ROUNDS):
             scale = measured["split"] / predict("split", fit)
             fit = dataclasses.replace(fit, split_cost=fit.split_cost * scale)
+    if t > 1:  # what a tensor-parallel block costs over the model's figure, from its step
+        for _ in range(FIT_ROUNDS):
+            scale = measured["tensor"] / predict("tensor", fit)
+            fit = dataclasses.replace(fit, tensor_scale=fit.tensor_scale * scale)
     for kept, recomputed, field in pairs:
         ratio = measured[recomputed] / measured[kept]
         if getattr(fit, field) is None:  # not fitted until now: the profile's own to start
@@ -687,7 +711,8 @@ def search(
         fit_steps = cluster.device == "cpu" and steps_run_here(model_cfg, global_batch, seq_len)
     fit = None
     if fit_steps:
-        fit = fit_executor(model_cfg, costs, profiles, cluster.num_devices, global_batch, seq_len)
+        fit = fit_executor(model_cfg, costs, profiles, cluster.num_devices, global_batch, seq_len,
+                           tensor=max(_tensor_degrees(model_cfg, cluster)))
         profiles = fit.apply(profiles)
     groups = []  # (lower bound, index, pipe config, costs, profile)
     searched = 0
@@ -706,7 +731,7 @@ def search(
                 for sched, R in _shapes(model_cfg, S, M, schedules):
                     # (remat, split) pairs in the order they are tried; with data 1 nothing
                     # splits.
-                    order = _remat_order(remats, profile, S, sched in SPLIT_SCHEDULES, M)
+                    order = _remat_order(remats, profile, S, sched in SPLIT_SCHEDULES, M, t)
                     pairs = [(r, sp) for r in order for sp in (splits if D > 1 else ("none",))]
                     for eh in embed_heads:
                         searched += len(pairs)
@@ -748,13 +773,14 @@ def search(
 
 def _remat_order(
     remats: tuple[str, ...], profile: DeviceProfile, stages: int, split: bool,
-    microbatches: int | None = None,
+    microbatches: int | None = None, tensor: int = 1,
 ) -> list[str]:
     """Remat modes cheapest first on `stages` stages, in a split table or not, with
-    `microbatches` (None: at least `stages`): no remat, unless the profile measured recomputing
-    a block to cost less than keeping its residuals (a CPU can)."""
+    `microbatches` (None: at least `stages`) and `tensor` ranks: no remat, unless the profile
+    measured recomputing a block to cost less than keeping its residuals (a CPU can)."""
     busy = None if microbatches is None else min(microbatches, stages)
-    return sorted(remats, key=lambda r: recompute_factor(profile, r, stages, split, busy))
+    return sorted(remats, key=lambda r: recompute_factor(profile, r, stages, split, busy)
+                  * tensor_factor(profile, tensor, r, stages))
 
 
 def _nothing_fits(model_cfg, cluster, global_batch, seq_len, costs, remats) -> str:

@@ -51,7 +51,11 @@ class StepFit:
     with one micro-batch, one stage busy at a time, where recomputing saves the least (None:
     `remat_staged`). `split_cost`: a block's time in a split table over its time with fused
     backward ops (B writes the output cotangents W reads back: on a CPU those bytes cost about
-    what the matmuls do)."""
+    what the matmuls do). With the model split over `tensor` ranks: `tensor_cost`, a block's
+    time (its share of the work and its all-reduces) over the model's figure for it, and
+    `remat_tensor`, its time under remat over the model's figure for that relative to
+    `tensor_cost` (on a CPU recomputing gains more there: each rank keeps the replicated
+    [b, T, D] residuals of its larger micro-batch); 1 with `tensor` = 1."""
 
     devices: int
     stages: int
@@ -60,6 +64,9 @@ class StepFit:
     data_concurrency: float | None = None
     remat_alone: float | None = None
     split_cost: float = 1.0
+    tensor: int = 1
+    tensor_cost: float = 1.0
+    remat_tensor: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)

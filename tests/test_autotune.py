@@ -15,7 +15,7 @@ from jaxpipe import plan as plan_cli
 from jaxpipe.attention import compiling_for
 from jaxpipe.autotune import Cluster, LayerCosts, plan_for, search
 from jaxpipe.config import ConfigError, PipelineConfig, get_preset
-from jaxpipe.costmodel import concurrency, recompute_factor
+from jaxpipe.costmodel import concurrency, recompute_factor, tensor_factor
 from jaxpipe.costs import GiB, LayerCost, ModelCosts
 
 MODEL = get_preset("tiny", dtype="bfloat16")
@@ -180,17 +180,22 @@ def test_fit_makes_the_profile_predict_the_measured_steps(monkeypatch):
         return measured
 
     monkeypatch.setattr(autotune, "measure_steps", steps)
-    measured[:] = [1.0] * 8
-    before = autotune.fit_executor(MODEL, big, profiles, 4, 16, 64).predicted_s
+    measured[:] = [1.0] * 10
+    before = autotune.fit_executor(MODEL, big, profiles, 4, 16, 64, tensor=2).predicted_s
     p = [r.pipe_cfg for r in runs]
-    assert [(q.data_parallel, q.num_stages, q.num_microbatches, q.schedule, q.remat)
-            for q in p] == [
-        (1, 4, 1, "gpipe", "none"), (1, 4, 8, "gpipe", "none"), (4, 1, 2, "gpipe", "none"),
-        (4, 1, 2, "gpipe", "layer"), (1, 4, 1, "gpipe", "layer"), (1, 4, 8, "gpipe", "layer"),
-        (1, 4, 8, "zb_h1", "none"), (1, 4, 8, "zb_h1", "layer")]
-    scales = [1.5, 2.0, 2.5, 2.0, 1.8, 2.2, 2.0, 2.6]
+    assert [(q.data_parallel, q.num_stages, q.tensor_parallel, q.num_microbatches, q.schedule,
+             q.remat) for q in p] == [
+        (1, 4, 1, 1, "gpipe", "none"), (1, 4, 1, 8, "gpipe", "none"),
+        (4, 1, 1, 2, "gpipe", "none"), (4, 1, 1, 2, "gpipe", "layer"),
+        (1, 4, 1, 1, "gpipe", "layer"), (1, 4, 1, 8, "gpipe", "layer"),
+        (1, 4, 1, 8, "zb_h1", "none"), (1, 4, 1, 8, "zb_h1", "layer"),
+        (2, 1, 2, 4, "gpipe", "none"), (2, 1, 2, 4, "gpipe", "layer")]
+    # the tensor pair at the all-`data` pair's micro-batch
+    assert {r.global_batch // (r.pipe_cfg.num_microbatches * r.pipe_cfg.data_parallel)
+            for r in runs[2:4] + runs[8:]} == {2}
+    scales = [1.5, 2.0, 2.5, 2.0, 1.8, 2.2, 2.0, 2.6, 2.2, 1.7]
     measured[:] = [b * x for b, x in zip(before, scales, strict=True)]
-    fit = autotune.fit_executor(MODEL, big, profiles, 4, 16, 64)
+    fit = autotune.fit_executor(MODEL, big, profiles, 4, 16, 64, tensor=2)
     assert fit.efficiency == pytest.approx(1 / 1.5, rel=0.02)
     assert 0.5 < fit.concurrency_scale < 1 and fit.remat_scale < 1 < fit.staged_remat_scale
     assert fit.staged_remat_scale < fit.split_remat_scale
@@ -198,17 +203,19 @@ def test_fit_makes_the_profile_predict_the_measured_steps(monkeypatch):
     for run in runs:
         q = run.pipe_cfg
         b = run.global_batch // (q.num_microbatches * q.data_parallel)
-        plan = plan_for(MODEL, q, big.at(b, 1), fit.fitted(shared), fit=False)
+        plan = plan_for(MODEL, q, big.at(b, q.tensor_parallel), fit.fitted(shared), fit=False)
         after.append(plan.step_time_s)
     assert after[:3] == pytest.approx(measured[:3], rel=0.01)
     assert after[6] == pytest.approx(measured[6], rel=0.01)  # the split table's blocks
+    assert after[8] == pytest.approx(measured[8], rel=0.01)  # the tensor-parallel blocks
+    assert fit.tensor == 2 and fit.tensor_scale != 1 and fit.tensor_remat_scale < 1
     assert fit.split_cost != 1 and fit.fitted(shared).fit.split_cost == fit.split_cost
     # the fitted recompute costs hold at every micro-batch, whatever each profile measured
     other = dataclasses.replace(shared, remat_cost=1.3 * (shared.remat_cost or 4 / 3))
     assert fit.fitted(other).remat_cost == fit.fitted(shared).remat_cost
     assert fit.fitted(other).fit == fit.fitted(shared).fit
     assert 0.5 < fit.data_concurrency_scale < 1  # all on `data` ran slower than on `pipe`
-    for kept, recomputed in ((2, 3), (0, 4), (1, 5), (6, 7)):
+    for kept, recomputed in ((2, 3), (0, 4), (1, 5), (6, 7), (8, 9)):
         assert after[recomputed] / after[kept] == pytest.approx(
             measured[recomputed] / measured[kept], rel=0.01)
     # between the all-`pipe` and the all-`data` concurrency: on log(data)
@@ -228,11 +235,17 @@ def test_fit_makes_the_profile_predict_the_measured_steps(monkeypatch):
     assert alone == two.fit.remat_alone > ends[1] == recompute_factor(two, "layer", 4, busy=4)
     assert recompute_factor(two, "layer", 4, busy=2) == pytest.approx((alone * ends[1]) ** 0.5)
     assert recompute_factor(two, "layer", 4, split=True, busy=1) == two.fit.remat_split
+    # the tensor factor: 1 on one rank, the fitted one on the references' 2 and held beyond
+    plain = fit.tensor_scale
+    assert [tensor_factor(two, t, "none") for t in (1, 2, 4)] == [1.0, plain, plain]
+    assert tensor_factor(two, 2, "layer") == pytest.approx(plain * fit.tensor_remat_scale)
+    assert tensor_factor(fit.fitted(shared), 2, "stage") == tensor_factor(two, 2, "layer")
 
     own = Cluster(4, "h100").profiles(MODEL, (1, 2, 4, 8, 16), 64)  # devices of their own
-    measured[:] = [1.0] * 8
-    before = autotune.fit_executor(MODEL, big, own, 4, 16, 64).predicted_s
-    scales = [1.5, 1.5, 1.5, 0.9, 0.9, 0.9, 1.5, 0.9]
+    measured[:] = [1.0] * 10
+    before = autotune.fit_executor(MODEL, big, own, 4, 16, 64, tensor=4).predicted_s
+    assert runs[-1].pipe_cfg.tensor_parallel == 4  # the largest degree dividing the devices
+    scales = [1.5, 1.5, 1.5, 0.9, 0.9, 0.9, 1.5, 0.9, 1.5, 0.9]
     measured[:] = [b * x for b, x in zip(before, scales, strict=True)]
     found = search(MODEL, Cluster(4, "h100"), global_batch=16, seq_len=64, layer_costs=big,
                    top=5, fit_steps=True)

@@ -167,3 +167,30 @@ def test_a_measured_recompute_cost_replaces_four_thirds_and_orders_the_remat_sea
                                      pcfg.replace(schedule="1f1b"))
         assert fused.block_time == pytest.approx(
             plain * ((0.9 * 1.1) ** 0.5 if remat == "layer" else 1.0))
+
+
+def test_a_fitted_tensor_factor_scales_the_tensor_parallel_block_and_orders_remat():
+    fitted = DeviceProfile("cpu", 1e14, 2e12, 80 * GB, LINKS, remat_cost=1.05,
+                           fit=StepFit(4, 4, 1.1, 1.2))
+    ranked = dataclasses.replace(
+        fitted, fit=dataclasses.replace(fitted.fit, tensor=4, tensor_cost=1.2, remat_tensor=0.8))
+
+    def block(profile, remat, tensor):
+        pcfg = PipelineConfig(1, 4, remat=remat, data_parallel=4 // tensor,
+                              tensor_parallel=tensor)
+        return CostModel.from_costs(_costs(), profile, get_preset("small"), pcfg).block_time
+
+    for remat, factor in (("none", 1.2), ("layer", 1.2 * 0.8), ("stage", 1.2 * 0.8)):
+        assert block(ranked, remat, 4) == pytest.approx(block(fitted, remat, 4) * factor)
+        # geometric in log(tensor): half the way at two ranks, nothing at one
+        assert block(ranked, remat, 2) == pytest.approx(block(fitted, remat, 2) * factor**0.5)
+        assert block(ranked, remat, 1) == block(fitted, remat, 1)
+    # fitted on one stage, where its references run: pipelined blocks keep the model's figure
+    piped = PipelineConfig(2, 4, remat="layer", tensor_parallel=2)
+    assert (CostModel.from_costs(_costs(), ranked, get_preset("small"), piped).block_time
+            == CostModel.from_costs(_costs(), fitted, get_preset("small"), piped).block_time)
+    assert _remat_order(("none", "layer"), ranked, 2, False, tensor=4) == ["none", "layer"]
+    # cheaper to recompute on one stage with the tensor factor, not without
+    assert _remat_order(("none", "layer"), fitted, 1, False, tensor=4) == ["none", "layer"]
+    assert _remat_order(("none", "layer"), ranked, 1, False, tensor=4) == ["layer", "none"]
+    assert _remat_order(("none", "layer"), ranked, 1, False, tensor=1) == ["none", "layer"]
