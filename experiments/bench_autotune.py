@@ -3,106 +3,42 @@
     python experiments/bench_autotune.py [--devices 4] [--batch 16] [--seq_len 128]
 
 Runs the autotuner for the `small` model on --devices forced CPU devices (the `cpu` profile,
-measured here; its devices share the host's cores, `DeviceProfile.concurrency`), ranks up to
---ranked configurations, takes its first choice and others with different stages, repeats,
+measured here; its devices share the host's cores, `DeviceProfile.concurrency`; the search
+first fits it to the executor's own steps, `autotune.fit_executor`), ranks up to --ranked
+configurations, takes its first choice and others with different stages, repeats,
 micro-batches and schedules spread evenly over the predicted step times (`pick`), plus the
 other remat of the first two (at least --configs in all), runs each one's real training step
-(`steptime.measure_steps`: the fastest of --reps, timed round-robin, after a compiling step;
-the autotuner's own fit of the profile, `autotune.fit_executor`, uses the same function on seven
-reference configurations of its own) and prints JSON:
-`auto_rank_corr` (Spearman correlation of predicted and measured step times),
-`auto_median_error` (median |predicted / measured - 1|), `auto_pick_vs_best` (the measured
-step of the autotuner's first choice over the fastest measured), and every configuration's
-figures; `executor_fit` is the fit's line of the autotuner's table. About 5-10 minutes on a
-2-core host.
+(`steptime.measure_steps`: the fastest of --reps, timed round-robin, after a compiling step)
+and prints JSON: `auto_rank_corr` (Spearman correlation of predicted and measured step
+times), `auto_median_error` (median |predicted / measured - 1|), `auto_pick_vs_best` (the
+measured step of the autotuner's first choice over the fastest measured), and every
+configuration's figures; `executor_fit` is the fit's line of the autotuner's table. About 4
+minutes on 4 devices and 7 on 8 on a 2-core host. Targets: >= 0.8, <= 0.25, <= 1.10.
 
-With a block under remat "layer" charged five tensor all-reduces, not six (the compiled step's
-count): 4 devices 0.89 / 0.10 / 1.01, 0.84 / 0.05 / 1.00 and 0.98 / 0.03 / 1.00; 8 devices
-0.87 / 0.06 / 1.02, 0.77 / 0.07 / 1.01, 0.87 / 0.11 / 1.03 and 0.87 / 0.08 / 1.00 (tensor
-4 x data 2 with remat 0.71-0.83x its prediction, from 0.68-0.72x). The same day before it: 4 devices
-0.92 / 0.08 / 1.00, 8 devices 0.89 / 0.11 / 1.10 (1.104: 1x8x1 GPipe at M = 8 without remat,
-predicted 0.265 s against 0.266 s with, stepped 1.10x the remat one).
+Runs on the 2-core host, with the fit's tensor pair (a one-stage data x tensor block's time
+and its remat gain, `costmodel.tensor_factor`), rank corr / median error / pick:
+  4 devices  0.94 / 0.02 / 1.00, 0.95 / 0.04 / 1.00, 0.87 / 0.07 / 1.00
+  8 devices  0.92 / 0.08 / 1.09, 0.83 / 0.07 / 1.08, 0.95 / 0.07 / 1.00, 0.94 / 0.03 / 1.05
+Without the pair (five tensor all-reduces under remat "layer", as now):
+4 devices 0.89 / 0.10 / 1.01, 0.84 / 0.05 / 1.00, 0.98 / 0.03 / 1.00; 8 devices
+0.87 / 0.06 / 1.02, 0.77 / 0.07 / 1.01, 0.87 / 0.11 / 1.03, 0.87 / 0.08 / 1.00, with data 2 x
+tensor 4 under remat at 0.71-0.83x its prediction (1.00-1.05x with the pair).
 
-With the fit's eighth reference (all on `pipe`, GPipe at M = 1 with remat: the recompute
-cost with one stage busy, interpolated to the M = 2S figure on log(min(M, S))) and the zb_h1
-step without remat fitting what a split table's block costs over a fused one (x0.95-1.00 on 4
-devices, x1.14 on 8): 4 devices 0.98 / 0.03 / 1.00, 0.92 / 0.08 / 1.00, 0.88 / 0.04 / 1.08
-and 0.92 / 0.09 / 1.08; 8 devices 0.75 / 0.11 / 1.11 (tensor 4 x data 2 stepped 0.69-0.76x
-its prediction; the first choice, 1x8x1 GPipe at M = 8 without remat, 1.11x the same with).
-With the fitted recompute costs the same at every micro-batch (`ExecutorFit.remat_base`):
-4 devices 0.93 / 0.02 / 1.00, 0.93 / 0.08 / 1.04 and 0.78 / 0.07 / 1.00 (tensor configurations
-0.72-0.81x, zb_h1 at M = 1 1.22x); 8 devices 0.88 / 0.09 / 1.06 and 0.93 / 0.01 / 1.00. Before
-that, a fifth and sixth run on 4 devices: 0.89 / 0.10 / 1.09 and 0.82 / 0.06 / 1.18 (all on
-`data` at M = 4 with remat stepped 1.30x its prediction). A split table's block cost fitted at
-M = 1 too (zb_h1 at M = 1, a ninth reference, interpolated on log(busy)): 4 devices
-0.83 / 0.03 / 1.00 and 0.83 / 0.05 / 1.13; dropped.
-With the M = 1 figure alone, two runs each: 4 devices 0.93 / 0.05 / 1.00 and
-0.94 / 0.04 / 1.06, 8 devices 0.75 / 0.07 / 1.00 and 0.84 / 0.11 / 1.10. Measured alongside:
-an all-reduce's rendezvous over 2, 4 and 8 of 8 forced devices takes 0.027, 0.033 and 0.122 ms
-(1 KiB; 3.3-3.9 ms at 4 MiB for any group), a few per cent of a tensor-parallel step here,
-not the 0.7x.
-
-Before, with the profile fitted to measured steps (`autotune.fit_executor`: all devices on `pipe`,
-the compute rate from GPipe at M = 1 and the concurrency from M = 2S; all on `data` at M = 2,
-the concurrency there; the recompute cost from three pairs of steps with remat over without:
-all on `data` for one stage, all on `pipe` at M = 2S with GPipe for S stages and with zb_h1
-for split tables), three runs each of the command above (auto_rank_corr / auto_median_error /
-auto_pick_vs_best): 4 devices 0.94 / 0.13 / 1.00, 0.87 / 0.06 / 1.00 and 0.81 / 0.17 / 1.00;
-8 devices 0.84 / 0.07 / 1.10, 0.82 / 0.11 / 1.03 and 0.79 / 0.13 / 1.00 (fits: compute rate
-x0.69-0.88, concurrency x0.62-0.92 and x0.66-0.95 more all on `data`, recompute cost
-x0.79-1.03 on one stage, x0.89-1.23 on S, x1.16-1.43 in split tables). Left: configurations
-with `tensor` and `data` or `pipe` stepped 0.63-0.85x their prediction in most runs (1x2x2,
-2x1x4, 4x1x2), 1.11-1.44x in the last 8-device run (1x2x4, 1x4x2); pipe-only ones at M = 1
-with remat 1.14-1.20x. Variants run the same day:
-  - a concurrency for all devices on `tensor` fitted too (an eighth reference, as many on
-    `tensor` as the heads allow): 8 devices 0.76 / 0.12 / 1.00 and 0.78 / 0.08 / 1.00 (the
-    mixed tensor configurations still 0.68-0.73x);
-  - no all-`data` concurrency: 4 devices 0.86 / 0.13 / 1.00, 0.82 / 0.16 / 1.00 and
-    0.81 / 0.12 / 1.00; 8 devices 0.89 / 0.11 / 1.00 and 0.52 / 0.15 / 1.15 (the first
-    choice, all on `data` at micro-batch 1, stepped 1.57x its prediction);
-  - besides, no recompute cost for split tables: 4 devices 0.76 / 0.12 / 1.00 (zb_h1 and zbv
-    with remat stepped 1.24-1.50x their prediction).
-Earlier, with one recompute cost (the all-`data` pair) for every configuration, two runs
-each: 4 devices 0.94 / 0.16 / 1.00 and 0.35 / 0.16 / 1.00, 8 devices 0.92 / 0.15 / 1.00 and
-0.87 / 0.13 / 1.00 (fits: compute rate x0.68-0.89, concurrency x0.66-0.89, recompute cost
-x0.80-1.01). In the second 4-device run, pipe-only configurations with remat stepped 1.4-1.6x
-their prediction (remat gains less there than on the all-`data` pair) and tensor-parallel ones
-0.75-0.85x; the measured steps spanned only 0.24-0.54 s. Variants measured the same day and
-dropped, each run once unless two figures are given:
-  - the recompute cost from M = 2S with remat over without (remat gains less there): 4 devices
-    0.61 / 0.17 / 1.00 and 0.82 / 0.11 / 1.00; 8 devices 0.89 / 0.08 / 1.07 and
-    0.89 / 0.12 / 1.26 (the first choice, 4x2x1 without remat, stepped 1.26x the same with);
-  - the compute rate alone fitted to one mixed configuration (2 stages, the rest `data`,
-    M = 4): 4 devices 0.94 / 0.12 / 1.00, 8 devices 0.72 / 0.26 / 1.19 (pipe-only
-    configurations then predicted 1.2-1.5x their steps);
-  - the concurrency fitted to all devices on `data` (M = 2, where the gradient all-reduce's
-    model errs too): 8 devices 0.75 / 0.28 / 1.08 (tensor-parallel configurations predicted up
-    to 1.85x their steps);
-  - no concurrency fit: 4 devices 0.93 / 0.28 / 1.00 (every configuration stepped 1.2-1.85x
-    its prediction), 8 devices 0.96 / 0.16 / 1.00.
-Before any fit, see below.
-
-Measured on the 2-core host, 4 devices, three runs of the command above after the `cpu`
-profile came to time its block as the executor runs it (one device busy a lockstep tick,
-`costs._on_devices`; every micro-batch in one round-robin) and to measure its own all-reduce:
-auto_rank_corr 0.75 (before the all-reduce was measured: 1x1x4 predicted 2.4x its step), 0.83,
-0.89; auto_median_error 0.16, 0.38, 0.27; auto_pick_vs_best 1.00 each time; on 8 devices, one
-run: 0.85 / 0.26 / 1.17 (the first choice, 4x2x1 1f1b at micro-batch 1, stepped 2.3x its
-prediction; before: 0.12 / 0.47 / 1.59); the same day as two runs below, 4 devices
-0.93 / 0.28 / 1.00, 8 devices 0.82 / 0.31 / 1.27. The predictions are low by 0.5-0.9x: the host
-runs slower while stepping than while calibrating (the same configuration measured 0.78 s in
-one run, 1.03 s in another), and the executor's step costs more than its blocks (on one device,
-`small` at S = 1, M = 2, micro-batch 2: GPipe's step 1.22x its forward + backward program
-without remat, 1.11x with remat layer; 1F1B's 1.05x and 1.09x; `profile_step.py` puts it in
-copies and dynamic slices of stacked residuals and a weight-gradient matmul per micro-batch).
-Timing the block inside a stage instead (the second of two: a lone block runs faster, 5.3 ms
-against 5.7 ms at micro-batch 2) was tried and dropped: 4 devices 0.77 / 0.23 / 1.00 and
-0.54 / 0.28 / 1.05, 8 devices 0.96 / 0.30 / 1.00; at micro-batch 1 it drops the call cost that
-stands in for the executor's per-micro-batch work. Before (the block timed alone,
-each micro-batch when the search first reached it, configurations picked evenly over the
-ranking's index, whose top was crowded within 0.26-0.30 s): 0.64 / 0.27 / 1.05 and
-0.66 / 0.37 / 1.05; picked over predicted time, the old profile gave 0.09 / 0.27 / 1.00
-(configurations run one stage at a time, M = 1 on 4 stages, measured 2x their prediction).
+Variants of the fit measured on this host and dropped:
+  - the tensor factor carried to pipelined configurations on log(tensor) alone: 4 devices
+    0.89 / 0.04 / 1.00 and 0.96 / 0.03 / 1.00, 8 devices 0.95 / 0.06 / 1.01 and
+    0.65 / 0.27 / 1.10 (the first choice, pipe 2 x tensor 4 GPipe at M = 2 with remat, stepped
+    1.43x its prediction);
+  - tensor ranks counted as data ranks in the concurrency (log(data x tensor)): data 4 x
+    tensor 2 then 0.81-0.93x, pipe 2 x tensor 4 at M <= 4 still 1.31-1.43x;
+  - a concurrency fitted for all devices on `tensor`: 8 devices 0.76 and 0.78;
+  - tensor all-reduces charged outside the shared cores' bound: pipe 2 x tensor 4 at
+    1.45-1.97x;
+  - a split table's block cost fitted at M = 1 too: 4 devices 0.83 / 0.05 / 1.13;
+  - no all-`data` concurrency: 8 devices 0.52 / 0.15 / 1.15 in one run of two;
+  - one recompute cost for every configuration: pipe-only configurations with remat at
+    1.4-1.6x, a rank correlation of 0.35 in one 4-device run;
+  - no fit at all: predictions 0.5-0.9x the measured steps (median error 0.26-0.38).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from jaxpipe import model as M
 from jaxpipe.config import get_preset
@@ -17,6 +18,7 @@ from jaxpipe.hf import save_hf
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # the default run checks the same at one stage (test_tokenizer.py)
 def test_finetune_starts_from_the_checkpoint(tmp_path):
     cfg = get_preset("tiny-llama", num_layers=4, max_seq_len=32, num_heads=4, num_kv_heads=2)
     params = jax.device_get(M.init_params(cfg, seed=123))
