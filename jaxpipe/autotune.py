@@ -450,6 +450,8 @@ def fit_executor(model_cfg: ModelConfig, costs: LayerCosts, profiles: dict, num_
         "recomputed": PipelineConfig(1, 2, 1, "gpipe", "layer", data_parallel=n),
     }
     pairs = [("kept", "recomputed", "remat_scale")]
+    # (reference, field): a block's cost there over the model's figure, fitted to its step
+    blocks = []
     if S > 1:
         pipes.update({
             "alone, recomputed": together.replace(num_microbatches=1, remat="layer"),
@@ -460,12 +462,14 @@ def fit_executor(model_cfg: ModelConfig, costs: LayerCosts, profiles: dict, num_
         pairs += [("alone", "alone, recomputed", "alone_remat_scale"),
                   ("together", "together, recomputed", "staged_remat_scale"),
                   ("split", "split, recomputed", "split_remat_scale")]
+        blocks.append(("split", "split_cost"))  # a split table's blocks over fused ones
     t = math.gcd(n, tensor) if S > 1 else 1
     if t > 1:
         ranks = PipelineConfig(1, 2 * t, 1, "gpipe", "none", data_parallel=n // t,
                                tensor_parallel=t)
         pipes.update({"tensor": ranks, "tensor, recomputed": ranks.replace(remat="layer")})
         pairs.append(("tensor", "tensor, recomputed", "tensor_remat_scale"))
+        blocks.append(("tensor", "tensor_scale"))
     shape = {}  # the searched micro-batch nearest each reference's share of the global batch
     for name, p in pipes.items():
         share = global_batch / (p.num_microbatches * p.data_parallel)
@@ -508,14 +512,10 @@ def fit_executor(model_cfg: ModelConfig, costs: LayerCosts, profiles: dict, num_
             fit = dataclasses.replace(
                 fit, data_concurrency_scale=min(scale, most / fit.concurrency_scale)
             )
-    if S > 1:  # what a split table's blocks cost over fused ones, from its step
+    for name, field in blocks:
         for _ in range(FIT_ROUNDS):
-            scale = measured["split"] / predict("split", fit)
-            fit = dataclasses.replace(fit, split_cost=fit.split_cost * scale)
-    if t > 1:  # what a tensor-parallel block costs over the model's figure, from its step
-        for _ in range(FIT_ROUNDS):
-            scale = measured["tensor"] / predict("tensor", fit)
-            fit = dataclasses.replace(fit, tensor_scale=fit.tensor_scale * scale)
+            scale = measured[name] / predict(name, fit)
+            fit = dataclasses.replace(fit, **{field: getattr(fit, field) * scale})
     for kept, recomputed, field in pairs:
         ratio = measured[recomputed] / measured[kept]
         if getattr(fit, field) is None:  # not fitted until now: the profile's own to start
@@ -710,13 +710,14 @@ def search(
     if fit_steps is None:
         fit_steps = cluster.device == "cpu" and steps_run_here(model_cfg, global_batch, seq_len)
     fit = None
+    degrees = _tensor_degrees(model_cfg, cluster)
     if fit_steps:
         fit = fit_executor(model_cfg, costs, profiles, cluster.num_devices, global_batch, seq_len,
-                           tensor=max(_tensor_degrees(model_cfg, cluster)))
+                           tensor=max(degrees))
         profiles = fit.apply(profiles)
     groups = []  # (lower bound, index, pipe config, costs, profile)
     searched = 0
-    for t in _tensor_degrees(model_cfg, cluster):
+    for t in degrees:
         for S in _divisors(N // t):
             D = N // (t * S)
             if S > L or global_batch % D:
